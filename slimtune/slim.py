@@ -1,0 +1,139 @@
+"""The SLiM training step (Likhosherstov et al. 2021, section 3, Algorithm 1): exact gradients of a Performer's
+loss over a sequence of length L in memory O(C), where C is the chunk size.
+
+The only thing one position passes to the next is each layer's attention state, so the sequence is cut into
+chunks. A forward sweep under no_grad carries the states across chunks and keeps nothing else. A reverse sweep
+then visits the chunks from last to first: it recovers the chunk's start states, rebuilds the chunk's graph,
+and backpropagates the chunk's loss plus <end states, their gradients>, which leaves the chunk's share of every
+parameter gradient in .grad and yields the gradients of its start states for the chunk before.
+
+Start states are recovered by one of three `recovery` modes:
+- "subtract"   the paper: start = end - (this chunk's contribution), states in the compute dtype. O(1) memory
+               in L, but in fp32 each subtraction rounds, and the errors add up over many chunks when the
+               states are large (long sequences, unbounded features such as sqr).
+- "subtract64" the same subtraction with the carried states kept in float64 (2x a few hundred KB). The chunk's
+               contribution is recomputed bit for bit, so recovery is exact to float64 rounding. Default.
+- "store"      keep every chunk's start states from the forward sweep: no subtraction at all, but
+               (L / C) x the state memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import state_contribution
+from .errors import ConfigError
+from .model import PerformerLM
+
+RECOVERY_MODES = ("subtract", "subtract64", "store")
+
+
+def _loss_weights(windows: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Per-position weights [B, L] that make the summed loss the mean over the positions the mask keeps."""
+    B, L = windows.shape[0], windows.shape[1] - 1
+    if mask is None:
+        return torch.full((B, L), 1.0 / (B * L), dtype=dtype, device=windows.device)
+    if tuple(mask.shape) != (B, L):
+        raise ConfigError(f"loss mask has shape {tuple(mask.shape)}, expected [B, L] = {[B, L]} (one per predicted byte)")
+    mask = mask.to(device=windows.device, dtype=dtype)
+    kept = mask.sum()
+    if kept <= 0:
+        raise ConfigError("loss mask keeps no position: at least one entry must be nonzero")
+    return mask / kept
+
+
+def _check(model: PerformerLM, windows: torch.Tensor, chunk_size: int, recovery: str) -> None:
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise ConfigError(f"windows must be [B, L + 1] with L >= 1, got shape {tuple(windows.shape)}")
+    if windows.dtype not in (torch.int64, torch.int32, torch.uint8):
+        raise ConfigError(f"windows must hold integer token ids, got dtype {windows.dtype}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ConfigError(f"chunk size must be an integer >= 1, got {chunk_size!r}")
+    if recovery not in RECOVERY_MODES:
+        raise ConfigError(f"unknown state recovery {recovery!r}: use one of {', '.join(RECOVERY_MODES)}")
+    if windows.numel() and (int(windows.min()) < 0 or int(windows.max()) >= model.config.vocab_size):
+        raise ConfigError(f"token ids must lie in [0, {model.config.vocab_size}), got {int(windows.min())}..{int(windows.max())}")
+
+
+def chunk_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum of weights * cross-entropy over a chunk; logits [B, T, V], targets and weights [B, T]."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # the softmax of a half-precision model still sums in fp32
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    return (ce * weights.flatten().to(ce.dtype)).sum()
+
+
+def _recompute(model: PerformerLM, ids, start, states, *, recover: bool):
+    """Rebuild one chunk with autograd. `states` are its end states when `recover`, else its start states.
+    Returns (logits, start states as leaves that will receive gradients, end states in the graph)."""
+    x = model.embed(ids, start)
+    starts, ends = [], []
+    for layer, state in zip(model.layers, states):
+        fq, fk, v = layer.features(x)
+        if recover:
+            with torch.no_grad():  # the paper's recovery: no per-chunk state was stored
+                state = state - state_contribution(fk, v).to(state.dtype)
+        start_state = state.detach().requires_grad_()
+        x, end_state = layer.mix(x, fq, fk, v, start_state)
+        starts.append(start_state)
+        ends.append(end_state)
+    return model.output_logit_map(x), starts, ends
+
+
+def slim_step(
+    model: PerformerLM,
+    windows: torch.Tensor,
+    chunk_size: int,
+    mask: torch.Tensor | None = None,
+    *,
+    recovery: str = "subtract64",
+) -> float:
+    """Accumulate into each parameter's .grad the exact gradient of the mean next-token loss, and return it.
+
+    windows: [B, L + 1] token ids (inputs are [:, :-1], targets [:, 1:]); mask: optional [B, L] weights of the
+    predicted positions. Any chunk_size >= 1 works; chunk_size >= L is ordinary backprop with no overhead.
+    Uses the model's current FAVOR+ draw for every chunk (see `PerformerLM.redraw_features`).
+    """
+    _check(model, windows, chunk_size, recovery)
+    inputs, targets = windows[:, :-1].long(), windows[:, 1:].long()
+    L = inputs.shape[1]
+    weights = _loss_weights(windows, mask, torch.float64)
+    starts = list(range(0, L, chunk_size))
+    state_dtype = torch.float64 if recovery == "subtract64" else None
+    initial = model.initial_states(inputs.shape[0], dtype=state_dtype)
+    states = initial
+
+    # Forward sweep: carry the states to the last chunk's start. Nothing is kept but the current states
+    # (and, with "store", each chunk's start states). The last chunk needs no sweep: it is rebuilt directly.
+    kept = []  # start states to rebuild from: every chunk's with "store", else only the last chunk's
+    with torch.no_grad():
+        for s in starts[:-1]:
+            if recovery == "store":
+                kept.append(states)
+            states = model.advance(inputs[:, s : s + chunk_size], s, states)
+    kept.append(states)
+
+    # Reverse sweep, last chunk first. `states` holds the current chunk's end states.
+    total = torch.zeros((), dtype=torch.float64, device=inputs.device)  # summed on the device: no sync per chunk
+    state_grads = None  # d loss / d (end states), from the chunk after; none for the last chunk
+    for i in reversed(range(len(starts))):
+        s = starts[i]
+        ids = inputs[:, s : s + chunk_size]
+        if recovery == "store" or i == len(starts) - 1:
+            logits, start_states, end_states = _recompute(model, ids, s, kept.pop(), recover=False)
+        elif i == 0:  # the first chunk starts from zeros, known exactly without any recovery
+            logits, start_states, end_states = _recompute(model, ids, s, initial, recover=False)
+        else:
+            logits, start_states, end_states = _recompute(model, ids, s, states, recover=True)
+        loss = chunk_loss(logits, targets[:, s : s + chunk_size], weights[:, s : s + chunk_size])
+        del logits  # [B, C, V]: freed before backward allocates its gradient
+        if state_grads is None:
+            loss.backward()
+        else:  # the chunk's loss plus <end states, their incoming gradients>, in one backward
+            torch.autograd.backward([loss, *end_states], [None, *state_grads])
+        total += loss.detach()
+        # This chunk's start states are the previous chunk's end states; backward has freed the graph.
+        states = [st.detach() for st in start_states]
+        state_grads = [st.grad for st in start_states]
+    return total.item()

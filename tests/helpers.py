@@ -1,0 +1,32 @@
+"""Shared test helpers: one tolerance check, small model builders."""
+
+import torch
+
+from slimtune.model import PerformerConfig, PerformerLM
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Norm-wise relative error ||a - e|| / ||e|| (absolute when e is all zeros), computed in float64."""
+    a, e = actual.detach().double(), expected.detach().double()
+    scale = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_close(actual, expected, tol: float, what: str = "") -> None:
+    err = rel_err(torch.as_tensor(actual), torch.as_tensor(expected))
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
+
+
+def tiny_model(feature_type="sqr", on_gptln=True, dtype=torch.float64, seed=0, **sizes) -> PerformerLM:
+    cfg = dict(vocab_size=256, hidden_dim=16, n_layers=2, ffn_dim=32, n_heads=2)
+    cfg.update(sizes)
+    torch.manual_seed(seed)
+    model = PerformerLM(PerformerConfig(feature_type=feature_type, on_gptln=on_gptln, **cfg)).to(dtype)
+    model.redraw_features(torch.Generator().manual_seed(seed + 1))
+    return model
+
+
+def projections(model: PerformerLM):
+    draws = [layer.attention.projection for layer in model.layers]
+    return None if draws[0] is None else draws
