@@ -1,0 +1,319 @@
+"""Checkpoint I/O (CONTRACT.md section 2): contract .safetensors files, reference state dicts, atomic export.
+
+A contract checkpoint is one .safetensors file with the reference's tensor names and the model config as JSON in
+the `slimtune_config` metadata. Also accepted: .safetensors files without that metadata, and state dicts saved
+with torch.save (.pt/.pth/.bin), loaded with weights_only=True so no pickled code runs. What shapes cannot tell
+(heads, feature type, layer-norm placement) comes from the caller (the CLI's --n-heads, --feature-type,
+--layernorm). Every problem is found before any work starts and raised as a CheckpointError naming the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .errors import CheckpointError, ConfigError
+from .model import PerformerConfig, PerformerLM
+
+CONTRACT_KEYS = ("vocab_size", "hidden_dim", "n_layers", "ffn_dim", "n_heads", "feature_type", "on_gptln")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+LAYERNORM = {"post": True, "pre": False}
+# What each unknown setting is called on the command line, for error messages.
+FLAGS = {"n_heads": "--n-heads N", "feature_type": "--feature-type sqr|relu|elu+1|abs|favor+", "on_gptln": "--layernorm post|pre"}
+
+
+def expected_shapes(config: PerformerConfig) -> dict[str, tuple[int, ...]]:
+    """The contract's tensor names and shapes, in the reference's state_dict order."""
+    d, f, v = config.hidden_dim, config.ffn_dim, config.vocab_size
+    shapes = {"input_map.weight": (v, d // 2)}
+    for i in range(config.n_layers):
+        p = f"layers.{i}"
+        for name in ("q_map", "k_map", "v_map"):
+            shapes[f"{p}.attention.{name}.weight"] = (d, d)
+            shapes[f"{p}.attention.{name}.bias"] = (d,)
+        shapes[f"{p}.U_map.weight"], shapes[f"{p}.U_map.bias"] = (f, d), (f,)
+        shapes[f"{p}.V_map.weight"], shapes[f"{p}.V_map.bias"] = (d, f), (d,)
+        for name in ("layernorm1", "layernorm2"):
+            shapes[f"{p}.{name}.weight"], shapes[f"{p}.{name}.bias"] = (d,), (d,)
+    shapes["output_logit_map.weight"], shapes["output_logit_map.bias"] = (v, d), (v,)
+    return shapes
+
+
+@dataclass
+class Checkpoint:
+    """A validated checkpoint: its config, tensors (in the file's dtypes) and metadata."""
+
+    path: Path
+    config: PerformerConfig
+    tensors: dict[str, torch.Tensor]
+    extra_config: dict = field(default_factory=dict)  # slimtune_config keys beyond the seven (seq_len, ...)
+    metadata: dict[str, str] = field(default_factory=dict)  # the file's other metadata (provenance)
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    @property
+    def dtypes(self) -> list[str]:
+        return sorted({str(t.dtype).removeprefix("torch.") for t in self.tensors.values()})
+
+    def release(self) -> None:
+        """Drop the tensor data once a model holds the weights, keeping names, shapes and dtypes for export."""
+        self.tensors = {name: t.to("meta") for name, t in self.tensors.items()}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory: pass the .safetensors file inside it")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty: re-export or re-download it")
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad headers and truncation
+        raise CheckpointError(
+            f"cannot read {path} as safetensors ({str(e).splitlines()[0]}): the file is truncated or not a "
+            "safetensors file; re-export it, or use a .pt/.pth/.bin suffix for a torch.save state dict"
+        ) from None
+    return tensors, metadata
+
+
+def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds pickled objects other than tensors ({str(e).splitlines()[0][:120]}); "
+            "only plain state dicts are loaded, so no code in the file runs. Re-save it with torch.save(model.state_dict())"
+        ) from None
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} as a torch.save file ({str(e).splitlines()[0][:160]}): re-save it") from None
+    for key in ("state_dict", "model"):  # common wrappers around a state dict
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors: save model.state_dict() with torch.save")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _infer_sizes(tensors: dict[str, torch.Tensor], path: Path) -> dict:
+    """vocab_size, hidden_dim, n_layers and ffn_dim, read from the shapes."""
+    try:
+        vocab, half = tensors["input_map.weight"].shape
+        n_layers = 0
+        while f"layers.{n_layers}.attention.q_map.weight" in tensors:
+            n_layers += 1
+        ffn = tensors["layers.0.U_map.weight"].shape[0]
+    except (KeyError, ValueError):
+        raise CheckpointError(
+            f"{path} does not have the reference Performer layout (input_map.weight, layers.0.U_map.weight, ...): "
+            "is it a slimtune/SLiM Performer checkpoint?"
+        ) from None
+    return dict(vocab_size=int(vocab), hidden_dim=2 * int(half), n_layers=n_layers, ffn_dim=int(ffn))
+
+
+def _config(saved: dict | None, tensors, path: Path, overrides: dict) -> tuple[PerformerConfig, dict]:
+    """The model config: the file's, or one built from shapes and overrides; and the file's extra keys."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if saved is None:
+        values = _infer_sizes(tensors, path) | overrides
+        missing = [FLAGS[k] for k in ("n_heads", "feature_type", "on_gptln") if k not in values]
+        if missing:
+            raise CheckpointError(f"{path} has no slimtune_config metadata: pass {' and '.join(missing)}")
+        extra = {}
+    else:
+        values = dict(saved)
+        for key, value in overrides.items():
+            if key in values and values[key] != value:
+                raise CheckpointError(
+                    f"{path} says {key} = {values[key]!r} but {FLAGS[key].split()[0]} gives {value!r}: drop the flag"
+                )
+        extra = {k: v for k, v in saved.items() if k not in CONTRACT_KEYS}
+    try:
+        return PerformerConfig.from_dict(values), extra
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except TypeError as e:
+        raise CheckpointError(f"{path}: invalid slimtune_config ({e}): fix the metadata") from None
+
+
+def validate_tensors(tensors: dict[str, torch.Tensor], config: PerformerConfig, path: Path) -> None:
+    """Names, shapes, dtypes and finiteness; every mismatch is listed by name."""
+    shapes = expected_shapes(config)
+    missing = [n for n in shapes if n not in tensors]
+    unexpected = [n for n in tensors if n not in shapes]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+        raise CheckpointError(f"{path} does not match its config ({'; '.join(parts)}): check --n-layers/sizes or the file")
+    wrong = [f"{n} expected {list(s)} found {list(tensors[n].shape)}" for n, s in shapes.items() if tuple(tensors[n].shape) != s]
+    if wrong:
+        raise CheckpointError(f"{path} has tensors of the wrong shape ({'; '.join(wrong[:4])}): check the config")
+    odd = [f"{n} ({tensors[n].dtype})" for n in shapes if tensors[n].dtype not in FLOAT_DTYPES]
+    if odd:
+        raise CheckpointError(f"{path} has non-float tensors ({', '.join(odd[:4])}): weights must be fp32, fp16 or bf16")
+    bad = [n for n in shapes if not torch.isfinite(tensors[n]).all()]
+    if bad:
+        raise CheckpointError(f"{path} has non-finite values (NaN or inf) in {', '.join(bad[:4])}: use an earlier checkpoint")
+
+
+def load_checkpoint(
+    path: str | os.PathLike, *, n_heads: int | None = None, feature_type: str | None = None, layernorm: str | None = None
+) -> Checkpoint:
+    """Read and validate any accepted checkpoint. The keyword arguments fill settings the file does not carry."""
+    path = Path(path)
+    _check_readable(path)
+    if layernorm is not None and layernorm not in LAYERNORM:
+        raise CheckpointError(f"--layernorm must be post or pre, got {layernorm!r}")
+    overrides = dict(n_heads=n_heads, feature_type=feature_type, on_gptln=None if layernorm is None else LAYERNORM[layernorm])
+    if path.suffix.lower() in TORCH_SUFFIXES:
+        tensors, metadata = _read_torch(path), {}
+    else:
+        tensors, metadata = _read_safetensors(path)
+    saved = None
+    if "slimtune_config" in metadata:
+        try:
+            saved = json.loads(metadata["slimtune_config"])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path} has invalid slimtune_config JSON ({e}): fix or remove the metadata") from None
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{path}: slimtune_config must be a JSON object, got {type(saved).__name__}")
+    config, extra = _config(saved, tensors, path, overrides)
+    validate_tensors(tensors, config, path)
+    other = {k: v for k, v in metadata.items() if k not in ("format", "slimtune_config")}
+    return Checkpoint(path=path, config=config, tensors=tensors, extra_config=extra, metadata=other)
+
+
+def build_model(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, device="cpu") -> PerformerLM:
+    """A PerformerLM holding the checkpoint's weights, in `dtype` on `device`."""
+    model = PerformerLM(checkpoint.config)
+    model.load_state_dict(checkpoint.tensors, strict=True)
+    return model.to(device=device, dtype=dtype)
+
+
+def export_tensors(model: PerformerLM, like: Checkpoint, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights under the contract names, each in `dtype` or else in the input checkpoint's dtype."""
+    state = model.state_dict()
+    return {n: state[n].detach().to("cpu", dtype or like.tensors[n].dtype).contiguous() for n in expected_shapes(model.config)}
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    a, b = Path(a), Path(b)
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
+    """Refuse an output that would overwrite an input; create a missing folder for it."""
+    out = Path(out)
+    for src in inputs:
+        if src is not None and same_file(out, src):
+            raise CheckpointError(f"output {out} is the same file as input {src}: choose another --out path")
+    if out.is_dir():
+        raise CheckpointError(f"output {out} is a directory: give a file name such as {out / 'tuned.safetensors'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create folder {out.parent} for the output ({e.strerror}): choose another --out") from None
+    if not os.access(out.parent, os.W_OK):
+        raise CheckpointError(f"folder {out.parent} is not writable: choose another --out")
+    return out
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    config: PerformerConfig,
+    *,
+    extra_config: dict | None = None,
+    provenance: dict | None = None,
+) -> Path:
+    """Write a contract checkpoint atomically: a temporary file in the destination folder, fsync, rename.
+    A crash leaves either the previous file or the new one, never half of one."""
+    path = Path(path)
+    metadata = {
+        "format": "pt",
+        "slimtune_config": json.dumps(config.to_dict() | (extra_config or {})),
+        "slimtune_version": __version__,
+    }
+    if provenance:
+        metadata["slimtune_provenance"] = json.dumps(provenance)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot write {path} ({e.strerror or e}): free some space or choose another --out") from None
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def describe(checkpoint: Checkpoint) -> dict:
+    """What `slimtune inspect` shows: config, size, dtypes, the fixed memory cost of fine-tuning, provenance."""
+    n = checkpoint.parameters
+    provenance = {}
+    for key, value in checkpoint.metadata.items():
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        if isinstance(parsed, dict):
+            provenance.update({f"{key.removeprefix('slimtune_')}.{k}": v for k, v in parsed.items()})
+        else:
+            provenance[key] = parsed
+    return {
+        "path": str(checkpoint.path),
+        "config": checkpoint.config.to_dict() | checkpoint.extra_config,
+        "parameters": n,
+        "dtypes": checkpoint.dtypes,
+        "file_bytes": checkpoint.path.stat().st_size,
+        # fp32 training: weights + gradients (8 bytes per parameter), plus Adam's two moments (8 more)
+        "fine_tuning_bytes": {"sgd": 8 * n, "adam": 16 * n},
+        "provenance": provenance,
+        "tensors": {name: (list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in checkpoint.tensors.items()},
+    }

@@ -1,0 +1,401 @@
+"""The `slimtune` command line. Each command parses and validates, calls one library function, and renders
+the result (rich tables and progress bars for people, one JSON object as the last stdout line with --json).
+Library errors (SlimtuneError) and usage errors become one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import SlimtuneError
+
+app = typer.Typer(
+    name="slimtune",
+    help="Fine-tune Performer language models in memory that does not grow with sequence length (SLiM).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+err = Console(stderr=True)
+out = Console()
+
+# Options shared by several commands, declared once.
+Checkpoint = Annotated[Path, typer.Option("--checkpoint", help="Model: a .safetensors checkpoint (or .pt/.pth/.bin state dict).", show_default=False)]
+DataFile = Annotated[Path, typer.Option("--data", help="Training text: a file of raw bytes.", show_default=False)]
+SeqLen = Annotated[int, typer.Option("--seq-len", min=1, help="L: bytes per training window.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Windows per step.")]
+Budget = Annotated[
+    Optional[str],
+    typer.Option(
+        "--mem-budget",
+        help="Memory the job may hold in all (weights, gradients, optimizer state, one chunk's activations, states, "
+        "runtime): a size (2GB = 2e9 bytes, 1.5GiB, 512MB) or a share of free memory (80%). Default: free memory less 10%.",
+        show_default=False,
+    ),
+]
+Optimizer = Annotated[str, typer.Option("--optimizer", help="sgd (plain, no momentum), adam or adamw.")]
+Device = Annotated[str, typer.Option("--device", help="auto (cuda if usable), cpu or cuda.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line of stdout.")]
+NHeads = Annotated[Optional[int], typer.Option("--n-heads", min=1, help="Heads, for checkpoints without slimtune_config.", show_default=False)]
+FeatureType = Annotated[Optional[str], typer.Option("--feature-type", help="sqr, relu, elu+1, abs, favor+ or favor+_N, for checkpoints without slimtune_config.", show_default=False)]
+LayerNorm = Annotated[Optional[str], typer.Option("--layernorm", help="post or pre, for checkpoints without slimtune_config.", show_default=False)]
+Recovery = Annotated[
+    str,
+    typer.Option(
+        "--state-recovery",
+        help="How SLiM recovers each chunk's start states: subtract64 (the paper's subtraction with float64 states; "
+        "exact, O(1) memory), subtract (the paper as published, fp32 states), store (keep every boundary state).",
+    ),
+]
+
+
+def _chunk_size(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        size = int(value)
+    except ValueError:
+        raise SlimtuneError(f"--chunk-size must be 'auto' or an integer >= 1, got {value!r}") from None
+    if size < 1:
+        raise SlimtuneError(f"--chunk-size must be 'auto' or an integer >= 1, got {size}")
+    return size
+
+
+def _progress(total: int, what: str, *, transient: bool = False) -> Progress:
+    return Progress(
+        TextColumn(f"[bold]{what}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=transient,
+        disable=not err.is_terminal,
+    )
+
+
+def _emit_json(obj: dict) -> None:
+    print(json.dumps(obj, default=str))
+
+
+def _size(n: float) -> str:
+    from .memory import format_size
+
+    return format_size(n)
+
+
+def _load(path: Path, n_heads=None, feature_type=None, layernorm=None):
+    from .checkpoint import load_checkpoint
+
+    return load_checkpoint(path, n_heads=n_heads, feature_type=feature_type, layernorm=layernorm)
+
+
+def version_callback(value: bool):
+    if value:
+        print(f"slimtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=version_callback, is_eager=True, help="Show the version and exit.")] = None,
+):
+    """Fine-tune Performer language models on small devices with SLiM: exact gradients, memory O(C) instead of O(L).
+
+    Start with [bold]slimtune demo[/bold]. Typical use:
+
+      slimtune plan --checkpoint model.safetensors --seq-len 16384 --mem-budget 2GB
+      slimtune fit --checkpoint model.safetensors --data my.txt --mem-budget 2GB --out tuned.safetensors
+    """
+
+
+@app.command()
+def fit(
+    checkpoint: Checkpoint,
+    data: DataFile,
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the fine-tuned .safetensors checkpoint.", show_default=False)],
+    mem_budget: Budget = None,
+    chunk_size: Annotated[str, typer.Option("--chunk-size", help="C: 'auto' picks the largest that fits --mem-budget; C >= L is ordinary backprop.")] = "auto",
+    seq_len: SeqLen = 1024,
+    batch_size: BatchSize = 1,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps on seeded random windows.")] = 1,
+    one_step: Annotated[bool, typer.Option("--one-step", help="Exactly one step on the first batch (row b = bytes [bL, bL+L+1)), as in the paper's on-device experiment.")] = False,
+    optimizer: Optimizer = "adam",
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for window sampling and FAVOR+ draws.")] = 0,
+    device: Device = "auto",
+    recovery: Recovery = "subtract64",
+    n_heads: NHeads = None,
+    feature_type: FeatureType = None,
+    layernorm: LayerNorm = None,
+    as_json: Json = False,
+):
+    """Fine-tune a checkpoint on a text file with SLiM and export weights the original model loads unchanged.
+
+    Example: slimtune fit --checkpoint model.safetensors --data my.txt --mem-budget 2GB --out tuned.safetensors
+    """
+    from .data import read_bytes
+    from .train import FitOptions, fit as run_fit
+
+    options = FitOptions(
+        seq_len=seq_len, batch_size=batch_size, steps=steps, one_step=one_step, optimizer=optimizer, lr=lr,
+        chunk_size=_chunk_size(chunk_size), mem_budget=mem_budget, seed=seed, device=device, recovery=recovery,
+    )
+    options.validate()
+    ckpt = _load(checkpoint, n_heads, feature_type, layernorm)
+    tokens = read_bytes(data, min_length=2)
+    total = 1 if one_step else steps
+    with _progress(total, "fit") as bar:
+        task = bar.add_task("fit", total=total, info="")
+        result = run_fit(
+            ckpt, tokens, out_path, options, data_path=data,
+            on_step=lambda step, loss: bar.update(task, completed=step, info=f"loss {loss:.4f}"),
+        )
+    table = Table(title="slimtune fit", show_header=False)
+    for key, value in (
+        ("device", result.device),
+        ("seq len / batch", f"{result.seq_len} / {result.batch_size}"),
+        ("chunk size C", f"{result.chunk_size}" + (" (auto)" if result.plan else "")),
+        ("budget", _size(result.plan["budget_bytes"]) if result.plan else "-"),
+        ("predicted peak", _size(result.plan["predicted_peak_bytes"]) if result.plan else "-"),
+        ("measured peak", _size(result.peak_memory_bytes)),
+        ("steps", str(result.steps)),
+        ("loss first -> last", f"{result.loss:.4f} -> {result.final_loss:.4f} nats/byte"),
+        ("time", f"{result.seconds:.2f} s"),
+        ("written", result.out),
+    ):
+        table.add_row(key, value)
+    (err if as_json else out).print(table)
+    if as_json:
+        _emit_json(result.to_json())
+
+
+@app.command()
+def plan(
+    checkpoint: Checkpoint,
+    seq_len: SeqLen = 1024,
+    mem_budget: Budget = None,
+    batch_size: BatchSize = 1,
+    optimizer: Optimizer = "adam",
+    device: Device = "auto",
+    recovery: Recovery = "subtract64",
+    n_heads: NHeads = None,
+    feature_type: FeatureType = None,
+    layernorm: LayerNorm = None,
+    as_json: Json = False,
+):
+    """Predict peak memory and relative step time for each chunk size C, and pick the largest C that fits.
+
+    Example: slimtune plan --checkpoint model.safetensors --seq-len 16384 --mem-budget 2GB
+    """
+    from .checkpoint import build_model
+    from .memory import resolve_device
+    from .planner import plan_chunk_size
+    from .optimizers import OPTIMIZERS
+
+    if optimizer not in OPTIMIZERS:
+        raise SlimtuneError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    ckpt = _load(checkpoint, n_heads, feature_type, layernorm)
+    model = build_model(ckpt, device=resolve_device(device))
+    ckpt.release()
+    result = plan_chunk_size(model, seq_len, batch_size, optimizer, mem_budget, recovery=recovery)
+    table = Table(title=f"slimtune plan: L = {seq_len}, batch {batch_size}, {optimizer}, budget {_size(result.budget_bytes)} on {result.device}")
+    for col in ("C", "predicted peak", "share of budget", "relative step time", ""):
+        table.add_column(col, justify="right")
+    for c in result.candidates:
+        mark = "<- chosen" if c.chunk_size == result.chunk_size else ("" if c.fits else "over budget")
+        label = f"{c.chunk_size}" + (" (full backprop)" if c.chunk_size >= seq_len else "")
+        table.add_row(label, _size(c.predicted_peak_bytes), f"{100 * c.share_of_budget:.0f}%", f"{c.relative_time:.2f}x", mark)
+    fixed = Table(title="predicted peak at the chosen C", show_header=False)
+    for key, value in result.breakdown.items():
+        fixed.add_row(key, _size(value))
+    console = err if as_json else out
+    console.print(table)
+    console.print(fixed)
+    if as_json:
+        _emit_json(result.to_json())
+
+
+@app.command(name="eval")
+def evaluate(
+    checkpoint: Checkpoint,
+    data: DataFile,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", min=1, help="Bytes per sequence (default: the checkpoint's seq_len, else 1024).", show_default=False)] = None,
+    max_bytes: Annotated[Optional[int], typer.Option("--max-bytes", min=2, help="Evaluate only the first N bytes.", show_default=False)] = None,
+    device: Device = "auto",
+    n_heads: NHeads = None,
+    feature_type: FeatureType = None,
+    layernorm: LayerNorm = None,
+    as_json: Json = False,
+):
+    """Bits per character of a checkpoint on a text file (chunk by chunk: memory does not grow with --seq-len).
+
+    Example: slimtune eval --checkpoint tuned.safetensors --data valid.txt
+    """
+    from .checkpoint import build_model
+    from .data import read_bytes
+    from .evaluation import evaluate as run_eval
+    from .memory import resolve_device
+
+    ckpt = _load(checkpoint, n_heads, feature_type, layernorm)
+    tokens = read_bytes(data, min_length=2)
+    model = build_model(ckpt, device=resolve_device(device))
+    model.redraw_features(__import__("torch").Generator().manual_seed(0))
+    L = seq_len or int(ckpt.extra_config.get("seq_len", 1024))
+    result = run_eval(model, tokens, seq_len=L, max_bytes=max_bytes)
+    (err if as_json else out).print(f"bpc {result.bpc:.4f} over {result.predicted_bytes} bytes (seq len {L})")
+    if as_json:
+        _emit_json(result.to_json())
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A checkpoint: .safetensors, or .pt/.pth/.bin state dict.", show_default=False)],
+    tensors: Annotated[bool, typer.Option("--tensors", help="Also list every tensor with its shape and dtype.")] = False,
+    n_heads: NHeads = None,
+    feature_type: FeatureType = None,
+    layernorm: LayerNorm = None,
+    as_json: Json = False,
+):
+    """Show a checkpoint's config, parameter count, dtypes, size, fine-tuning memory and provenance.
+
+    Example: slimtune inspect model.safetensors --tensors
+    """
+    from .checkpoint import describe
+
+    info = describe(_load(path, n_heads, feature_type, layernorm))
+    console = err if as_json else out
+    table = Table(title=str(path), show_header=False)
+    for key, value in info["config"].items():
+        table.add_row(key, str(value))
+    table.add_row("parameters", f"{info['parameters']:,}")
+    table.add_row("dtypes", ", ".join(info["dtypes"]))
+    table.add_row("file size", _size(info["file_bytes"]))
+    for name, cost in info["fine_tuning_bytes"].items():
+        table.add_row(f"fixed cost, {name}", f"{_size(cost)} (weights + gradients + optimizer state, fp32)")
+    for key, value in info["provenance"].items():
+        table.add_row(key, str(value))
+    console.print(table)
+    if tensors:
+        listing = Table("tensor", "shape", "dtype", title="tensors")
+        for name, (shape, dtype) in info["tensors"].items():
+            listing.add_row(name, str(shape), dtype)
+        console.print(listing)
+    if as_json:
+        _emit_json(info)
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="Any accepted checkpoint: a reference state dict (.pt/.pth/.bin) or .safetensors.", show_default=False)],
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the contract .safetensors checkpoint.", show_default=False)],
+    n_heads: NHeads = None,
+    feature_type: FeatureType = None,
+    layernorm: LayerNorm = None,
+):
+    """Convert a checkpoint (for example the SLiM reference code's torch.save state dict) to a contract checkpoint.
+
+    Example: slimtune convert ref_model.pt --out model.safetensors --n-heads 8 --feature-type sqr --layernorm post
+    """
+    from .checkpoint import check_output_path, save_checkpoint
+
+    ckpt = _load(src, n_heads, feature_type, layernorm)
+    target = check_output_path(out_path, src)
+    save_checkpoint(target, ckpt.tensors, ckpt.config, extra_config=ckpt.extra_config, provenance={"converted_from": src.name})
+    out.print(f"wrote {target}: {ckpt.parameters:,} parameters, {', '.join(ckpt.dtypes)}")
+
+
+@app.command()
+def env(as_json: Json = False):
+    """Show the devices slimtune can use and their memory (CPU via psutil, NVIDIA GPUs via NVML)."""
+    from .devices import detect_environment
+
+    info = detect_environment()
+    table = Table(title="slimtune env", show_header=False)
+    table.add_row("python / torch / CUDA", f"{info.python} / {info.torch} / {info.cuda_version or '-'}")
+    table.add_row("CUDA usable", str(info.cuda_usable))
+    table.add_row("CPU", f"{info.cpu_count} cores, {_size(info.cpu_available_bytes)} available of {_size(info.cpu_total_bytes)}")
+    for gpu in info.gpus:
+        table.add_row(f"cuda:{gpu.index}", f"{gpu.name}{' (MIG)' if gpu.mig else ''}, {_size(gpu.free_bytes)} free of {_size(gpu.total_bytes)}")
+    if info.nvml_error:
+        table.add_row("note", info.nvml_error)
+    table.add_row("--device auto", info.default_device)
+    (err if as_json else out).print(table)
+    if as_json:
+        _emit_json(info.to_json())
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo writes its data and checkpoints.")] = Path("slimtune-demo"),
+    as_json: Json = False,
+):
+    """The whole workflow on made-up data, no downloads: pretrain a tiny Performer, plan under a small budget,
+    fine-tune with SLiM, compare bpc before and after, export, and reload the export into the full model."""
+    from .demo import run_demo
+
+    console = err if as_json else out
+    result = run_demo(workdir, say=lambda text: console.print(text))
+    if as_json:
+        _emit_json(result)
+
+
+def _click_exceptions(name: str) -> tuple[type, ...]:
+    """The exception class `name` from click and from the click that newer typer releases vendor."""
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+USAGE_ERRORS = _click_exceptions("UsageError")
+CLICK_ERRORS = _click_exceptions("ClickException")
+EXITS = (typer.Exit, *_click_exceptions("Exit"))
+ABORTS = (typer.Abort, *_click_exceptions("Abort"), KeyboardInterrupt)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: the one error boundary."""
+    from .memory import limit_heap_retention
+
+    limit_heap_retention()  # resident memory then follows what the job holds (see memory.py)
+    try:
+        app(args=argv, prog_name="slimtune", standalone_mode=False)
+    except SlimtuneError as e:
+        print(f"slimtune: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except USAGE_ERRORS as e:
+        where = e.ctx.command_path if e.ctx else "slimtune"
+        print(f"{where}: error: {_one_line(e.format_message())} (see '{where} --help')", file=sys.stderr)
+        return 2
+    except EXITS as e:
+        return e.exit_code
+    except ABORTS:
+        print("slimtune: interrupted", file=sys.stderr)
+        return 130
+    except CLICK_ERRORS as e:
+        print(f"slimtune: error: {_one_line(e.format_message())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

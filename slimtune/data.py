@@ -1,0 +1,50 @@
+"""Byte-level data: a file of raw bytes read as token ids 0..255, cut into windows of L + 1 bytes
+(L inputs and the L next bytes they predict)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+
+def read_bytes(path: str | os.PathLike, *, min_length: int = 2, what: str = "--data") -> torch.Tensor:
+    """The file's bytes as a uint8 tensor [N], memory-mapped so large files are not copied into RAM."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{what} file {path} does not exist: check the path")
+    if path.is_dir():
+        raise DataError(f"{what} {path} is a directory: pass a text file")
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"{what} file {path} is empty: pass a file with text in it")
+    if size < min_length:
+        raise DataError(f"{what} file {path} has {size} bytes but needs at least {min_length}: pass more text or lower --seq-len")
+    try:
+        return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {what} file {path} ({e}): check its permissions") from None
+
+
+def first_windows(data: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tensor:
+    """The contract's first batch: row b is bytes [b L, b L + L + 1). [B, L + 1], int64."""
+    need = (batch_size - 1) * seq_len + seq_len + 1
+    if data.numel() < need:
+        raise DataError(
+            f"data has {data.numel()} bytes; batch {batch_size} x seq len {seq_len} needs {need}: "
+            "lower --seq-len or --batch-size, or pass more text"
+        )
+    rows = [data[b * seq_len : b * seq_len + seq_len + 1] for b in range(batch_size)]
+    return torch.stack([r.to(torch.int64) for r in rows])
+
+
+def random_windows(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    """batch_size windows of seq_len + 1 bytes at seeded random offsets. [B, L + 1], int64."""
+    if data.numel() < seq_len + 1:
+        raise DataError(f"data has {data.numel()} bytes, fewer than seq len + 1 = {seq_len + 1}: lower --seq-len")
+    offsets = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=generator)
+    return torch.stack([data[o : o + seq_len + 1].to(torch.int64) for o in offsets.tolist()])

@@ -1,0 +1,72 @@
+"""Bits per character of a model on a byte file, computed chunk by chunk with carried states, so memory does not
+grow with the sequence length."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+from .model import PerformerLM
+
+
+@dataclass
+class EvalResult:
+    bpc: float  # mean next-byte cross-entropy in bits
+    loss: float  # the same in nats
+    predicted_bytes: int
+    seq_len: int
+    chunk_size: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def sequence_nll(model: PerformerLM, windows: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Summed next-byte negative log-likelihood (nats) of windows [B, L + 1], run C tokens at a time."""
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    states = model.initial_states(inputs.shape[0], dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=windows.device)
+    for s in range(0, inputs.shape[1], chunk_size):
+        logits, states = model.forward_chunk(inputs[:, s : s + chunk_size], s, states)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), targets[:, s : s + chunk_size].flatten(), reduction="sum")
+    return total
+
+
+def evaluate(
+    model: PerformerLM,
+    data: torch.Tensor,
+    *,
+    seq_len: int,
+    chunk_size: int = 1024,
+    batch_size: int = 8,
+    max_bytes: int | None = None,
+    on_progress=None,
+) -> EvalResult:
+    """bpc over `data` (uint8 [N]) cut into consecutive sequences of seq_len predictions, each starting from
+    position 0 with fresh states; the last, shorter sequence counts too."""
+    if seq_len < 1 or chunk_size < 1:
+        raise ConfigError(f"--seq-len and chunk size must be >= 1, got {seq_len} and {chunk_size}")
+    n = data.numel() if max_bytes is None else min(data.numel(), max_bytes)
+    if n < 2:
+        raise ConfigError("eval needs at least 2 bytes of data")
+    device = next(model.parameters()).device
+    starts = list(range(0, n - 1, seq_len))
+    total, count = 0.0, 0
+    full = [s for s in starts if s + seq_len + 1 <= n]
+    for i in range(0, len(full), batch_size):
+        batch = torch.stack([data[s : s + seq_len + 1].long() for s in full[i : i + batch_size]]).to(device)
+        total += sequence_nll(model, batch, chunk_size).item()
+        count += batch.shape[0] * seq_len
+        if on_progress:
+            on_progress(count, n - 1)
+    if len(full) < len(starts):  # the tail
+        tail = data[starts[-1] : n].long()[None].to(device)
+        total += sequence_nll(model, tail, chunk_size).item()
+        count += tail.shape[1] - 1
+    loss = total / count
+    return EvalResult(bpc=loss / math.log(2), loss=loss, predicted_bytes=count, seq_len=seq_len, chunk_size=chunk_size)

@@ -1,0 +1,194 @@
+"""Memory: device detection, budgets, measured peaks, and the planner that picks the largest chunk size C
+whose predicted peak fits the budget.
+
+The budget covers everything the job holds on the device. On CPU that is the process's resident memory (RSS):
+the runtime (Python, torch, the loaded checkpoint), the weights, gradients, optimizer state, one chunk's
+activations, the recurrent states and the tokens. On CUDA it is what the job takes of the card: the CUDA context
+plus the caching allocator's reserved memory.
+
+What the prediction is made of, line by line (see `planner.predict`):
+- runtime     measured: RSS after the probe steps (Python, torch, kernels' code and caches, the weights) on CPU;
+              the CUDA context plus the allocated weights on CUDA.
+- optimizer   measured: the optimizer's state, from one probe step with zero gradients and lr 0.
+- chunk       measured: the tensor bytes one step holds at its peak (activations, gradients, temporaries),
+              counted by `TensorBytes` at two chunk sizes and extrapolated linearly in C.
+- states      computed: per-layer attention states, their copies and gradients, and the token windows.
+- allocator   a 5 % margin on the chunk line for allocator rounding and fragmentation.
+The optimizer step's own peak (gradients + state + temporaries, counted) is compared with the backward's.
+
+On Linux the CLI fixes glibc's mmap threshold (`limit_heap_retention`) so that freed activations leave the
+process at once and resident memory follows the tensor bytes the job holds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import resource
+import weakref
+from dataclasses import asdict, dataclass, field
+
+import psutil
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .errors import ConfigError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+ALLOCATOR_MARGIN = 0.05  # safety over the measured chunk line, see benchmarks/planner.py
+SAFETY_MARGIN = 0.10  # with no --mem-budget, leave this share of the free memory alone
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' -> 2e9, '1.5GiB' -> 1.5 * 2^30, '512MB', '900000000'. Decimal units are powers of 10, binary of 2."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = _SIZE.match(str(text))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ConfigError(f"cannot read size {text!r}: write it like 2GB, 1.5GiB, 512MB or 900000000")
+        value, unit = float(match.group(1)), match.group(2).lower()
+    size = value * _UNITS[unit]
+    if not size >= 1 or size == float("inf"):
+        raise ConfigError(f"size {text!r} must be at least 1 byte")
+    return int(size)
+
+
+def format_size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when usable, else cpu. Raises ConfigError for a device that is not there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no usable CUDA device here; use --device cpu (or auto)")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0..")
+        return device
+    raise ConfigError(f"--device must be auto, cpu or cuda, got {name!r}")
+
+
+def process_rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def _kernel_peak_rss() -> int:
+    """The kernel's high-water mark of resident memory (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss() -> int:
+    """The process's peak resident memory since it started, in bytes."""
+    return _kernel_peak_rss()
+
+
+def limit_heap_retention(threshold: int = 128 * 1024) -> bool:
+    """Make glibc return freed tensors of `threshold` bytes or more to the OS at once (a fixed mmap threshold),
+    so that resident memory follows what the job holds instead of the largest heap it ever had. Without it
+    glibc raises the threshold to 32 MB as large blocks are freed and keeps them, and the RSS of a SLiM run
+    depends on its history. Returns False where this is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Measured peak: RSS on CPU; CUDA context + the caching allocator's peak reservation on CUDA."""
+    if device.type == "cuda":
+        return cuda_context_bytes(device) + torch.cuda.max_memory_reserved(device)
+    return peak_rss()
+
+
+def cuda_context_bytes(device: torch.device) -> int:
+    """What the CUDA context itself holds: memory used on the card beyond what the allocator reserved
+    (exact when this process is alone on the card)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, total - free - torch.cuda.memory_reserved(device) - _others_bytes(device))
+
+
+def _others_bytes(device: torch.device) -> int:
+    """Memory other processes hold on this card, from NVML (0 when NVML cannot tell)."""
+    from .devices import nvml_other_processes_bytes
+
+    return nvml_other_processes_bytes(device)
+
+
+def available_bytes(device: torch.device) -> int:
+    """What this job could hold in all: RSS plus the system's available memory (CPU), or the card's free
+    memory plus what this process already reserved (CUDA)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) + cuda_context_bytes(device)
+    return process_rss() + psutil.virtual_memory().available
+
+
+def resolve_budget(budget: str | int | None, device: torch.device) -> tuple[int, int]:
+    """(effective budget, available): the smaller of the user's budget and what is free. `budget` is a size,
+    a percentage of the available memory ('80%'), or None for the available memory less a safety margin."""
+    available = available_bytes(device)
+    if budget is None:
+        return int(available * (1 - SAFETY_MARGIN)), available
+    if isinstance(budget, str) and budget.strip().endswith("%"):
+        try:
+            share = float(budget.strip()[:-1])
+        except ValueError:
+            raise ConfigError(f"cannot read budget {budget!r}: write a size (2GB) or a percentage (80%)") from None
+        if not 0 < share <= 100:
+            raise ConfigError(f"budget {budget!r} must be a percentage in (0, 100]")
+        return int(available * share / 100), available
+    return min(parse_size(budget), available), available
+
+
+class TensorBytes(TorchDispatchMode):
+    """Counts the bytes of tensor storages created while active, live and at peak. Deterministic, unlike RSS,
+    and the same on any device; tensors that existed before entering (the weights) are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: dict[int, int] = {}
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._seen.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in self._seen:
+                continue  # a view of a storage already counted
+            self._seen[key] = nbytes
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key, nbytes)
+        return out

@@ -1,0 +1,245 @@
+"""The planner: predict a step's peak memory for each chunk size C and pick the largest C that fits the budget.
+
+Rounding rule for C: C = L (ordinary backprop) when that fits; otherwise the largest C below L that fits among
+powers of two up to 256 and, from 256 on, numbers with three significant binary digits (256, 320, 384, 448,
+512, 640, 768, 896, 1024, 1280, ...): multiples of the 64-token attention block, 12-25 % apart. If not even C = 1 fits,
+`plan_chunk_size` raises with the breakdown and what to change.
+
+Short probe steps on the real model and device, at C = 256 and C = 1024 (or L when shorter), measure how far a
+chunk's step raises the memory peak (memory.peak_growth: resident memory on CPU, reserved memory on CUDA);
+activations grow linearly in C, so the rest is extrapolation. See memory.py for which lines are measured and
+which computed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import SlimtuneError
+from .memory import ALLOCATOR_MARGIN, TensorBytes, cuda_context_bytes, format_size, process_rss, resolve_budget
+from .model import PerformerLM
+from .optimizers import make_optimizer
+from .slim import slim_step
+
+BLOCK = 64
+PROBE_SIZES = (256, 1024)  # chunk sizes of the two probe steps
+SWEEP_SHARE = 0.35  # the forward sweep's cost relative to one chunk's forward + backward (about F / 3F)
+
+
+@dataclass
+class Probe:
+    """Measured on the real model and device: the memory peak of one chunk's step rises base + per_token * C
+    above the memory in use before it (gradients included); the optimizer holds `optimizer_state` and its step
+    peaks `optimizer_peak` above the memory in use with gradients; a chunk's step takes
+    time_base + time_per_token * C seconds."""
+
+    base: float
+    per_token: float
+    optimizer_state: int
+    optimizer_peak: int
+    time_base: float
+    time_per_token: float
+
+
+@dataclass
+class Candidate:
+    chunk_size: int
+    predicted_peak_bytes: int
+    share_of_budget: float
+    relative_time: float  # predicted step time / full backprop's
+    fits: bool
+
+
+@dataclass
+class Plan:
+    chunk_size: int
+    budget_bytes: int
+    available_bytes: int
+    device: str
+    seq_len: int
+    batch_size: int
+    optimizer: str
+    predicted_peak_bytes: int
+    breakdown: dict  # fixed costs and the chosen C's lines, bytes
+    candidates: list[Candidate] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _tracked(fn) -> int:
+    """Peak bytes of the tensors fn() creates (gradients and temporaries included): deterministic, so `plan`
+    and `fit` always agree, and the same on any device."""
+    with TensorBytes() as tracked:
+        fn()
+    return tracked.peak
+
+
+def _probe_step(model: PerformerLM, batch_size: int, length: int) -> tuple[int, float]:
+    """Tensor bytes at the peak, and wall time, of one full-backprop step of `length` tokens."""
+    device = next(model.parameters()).device
+    windows = torch.randint(0, model.config.vocab_size, (batch_size, length + 1), device=device)
+    model.zero_grad(set_to_none=True)
+    started = time.perf_counter()
+    slim_step(model, windows, length)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    model.zero_grad(set_to_none=True)
+    peak = _tracked(lambda: slim_step(model, windows, length))
+    model.zero_grad(set_to_none=True)
+    return peak, seconds
+
+
+def _probe_optimizer(model: PerformerLM, optimizer: str) -> tuple[int, int]:
+    """(state bytes, peak bytes of a step incl. its state): one step with zero gradients and lr 0, which
+    creates the optimizer's state but changes no weight."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = make_optimizer(optimizer, params, lr=0.0)
+    peak = _tracked(opt.step)
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
+    del opt
+    model.zero_grad(set_to_none=True)
+    return state, max(peak, state)
+
+
+def probe(model: PerformerLM, seq_len: int, batch_size: int, optimizer: str) -> Probe:
+    c1, c2 = min(PROBE_SIZES[0], seq_len), min(PROBE_SIZES[1], seq_len)
+    _probe_step(model, batch_size, c1)  # warm-up: first use loads kernels' code and caches, which stay
+    m1, t1 = _probe_step(model, batch_size, c1)
+    if c2 > c1:
+        m2, t2 = _probe_step(model, batch_size, c2)
+        per_token, time_per_token = max(0.0, (m2 - m1) / (c2 - c1)), max(0.0, (t2 - t1) / (c2 - c1))
+    else:
+        per_token, time_per_token = m1 / c1, t1 / c1
+    state, opt_peak = _probe_optimizer(model, optimizer)
+    return Probe(
+        base=max(0.0, m1 - per_token * c1),
+        per_token=per_token,
+        optimizer_state=state,
+        optimizer_peak=opt_peak,
+        time_base=max(0.0, t1 - time_per_token * c1),
+        time_per_token=time_per_token,
+    )
+
+
+def _state_bytes(model: PerformerLM, seq_len: int, batch_size: int, chunk_size: int, recovery: str) -> int:
+    c = model.config
+    one = batch_size * c.n_heads * c.n_features * (c.head_dim + 1) * c.n_layers * 8  # float64 in subtract64
+    copies = 4 + (math.ceil(seq_len / chunk_size) if recovery == "store" else 0)  # carried, start, end, grad
+    return one * copies + batch_size * (seq_len + 1) * 8 * 2  # windows (int64) and loss weights (float64)
+
+
+def predict(model, probe: Probe, runtime: int, seq_len: int, batch_size: int, chunk_size: int, recovery: str) -> dict:
+    """The predicted peak of a step with chunk size C, line by line (bytes)."""
+    chunk = probe.base + probe.per_token * min(chunk_size, seq_len)
+    states = _state_bytes(model, seq_len, batch_size, chunk_size, recovery) if chunk_size < seq_len else 0
+    grads = sum(p.numel() * p.element_size() for p in model.parameters())
+    # Backward of a chunk (optimizer state already there from step 2 on), or the optimizer step (gradients there).
+    training = max(probe.optimizer_state + chunk + states, grads + probe.optimizer_peak)
+    lines = {
+        "runtime": runtime,
+        "optimizer": probe.optimizer_state,
+        "chunk": int(chunk),
+        "states": states,
+        "allocator": int(ALLOCATOR_MARGIN * chunk),
+    }
+    lines["total"] = int(runtime + training + lines["allocator"])
+    return lines
+
+
+def relative_time(probe: Probe, seq_len: int, chunk_size: int) -> float:
+    full = probe.time_base + probe.time_per_token * seq_len
+    if chunk_size >= seq_len or full <= 0:
+        return 1.0
+    n = math.ceil(seq_len / chunk_size)
+    return n * (probe.time_base + probe.time_per_token * chunk_size) * (1 + SWEEP_SHARE) / full
+
+
+def _runtime_bytes(model: PerformerLM) -> int:
+    """Measured before training: the process's RSS (CPU, weights included), or context + allocated (CUDA)."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return cuda_context_bytes(device) + torch.cuda.memory_allocated(device)
+    return process_rss()
+
+
+def chunk_sizes(seq_len: int) -> list[int]:
+    """The C values the planner may pick, below L: powers of two up to 256, then numbers with at most three
+    significant binary digits (256, 320, 384, 448, 512, 640, ...), all multiples of the 64-token block. Steps of
+    12-25 % lose little: above a few hundred tokens a step's time hardly depends on C."""
+    sizes = {2**k for k in range(9)}
+    top = 256
+    while top < seq_len:
+        sizes.update(top + i * top // 4 for i in range(4))
+        top *= 2
+    return sorted(c for c in sizes if c < seq_len)
+
+
+def choose(fits, seq_len: int) -> int | None:
+    """L when full backprop fits, else the largest allowed C below L that fits, else None."""
+    if fits(seq_len):
+        return seq_len
+    return next((c for c in reversed(chunk_sizes(seq_len)) if fits(c)), None)
+
+
+def plan_chunk_size(
+    model: PerformerLM,
+    seq_len: int,
+    batch_size: int,
+    optimizer: str,
+    budget: str | int | None,
+    *,
+    recovery: str = "subtract64",
+) -> Plan:
+    """Probe the model, predict each candidate's peak, and pick the largest C that fits the budget."""
+    device = next(model.parameters()).device
+    budget_bytes, available = resolve_budget(budget, device)
+    measured = probe(model, seq_len, batch_size, optimizer)
+    runtime = _runtime_bytes(model)  # after the probes: the kernels' code and caches they loaded stay resident
+    peak = lambda c: predict(model, measured, runtime, seq_len, batch_size, c, recovery)  # noqa: E731
+    chosen = choose(lambda c: peak(c)["total"] <= budget_bytes, seq_len)
+    sizes = sorted({2**k for k in range(int(math.log2(seq_len)) + 1)} | {seq_len} | ({chosen} if chosen else set()))
+    candidates = [
+        Candidate(
+            chunk_size=c,
+            predicted_peak_bytes=peak(c)["total"],
+            share_of_budget=peak(c)["total"] / budget_bytes,
+            relative_time=relative_time(measured, seq_len, c),
+            fits=peak(c)["total"] <= budget_bytes,
+        )
+        for c in sizes
+    ]
+    if chosen is None:
+        lines = peak(1)
+        grads = sum(p.numel() * p.element_size() for p in model.parameters())
+        hint = (
+            f"try --optimizer sgd (saves {format_size(measured.optimizer_state)}), "
+            if measured.optimizer_state
+            else ""
+        )
+        raise SlimtuneError(
+            f"budget {format_size(budget_bytes)} cannot fit even C = 1: runtime {format_size(lines['runtime'])} + "
+            f"optimizer state {format_size(lines['optimizer'])} + gradients {format_size(grads)} + chunk "
+            f"{format_size(lines['chunk'])} = {format_size(lines['total'])}; {hint}bf16 weights, a smaller "
+            f"--batch-size or --seq-len, or a larger --mem-budget (available: {format_size(available)})"
+        )
+    lines = peak(chosen)
+    return Plan(
+        chunk_size=chosen,
+        budget_bytes=budget_bytes,
+        available_bytes=available,
+        device=str(device),
+        seq_len=seq_len,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        predicted_peak_bytes=lines["total"],
+        breakdown=lines,
+        candidates=candidates,
+    )
