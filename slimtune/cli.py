@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -243,6 +244,8 @@ def evaluate(
 
     Example: slimtune eval --checkpoint tuned.safetensors --data valid.txt
     """
+    import torch
+
     from .checkpoint import build_model
     from .data import read_bytes
     from .evaluation import evaluate as run_eval
@@ -251,7 +254,7 @@ def evaluate(
     ckpt = _load(checkpoint, n_heads, feature_type, layernorm)
     tokens = read_bytes(data, min_length=2)
     model = build_model(ckpt, device=resolve_device(device))
-    model.redraw_features(__import__("torch").Generator().manual_seed(0))
+    model.redraw_features(torch.Generator().manual_seed(0))  # FAVOR+: a fixed draw, so eval is repeatable
     L = seq_len or int(ckpt.extra_config.get("seq_len", 1024))
     result = run_eval(model, tokens, seq_len=L, max_bytes=max_bytes)
     (err if as_json else out).print(f"bpc {result.bpc:.4f} over {result.predicted_bytes} bytes (seq len {L})")
@@ -374,6 +377,7 @@ def _one_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: the one error boundary."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by torch's CPU allocator at its first use
     from .memory import limit_heap_retention
 
     limit_heap_retention()  # resident memory then follows what the job holds (see memory.py)

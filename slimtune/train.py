@@ -8,7 +8,7 @@ unchanged (same names, shapes, dtypes and config), with the run's provenance in 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +16,7 @@ import torch
 
 from .checkpoint import Checkpoint, build_model, check_output_path, export_tensors, file_sha256, save_checkpoint
 from .data import first_windows, random_windows
+from .model import PerformerConfig, PerformerLM
 from .errors import ConfigError, SlimtuneError
 from .memory import peak_memory_bytes, resolve_device
 from .optimizers import OPTIMIZERS, make_optimizer
@@ -66,10 +67,62 @@ class FitResult:
     out: str
     seconds: float
     plan: dict | None = None  # the planner's choice when chunk size was auto
-    extra: dict = field(default_factory=dict)
+    model: PerformerLM | None = field(default=None, repr=False, compare=False)  # the trained model, in memory
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+
+
+def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step) -> list[float]:
+    """The training loop: per step, a batch of windows, one FAVOR+ draw, the SLiM step, the optimizer step."""
+    generator = torch.Generator().manual_seed(options.seed)
+    device = next(model.parameters()).device
+    optimizer = make_optimizer(
+        options.optimizer, model.parameters(), options.lr, 0.0 if options.one_step else options.weight_decay
+    )
+    steps = 1 if options.one_step else options.steps
+    losses = []
+    for step in range(steps):
+        if options.one_step:
+            windows = first_windows(data, options.batch_size, options.seq_len)
+        else:
+            windows = random_windows(data, options.batch_size, options.seq_len, generator)
+        model.redraw_features(generator)  # FAVOR+: one draw per step, shared by all its chunks
+        optimizer.zero_grad(set_to_none=True)
+        loss = slim_step(model, windows.to(device), chunk_size, recovery=options.recovery)
+        optimizer.step()
+        losses.append(loss)
+        if on_step:
+            on_step(step + 1, loss)
+    return losses
+
+
+def _check_data(data: torch.Tensor, options: FitOptions) -> None:
+    """Fail on data too short for the windows before any work starts."""
+    if options.one_step:
+        first_windows(data, options.batch_size, options.seq_len)
+    elif data.numel() < options.seq_len + 1:
+        raise SlimtuneError(
+            f"data has {data.numel()} bytes, fewer than seq len + 1 = {options.seq_len + 1}: lower --seq-len"
+        )
+
+
+def _result(model, losses, chunk_size, options, device, out, seconds, plan) -> FitResult:
+    return FitResult(
+        chunk_size=chunk_size,
+        seq_len=options.seq_len,
+        batch_size=options.batch_size,
+        steps=len(losses),
+        loss=losses[0],
+        final_loss=losses[-1],
+        losses=losses,
+        peak_memory_bytes=peak_memory_bytes(device),
+        device=str(device),
+        out=str(out),
+        seconds=seconds,
+        plan=None if plan is None else plan.to_json(),
+        model=model,
+    )
 
 
 def fit(
@@ -86,49 +139,30 @@ def fit(
     options.validate()
     out = check_output_path(out, checkpoint.path, data_path)
     device = resolve_device(options.device)
-    steps = 1 if options.one_step else options.steps
-    L, B = options.seq_len, options.batch_size
-    if options.one_step:
-        first_batch = first_windows(data, B, L)  # validates the length before any work
-    elif data.numel() < L + 1:
-        raise SlimtuneError(f"data has {data.numel()} bytes, fewer than seq len + 1 = {L + 1}: lower --seq-len")
-
+    _check_data(data, options)
     torch.manual_seed(options.seed)
     model = build_model(checkpoint, device=device)
     checkpoint.release()  # the model holds the weights now; keep one copy in memory, not two
     plan = None
     chunk_size = options.chunk_size
     if chunk_size is None:
-        plan = plan_chunk_size(model, L, B, options.optimizer, options.mem_budget, recovery=options.recovery)
+        plan = plan_chunk_size(model, options.seq_len, options.batch_size, options.optimizer, options.mem_budget, recovery=options.recovery)
         chunk_size = plan.chunk_size
 
-    generator = torch.Generator().manual_seed(options.seed)
-    optimizer = make_optimizer(
-        options.optimizer, model.parameters(), options.lr, 0.0 if options.one_step else options.weight_decay
-    )
-    losses = []
     started = time.perf_counter()
-    for step in range(steps):
-        windows = first_batch if options.one_step else random_windows(data, B, L, generator)
-        model.redraw_features(generator)  # FAVOR+: one draw per step, shared by all its chunks
-        optimizer.zero_grad(set_to_none=True)
-        loss = slim_step(model, windows.to(device), chunk_size, recovery=options.recovery)
-        optimizer.step()
-        losses.append(loss)
-        if on_step:
-            on_step(step + 1, loss)
+    losses = _run_steps(model, data, options, chunk_size, on_step)
     seconds = time.perf_counter() - started
 
     provenance = {
         "base_checkpoint": checkpoint.path.name,
         "base_sha256": file_sha256(checkpoint.path),
-        "steps": steps,
+        "steps": len(losses),
         "one_step": options.one_step,
         "optimizer": options.optimizer,
         "lr": options.lr,
         "chunk_size": chunk_size,
-        "seq_len": L,
-        "batch_size": B,
+        "seq_len": options.seq_len,
+        "batch_size": options.batch_size,
         "seed": options.seed,
         "state_recovery": options.recovery,
     }
@@ -138,20 +172,36 @@ def fit(
         out,
         export_tensors(model, checkpoint),
         checkpoint.config,
-        extra_config=checkpoint.extra_config | {"seq_len": L},
+        extra_config=checkpoint.extra_config | {"seq_len": options.seq_len},
         provenance=provenance,
     )
-    return FitResult(
-        chunk_size=chunk_size,
-        seq_len=L,
-        batch_size=B,
-        steps=steps,
-        loss=losses[0],
-        final_loss=losses[-1],
-        losses=losses,
-        peak_memory_bytes=peak_memory_bytes(device),
-        device=str(device),
-        out=str(out),
-        seconds=seconds,
-        plan=None if plan is None else plan.to_json(),
-    )
+    return _result(model, losses, chunk_size, options, device, out, seconds, plan)
+
+
+def pretrain(
+    config: PerformerConfig,
+    data: torch.Tensor,
+    out: str | Path,
+    options: FitOptions,
+    *,
+    data_path: str | Path | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> FitResult:
+    """Train a model from random initialisation (the server side) and write a contract checkpoint."""
+    options.validate()
+    out = check_output_path(out, data_path)
+    device = resolve_device(options.device)
+    _check_data(data, options)
+    torch.manual_seed(options.seed)
+    model = PerformerLM(config).to(device)
+    chunk_size = options.chunk_size or options.seq_len
+    started = time.perf_counter()
+    losses = _run_steps(model, data, options, chunk_size, on_step)
+    seconds = time.perf_counter() - started
+    provenance = {"pretrained": True, "steps": len(losses), "optimizer": options.optimizer, "lr": options.lr,
+                  "chunk_size": chunk_size, "seq_len": options.seq_len, "batch_size": options.batch_size, "seed": options.seed}
+    if data_path is not None:
+        provenance |= {"data": Path(data_path).name, "data_sha256": file_sha256(data_path)}
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    save_checkpoint(out, tensors, config, extra_config={"seq_len": options.seq_len}, provenance=provenance)
+    return _result(model, losses, chunk_size, options, device, out, seconds, None)

@@ -1,0 +1,124 @@
+"""`slimtune demo`: the whole workflow on data it makes itself, with no downloads and no arguments.
+
+1. Write two made-up corpora: general sentences (the "server" corpus) and a ship's log (the user's document).
+2. Pretrain a tiny Performer on the server corpus with ordinary backprop and export a contract checkpoint.
+3. Plan fine-tuning at a long sequence length under a small memory budget: full backprop does not fit.
+4. Fine-tune on the log with SLiM at the chosen C, and compare bits per character on held-out log text.
+5. Reload the exported checkpoint into a fresh full model and confirm it gives identical logits.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import build_model, load_checkpoint
+from .data import read_bytes
+from .evaluation import evaluate
+from .memory import reset_peak_rss
+from .model import PerformerConfig
+from .planner import plan_chunk_size
+from .train import FitOptions, fit, pretrain
+
+CONFIG = PerformerConfig(vocab_size=256, hidden_dim=64, n_layers=2, ffn_dim=256, n_heads=4, feature_type="sqr", on_gptln=True)
+
+_PEOPLE = ["the captain", "an old sailor", "my brother", "the cook", "a young doctor", "the teacher", "our neighbour"]
+_VERBS = ["found", "carried", "painted", "watched", "sold", "repaired", "forgot", "opened"]
+_THINGS = ["a small boat", "the red door", "a bag of apples", "the long letter", "an empty box", "the garden gate"]
+_PLACES = ["near the harbour", "in the morning", "after dinner", "under the bridge", "at the market", "by the river"]
+_WINDS = ["north", "north-east", "east", "south-east", "south", "south-west", "west", "north-west"]
+
+
+def server_text(n_bytes: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    parts, size = [], 0
+    while size < n_bytes:
+        when = rng.choice(["", f" at {rng.randint(1, 12)} o'clock", f" on day {rng.randint(1, 300)}"])
+        s = f"{rng.choice(_PEOPLE).capitalize()} {rng.choice(_VERBS)} {rng.choice(_THINGS)} {rng.choice(_PLACES)}{when}."
+        s += "\n" if rng.random() < 0.25 else " "
+        parts.append(s)
+        size += len(s)
+    return "".join(parts)
+
+
+def log_text(n_bytes: int, seed: int = 1) -> str:
+    """A ship's log: a rhythm the server corpus never shows, with numbers that carry over between entries."""
+    rng = random.Random(seed)
+    parts, size, day, course = [], 0, 1, 90
+    while size < n_bytes:
+        course = (course + rng.choice([-10, 0, 0, 10])) % 360
+        s = (f"Day {day}: wind {rng.choice(_WINDS)} at {rng.randint(5, 30)} knots, course {course:03d}, "
+             f"{rng.choice(_PEOPLE)} {rng.choice(_VERBS)} {rng.choice(_THINGS)}.\n")
+        parts.append(s)
+        size += len(s)
+        day += 1
+    return "".join(parts)
+
+
+def run_demo(workdir: str | Path, say: Callable[[str], None] = print, *, pretrain_steps: int = 300, fit_steps: int = 40) -> dict:
+    started = time.perf_counter()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    corpus, document, held_out = workdir / "server.txt", workdir / "log.txt", workdir / "log-valid.txt"
+    corpus.write_text(server_text(400_000))
+    log = log_text(160_000)
+    document.write_text(log[:120_000])
+    held_out.write_text(log[120_000:])
+    say(f"[bold]1. data[/bold]  {corpus} ({corpus.stat().st_size:,} B), {document} and {held_out}")
+
+    base = workdir / "base.safetensors"
+    pre = pretrain(CONFIG, read_bytes(corpus), base, FitOptions(seq_len=256, batch_size=8, steps=pretrain_steps,
+                   optimizer="adam", lr=3e-3, device="cpu"), data_path=corpus)
+    say(f"[bold]2. pretrain[/bold]  d {CONFIG.hidden_dim}, {CONFIG.n_layers} layers, {pre.steps} steps of full backprop at "
+        f"L 256: loss {pre.loss:.2f} -> {pre.final_loss:.2f} nats/byte in {pre.seconds:.1f} s -> {base}")
+
+    seq_len = 4096
+    model = build_model(load_checkpoint(base))
+    unconstrained = plan_chunk_size(model, seq_len, 1, "adam", None)
+    by_size = {c.chunk_size: c.predicted_peak_bytes for c in unconstrained.candidates}
+    # Emulate a small device: a budget between the predicted peaks at C = L/8 and C = L/4.
+    budget = (by_size[seq_len // 8] + by_size[seq_len // 4]) // 2
+    say(f"[bold]3. plan[/bold]  L {seq_len} under a budget of {budget / 1e6:.1f} MB (a small device); "
+        f"full backprop would need {by_size[seq_len] / 1e6:.1f} MB")
+
+    before = evaluate(model, read_bytes(held_out), seq_len=seq_len).bpc
+    tuned = workdir / "tuned.safetensors"
+    reset_peak_rss()  # report the fine-tune's own peak, not the pretraining's
+    result = fit(load_checkpoint(base), read_bytes(document), tuned,
+                 FitOptions(seq_len=seq_len, batch_size=1, steps=fit_steps, optimizer="adam", lr=2e-3,
+                            mem_budget=budget, device="cpu"), data_path=document)
+    for c in result.plan["candidates"]:
+        if c["chunk_size"] >= 128:
+            mark = "<- chosen" if c["chunk_size"] == result.chunk_size else ("" if c["fits"] else "over budget")
+            say(f"      C {c['chunk_size']:>5}  predicted peak {c['predicted_peak_bytes'] / 1e6:7.1f} MB  "
+                f"time x{c['relative_time']:.2f}  {mark}")
+    after = evaluate(result.model, read_bytes(held_out), seq_len=seq_len).bpc
+    say(f"[bold]4. fine-tune[/bold]  {result.steps} adam steps with SLiM at C = {result.chunk_size}, L {seq_len}: "
+        f"held-out bpc {before:.3f} -> {after:.3f}; peak memory predicted {result.plan['predicted_peak_bytes'] / 1e6:.1f} MB, "
+        f"measured {result.peak_memory_bytes / 1e6:.1f} MB (budget {budget / 1e6:.1f} MB), {result.seconds:.1f} s")
+
+    reloaded = build_model(load_checkpoint(tuned))
+    probe = read_bytes(held_out)[:seq_len].long()[None]
+    with torch.no_grad():
+        diff = (reloaded(probe) - result.model(probe)).abs().max().item()
+    say(f"[bold]5. export[/bold]  {tuned} reloaded into a fresh full model: max |logit difference| = {diff:g}")
+    seconds = time.perf_counter() - started
+    say(f"done in {seconds:.0f} s; files in {workdir.resolve()}")
+    return {
+        "workdir": str(workdir.resolve()),
+        "base": str(base),
+        "tuned": str(tuned),
+        "chunk_size": result.chunk_size,
+        "seq_len": seq_len,
+        "budget_bytes": budget,
+        "full_backprop_predicted_bytes": by_size[seq_len],
+        "bpc_before": before,
+        "bpc_after": after,
+        "max_logit_diff": diff,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "seconds": seconds,
+    }

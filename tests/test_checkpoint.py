@@ -1,0 +1,179 @@
+"""Checkpoints: reference state dicts convert bit for bit, exports load into an independent reference-layout
+module, malicious pickles never run, and every validation failure is one line, exit 2, nothing written."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from helpers import tiny_model
+from slimtune.checkpoint import load_checkpoint, save_checkpoint
+from slimtune.cli import main
+
+
+class ReferenceLayout(nn.Module):
+    """The SLiM reference code's parameter layout, written here from CONTRACT.md only."""
+
+    def __init__(self, vocab, d, layers, ffn):
+        super().__init__()
+        self.input_map = nn.Embedding(vocab, d // 2)
+        self.output_logit_map = nn.Linear(d, vocab)
+        self.layers = nn.ModuleList()
+        for _ in range(layers):
+            layer = nn.Module()
+            layer.attention = nn.Module()
+            for name in ("q_map", "k_map", "v_map"):
+                setattr(layer.attention, name, nn.Linear(d, d))
+            layer.U_map, layer.V_map = nn.Linear(d, ffn), nn.Linear(ffn, d)
+            layer.layernorm1, layer.layernorm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.layers.append(layer)
+
+
+@pytest.fixture
+def state_dict():
+    return {k: v.contiguous() for k, v in tiny_model("sqr", True, dtype=torch.float32, seed=2).state_dict().items()}
+
+
+def cli(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_reference_state_dict_converts_bit_identical(capsys, tmp_path, state_dict):
+    src, dst = tmp_path / "ref.pt", tmp_path / "model.safetensors"
+    torch.save(state_dict, src)
+    code, _, err = cli(capsys, "convert", src, "--out", dst, "--n-heads", 2, "--feature-type", "sqr", "--layernorm", "post")
+    assert code == 0, err
+    converted = load_checkpoint(dst)
+    assert converted.tensors.keys() == state_dict.keys()
+    for name, t in state_dict.items():
+        assert torch.equal(converted.tensors[name], t) and converted.tensors[name].dtype == t.dtype
+    code, out, _ = cli(capsys, "inspect", dst, "--json")
+    info = json.loads(out.strip().splitlines()[-1])
+    assert info["parameters"] == sum(t.numel() for t in state_dict.values())
+    assert info["config"] == {"vocab_size": 256, "hidden_dim": 16, "n_layers": 2, "ffn_dim": 32, "n_heads": 2,
+                              "feature_type": "sqr", "on_gptln": True}
+
+
+def test_missing_settings_name_the_flag(capsys, tmp_path, state_dict):
+    src = tmp_path / "ref.pt"
+    torch.save(state_dict, src)
+    code, _, err = cli(capsys, "convert", src, "--out", tmp_path / "o.safetensors", "--n-heads", 2)
+    assert code == 2 and "--feature-type" in err and "--layernorm" in err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fine_tuned_export_loads_strict_into_reference_layout(capsys, tmp_path, state_dict, data_dir, dtype):
+    base, out = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+    tensors = {k: v.to(dtype) for k, v in state_dict.items()}
+    save_checkpoint(base, tensors, tiny_model().config)
+    code, _, err = cli(capsys, "fit", "--checkpoint", base, "--data", data_dir / "ptb.test.txt", "--out", out,
+                       "--steps", 2, "--seq-len", 64, "--chunk-size", 16)
+    assert code == 0, err
+    tuned = load_checkpoint(out)
+    assert tuned.config == load_checkpoint(base).config
+    ref = ReferenceLayout(256, 16, 2, 32).to(dtype)
+    ref.load_state_dict(tuned.tensors, strict=True)
+    for name, t in tuned.tensors.items():
+        assert t.dtype == dtype and t.shape == tensors[name].shape
+    assert any(not torch.equal(tuned.tensors[n], tensors[n]) for n in tensors), "fit changed nothing"
+
+
+def test_round_trip_is_identical(tmp_path, state_dict):
+    cfg = tiny_model().config
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_checkpoint(a, state_dict, cfg, extra_config={"seq_len": 512})
+    first = load_checkpoint(a)
+    save_checkpoint(b, first.tensors, first.config, extra_config=first.extra_config)
+    second = load_checkpoint(b)
+    assert second.config == cfg and second.extra_config == {"seq_len": 512}
+    for name in state_dict:
+        assert torch.equal(second.tensors[name], state_dict[name])
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(capsys, tmp_path, state_dict):
+    marker = tmp_path / "pwned"
+    Exploit.marker = marker
+    src = tmp_path / "evil.pt"
+    torch.save({**state_dict, "payload": Exploit()}, src)
+    code, _, err = cli(capsys, "inspect", src, "--n-heads", 2, "--feature-type", "sqr", "--layernorm", "post")
+    assert code == 2 and "refusing" in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+def corrupt_cases(tmp_path, state_dict):
+    cfg = tiny_model().config
+    good = tmp_path / "good.safetensors"
+    save_checkpoint(good, state_dict, cfg)
+    data = good.read_bytes()
+    cases = {}
+
+    def write(name, payload):
+        path = tmp_path / name
+        path.write_bytes(payload)
+        cases[name] = path
+
+    write("truncated.safetensors", data[: len(data) // 2])
+    write("garbage.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    write("empty.safetensors", b"")
+    meta = {"format": "pt", "slimtune_config": "{not json"}
+    save_file(state_dict, str(tmp_path / "badjson.safetensors"), metadata=meta)
+    cases["badjson.safetensors"] = tmp_path / "badjson.safetensors"
+    bad_heads = json.dumps(cfg.to_dict() | {"n_heads": 3})
+    save_file(state_dict, str(tmp_path / "heads.safetensors"), metadata={"format": "pt", "slimtune_config": bad_heads})
+    cases["heads.safetensors"] = tmp_path / "heads.safetensors"
+    bad_ft = json.dumps(cfg.to_dict() | {"feature_type": "gauss"})
+    save_file(state_dict, str(tmp_path / "ft.safetensors"), metadata={"format": "pt", "slimtune_config": bad_ft})
+    cases["ft.safetensors"] = tmp_path / "ft.safetensors"
+    missing = {k: v for k, v in state_dict.items() if k != "layers.1.U_map.bias"}
+    save_checkpoint(tmp_path / "missing.safetensors", missing, cfg)
+    cases["missing.safetensors"] = tmp_path / "missing.safetensors"
+    extra = {**state_dict, "layers.0.attention.o_map.weight": torch.zeros(2)}
+    save_checkpoint(tmp_path / "extra.safetensors", extra, cfg)
+    cases["extra.safetensors"] = tmp_path / "extra.safetensors"
+    shape = {**state_dict, "layers.0.U_map.weight": torch.zeros(33, 16)}
+    save_checkpoint(tmp_path / "shape.safetensors", shape, cfg)
+    cases["shape.safetensors"] = tmp_path / "shape.safetensors"
+    nan = {**state_dict, "output_logit_map.bias": torch.full((256,), math.nan)}
+    save_checkpoint(tmp_path / "nan.safetensors", nan, cfg)
+    cases["nan.safetensors"] = tmp_path / "nan.safetensors"
+    cases["folder"] = tmp_path
+    return cases
+
+
+EXPECT = {
+    "truncated.safetensors": "truncated",
+    "garbage.safetensors": "cannot read",
+    "empty.safetensors": "empty",
+    "badjson.safetensors": "invalid slimtune_config JSON",
+    "heads.safetensors": "not divisible by n_heads 3",
+    "ft.safetensors": "unknown feature type 'gauss'",
+    "missing.safetensors": "missing layers.1.U_map.bias",
+    "extra.safetensors": "unexpected layers.0.attention.o_map.weight",
+    "shape.safetensors": "layers.0.U_map.weight expected [32, 16] found [33, 16]",
+    "nan.safetensors": "non-finite values (NaN or inf) in output_logit_map.bias",
+    "folder": "is a directory",
+}
+
+
+@pytest.mark.parametrize("case", EXPECT)
+def test_validation_failures(capsys, tmp_path, state_dict, data_dir, case):
+    path = corrupt_cases(tmp_path, state_dict)[case]
+    for args in (["inspect", path], ["convert", path, "--out", tmp_path / "out.safetensors"],
+                 ["fit", "--checkpoint", path, "--data", data_dir / "ptb.test.txt", "--out", tmp_path / "out.safetensors"]):
+        code, _, err = cli(capsys, *args)
+        assert code == 2, (args, err)
+        assert EXPECT[case] in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert not (tmp_path / "out.safetensors").exists()

@@ -1,0 +1,178 @@
+"""The command line, end to end: contract flags and JSON, exactness of --one-step, and bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import reference
+from helpers import assert_close, tiny_model
+from slimtune.checkpoint import load_checkpoint, save_checkpoint
+from slimtune.cli import main
+
+L = 96
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    model = tiny_model("sqr", True, dtype=torch.float32, seed=5)
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    return path
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_one_step_sgd_matches_an_independent_update(capsys, tmp_path, ckpt, data_dir):
+    """--one-step: rows b = bytes [bL, bL + L + 1) of the file, plain SGD, exported in the input's names/dtypes."""
+    data, out, lr, B = data_dir / "ptb.valid.txt", tmp_path / "tuned.safetensors", 0.5, 2
+    code, stdout, _ = run(capsys, "fit", "--checkpoint", ckpt, "--data", data, "--out", out, "--one-step",
+                          "--optimizer", "sgd", "--lr", lr, "--seq-len", L, "--batch-size", B, "--chunk-size", 7,
+                          "--device", "cpu", "--json")
+    assert code == 0
+    result = last_json(stdout)
+    assert {"chunk_size", "seq_len", "steps", "loss", "peak_memory_bytes", "device", "out"} <= result.keys()
+    assert (result["chunk_size"], result["seq_len"], result["steps"], result["device"]) == (7, L, 1, "cpu")
+
+    raw = torch.tensor(list(data.read_bytes()[: B * L + 1]))
+    windows = torch.stack([raw[b * L : b * L + L + 1] for b in range(B)])
+    base = load_checkpoint(ckpt)
+    ref_loss, grads = reference.loss_and_grads(base.tensors, base.config.to_dict(), windows)
+    assert abs(result["loss"] - ref_loss) < 1e-5 * ref_loss
+    tuned = load_checkpoint(out)
+    assert tuned.config == base.config
+    for name, before in base.tensors.items():
+        assert tuned.tensors[name].dtype == before.dtype
+        assert_close(tuned.tensors[name] - before, -lr * grads[name], 1e-4, name)
+
+
+def test_slim_and_full_backprop_export_the_same_weights(capsys, tmp_path, ckpt, data_dir):
+    weights = {}
+    for c in (13, L):
+        out = tmp_path / f"c{c}.safetensors"
+        code, _, _ = run(capsys, "fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--out", out,
+                         "--steps", 3, "--seq-len", L, "--chunk-size", c, "--optimizer", "adam", "--lr", 1e-3)
+        assert code == 0
+        weights[c] = load_checkpoint(out).tensors
+    for name in weights[L]:
+        assert_close(weights[13][name], weights[L][name], 1e-5, name)
+
+
+def test_auto_chunk_size_reports_plan(capsys, tmp_path, ckpt, data_dir):
+    code, stdout, _ = run(capsys, "fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--out",
+                          tmp_path / "o.safetensors", "--seq-len", 300, "--mem-budget", "4GB", "--json")
+    assert code == 0
+    result = last_json(stdout)
+    assert result["chunk_size"] == 300  # a tiny model: full backprop fits in 4 GB
+    assert result["plan"]["budget_bytes"] <= 4 * 10**9
+
+
+def test_plan_json(capsys, ckpt):
+    code, stdout, _ = run(capsys, "plan", "--checkpoint", ckpt, "--seq-len", 2048, "--mem-budget", "50%", "--json")
+    assert code == 0
+    plan = last_json(stdout)
+    assert {"chunk_size", "budget_bytes", "candidates"} <= plan.keys()
+    sizes = [c["chunk_size"] for c in plan["candidates"]]
+    assert sizes == sorted(sizes) and 2048 in sizes
+    peaks = [c["predicted_peak_bytes"] for c in plan["candidates"]]
+    assert peaks == sorted(peaks), "predicted peak must grow with C"
+
+
+def test_eval_bpc_matches_reference(capsys, tmp_path, ckpt):
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 5)
+    code, stdout, _ = run(capsys, "eval", "--checkpoint", ckpt, "--data", text, "--seq-len", 64, "--json")
+    assert code == 0
+    bpc = last_json(stdout)["bpc"]
+    raw = torch.tensor(list(text.read_bytes()))
+    base = load_checkpoint(ckpt)
+    total, count = 0.0, 0
+    for s in range(0, raw.numel() - 1, 64):
+        w = raw[s : s + 65][None]
+        loss, _ = reference.loss_and_grads(base.tensors, base.config.to_dict(), w)
+        total, count = total + loss * (w.shape[1] - 1), count + w.shape[1] - 1
+    assert abs(bpc - total / count / torch.log(torch.tensor(2.0)).item()) < 1e-5
+
+
+def test_version_and_help(capsys):
+    code, stdout, _ = run(capsys, "--version")
+    assert code == 0 and stdout.startswith("slimtune ")
+    code, stdout, _ = run(capsys, "--help")
+    assert code == 0
+    for command in ("fit", "plan", "eval", "inspect", "convert", "env", "demo"):
+        assert command in stdout
+
+
+def test_console_script_and_module_entry(tmp_path, ckpt):
+    for cmd in (["slimtune"], [sys.executable, "-m", "slimtune"]):
+        proc = subprocess.run([*cmd, "inspect", str(ckpt), "--json"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert last_json(proc.stdout)["parameters"] == sum(t.numel() for t in load_checkpoint(ckpt).tensors.values())
+
+
+BAD = {
+    "lr-word": ["--lr", "fast"],
+    "lr-negative": ["--lr", "-1"],
+    "lr-nan": ["--lr", "nan"],
+    "chunk-zero": ["--chunk-size", "0"],
+    "chunk-word": ["--chunk-size", "big"],
+    "seq-len-zero": ["--seq-len", "0"],
+    "seq-len-too-long": ["--seq-len", "100000000", "--one-step"],
+    "batch-zero": ["--batch-size", "0"],
+    "optimizer": ["--optimizer", "lion"],
+    "budget-word": ["--mem-budget", "lots"],
+    "budget-zero": ["--mem-budget", "0"],
+    "budget-tiny": ["--mem-budget", "1MB"],
+    "device": ["--device", "tpu"],
+    "recovery": ["--state-recovery", "guess"],
+}
+
+
+@pytest.mark.parametrize("extra", BAD.values(), ids=BAD.keys())
+def test_bad_flags_exit_2_with_one_line(capsys, tmp_path, ckpt, data_dir, extra):
+    out = tmp_path / "never.safetensors"
+    args = ["fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--out", out, "--seq-len", 64, *extra]
+    code, stdout, stderr = run(capsys, *args)
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert not out.exists()
+
+
+def test_bad_files_exit_2(capsys, tmp_path, ckpt, data_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    cases = {
+        "missing data": ["--data", tmp_path / "nope.txt"],
+        "empty data": ["--data", empty],
+        "data is a folder": ["--data", tmp_path],
+        "missing checkpoint": ["--checkpoint", tmp_path / "nope.safetensors"],
+        "out equals checkpoint": ["--out", ckpt],
+    }
+    for what, override in cases.items():
+        args = {"--checkpoint": ckpt, "--data": data_dir / "ptb.test.txt", "--out": tmp_path / "o.safetensors"}
+        args[override[0]] = override[1]
+        before = ckpt.read_bytes()
+        code, _, stderr = run(capsys, "fit", *[x for kv in args.items() for x in kv], "--seq-len", 32)
+        assert code == 2, what
+        assert len(stderr.strip().splitlines()) == 1, (what, stderr)
+        assert not (tmp_path / "o.safetensors").exists(), what
+        assert ckpt.read_bytes() == before, what
+
+
+def test_unavailable_cuda_is_bad_input(capsys, tmp_path, ckpt, data_dir):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, _, stderr = run(capsys, "fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--out",
+                          tmp_path / "o.safetensors", "--device", "cuda", "--seq-len", 32)
+    assert code == 2 and "CUDA" in stderr and len(stderr.strip().splitlines()) == 1
