@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from .model import PerformerConfig, PerformerLM
 
 CONTRACT_KEYS = ("vocab_size", "hidden_dim", "n_layers", "ffn_dim", "n_heads", "feature_type", "on_gptln")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+FORMATS = ("safetensors", "hf")
+HF_WEIGHTS = "model.safetensors"  # the weights file inside a --format hf folder
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LAYERNORM = {"post": True, "pre": False}
 # What each unknown setting is called on the command line, for error messages.
@@ -83,8 +87,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 def _check_readable(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory: pass the .safetensors file inside it")
+    if path.is_dir() and not (path / HF_WEIGHTS).is_file():
+        raise CheckpointError(f"checkpoint {path} is a folder without model.safetensors: pass the checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty: re-export or re-download it")
 
@@ -190,6 +194,8 @@ def load_checkpoint(
     """Read and validate any accepted checkpoint. The keyword arguments fill settings the file does not carry."""
     path = Path(path)
     _check_readable(path)
+    if path.is_dir():  # a --format hf folder
+        path = path / HF_WEIGHTS
     if layernorm is not None and layernorm not in LAYERNORM:
         raise CheckpointError(f"--layernorm must be post or pre, got {layernorm!r}")
     overrides = dict(n_heads=n_heads, feature_type=feature_type, on_gptln=None if layernorm is None else LAYERNORM[layernorm])
@@ -218,6 +224,15 @@ def build_model(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, d
     return model.to(device=device, dtype=dtype)
 
 
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """--dtype: None or 'auto' keeps each tensor's input dtype."""
+    if name in (None, "auto"):
+        return None
+    if name not in DTYPES:
+        raise CheckpointError(f"--dtype must be auto, {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
 def export_tensors(model: PerformerLM, like: Checkpoint, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's weights under the contract names, each in `dtype` or else in the input checkpoint's dtype."""
     state = model.state_dict()
@@ -232,20 +247,24 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
-def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
-    """Refuse an output that would overwrite an input; create a missing folder for it."""
+def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike, fmt: str = "safetensors") -> Path:
+    """Refuse an output that would overwrite an input or cannot be written. Nothing is created here: a missing
+    folder is made when the checkpoint is saved."""
     out = Path(out)
+    if fmt not in FORMATS:
+        raise CheckpointError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     for src in inputs:
-        if src is not None and same_file(out, src):
+        if src is not None and (same_file(out, src) or (fmt == "hf" and same_file(out / HF_WEIGHTS, src))):
             raise CheckpointError(f"output {out} is the same file as input {src}: choose another --out path")
-    if out.is_dir():
+    if fmt == "safetensors" and out.is_dir():
         raise CheckpointError(f"output {out} is a directory: give a file name such as {out / 'tuned.safetensors'}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot create folder {out.parent} for the output ({e.strerror}): choose another --out") from None
-    if not os.access(out.parent, os.W_OK):
-        raise CheckpointError(f"folder {out.parent} is not writable: choose another --out")
+    if fmt == "hf" and out.exists() and not out.is_dir():
+        raise CheckpointError(f"--format hf writes a folder, but {out} is a file: choose another --out")
+    existing = out.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise CheckpointError(f"cannot write under {existing}: choose another --out")
     return out
 
 
@@ -260,6 +279,40 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """save_file to a temporary name beside `path`, fsync, rename: never half a file at `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _write_hf_folder(folder: Path, tensors, metadata: dict[str, str], config: dict) -> None:
+    """A folder with model.safetensors and config.json, built beside `folder` and renamed into place."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        _write_safetensors(tmp / HF_WEIGHTS, tensors, metadata)
+        with open(tmp / "config.json", "w") as f:
+            json.dump({"architectures": ["SLiMPerformer"], "model_type": "slim_performer"} | config, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(folder.parent)
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     tensors: dict[str, torch.Tensor],
@@ -267,29 +320,24 @@ def save_checkpoint(
     *,
     extra_config: dict | None = None,
     provenance: dict | None = None,
+    fmt: str = "safetensors",
 ) -> Path:
-    """Write a contract checkpoint atomically: a temporary file in the destination folder, fsync, rename.
-    A crash leaves either the previous file or the new one, never half of one."""
+    """Write a contract checkpoint atomically (a temporary file in the destination folder, fsync, rename), so a
+    crash leaves the previous file or the new one, never half of one. fmt "hf" writes a folder with
+    model.safetensors and config.json instead."""
     path = Path(path)
-    metadata = {
-        "format": "pt",
-        "slimtune_config": json.dumps(config.to_dict() | (extra_config or {})),
-        "slimtune_version": __version__,
-    }
+    full_config = config.to_dict() | (extra_config or {})
+    metadata = {"format": "pt", "slimtune_config": json.dumps(full_config), "slimtune_version": __version__}
     if provenance:
         metadata["slimtune_provenance"] = json.dumps(provenance)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write {path} ({e.strerror or e}): free some space or choose another --out") from None
-        raise
-    _fsync_dir(path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "hf":
+            _write_hf_folder(path, tensors, metadata, full_config)
+        else:
+            _write_safetensors(path, tensors, metadata)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path} ({e.strerror or e}): free some space or choose another --out") from None
     return path
 
 

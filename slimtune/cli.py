@@ -50,6 +50,8 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON object as the
 NHeads = Annotated[Optional[int], typer.Option("--n-heads", min=1, help="Heads, for checkpoints without slimtune_config.", show_default=False)]
 FeatureType = Annotated[Optional[str], typer.Option("--feature-type", help="sqr, relu, elu+1, abs, favor+ or favor+_N, for checkpoints without slimtune_config.", show_default=False)]
 LayerNorm = Annotated[Optional[str], typer.Option("--layernorm", help="post or pre, for checkpoints without slimtune_config.", show_default=False)]
+ExportDtype = Annotated[str, typer.Option("--dtype", help="Dtype of the written weights: auto (each tensor's input dtype), fp32, fp16 or bf16.")]
+ExportFormat = Annotated[str, typer.Option("--format", help="safetensors (one file) or hf (a folder with model.safetensors and config.json).")]
 Recovery = Annotated[
     str,
     typer.Option(
@@ -137,6 +139,8 @@ def fit(
     seed: Annotated[int, typer.Option("--seed", help="Seed for window sampling and FAVOR+ draws.")] = 0,
     device: Device = "auto",
     recovery: Recovery = "subtract64",
+    dtype: ExportDtype = "auto",
+    export_format: ExportFormat = "safetensors",
     n_heads: NHeads = None,
     feature_type: FeatureType = None,
     layernorm: LayerNorm = None,
@@ -152,6 +156,7 @@ def fit(
     options = FitOptions(
         seq_len=seq_len, batch_size=batch_size, steps=steps, one_step=one_step, optimizer=optimizer, lr=lr,
         chunk_size=_chunk_size(chunk_size), mem_budget=mem_budget, seed=seed, device=device, recovery=recovery,
+        dtype=dtype, format=export_format,
     )
     options.validate()
     ckpt = _load(checkpoint, n_heads, feature_type, layernorm)
@@ -303,6 +308,8 @@ def inspect(
 def convert(
     src: Annotated[Path, typer.Argument(help="Any accepted checkpoint: a reference state dict (.pt/.pth/.bin) or .safetensors.", show_default=False)],
     out_path: Annotated[Path, typer.Option("--out", help="Where to write the contract .safetensors checkpoint.", show_default=False)],
+    dtype: ExportDtype = "auto",
+    export_format: ExportFormat = "safetensors",
     n_heads: NHeads = None,
     feature_type: FeatureType = None,
     layernorm: LayerNorm = None,
@@ -311,12 +318,15 @@ def convert(
 
     Example: slimtune convert ref_model.pt --out model.safetensors --n-heads 8 --feature-type sqr --layernorm post
     """
-    from .checkpoint import check_output_path, save_checkpoint
+    from .checkpoint import check_output_path, parse_dtype, save_checkpoint
 
+    cast = parse_dtype(dtype)
+    target = check_output_path(out_path, src, fmt=export_format)
     ckpt = _load(src, n_heads, feature_type, layernorm)
-    target = check_output_path(out_path, src)
-    save_checkpoint(target, ckpt.tensors, ckpt.config, extra_config=ckpt.extra_config, provenance={"converted_from": src.name})
-    out.print(f"wrote {target}: {ckpt.parameters:,} parameters, {', '.join(ckpt.dtypes)}")
+    tensors = {name: t.to(cast or t.dtype) for name, t in ckpt.tensors.items()}
+    save_checkpoint(target, tensors, ckpt.config, extra_config=ckpt.extra_config,
+                    provenance={"converted_from": src.name}, fmt=export_format)
+    out.print(f"wrote {target}: {ckpt.parameters:,} parameters, {str(cast or ', '.join(ckpt.dtypes)).removeprefix('torch.')}")
 
 
 @app.command()

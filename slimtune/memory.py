@@ -131,6 +131,15 @@ def limit_heap_retention(threshold: int = 4 * 2**20) -> bool:
         return False
 
 
+def release_free_heap() -> bool:
+    """Give the heap's free pages back to the OS (glibc malloc_trim), e.g. after the planner's probe steps, whose
+    freed activations would otherwise stay resident and be counted as runtime. False where not glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Measured peak: RSS on CPU; CUDA context + the caching allocator's peak reservation on CUDA."""
     if device.type == "cuda":

@@ -20,7 +20,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .errors import SlimtuneError
-from .memory import ALLOCATOR_MARGIN, TensorBytes, cuda_context_bytes, format_size, process_rss, resolve_budget
+from .memory import (
+    ALLOCATOR_MARGIN,
+    TensorBytes,
+    cuda_context_bytes,
+    format_size,
+    process_rss,
+    release_free_heap,
+    resolve_budget,
+)
 from .model import PerformerLM
 from .optimizers import make_optimizer
 from .slim import slim_step
@@ -167,6 +175,7 @@ def _runtime_bytes(model: PerformerLM) -> int:
     device = next(model.parameters()).device
     if device.type == "cuda":
         return cuda_context_bytes(device) + torch.cuda.memory_allocated(device)
+    release_free_heap()  # the probes' freed activations would otherwise stay resident and count as runtime
     return process_rss()
 
 

@@ -14,7 +14,16 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import Checkpoint, build_model, check_output_path, export_tensors, file_sha256, save_checkpoint
+from .checkpoint import (
+    FORMATS,
+    Checkpoint,
+    build_model,
+    check_output_path,
+    export_tensors,
+    file_sha256,
+    parse_dtype,
+    save_checkpoint,
+)
 from .data import first_windows, random_windows
 from .model import PerformerConfig, PerformerLM
 from .errors import ConfigError, SlimtuneError
@@ -37,6 +46,8 @@ class FitOptions:
     seed: int = 0  # data order and FAVOR+ draws
     device: str = "auto"  # auto, cpu or cuda
     recovery: str = "subtract64"  # how SLiM recovers chunk start states (see slim.py)
+    dtype: str = "auto"  # export dtype: auto keeps each tensor's input dtype; fp32, fp16 or bf16
+    format: str = "safetensors"  # export as one .safetensors file, or hf: a folder with config.json
 
     def validate(self) -> None:
         for name in ("seq_len", "batch_size", "steps"):
@@ -49,6 +60,9 @@ class FitOptions:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not (self.lr > 0 and self.lr < float("inf")):
             raise ConfigError(f"--lr must be a positive finite number, got {self.lr}")
+        parse_dtype(self.dtype)
+        if self.format not in FORMATS:
+            raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.recovery not in RECOVERY_MODES:
             raise ConfigError(f"--state-recovery must be one of {', '.join(RECOVERY_MODES)}, got {self.recovery!r}")
 
@@ -137,7 +151,7 @@ def fit(
     """Fine-tune `checkpoint` on the bytes `data` and export to `out`. Raises SlimtuneError on bad input,
     before anything is written."""
     options.validate()
-    out = check_output_path(out, checkpoint.path, data_path)
+    out = check_output_path(out, checkpoint.path, data_path, fmt=options.format)
     device = resolve_device(options.device)
     _check_data(data, options)
     torch.manual_seed(options.seed)
@@ -170,10 +184,11 @@ def fit(
         provenance |= {"data": Path(data_path).name, "data_sha256": file_sha256(data_path)}
     save_checkpoint(
         out,
-        export_tensors(model, checkpoint),
+        export_tensors(model, checkpoint, parse_dtype(options.dtype)),
         checkpoint.config,
         extra_config=checkpoint.extra_config | {"seq_len": options.seq_len},
         provenance=provenance,
+        fmt=options.format,
     )
     return _result(model, losses, chunk_size, options, device, out, seconds, plan)
 
@@ -189,7 +204,7 @@ def pretrain(
 ) -> FitResult:
     """Train a model from random initialisation (the server side) and write a contract checkpoint."""
     options.validate()
-    out = check_output_path(out, data_path)
+    out = check_output_path(out, data_path, fmt=options.format)
     device = resolve_device(options.device)
     _check_data(data, options)
     torch.manual_seed(options.seed)
@@ -202,6 +217,7 @@ def pretrain(
                   "chunk_size": chunk_size, "seq_len": options.seq_len, "batch_size": options.batch_size, "seed": options.seed}
     if data_path is not None:
         provenance |= {"data": Path(data_path).name, "data_sha256": file_sha256(data_path)}
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
-    save_checkpoint(out, tensors, config, extra_config={"seq_len": options.seq_len}, provenance=provenance)
+    dtype = parse_dtype(options.dtype)
+    tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
+    save_checkpoint(out, tensors, config, extra_config={"seq_len": options.seq_len}, provenance=provenance, fmt=options.format)
     return _result(model, losses, chunk_size, options, device, out, seconds, None)

@@ -163,7 +163,7 @@ EXPECT = {
     "extra.safetensors": "unexpected layers.0.attention.o_map.weight",
     "shape.safetensors": "layers.0.U_map.weight expected [32, 16] found [33, 16]",
     "nan.safetensors": "non-finite values (NaN or inf) in output_logit_map.bias",
-    "folder": "is a directory",
+    "folder": "is a folder without model.safetensors",
 }
 
 
@@ -177,3 +177,39 @@ def test_validation_failures(capsys, tmp_path, state_dict, data_dir, case):
         assert EXPECT[case] in err, err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
         assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_hf_folder_and_dtype(capsys, tmp_path, state_dict, data_dir):
+    base = tmp_path / "base.safetensors"
+    save_checkpoint(base, state_dict, tiny_model().config)
+    folder = tmp_path / "new" / "deeper" / "tuned-hf"
+    code, _, err = cli(capsys, "fit", "--checkpoint", base, "--data", data_dir / "ptb.test.txt", "--out", folder,
+                       "--format", "hf", "--dtype", "bf16", "--steps", 1, "--seq-len", 32, "--chunk-size", 8)
+    assert code == 0, err
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["hidden_dim"] == 16 and config["model_type"] == "slim_performer"
+    loaded = load_checkpoint(folder)
+    assert all(t.dtype == torch.bfloat16 for t in loaded.tensors.values())
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_bad_output_paths(capsys, tmp_path, state_dict, data_dir):
+    base = tmp_path / "base.safetensors"
+    save_checkpoint(base, state_dict, tiny_model().config)
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    for out, message in ((tmp_path, "is a directory"), (blocker / "sub.safetensors", "cannot write under")):
+        code, _, err = cli(capsys, "fit", "--checkpoint", base, "--data", data_dir / "ptb.test.txt", "--out", out,
+                           "--seq-len", 32)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = cli(capsys, "convert", base, "--out", tmp_path / "x.safetensors", "--dtype", "fp8")
+    assert code == 2 and "--dtype" in err and not (tmp_path / "x.safetensors").exists()
+
+
+def test_output_folder_not_created_on_bad_input(capsys, tmp_path, state_dict):
+    base = tmp_path / "base.safetensors"
+    save_checkpoint(base, state_dict, tiny_model().config)
+    out = tmp_path / "missing" / "tuned.safetensors"
+    code, _, _ = cli(capsys, "fit", "--checkpoint", base, "--data", tmp_path / "nope.txt", "--out", out)
+    assert code == 2 and not out.parent.exists()
