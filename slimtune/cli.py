@@ -167,6 +167,7 @@ def fit(
         result = run_fit(
             ckpt, tokens, out_path, options, data_path=data,
             on_step=lambda step, loss: bar.update(task, completed=step, info=f"loss {loss:.4f}"),
+            on_warning=lambda message: err.print(f"[yellow]warning:[/yellow] {message}"),
         )
     table = Table(title="slimtune fit", show_header=False)
     for key, value in (

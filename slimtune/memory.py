@@ -9,11 +9,16 @@ plus the caching allocator's reserved memory.
 What the prediction is made of, line by line (see `planner.predict`):
 - runtime     measured: RSS after the probe steps (Python, torch, kernels' code and caches, the weights) on CPU;
               the CUDA context plus the allocated weights on CUDA.
+- gradients   computed: one per parameter, in the parameters' dtype.
 - optimizer   measured: the optimizer's state, from one probe step with zero gradients and lr 0.
-- chunk       measured: the tensor bytes one step holds at its peak (activations, gradients, temporaries),
-              counted by `TensorBytes` at two chunk sizes and extrapolated linearly in C.
+- chunk       measured: the tensor bytes one step holds at its peak besides the gradients (activations and
+              temporaries), counted by `TensorBytes` at two chunk sizes and extrapolated linearly in C.
 - states      computed: per-layer attention states, their copies and gradients, and the token windows.
-- allocator   a 5 % margin on the chunk line for allocator rounding and fragmentation.
+- heap        calibrated: on CPU glibc's heap holds more than the tensors it serves (blocks below the mmap
+              threshold are reused but kept, and fragment): HEAP_OVERHEAD x the share of a chunk's bytes that
+              falls in heap-sized blocks at that C (the probe records every block's size; activations scale
+              with C, so at large C they move to mmap, which returns them exactly).
+- allocator   a 5 % margin on the chunk line for rounding.
 The optimizer step's own peak (gradients + state + temporaries, counted) is compared with the backward's.
 
 On Linux the CLI fixes glibc's mmap threshold at 4 MB (`limit_heap_retention`) and asks torch for huge pages
@@ -117,7 +122,15 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def limit_heap_retention(threshold: int = 4 * 2**20) -> bool:
+HEAP_THRESHOLD = 4 * 2**20  # blocks below this come from glibc's heap, at and above it from mmap
+# Resident bytes per tensor byte in heap-sized blocks at a training run's peak: glibc reuses freed blocks but
+# keeps and fragments them, more so over many chunks and steps. Calibrated, not measured per run: a single
+# probe step from a trimmed heap shows only ~1.35, while runs show about 2 (benchmarks/planner_accuracy.py
+# for d = 256, and the demo's d = 64 model, where every block is heap-sized).
+HEAP_OVERHEAD = 2.0
+
+
+def limit_heap_retention(threshold: int = HEAP_THRESHOLD) -> bool:
     """Make glibc return freed blocks of `threshold` bytes or more to the OS at once (a fixed mmap threshold),
     so that resident memory follows the large activations the job holds instead of the largest heap it ever
     had: glibc otherwise raises its threshold to 32 MB as big blocks are freed, keeps them, and the RSS of a
@@ -195,6 +208,7 @@ class TensorBytes(TorchDispatchMode):
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.sizes: list[int] = []  # every storage created, in bytes
         self._seen: dict[int, int] = {}
 
     def _free(self, key: int, nbytes: int) -> None:
@@ -211,6 +225,7 @@ class TensorBytes(TorchDispatchMode):
             if nbytes == 0 or key in self._seen:
                 continue  # a view of a storage already counted
             self._seen[key] = nbytes
+            self.sizes.append(nbytes)
             self.live += nbytes
             self.peak = max(self.peak, self.live)
             weakref.finalize(storage, self._free, key, nbytes)

@@ -22,6 +22,8 @@ import torch
 from .errors import SlimtuneError
 from .memory import (
     ALLOCATOR_MARGIN,
+    HEAP_OVERHEAD,
+    HEAP_THRESHOLD,
     TensorBytes,
     cuda_context_bytes,
     format_size,
@@ -34,16 +36,19 @@ from .optimizers import make_optimizer
 from .slim import slim_step
 
 BLOCK = 64
-PROBE_SIZES = (256, 1024)  # chunk sizes of the two probe steps
+# Chunk sizes of the two probe steps. Below ~256 tokens a step's peak is not yet linear in C (fixed-size
+# temporaries dominate), so both probes sit above that.
+PROBE_SIZES = (256, 1024)
+HEADROOM = 0.05  # share of the budget the choice leaves free
 SWEEP_SHARE = 0.35  # the forward sweep's cost relative to one chunk's forward + backward (about F / 3F)
 
 
 @dataclass
 class Probe:
-    """Measured on the real model and device: the memory peak of one chunk's step rises base + per_token * C
-    above the memory in use before it (gradients included); the optimizer holds `optimizer_state` and its step
-    peaks `optimizer_peak` above the memory in use with gradients; a chunk's step takes
-    time_base + time_per_token * C seconds."""
+    """Measured on the real model and device: one chunk's step holds base + per_token * C tensor bytes at its
+    peak besides the gradients; the optimizer holds `optimizer_state` and its step peaks at `optimizer_peak`;
+    on CPU the heap costs `heap_overhead` x the bytes it serves (sizes: the probe step's allocations at
+    `probe_tokens`); a chunk's step takes time_base + time_per_token * C seconds."""
 
     base: float
     per_token: float
@@ -51,6 +56,21 @@ class Probe:
     optimizer_peak: int
     time_base: float
     time_per_token: float
+    heap_overhead: float = 1.0
+    probe_tokens: int = 1
+    sizes: list = field(default_factory=list, repr=False)
+
+    def heap_share(self, tokens: int) -> float:
+        """Share of a step's bytes in blocks below the mmap threshold, at `tokens` per chunk (activations
+        scale linearly with the chunk)."""
+        total = sum(self.sizes)
+        scale = tokens / self.probe_tokens
+        return sum(s for s in self.sizes if s * scale < HEAP_THRESHOLD) / total if total else 0.0
+
+    def chunk_bytes(self, tokens: int) -> float:
+        """What a step at `tokens` per chunk adds to the device's memory."""
+        tensors = self.base + self.per_token * tokens
+        return tensors * (1 + (self.heap_overhead - 1) * self.heap_share(tokens))
 
 
 @dataclass
@@ -87,20 +107,37 @@ def _tracked(fn) -> int:
     return tracked.peak
 
 
-def _probe_step(model: PerformerLM, batch_size: int, length: int) -> tuple[int, float]:
-    """Tensor bytes at the peak, and wall time, of one full-backprop step of `length` tokens."""
+def _tracked(fn) -> TensorBytes:
+    """The tensor bytes fn() creates (gradients and temporaries included), counted: deterministic, so `plan`
+    and `fit` always agree, and the same on any device."""
+    with TensorBytes() as tracked:
+        fn()
+    return tracked
+
+
+def _tracked_step(model: PerformerLM, windows: torch.Tensor) -> TensorBytes:
+    """Counted bytes of a full-backprop step over `windows`, with the gradients allocated beforehand: their size
+    is known exactly, and the step's own peak is then its activations, which are linear in the chunk."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    tracked = _tracked(lambda: slim_step(model, windows, windows.shape[1] - 1))
+    model.zero_grad(set_to_none=True)
+    return tracked
+
+
+def _windows(model: PerformerLM, batch_size: int, length: int) -> torch.Tensor:
     device = next(model.parameters()).device
-    windows = torch.randint(0, model.config.vocab_size, (batch_size, length + 1), device=device)
+    return torch.randint(0, model.config.vocab_size, (batch_size, length + 1), device=device)
+
+
+def _timed_step(model: PerformerLM, windows: torch.Tensor) -> float:
     model.zero_grad(set_to_none=True)
     started = time.perf_counter()
-    slim_step(model, windows, length)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - started
+    slim_step(model, windows, windows.shape[1] - 1)
+    if windows.device.type == "cuda":
+        torch.cuda.synchronize(windows.device)
     model.zero_grad(set_to_none=True)
-    peak = _tracked(lambda: slim_step(model, windows, length))
-    model.zero_grad(set_to_none=True)
-    return peak, seconds
+    return time.perf_counter() - started
 
 
 def _probe_optimizer(model: PerformerLM, optimizer: str) -> tuple[int, int]:
@@ -110,30 +147,43 @@ def _probe_optimizer(model: PerformerLM, optimizer: str) -> tuple[int, int]:
     for p in params:
         p.grad = torch.zeros_like(p)
     opt = make_optimizer(optimizer, params, lr=0.0)
-    peak = _tracked(opt.step)
+    peak = _tracked(opt.step).peak
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
     del opt
     model.zero_grad(set_to_none=True)
     return state, max(peak, state)
 
 
-def probe(model: PerformerLM, seq_len: int, batch_size: int, optimizer: str) -> Probe:
-    c1, c2 = min(PROBE_SIZES[0], seq_len), min(PROBE_SIZES[1], seq_len)
-    _probe_step(model, batch_size, c1)  # warm-up: first use loads kernels' code and caches, which stay
-    m1, t1 = _probe_step(model, batch_size, c1)
+def probe(model: PerformerLM, seq_len: int, batch_size: int, optimizer: str, room: float | None = None) -> Probe:
+    """Measure the model on its device. `room`: bytes the probe steps may add to what the process holds; the
+    second probe is shortened (not below 2 x the first) so that its own peak stays inside it."""
+    c1 = min(PROBE_SIZES[0], seq_len)
+    # Warm-up on SLiM's own path (sweep, recovery, chained backward): first use loads kernels' code, which stays.
+    warm = _windows(model, batch_size, 3 * c1)
+    slim_step(model, warm, c1)
+    model.zero_grad(set_to_none=True)
+    w1 = _windows(model, batch_size, c1)
+    t1, m1 = _timed_step(model, w1), _tracked_step(model, w1)
+    c2 = min(PROBE_SIZES[1], seq_len)
+    while room is not None and c2 > 2 * c1 and m1.peak * c2 / c1 * HEAP_OVERHEAD > room:
+        c2 //= 2
+    w2 = _windows(model, batch_size, c2)
+    t2, m2 = (_timed_step(model, w2), _tracked_step(model, w2)) if c2 > c1 else (t1, m1)
     if c2 > c1:
-        m2, t2 = _probe_step(model, batch_size, c2)
-        per_token, time_per_token = max(0.0, (m2 - m1) / (c2 - c1)), max(0.0, (t2 - t1) / (c2 - c1))
+        per_token, time_per_token = max(0.0, (m2.peak - m1.peak) / (c2 - c1)), max(0.0, (t2 - t1) / (c2 - c1))
     else:
-        per_token, time_per_token = m1 / c1, t1 / c1
+        per_token, time_per_token = m1.peak / c1, t1 / c1
     state, opt_peak = _probe_optimizer(model, optimizer)
     return Probe(
-        base=max(0.0, m1 - per_token * c1),
+        base=max(0.0, m1.peak - per_token * c1),
         per_token=per_token,
         optimizer_state=state,
         optimizer_peak=opt_peak,
         time_base=max(0.0, t1 - time_per_token * c1),
         time_per_token=time_per_token,
+        heap_overhead=HEAP_OVERHEAD if w2.device.type == "cpu" else 1.0,
+        probe_tokens=c2,
+        sizes=m2.sizes,
     )
 
 
@@ -145,14 +195,15 @@ def _state_bytes(model: PerformerLM, seq_len: int, batch_size: int, chunk_size: 
 
 
 def predict(model, probe: Probe, runtime: int, seq_len: int, batch_size: int, chunk_size: int, recovery: str) -> dict:
-    """The predicted peak of a step with chunk size C, line by line (bytes)."""
-    chunk = probe.base + probe.per_token * min(chunk_size, seq_len)
+    """The predicted peak of a run with chunk size C, line by line (bytes)."""
+    chunk = probe.chunk_bytes(min(chunk_size, seq_len))
     states = _state_bytes(model, seq_len, batch_size, chunk_size, recovery) if chunk_size < seq_len else 0
     grads = sum(p.numel() * p.element_size() for p in model.parameters())
     # Backward of a chunk (optimizer state already there from step 2 on), or the optimizer step (gradients there).
-    training = max(probe.optimizer_state + chunk + states, grads + probe.optimizer_peak)
+    training = max(probe.optimizer_state + grads + chunk + states, grads + probe.optimizer_peak)
     lines = {
         "runtime": runtime,
+        "gradients": grads,
         "optimizer": probe.optimizer_state,
         "chunk": int(chunk),
         "states": states,
@@ -210,10 +261,12 @@ def plan_chunk_size(
     """Probe the model, predict each candidate's peak, and pick the largest C that fits the budget."""
     device = next(model.parameters()).device
     budget_bytes, available = resolve_budget(budget, device)
-    measured = probe(model, seq_len, batch_size, optimizer)
+    usable = budget_bytes * (1 - HEADROOM)  # what the prediction misses (heap fragmentation) gets the rest
+    # The probe steps stay inside the budget themselves: `fit --chunk-size auto` runs them in its own process.
+    measured = probe(model, seq_len, batch_size, optimizer, room=usable - process_rss())
     runtime = _runtime_bytes(model)  # after the probes: the kernels' code and caches they loaded stay resident
     peak = lambda c: predict(model, measured, runtime, seq_len, batch_size, c, recovery)  # noqa: E731
-    chosen = choose(lambda c: peak(c)["total"] <= budget_bytes, seq_len)
+    chosen = choose(lambda c: peak(c)["total"] <= usable, seq_len)
     sizes = sorted({2**k for k in range(int(math.log2(seq_len)) + 1)} | {seq_len} | ({chosen} if chosen else set()))
     candidates = [
         Candidate(
@@ -221,21 +274,20 @@ def plan_chunk_size(
             predicted_peak_bytes=peak(c)["total"],
             share_of_budget=peak(c)["total"] / budget_bytes,
             relative_time=relative_time(measured, seq_len, c),
-            fits=peak(c)["total"] <= budget_bytes,
+            fits=peak(c)["total"] <= usable,
         )
         for c in sizes
     ]
     if chosen is None:
         lines = peak(1)
-        grads = sum(p.numel() * p.element_size() for p in model.parameters())
         hint = (
             f"try --optimizer sgd (saves {format_size(measured.optimizer_state)}), "
             if measured.optimizer_state
             else ""
         )
         raise SlimtuneError(
-            f"budget {format_size(budget_bytes)} cannot fit even C = 1: runtime {format_size(lines['runtime'])} + "
-            f"optimizer state {format_size(lines['optimizer'])} + gradients {format_size(grads)} + chunk "
+            f"budget {format_size(budget_bytes)} (less {HEADROOM:.0%} headroom) cannot fit even C = 1: runtime {format_size(lines['runtime'])} + "
+            f"optimizer state {format_size(lines['optimizer'])} + gradients {format_size(lines['gradients'])} + chunk "
             f"{format_size(lines['chunk'])} = {format_size(lines['total'])}; {hint}bf16 weights, a smaller "
             f"--batch-size or --seq-len, or a larger --mem-budget (available: {format_size(available)})"
         )

@@ -7,7 +7,9 @@ unchanged (same names, shapes, dtypes and config), with the run's provenance in 
 
 from __future__ import annotations
 
+import gc
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -29,7 +31,7 @@ from .model import PerformerConfig, PerformerLM
 from .errors import ConfigError, SlimtuneError
 from .memory import peak_memory_bytes, resolve_device
 from .optimizers import OPTIMIZERS, make_optimizer
-from .planner import plan_chunk_size
+from .planner import chunk_sizes, plan_chunk_size
 from .slim import RECOVERY_MODES, slim_step
 
 @dataclass
@@ -87,14 +89,61 @@ class FitResult:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
 
 
-def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step) -> list[float]:
-    """The training loop: per step, a batch of windows, one FAVOR+ draw, the SLiM step, the optimizer step."""
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and ("out of memory" in str(error) or "can't allocate memory" in str(error))
+
+
+def _free_device_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _step_with_fallback(model, windows, chunk_size: int, options: FitOptions, optimizer, warn) -> tuple[float, int]:
+    """The SLiM step; on running out of memory anyway (another process took memory, fragmentation), retry the
+    same step from zeroed gradients with the next smaller C. Never returns incomplete gradients."""
+    while True:
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            return slim_step(model, windows, chunk_size, recovery=options.recovery), chunk_size
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not _is_out_of_memory(e):
+                raise
+        # Outside the except block: the traceback no longer pins the failed step's tensors.
+        optimizer.zero_grad(set_to_none=True)
+        _free_device_memory(windows.device)
+        smaller = [c for c in chunk_sizes(options.seq_len) if c < min(chunk_size, options.seq_len)]
+        if not smaller:
+            raise SlimtuneError(
+                "out of memory even at chunk size 1: free memory on the device, or use a smaller --batch-size, "
+                "--seq-len or model"
+            )
+        warn(f"out of memory at chunk size {chunk_size}; retrying this step with chunk size {smaller[-1]}")
+        chunk_size = smaller[-1]
+
+
+def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn) -> tuple[list[float], int]:
+    """The training loop: per step, a batch of windows, one FAVOR+ draw, the SLiM step, the optimizer step.
+    Returns the losses and the chunk size in use at the end (smaller than asked after an out-of-memory retry)."""
     generator = torch.Generator().manual_seed(options.seed)
     device = next(model.parameters()).device
     optimizer = make_optimizer(
         options.optimizer, model.parameters(), options.lr, 0.0 if options.one_step else options.weight_decay
     )
     steps = 1 if options.one_step else options.steps
+    warned = set()
+
+    def warn_once(message: str) -> None:
+        if not warned:
+            warn(message)
+        warned.add(message)
+
     losses = []
     for step in range(steps):
         if options.one_step:
@@ -102,13 +151,12 @@ def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step) -> li
         else:
             windows = random_windows(data, options.batch_size, options.seq_len, generator)
         model.redraw_features(generator)  # FAVOR+: one draw per step, shared by all its chunks
-        optimizer.zero_grad(set_to_none=True)
-        loss = slim_step(model, windows.to(device), chunk_size, recovery=options.recovery)
+        loss, chunk_size = _step_with_fallback(model, windows.to(device), chunk_size, options, optimizer, warn_once)
         optimizer.step()
         losses.append(loss)
         if on_step:
             on_step(step + 1, loss)
-    return losses
+    return losses, chunk_size
 
 
 def _check_data(data: torch.Tensor, options: FitOptions) -> None:
@@ -147,6 +195,7 @@ def fit(
     *,
     data_path: str | Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Fine-tune `checkpoint` on the bytes `data` and export to `out`. Raises SlimtuneError on bad input,
     before anything is written."""
@@ -164,7 +213,7 @@ def fit(
         chunk_size = plan.chunk_size
 
     started = time.perf_counter()
-    losses = _run_steps(model, data, options, chunk_size, on_step)
+    losses, chunk_size = _run_steps(model, data, options, chunk_size, on_step, on_warning or _warn)
     seconds = time.perf_counter() - started
 
     provenance = {
@@ -201,6 +250,7 @@ def pretrain(
     *,
     data_path: str | Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Train a model from random initialisation (the server side) and write a contract checkpoint."""
     options.validate()
@@ -211,7 +261,7 @@ def pretrain(
     model = PerformerLM(config).to(device)
     chunk_size = options.chunk_size or options.seq_len
     started = time.perf_counter()
-    losses = _run_steps(model, data, options, chunk_size, on_step)
+    losses, chunk_size = _run_steps(model, data, options, chunk_size, on_step, on_warning or _warn)
     seconds = time.perf_counter() - started
     provenance = {"pretrained": True, "steps": len(losses), "optimizer": options.optimizer, "lr": options.lr,
                   "chunk_size": chunk_size, "seq_len": options.seq_len, "batch_size": options.batch_size, "seed": options.seed}

@@ -1,0 +1,148 @@
+"""Budgets, the planner's rounding rule and prediction, device mapping (NVML mocked), and the out-of-memory
+fallback (injected)."""
+
+import sys
+import types
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from helpers import assert_close, tiny_model
+from slimtune import devices, train
+from slimtune.checkpoint import load_checkpoint, save_checkpoint
+from slimtune.errors import ConfigError, SlimtuneError
+from slimtune.memory import parse_size, resolve_budget
+from slimtune.planner import HEADROOM, chunk_sizes, choose, plan_chunk_size, predict, probe
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2GB", 2 * 10**9), ("1.5GiB", int(1.5 * 2**30)), ("512MB", 512 * 10**6), ("900000000", 900000000),
+    ("64 MiB", 64 * 2**20), ("3kb", 3000), (" 1e9 ", 10**9), (4096, 4096),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GB", "-2GB", "0", "0.1", "2 gigabytes", "nan", "inf", "1..5GB", "2XB", "1e999"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ConfigError, match="size"):
+        parse_size(text)
+
+
+@given(st.text(max_size=20))
+def test_parse_size_fuzz_never_crashes(text):
+    try:
+        assert parse_size(text) >= 1
+    except ConfigError:
+        pass
+
+
+@given(st.integers(min_value=1, max_value=10**15))
+def test_parse_size_integers_round_trip(n):
+    assert parse_size(str(n)) == n
+
+
+def test_budget_percent_and_cap():
+    cpu = torch.device("cpu")
+    budget, available = resolve_budget("50%", cpu)
+    assert abs(budget - available / 2) <= available * 0.02  # available drifts a little between the two reads
+    capped, available = resolve_budget(10**18, cpu)
+    assert capped <= available * 1.02
+    for bad in ("0%", "150%", "x%"):
+        with pytest.raises(ConfigError):
+            resolve_budget(bad, cpu)
+
+
+def test_chunk_sizes_rule():
+    sizes = chunk_sizes(16384)
+    assert sizes[:9] == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    for c in sizes[8:]:
+        assert c % 64 == 0 and bin(c).rstrip("0").count("1") + bin(c).rstrip("0").count("0") - 1 <= 3
+    assert max(sizes) < 16384 and 14336 in sizes
+
+
+def test_choose_picks_largest_that_fits():
+    assert choose(lambda c: c <= 5000, 4096) == 4096  # full backprop fits
+    assert choose(lambda c: c <= 5000, 16384) == 4096
+    assert choose(lambda c: c <= 5200, 16384) == 5120
+    assert choose(lambda c: c <= 40, 16384) == 32
+    assert choose(lambda c: False, 16384) is None
+
+
+def tight_probe(model):
+    return probe(model, 4096, 1, "adam")
+
+
+def test_prediction_grows_and_the_choice_fits():
+    model = tiny_model("sqr", True, dtype=torch.float32, hidden_dim=64, ffn_dim=256, n_heads=4)
+    loose = plan_chunk_size(model, 4096, 1, "adam", "95%")
+    peaks = [c.predicted_peak_bytes for c in loose.candidates]
+    assert peaks == sorted(peaks)
+    by_size = {c.chunk_size: c.predicted_peak_bytes for c in loose.candidates}
+    tight = plan_chunk_size(model, 4096, 1, "adam", (by_size[512] + by_size[1024]) // 2)
+    usable = tight.budget_bytes * (1 - HEADROOM)
+    assert 64 <= tight.chunk_size < 4096
+    assert tight.predicted_peak_bytes <= usable
+    larger = [c for c in chunk_sizes(4096) + [4096] if c > tight.chunk_size][0]
+    assert predict(model, tight_probe(model), tight.breakdown["runtime"], 4096, 1, larger, "subtract64")["total"] > usable * 0.98
+    with pytest.raises(SlimtuneError, match="cannot fit even C = 1.*--optimizer sgd"):
+        plan_chunk_size(model, 4096, 1, "adam", 10**6)
+
+
+def test_gpus_are_matched_by_uuid_and_mig_uses_its_own_memory(monkeypatch):
+    """CUDA index 0 is NVML card 2 (CUDA_VISIBLE_DEVICES=2,...); CUDA index 1 is a MIG slice NVML does not list."""
+    cards = {"GPU-aaaa": ("A100", 80e9, 70e9), "GPU-bbbb": ("A100", 80e9, 60e9), "GPU-cccc": ("H100", 80e9, 50e9)}
+    order = list(cards)
+
+    class Mem:
+        def __init__(self, total, free):
+            self.total, self.free = total, free
+
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlDeviceGetCount=lambda: len(order),
+        nvmlDeviceGetHandleByIndex=lambda i: order[i],
+        nvmlDeviceGetName=lambda h: cards[h][0].encode(),
+        nvmlDeviceGetUUID=lambda h: h,
+        nvmlDeviceGetMemoryInfo=lambda h: Mem(cards[h][1], cards[h][2]),
+    )
+    props = [types.SimpleNamespace(name="NVIDIA H100", uuid="cccc"),
+             types.SimpleNamespace(name="NVIDIA A100 MIG 1g.10gb", uuid="MIG-dddd")]
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (4e9, 10e9))
+    gpus, note = devices.detect_gpus()
+    assert note is None
+    assert (gpus[0].index, gpus[0].name, gpus[0].free_bytes, gpus[0].mig) == (0, "H100", 50e9, False)
+    assert (gpus[1].index, gpus[1].total_bytes, gpus[1].free_bytes, gpus[1].mig) == (1, 10e9, 4e9, True)
+
+
+def test_out_of_memory_retries_the_step_with_a_smaller_chunk(monkeypatch, tmp_path, data_dir):
+    model = tiny_model("sqr", True, dtype=torch.float32)
+    base = tmp_path / "base.safetensors"
+    save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    real_step = train.slim_step
+    calls = []
+
+    def flaky(model, windows, chunk_size, mask=None, **kw):
+        calls.append(chunk_size)
+        if chunk_size > 100:
+            real_step(model, windows, 7, **kw)  # leave partial gradients behind, as a real failure would
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(model, windows, chunk_size, mask, **kw)
+
+    monkeypatch.setattr(train, "slim_step", flaky)
+    warnings = []
+    data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:20000]), dtype=torch.uint8)
+    options = train.FitOptions(seq_len=300, steps=3, chunk_size=300, optimizer="sgd", lr=0.1, device="cpu")
+    result = train.fit(load_checkpoint(base), data, tmp_path / "a.safetensors", options, on_warning=warnings.append)
+    assert result.chunk_size == 64 and calls[:4] == [300, 256, 128, 64] and len(warnings) == 1
+    monkeypatch.setattr(train, "slim_step", real_step)
+    options.chunk_size = 300
+    plain = train.fit(load_checkpoint(base), data, tmp_path / "b.safetensors", options)
+    for name, t in load_checkpoint(tmp_path / "b.safetensors").tensors.items():
+        assert_close(load_checkpoint(tmp_path / "a.safetensors").tensors[name], t, 1e-5, name)
+    assert plain.losses == pytest.approx(result.losses, rel=1e-5)
