@@ -221,7 +221,7 @@ def plan(
     for col in ("C", "predicted peak", "share of budget", "relative step time", ""):
         table.add_column(col, justify="right")
     for c in result.candidates:
-        mark = "<- chosen" if c.chunk_size == result.chunk_size else ("" if c.fits else "over budget")
+        mark = "<- chosen" if c.chunk_size == result.chunk_size else ("" if c.fits else "does not fit")
         label = f"{c.chunk_size}" + (" (full backprop)" if c.chunk_size >= seq_len else "")
         table.add_row(label, _size(c.predicted_peak_bytes), f"{100 * c.share_of_budget:.0f}%", f"{c.relative_time:.2f}x", mark)
     fixed = Table(title="predicted peak at the chosen C", show_header=False)

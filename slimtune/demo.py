@@ -94,7 +94,7 @@ def run_demo(workdir: str | Path, say: Callable[[str], None] = print, *, pretrai
                             mem_budget=budget, device="cpu"), data_path=document)
     for c in result.plan["candidates"]:
         if c["chunk_size"] >= 128:
-            mark = "<- chosen" if c["chunk_size"] == result.chunk_size else ("" if c["fits"] else "over budget")
+            mark = "<- chosen" if c["chunk_size"] == result.chunk_size else ("" if c["fits"] else "does not fit")
             say(f"      C {c['chunk_size']:>5}  predicted peak {c['predicted_peak_bytes'] / 1e6:7.1f} MB  "
                 f"time x{c['relative_time']:.2f}  {mark}")
     after = evaluate(result.model, read_bytes(held_out), seq_len=seq_len).bpc
