@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
-exec .venv/bin/python -m pytest -q "$@"
+. .venv/bin/activate
+exec python -m pytest -q "$@"

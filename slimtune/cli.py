@@ -234,6 +234,97 @@ def plan(
         _emit_json(result.to_json())
 
 
+@app.command()
+def pretrain(
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the new .safetensors checkpoint.", show_default=False)],
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="A recipe name (see `slimtune recipes`) or .toml path; flags override it.", show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Training text (not needed for the copy task).", show_default=False)] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="text, or copy: the paper's synthetic copying task.", show_default=False)] = None,
+    hidden_dim: Annotated[Optional[int], typer.Option("--hidden-dim", min=4, help="d (a multiple of 4 and of --n-heads).", show_default=False)] = None,
+    n_layers: Annotated[Optional[int], typer.Option("--n-layers", min=1, help="Layers.", show_default=False)] = None,
+    ffn_dim: Annotated[Optional[int], typer.Option("--ffn-dim", min=1, help="Feed-forward width (default 4d).", show_default=False)] = None,
+    n_heads: NHeads = None,
+    feature_type: FeatureType = None,
+    layernorm: LayerNorm = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", min=1, help="L (default 256).", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Windows per step (default 8).", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimizer steps (default 500).", show_default=False)] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd, adam (default) or adamw.", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default 0.002).", show_default=False)] = None,
+    chunk_size: Annotated[Optional[str], typer.Option("--chunk-size", help="full (ordinary backprop, default), auto (largest that fits --mem-budget) or N.", show_default=False)] = None,
+    mem_budget: Budget = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation, data order and FAVOR+ draws.")] = 0,
+    device: Device = "auto",
+    as_json: Json = False,
+):
+    """Train a Performer from scratch (the server side) and write a contract checkpoint.
+
+    Examples: slimtune pretrain --recipe small --data ../shared/data/tinyshakespeare.txt --out small.safetensors
+              slimtune pretrain --recipe copy --out copy.safetensors
+    """
+    from .data import read_bytes
+    from .model import PerformerConfig
+    from .recipes import load_recipe
+    from .train import FitOptions, pretrain as run_pretrain
+
+    base = load_recipe(recipe) if recipe else None
+    model = base.model.to_dict() if base else {"vocab_size": 256, "hidden_dim": 128, "n_layers": 2, "n_heads": 2,
+                                                 "feature_type": "sqr", "on_gptln": True}
+    for key, value in (("hidden_dim", hidden_dim), ("n_layers", n_layers), ("ffn_dim", ffn_dim), ("n_heads", n_heads),
+                       ("feature_type", feature_type)):
+        if value is not None:
+            model[key] = value
+    if layernorm is not None:
+        if layernorm not in ("post", "pre"):
+            raise SlimtuneError(f"--layernorm must be post or pre, got {layernorm!r}")
+        model["on_gptln"] = layernorm == "post"
+    if ffn_dim is None and (base is None or hidden_dim is not None):
+        model["ffn_dim"] = 4 * model["hidden_dim"]
+    config = PerformerConfig.from_dict(model)
+    settings = {"task": "text", "seq_len": 256, "batch_size": 8, "steps": 500, "optimizer": "adam", "lr": 2e-3,
+                "chunk_size": "full"} | (base.train if base else {})
+    for key, value in (("task", task), ("seq_len", seq_len), ("batch_size", batch_size), ("steps", steps),
+                       ("optimizer", optimizer), ("lr", lr), ("chunk_size", chunk_size)):
+        if value is not None:
+            settings[key] = value
+    chunk = str(settings.pop("chunk_size"))
+    options = FitOptions(**settings, chunk_size=settings["seq_len"] if chunk == "full" else _chunk_size(chunk),
+                         mem_budget=mem_budget, seed=seed, device=device)
+    options.validate()
+    tokens = read_bytes(data, min_length=2) if data is not None else None
+    with _progress(options.steps, "pretrain") as bar:
+        task_id = bar.add_task("pretrain", total=options.steps, info="")
+        result = run_pretrain(
+            config, tokens, out_path, options, data_path=data,
+            on_step=lambda step, loss: bar.update(task_id, completed=step, info=f"loss {loss:.4f}"),
+            on_warning=lambda message: err.print(f"[yellow]warning:[/yellow] {message}"),
+        )
+    summary = f"{result.steps} steps, loss {result.loss:.4f} -> {result.final_loss:.4f}, C = {result.chunk_size}, " \
+              f"{result.seconds:.1f} s -> {result.out}"
+    for key, value in result.metrics.items():
+        summary += f"; {key} {value:.4f}"
+    (err if as_json else out).print(summary)
+    if as_json:
+        _emit_json(result.to_json())
+
+
+@app.command()
+def recipes(as_json: Json = False):
+    """List the recipes (the SLiM paper's configurations and a small one), each with the command that runs it."""
+    from .recipes import list_recipes
+
+    found = list_recipes()
+    table = Table("recipe", "model", "L", "description")
+    for r in found:
+        m = r.model
+        table.add_row(r.path.stem, f"d {m.hidden_dim}, {m.n_layers} layers, {m.n_heads} heads, {m.feature_type}",
+                      str(r.train.get("seq_len", "-")), r.description)
+    (err if as_json else out).print(table)
+    if as_json:
+        _emit_json([{"name": r.path.stem, "path": str(r.path), "description": r.description,
+                     "model": r.model.to_dict(), "train": r.train} for r in found])
+
+
 @app.command(name="eval")
 def evaluate(
     checkpoint: Checkpoint,

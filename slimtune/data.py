@@ -48,3 +48,23 @@ def random_windows(data: torch.Tensor, batch_size: int, seq_len: int, generator:
         raise DataError(f"data has {data.numel()} bytes, fewer than seq len + 1 = {seq_len + 1}: lower --seq-len")
     offsets = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=generator)
     return torch.stack([data[o : o + seq_len + 1].to(torch.int64) for o in offsets.tolist()])
+
+
+COPY_SEPARATOR = 0  # token between the symbols and their copy; symbols are 1..n_symbols
+
+
+def copy_windows(
+    batch_size: int, seq_len: int, n_symbols: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's copying task: windows [B, L + 1] of n random symbols, a separator, then the same n symbols
+    (n = L // 2), and the loss mask [B, L] that keeps only the predictions of the copy."""
+    if seq_len < 2 or not 1 <= n_symbols <= 255:
+        raise DataError(f"copy task needs seq len >= 2 and 1..255 symbols, got {seq_len} and {n_symbols}")
+    n = seq_len // 2
+    symbols = torch.randint(1, n_symbols + 1, (batch_size, n), generator=generator)
+    separator = torch.full((batch_size, 1), COPY_SEPARATOR, dtype=torch.int64)
+    windows = torch.cat([symbols, separator, symbols], dim=1)
+    windows = torch.nn.functional.pad(windows, (0, seq_len + 1 - windows.shape[1]))  # odd L: one trailing pad
+    mask = torch.zeros(batch_size, seq_len)
+    mask[:, n : 2 * n] = 1.0  # position t predicts byte t + 1: the copy is bytes n + 1 .. 2n
+    return windows, mask

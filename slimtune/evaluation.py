@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .data import copy_windows
 from .errors import ConfigError
 from .model import PerformerLM
 
@@ -70,3 +71,17 @@ def evaluate(
         count += tail.shape[1] - 1
     loss = total / count
     return EvalResult(bpc=loss / math.log(2), loss=loss, predicted_bytes=count, seq_len=seq_len, chunk_size=chunk_size)
+
+
+@torch.no_grad()
+def copy_accuracy(model: PerformerLM, seq_len: int, n_symbols: int, generator: torch.Generator, batches: int = 4) -> float:
+    """Share of the copy's symbols predicted exactly (argmax), over `batches` batches of 8 fresh sequences."""
+    device = next(model.parameters()).device
+    hits = total = 0.0
+    for _ in range(batches):
+        windows, mask = copy_windows(8, seq_len, n_symbols, generator)
+        windows, mask = windows.to(device), mask.to(device)
+        predicted = model(windows[:, :-1]).argmax(-1)
+        hits += ((predicted == windows[:, 1:]).float() * mask).sum().item()
+        total += mask.sum().item()
+    return hits / total

@@ -18,7 +18,6 @@ What the prediction is made of, line by line (see `planner.predict`):
               threshold are reused but kept, and fragment): HEAP_OVERHEAD x the share of a chunk's bytes that
               falls in heap-sized blocks at that C (the probe records every block's size; activations scale
               with C, so at large C they move to mmap, which returns them exactly).
-- allocator   a 5 % margin on the chunk line for rounding.
 The optimizer step's own peak (gradients + state + temporaries, counted) is compared with the backward's.
 
 On Linux the CLI fixes glibc's mmap threshold at 4 MB (`limit_heap_retention`) and asks torch for huge pages
@@ -48,7 +47,6 @@ _UNITS = {
     "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
 }
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
-ALLOCATOR_MARGIN = 0.05  # safety over the measured chunk line, see benchmarks/planner.py
 SAFETY_MARGIN = 0.10  # with no --mem-budget, leave this share of the free memory alone
 
 

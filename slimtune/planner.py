@@ -21,7 +21,6 @@ import torch
 
 from .errors import SlimtuneError
 from .memory import (
-    ALLOCATOR_MARGIN,
     HEAP_OVERHEAD,
     HEAP_THRESHOLD,
     TensorBytes,
@@ -207,9 +206,8 @@ def predict(model, probe: Probe, runtime: int, seq_len: int, batch_size: int, ch
         "optimizer": probe.optimizer_state,
         "chunk": int(chunk),
         "states": states,
-        "allocator": int(ALLOCATOR_MARGIN * chunk),
     }
-    lines["total"] = int(runtime + training + lines["allocator"])
+    lines["total"] = int(runtime + training)
     return lines
 
 
@@ -288,7 +286,7 @@ def plan_chunk_size(
         raise SlimtuneError(
             f"budget {format_size(budget_bytes)} (less {HEADROOM:.0%} headroom) cannot fit even C = 1: runtime {format_size(lines['runtime'])} + "
             f"optimizer state {format_size(lines['optimizer'])} + gradients {format_size(lines['gradients'])} + chunk "
-            f"{format_size(lines['chunk'])} = {format_size(lines['total'])}; {hint}bf16 weights, a smaller "
+            f"{format_size(lines['chunk'])} = {format_size(lines['total'])}; {hint}a smaller "
             f"--batch-size or --seq-len, or a larger --mem-budget (available: {format_size(available)})"
         )
     lines = peak(chosen)

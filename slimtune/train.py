@@ -26,7 +26,8 @@ from .checkpoint import (
     parse_dtype,
     save_checkpoint,
 )
-from .data import first_windows, random_windows
+from .data import copy_windows, first_windows, random_windows
+from .evaluation import copy_accuracy
 from .model import PerformerConfig, PerformerLM
 from .errors import ConfigError, SlimtuneError
 from .memory import peak_memory_bytes, resolve_device
@@ -48,6 +49,8 @@ class FitOptions:
     seed: int = 0  # data order and FAVOR+ draws
     device: str = "auto"  # auto, cpu or cuda
     recovery: str = "subtract64"  # how SLiM recovers chunk start states (see slim.py)
+    task: str = "text"  # text: windows of the data file; copy: the synthetic copying task (pretrain only)
+    copy_symbols: int = 16  # copy task: size of the symbol alphabet
     dtype: str = "auto"  # export dtype: auto keeps each tensor's input dtype; fp32, fp16 or bf16
     format: str = "safetensors"  # export as one .safetensors file, or hf: a folder with config.json
 
@@ -63,6 +66,8 @@ class FitOptions:
         if not (self.lr > 0 and self.lr < float("inf")):
             raise ConfigError(f"--lr must be a positive finite number, got {self.lr}")
         parse_dtype(self.dtype)
+        if self.task not in ("text", "copy"):
+            raise ConfigError(f"task must be text or copy, got {self.task!r}")
         if self.format not in FORMATS:
             raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.recovery not in RECOVERY_MODES:
@@ -83,6 +88,7 @@ class FitResult:
     out: str
     seconds: float
     plan: dict | None = None  # the planner's choice when chunk size was auto
+    metrics: dict = field(default_factory=dict)  # task metrics, e.g. copy_accuracy
     model: PerformerLM | None = field(default=None, repr=False, compare=False)  # the trained model, in memory
 
     def to_json(self) -> dict:
@@ -105,13 +111,13 @@ def _free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _step_with_fallback(model, windows, chunk_size: int, options: FitOptions, optimizer, warn) -> tuple[float, int]:
+def _step_with_fallback(model, windows, mask, chunk_size: int, options: FitOptions, optimizer, warn) -> tuple[float, int]:
     """The SLiM step; on running out of memory anyway (another process took memory, fragmentation), retry the
     same step from zeroed gradients with the next smaller C. Never returns incomplete gradients."""
     while True:
         optimizer.zero_grad(set_to_none=True)
         try:
-            return slim_step(model, windows, chunk_size, recovery=options.recovery), chunk_size
+            return slim_step(model, windows, chunk_size, mask, recovery=options.recovery), chunk_size
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _is_out_of_memory(e):
                 raise
@@ -126,6 +132,15 @@ def _step_with_fallback(model, windows, chunk_size: int, options: FitOptions, op
             )
         warn(f"out of memory at chunk size {chunk_size}; retrying this step with chunk size {smaller[-1]}")
         chunk_size = smaller[-1]
+
+
+def _batch(data, options: FitOptions, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step's windows [B, L + 1] and loss mask [B, L] (None: every position counts)."""
+    if options.task == "copy":
+        return copy_windows(options.batch_size, options.seq_len, options.copy_symbols, generator)
+    if options.one_step:
+        return first_windows(data, options.batch_size, options.seq_len), None
+    return random_windows(data, options.batch_size, options.seq_len, generator), None
 
 
 def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn) -> tuple[list[float], int]:
@@ -146,12 +161,10 @@ def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn)
 
     losses = []
     for step in range(steps):
-        if options.one_step:
-            windows = first_windows(data, options.batch_size, options.seq_len)
-        else:
-            windows = random_windows(data, options.batch_size, options.seq_len, generator)
+        windows, mask = _batch(data, options, generator)
         model.redraw_features(generator)  # FAVOR+: one draw per step, shared by all its chunks
-        loss, chunk_size = _step_with_fallback(model, windows.to(device), chunk_size, options, optimizer, warn_once)
+        mask = None if mask is None else mask.to(device)
+        loss, chunk_size = _step_with_fallback(model, windows.to(device), mask, chunk_size, options, optimizer, warn_once)
         optimizer.step()
         losses.append(loss)
         if on_step:
@@ -159,8 +172,12 @@ def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn)
     return losses, chunk_size
 
 
-def _check_data(data: torch.Tensor, options: FitOptions) -> None:
+def _check_data(data: torch.Tensor | None, options: FitOptions) -> None:
     """Fail on data too short for the windows before any work starts."""
+    if options.task == "copy":
+        return
+    if data is None:
+        raise SlimtuneError("--data is required for a text task: pass a text file")
     if options.one_step:
         first_windows(data, options.batch_size, options.seq_len)
     elif data.numel() < options.seq_len + 1:
@@ -259,15 +276,26 @@ def pretrain(
     _check_data(data, options)
     torch.manual_seed(options.seed)
     model = PerformerLM(config).to(device)
-    chunk_size = options.chunk_size or options.seq_len
+    plan = None
+    chunk_size = options.chunk_size
+    if chunk_size is None:
+        plan = plan_chunk_size(model, options.seq_len, options.batch_size, options.optimizer, options.mem_budget, recovery=options.recovery)
+        chunk_size = plan.chunk_size
     started = time.perf_counter()
     losses, chunk_size = _run_steps(model, data, options, chunk_size, on_step, on_warning or _warn)
     seconds = time.perf_counter() - started
-    provenance = {"pretrained": True, "steps": len(losses), "optimizer": options.optimizer, "lr": options.lr,
-                  "chunk_size": chunk_size, "seq_len": options.seq_len, "batch_size": options.batch_size, "seed": options.seed}
+    metrics = {}
+    if options.task == "copy":
+        generator = torch.Generator().manual_seed(options.seed + 1)  # held-out sequences, not the training ones
+        metrics["copy_accuracy"] = copy_accuracy(model, options.seq_len, options.copy_symbols, generator)
+    provenance = {"pretrained": True, "task": options.task, "steps": len(losses), "optimizer": options.optimizer,
+                  "lr": options.lr, "chunk_size": chunk_size, "seq_len": options.seq_len,
+                  "batch_size": options.batch_size, "seed": options.seed, **metrics}
     if data_path is not None:
         provenance |= {"data": Path(data_path).name, "data_sha256": file_sha256(data_path)}
     dtype = parse_dtype(options.dtype)
     tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
     save_checkpoint(out, tensors, config, extra_config={"seq_len": options.seq_len}, provenance=provenance, fmt=options.format)
-    return _result(model, losses, chunk_size, options, device, out, seconds, None)
+    result = _result(model, losses, chunk_size, options, device, out, seconds, plan)
+    result.metrics = metrics
+    return result

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,7 +115,8 @@ def test_version_and_help(capsys):
 
 
 def test_console_script_and_module_entry(tmp_path, ckpt):
-    for cmd in (["slimtune"], [sys.executable, "-m", "slimtune"]):
+    script = Path(sys.executable).parent / "slimtune"  # the console script installed beside this interpreter
+    for cmd in ([str(script)], [sys.executable, "-m", "slimtune"]):
         proc = subprocess.run([*cmd, "inspect", str(ckpt), "--json"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert last_json(proc.stdout)["parameters"] == sum(t.numel() for t in load_checkpoint(ckpt).tensors.values())
