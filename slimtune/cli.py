@@ -331,6 +331,12 @@ def evaluate(
     data: DataFile,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", min=1, help="Bytes per sequence (default: the checkpoint's seq_len, else 1024).", show_default=False)] = None,
     max_bytes: Annotated[Optional[int], typer.Option("--max-bytes", min=2, help="Evaluate only the first N bytes.", show_default=False)] = None,
+    adapt: Annotated[Optional[str], typer.Option("--adapt", help="one-step: the paper's on-device protocol (bpc of each window's second half before and after one SGD step on its first half).", show_default=False)] = None,
+    windows: Annotated[int, typer.Option("--windows", min=1, help="--adapt: windows sampled from the data (seeded).")] = 8,
+    lr: Annotated[float, typer.Option("--lr", help="--adapt: learning rate of the SGD step.")] = 0.01,
+    chunk_size: Annotated[str, typer.Option("--chunk-size", help="--adapt: C of the SLiM step, 'auto' (largest that fits --mem-budget) or N.")] = "auto",
+    mem_budget: Budget = None,
+    seed: Annotated[int, typer.Option("--seed", help="--adapt: seed for the windows.")] = 0,
     device: Device = "auto",
     n_heads: NHeads = None,
     feature_type: FeatureType = None,
@@ -339,24 +345,79 @@ def evaluate(
 ):
     """Bits per character of a checkpoint on a text file (chunk by chunk: memory does not grow with --seq-len).
 
-    Example: slimtune eval --checkpoint tuned.safetensors --data valid.txt
+    Examples: slimtune eval --checkpoint tuned.safetensors --data valid.txt
+              slimtune eval --checkpoint model.safetensors --data doc.txt --adapt one-step --seq-len 2048
     """
     import torch
 
     from .checkpoint import build_model
     from .data import read_bytes
-    from .evaluation import evaluate as run_eval
+    from .evaluation import adapt_one_step, evaluate as run_eval
     from .memory import resolve_device
+    from .planner import plan_chunk_size
 
+    if adapt not in (None, "one-step"):
+        raise SlimtuneError(f"--adapt must be one-step, got {adapt!r}")
+    if not (lr > 0 and lr < float("inf")):
+        raise SlimtuneError(f"--lr must be a positive finite number, got {lr}")
+    C = _chunk_size(chunk_size)
     ckpt = _load(checkpoint, n_heads, feature_type, layernorm)
     tokens = read_bytes(data, min_length=2)
     model = build_model(ckpt, device=resolve_device(device))
+    ckpt.release()
     model.redraw_features(torch.Generator().manual_seed(0))  # FAVOR+: a fixed draw, so eval is repeatable
     L = seq_len or int(ckpt.extra_config.get("seq_len", 1024))
-    result = run_eval(model, tokens, seq_len=L, max_bytes=max_bytes)
-    (err if as_json else out).print(f"bpc {result.bpc:.4f} over {result.predicted_bytes} bytes (seq len {L})")
+    console = err if as_json else out
+    if adapt is None:
+        result = run_eval(model, tokens, seq_len=L, max_bytes=max_bytes)
+        console.print(f"bpc {result.bpc:.4f} over {result.predicted_bytes} bytes (seq len {L})")
+    else:
+        if C is None:
+            C = plan_chunk_size(model, max(1, L // 2), 1, "sgd", mem_budget).chunk_size
+        with _progress(windows, "adapt") as bar:
+            task = bar.add_task("adapt", total=windows, info=f"C {C}")
+            result = adapt_one_step(model, tokens, seq_len=L, windows=windows, lr=lr, chunk_size=C, seed=seed,
+                                    on_progress=lambda done, total: bar.update(task, completed=done))
+        console.print(f"one-step adaptation over {windows} windows of {L} bytes, SGD lr {lr}, C = {C}: second-half bpc "
+                      f"{result.bpc_before:.4f} -> {result.bpc_after:.4f} ({result.difference:+.4f})")
     if as_json:
         _emit_json(result.to_json())
+
+
+@app.command()
+def generate(
+    checkpoint: Checkpoint,
+    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")] = "The ",
+    n_bytes: Annotated[int, typer.Option("--bytes", min=0, help="How many bytes to sample.")] = 200,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Sample among the k likeliest bytes.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    device: Device = "auto",
+    n_heads: NHeads = None,
+    feature_type: FeatureType = None,
+    layernorm: LayerNorm = None,
+    as_json: Json = False,
+):
+    """Sample a continuation of a prompt in recurrent mode (constant memory per new byte).
+
+    Example: slimtune generate --checkpoint tuned.safetensors --prompt "Day 12: wind" --bytes 300
+    """
+    import torch
+
+    from .checkpoint import build_model
+    from .generation import generate as run_generate
+    from .memory import resolve_device
+
+    ckpt = _load(checkpoint, n_heads, feature_type, layernorm)
+    model = build_model(ckpt, device=resolve_device(device))
+    ckpt.release()
+    generator = torch.Generator().manual_seed(seed)
+    model.redraw_features(generator)
+    text = run_generate(model, prompt.encode(), n_bytes, temperature=temperature, top_k=top_k, generator=generator)
+    if as_json:
+        _emit_json({"prompt": prompt, "text": text.decode("utf-8", errors="replace"), "bytes": len(text)})
+    else:
+        sys.stdout.write(prompt + text.decode("utf-8", errors="replace") + "\n")
 
 
 @app.command()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from .data import copy_windows
 from .errors import ConfigError
 from .model import PerformerLM
+from .slim import slim_step
 
 
 @dataclass
@@ -85,3 +86,74 @@ def copy_accuracy(model: PerformerLM, seq_len: int, n_symbols: int, generator: t
         hits += ((predicted == windows[:, 1:]).float() * mask).sum().item()
         total += mask.sum().item()
     return hits / total
+
+
+@dataclass
+class AdaptResult:
+    bpc_before: float  # mean bpc of the windows' second halves with the checkpoint's weights
+    bpc_after: float  # the same after one SGD step on each window's first half
+    difference: float  # after - before (negative: the step helped)
+    windows: int
+    seq_len: int
+    chunk_size: int
+    lr: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _half_bpc(model: PerformerLM, window: torch.Tensor, half: int, chunk_size: int) -> float:
+    """bpc of the predictions at positions half..L-1 of window [1, L + 1], read with the whole prefix."""
+    inputs, targets = window[:, :-1], window[:, 1:]
+    states = model.initial_states(1, dtype=torch.float64)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, inputs.shape[1], chunk_size):
+            logits, states = model.forward_chunk(inputs[:, s : s + chunk_size], s, states)
+            keep = torch.arange(s, s + logits.shape[1], device=window.device) >= half
+            ce = F.cross_entropy(logits[0].float(), targets[0, s : s + chunk_size], reduction="none")
+            nll += ce[keep].sum().item()
+            count += int(keep.sum())
+    return nll / count / math.log(2)
+
+
+def adapt_one_step(
+    model: PerformerLM,
+    data: torch.Tensor,
+    *,
+    seq_len: int,
+    windows: int = 8,
+    lr: float = 0.01,
+    chunk_size: int,
+    seed: int = 0,
+    on_progress=None,
+) -> AdaptResult:
+    """The paper's on-device protocol: for `windows` windows of seq_len + 1 bytes at seeded random offsets, the
+    bpc of the second half before and after one plain-SGD step on the first half's loss (computed with SLiM at
+    `chunk_size`), each window starting again from the original weights."""
+    if seq_len < 4 or data.numel() < seq_len + 1:
+        raise ConfigError(f"--adapt one-step needs seq len >= 4 and at least seq len + 1 = {seq_len + 1} bytes of data")
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    original = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    half = seq_len // 2
+    offsets = torch.randint(0, data.numel() - seq_len, (windows,), generator=generator).tolist()
+    before, after = [], []
+    for i, offset in enumerate(offsets):
+        window = data[offset : offset + seq_len + 1].long()[None].to(device)
+        model.load_state_dict(original)
+        model.redraw_features(generator)
+        before.append(_half_bpc(model, window, half, chunk_size))
+        model.zero_grad(set_to_none=True)
+        slim_step(model, window[:, : half + 1], chunk_size)  # the first half: its predictions only
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= lr * p.grad
+        model.zero_grad(set_to_none=True)
+        after.append(_half_bpc(model, window, half, chunk_size))
+        if on_progress:
+            on_progress(i + 1, windows)
+    model.load_state_dict(original)
+    b, a = sum(before) / len(before), sum(after) / len(after)
+    return AdaptResult(bpc_before=b, bpc_after=a, difference=a - b, windows=windows, seq_len=seq_len,
+                       chunk_size=chunk_size, lr=lr)
