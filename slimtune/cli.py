@@ -88,6 +88,13 @@ def _progress(total: int, what: str, *, transient: bool = False) -> Progress:
     )
 
 
+def _step_info(m: dict) -> str:
+    info = f"loss {m['loss']:.4f}"
+    if "bpc" in m:
+        info += f"  bpc {m['bpc']:.3f}"
+    return info + f"  {m['tokens_per_s']:,.0f} tok/s  C {m['chunk_size']}  peak {_size(m['peak_memory_bytes'])}"
+
+
 def _emit_json(obj: dict) -> None:
     print(json.dumps(obj, default=str))
 
@@ -138,6 +145,15 @@ def fit(
     lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 1e-3,
     seed: Annotated[int, typer.Option("--seed", help="Seed for window sampling and FAVOR+ draws.")] = 0,
     device: Device = "auto",
+    schedule: Annotated[str, typer.Option("--schedule", help="Learning rate: constant, or cosine decay after the warmup.")] = "constant",
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Steps of linear learning-rate warmup.")] = 0,
+    clip_grad: Annotated[Optional[float], typer.Option("--clip-grad", help="Clip the gradients' global norm (opt-in).", show_default=False)] = None,
+    accumulate: Annotated[int, typer.Option("--accumulate", min=1, help="Batches whose gradients make one optimizer step.")] = 1,
+    eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="Held-out text scored in bits per character.", show_default=False)] = None,
+    eval_every: Annotated[int, typer.Option("--eval-every", min=0, help="With --eval-data: every N steps (0: at the end).")] = 0,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder for metrics.jsonl and resumable state (default: OUT.run).", show_default=False)] = None,
+    save_every: Annotated[int, typer.Option("--save-every", min=0, help="Save resumable state every N steps (and on Ctrl-C).")] = 100,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in the run folder.")] = False,
     recovery: Recovery = "subtract64",
     dtype: ExportDtype = "auto",
     export_format: ExportFormat = "safetensors",
@@ -156,19 +172,27 @@ def fit(
     options = FitOptions(
         seq_len=seq_len, batch_size=batch_size, steps=steps, one_step=one_step, optimizer=optimizer, lr=lr,
         chunk_size=_chunk_size(chunk_size), mem_budget=mem_budget, seed=seed, device=device, recovery=recovery,
-        dtype=dtype, format=export_format,
+        dtype=dtype, format=export_format, schedule=schedule, warmup=warmup, clip_grad=clip_grad,
+        accumulate=accumulate, eval_every=eval_every, save_every=save_every, resume=resume,
+        run_dir=str(run_dir or Path(f"{out_path}.run")),
     )
     options.validate()
     ckpt = _load(checkpoint, n_heads, feature_type, layernorm)
     tokens = read_bytes(data, min_length=2)
+    held_out = read_bytes(eval_data, min_length=2, what="--eval-data") if eval_data else None
     total = 1 if one_step else steps
     with _progress(total, "fit") as bar:
         task = bar.add_task("fit", total=total, info="")
-        result = run_fit(
-            ckpt, tokens, out_path, options, data_path=data,
-            on_step=lambda step, loss: bar.update(task, completed=step, info=f"loss {loss:.4f}"),
-            on_warning=lambda message: err.print(f"[yellow]warning:[/yellow] {message}"),
-        )
+        try:
+            result = run_fit(
+                ckpt, tokens, out_path, options, data_path=data, eval_data=held_out,
+                on_step=lambda step, m: bar.update(task, completed=step, info=_step_info(m)),
+                on_warning=lambda message: err.print(f"[yellow]warning:[/yellow] {message}"),
+            )
+        except KeyboardInterrupt:
+            print(f"slimtune: interrupted; the run state is in {options.run_dir}: add --resume to the same command "
+                  "to continue", file=sys.stderr)
+            raise typer.Exit(130) from None
     table = Table(title="slimtune fit", show_header=False)
     for key, value in (
         ("device", result.device),
@@ -179,6 +203,8 @@ def fit(
         ("measured peak", _size(result.peak_memory_bytes)),
         ("steps", str(result.steps)),
         ("loss first -> last", f"{result.loss:.4f} -> {result.final_loss:.4f} nats/byte"),
+        ("held-out bpc", f"{result.metrics['bpc']:.4f}" if "bpc" in result.metrics else "-"),
+        ("run folder", options.run_dir),
         ("time", f"{result.seconds:.2f} s"),
         ("written", result.out),
     ):
@@ -296,7 +322,7 @@ def pretrain(
         task_id = bar.add_task("pretrain", total=options.steps, info="")
         result = run_pretrain(
             config, tokens, out_path, options, data_path=data,
-            on_step=lambda step, loss: bar.update(task_id, completed=step, info=f"loss {loss:.4f}"),
+            on_step=lambda step, m: bar.update(task_id, completed=step, info=_step_info(m)),
             on_warning=lambda message: err.print(f"[yellow]warning:[/yellow] {message}"),
         )
     summary = f"{result.steps} steps, loss {result.loss:.4f} -> {result.final_loss:.4f}, C = {result.chunk_size}, " \

@@ -8,6 +8,7 @@ unchanged (same names, shapes, dtypes and config), with the run's provenance in 
 from __future__ import annotations
 
 import gc
+import math
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -27,12 +28,13 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import copy_windows, first_windows, random_windows
-from .evaluation import copy_accuracy
+from .evaluation import copy_accuracy, evaluate
 from .model import PerformerConfig, PerformerLM
 from .errors import ConfigError, SlimtuneError
 from .memory import peak_memory_bytes, resolve_device
 from .optimizers import OPTIMIZERS, make_optimizer
 from .planner import chunk_sizes, plan_chunk_size
+from .runs import RunFolder
 from .slim import RECOVERY_MODES, slim_step
 
 @dataclass
@@ -49,6 +51,15 @@ class FitOptions:
     seed: int = 0  # data order and FAVOR+ draws
     device: str = "auto"  # auto, cpu or cuda
     recovery: str = "subtract64"  # how SLiM recovers chunk start states (see slim.py)
+    schedule: str = "constant"  # learning rate: constant, or cosine decay to 0 after the warmup
+    warmup: int = 0  # steps of linear warmup
+    clip_grad: float | None = None  # clip the gradients' global norm to this (opt-in; never with one_step)
+    accumulate: int = 1  # batches whose gradients are summed into one optimizer step
+    eval_every: int = 0  # with eval data: bpc every N steps (0: only at the end)
+    eval_bytes: int = 100_000  # bytes of the eval data each evaluation reads
+    run_dir: str | None = None  # metrics.jsonl and resumable state; None: no run folder
+    save_every: int = 100  # resumable state every N steps (and on interrupt), with a run folder
+    resume: bool = False  # continue the run saved in run_dir
     task: str = "text"  # text: windows of the data file; copy: the synthetic copying task (pretrain only)
     copy_symbols: int = 16  # copy task: size of the symbol alphabet
     dtype: str = "auto"  # export dtype: auto keeps each tensor's input dtype; fp32, fp16 or bf16
@@ -66,6 +77,17 @@ class FitOptions:
         if not (self.lr > 0 and self.lr < float("inf")):
             raise ConfigError(f"--lr must be a positive finite number, got {self.lr}")
         parse_dtype(self.dtype)
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"--schedule must be constant or cosine, got {self.schedule!r}")
+        for name in ("warmup", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.accumulate < 1:
+            raise ConfigError(f"--accumulate must be >= 1, got {self.accumulate}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ConfigError(f"--clip-grad must be a positive number, got {self.clip_grad}")
+        if self.resume and not self.run_dir:
+            raise ConfigError("--resume needs the run folder of the run to continue: pass --run-dir")
         if self.task not in ("text", "copy"):
             raise ConfigError(f"task must be text or copy, got {self.task!r}")
         if self.format not in FORMATS:
@@ -111,19 +133,29 @@ def _free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _step_with_fallback(model, windows, mask, chunk_size: int, options: FitOptions, optimizer, warn) -> tuple[float, int]:
-    """The SLiM step; on running out of memory anyway (another process took memory, fragmentation), retry the
-    same step from zeroed gradients with the next smaller C. Never returns incomplete gradients."""
+def _gradients(model, batches, chunk_size: int, options: FitOptions, optimizer, warn) -> tuple[float, int]:
+    """Fill .grad with the mean gradient over `batches` (SLiM steps), and return the mean loss. On running out of
+    memory anyway (another process took memory, fragmentation), redo the whole step from zeroed gradients with
+    the next smaller C, so that no step is ever taken on incomplete gradients."""
+    device = next(model.parameters()).device
     while True:
         optimizer.zero_grad(set_to_none=True)
         try:
-            return slim_step(model, windows, chunk_size, mask, recovery=options.recovery), chunk_size
+            total = 0.0
+            for windows, mask in batches:
+                mask = None if mask is None else mask.to(device)
+                total += slim_step(model, windows.to(device), chunk_size, mask, recovery=options.recovery)
+            if len(batches) > 1:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad /= len(batches)
+            return total / len(batches), chunk_size
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _is_out_of_memory(e):
                 raise
         # Outside the except block: the traceback no longer pins the failed step's tensors.
         optimizer.zero_grad(set_to_none=True)
-        _free_device_memory(windows.device)
+        _free_device_memory(device)
         smaller = [c for c in chunk_sizes(options.seq_len) if c < min(chunk_size, options.seq_len)]
         if not smaller:
             raise SlimtuneError(
@@ -135,7 +167,7 @@ def _step_with_fallback(model, windows, mask, chunk_size: int, options: FitOptio
 
 
 def _batch(data, options: FitOptions, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One step's windows [B, L + 1] and loss mask [B, L] (None: every position counts)."""
+    """One batch's windows [B, L + 1] and loss mask [B, L] (None: every position counts)."""
     if options.task == "copy":
         return copy_windows(options.batch_size, options.seq_len, options.copy_symbols, generator)
     if options.one_step:
@@ -143,15 +175,47 @@ def _batch(data, options: FitOptions, generator) -> tuple[torch.Tensor, torch.Te
     return random_windows(data, options.batch_size, options.seq_len, generator), None
 
 
-def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn) -> tuple[list[float], int]:
-    """The training loop: per step, a batch of windows, one FAVOR+ draw, the SLiM step, the optimizer step.
-    Returns the losses and the chunk size in use at the end (smaller than asked after an out-of-memory retry)."""
+def _lr_factor(options: FitOptions, steps: int):
+    def factor(step: int) -> float:
+        if step < options.warmup:
+            return (step + 1) / options.warmup
+        if options.schedule == "cosine":
+            progress = (step - options.warmup) / max(1, steps - options.warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn, eval_data=None) -> tuple[list[float], int, dict]:
+    """The training loop: per step, `accumulate` batches of windows, one FAVOR+ draw, the SLiM steps, optional
+    clipping, the optimizer and schedule steps; metrics and resumable state in the run folder.
+    Returns the losses, the chunk size in use at the end (smaller than asked after an out-of-memory retry), and
+    the last step's metrics."""
     generator = torch.Generator().manual_seed(options.seed)
     device = next(model.parameters()).device
     optimizer = make_optimizer(
         options.optimizer, model.parameters(), options.lr, 0.0 if options.one_step else options.weight_decay
     )
     steps = 1 if options.one_step else options.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(options, steps))
+    run = RunFolder(options.run_dir) if options.run_dir else None
+    settings = {f.name: getattr(options, f.name) for f in fields(options)}
+    losses, first = [], 0
+    if options.resume:
+        saved = run.load(settings)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        first, chunk_size, losses = saved["step"], saved["chunk_size"], list(saved["losses"])
+
+    def save(step: int) -> None:
+        run.save({"step": step, "chunk_size": chunk_size, "losses": losses, "settings": settings,
+                  "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                  "generator": generator.get_state(), "torch_rng": torch.get_rng_state()})
+
     warned = set()
 
     def warn_once(message: str) -> None:
@@ -159,17 +223,37 @@ def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn)
             warn(message)
         warned.add(message)
 
-    losses = []
-    for step in range(steps):
-        windows, mask = _batch(data, options, generator)
-        model.redraw_features(generator)  # FAVOR+: one draw per step, shared by all its chunks
-        mask = None if mask is None else mask.to(device)
-        loss, chunk_size = _step_with_fallback(model, windows.to(device), mask, chunk_size, options, optimizer, warn_once)
-        optimizer.step()
-        losses.append(loss)
-        if on_step:
-            on_step(step + 1, loss)
-    return losses, chunk_size
+    metrics = {}
+    try:
+        for step in range(first, steps):
+            started = time.perf_counter()
+            batches = [_batch(data, options, generator) for _ in range(options.accumulate)]
+            model.redraw_features(generator)  # FAVOR+: one draw per step, shared by all its chunks
+            loss, chunk_size = _gradients(model, batches, chunk_size, options, optimizer, warn_once)
+            if options.clip_grad and not options.one_step:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss)
+            metrics = {"step": step + 1, "loss": loss, "lr": lr, "chunk_size": chunk_size,
+                       "tokens_per_s": options.accumulate * options.batch_size * options.seq_len / (time.perf_counter() - started),
+                       "peak_memory_bytes": peak_memory_bytes(device)}
+            if eval_data is not None and ((options.eval_every and (step + 1) % options.eval_every == 0) or step + 1 == steps):
+                metrics["bpc"] = evaluate(model, eval_data, seq_len=options.seq_len, max_bytes=options.eval_bytes).bpc
+            if run:
+                run.log(metrics)
+                if options.save_every and (step + 1) % options.save_every == 0 and step + 1 < steps:
+                    save(step + 1)
+            if on_step:
+                on_step(step + 1, metrics)
+    except KeyboardInterrupt:
+        if run:
+            save(len(losses))
+        raise
+    if run:
+        save(steps)
+    return losses, chunk_size, metrics
 
 
 def _check_data(data: torch.Tensor | None, options: FitOptions) -> None:
@@ -211,11 +295,13 @@ def fit(
     options: FitOptions,
     *,
     data_path: str | Path | None = None,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    eval_data: torch.Tensor | None = None,
 ) -> FitResult:
-    """Fine-tune `checkpoint` on the bytes `data` and export to `out`. Raises SlimtuneError on bad input,
-    before anything is written."""
+    """Fine-tune `checkpoint` on the bytes `data` and export to `out`; `eval_data`, if given, is scored in bpc
+    (every options.eval_every steps and at the end). Raises SlimtuneError on bad input, before anything is
+    written. `on_step(step, metrics)` sees each step's loss, lr, C, tokens/s, peak memory (and bpc)."""
     options.validate()
     out = check_output_path(out, checkpoint.path, data_path, fmt=options.format)
     device = resolve_device(options.device)
@@ -230,7 +316,7 @@ def fit(
         chunk_size = plan.chunk_size
 
     started = time.perf_counter()
-    losses, chunk_size = _run_steps(model, data, options, chunk_size, on_step, on_warning or _warn)
+    losses, chunk_size, last = _run_steps(model, data, options, chunk_size, on_step, on_warning or _warn, eval_data)
     seconds = time.perf_counter() - started
 
     provenance = {
@@ -256,7 +342,9 @@ def fit(
         provenance=provenance,
         fmt=options.format,
     )
-    return _result(model, losses, chunk_size, options, device, out, seconds, plan)
+    result = _result(model, losses, chunk_size, options, device, out, seconds, plan)
+    result.metrics = {k: v for k, v in last.items() if k == "bpc"}
+    return result
 
 
 def pretrain(
@@ -266,7 +354,7 @@ def pretrain(
     options: FitOptions,
     *,
     data_path: str | Path | None = None,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Train a model from random initialisation (the server side) and write a contract checkpoint."""
@@ -282,7 +370,7 @@ def pretrain(
         plan = plan_chunk_size(model, options.seq_len, options.batch_size, options.optimizer, options.mem_budget, recovery=options.recovery)
         chunk_size = plan.chunk_size
     started = time.perf_counter()
-    losses, chunk_size = _run_steps(model, data, options, chunk_size, on_step, on_warning or _warn)
+    losses, chunk_size, _ = _run_steps(model, data, options, chunk_size, on_step, on_warning or _warn)
     seconds = time.perf_counter() - started
     metrics = {}
     if options.task == "copy":

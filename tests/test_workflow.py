@@ -70,3 +70,50 @@ def test_sixty_steps_lower_validation_bpc_by_one(capsys, tmp_path, data_dir):
                      "--max-bytes", "100000", "--json"]) == 0
         bpc[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bpc"]
     assert bpc["before"] - bpc["after"] >= 1.0, bpc
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, data_dir):
+    from slimtune.checkpoint import load_checkpoint, save_checkpoint
+    from slimtune.train import FitOptions, fit
+
+    model = tiny_model("favor+", True, dtype=torch.float32)
+    base = tmp_path / "base.safetensors"
+    save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:100000]), dtype=torch.uint8)
+
+    def options(run_dir, resume=False):
+        return FitOptions(seq_len=64, batch_size=2, steps=6, chunk_size=16, optimizer="adam", lr=3e-3, device="cpu",
+                          schedule="cosine", warmup=2, accumulate=2, clip_grad=1.0, run_dir=str(run_dir),
+                          save_every=1, resume=resume)
+
+    def stop_at_3(step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "resumed.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        fit(load_checkpoint(base), data, out, options(tmp_path / "run"), on_step=stop_at_3)
+    assert not out.exists()
+    resumed = fit(load_checkpoint(base), data, out, options(tmp_path / "run", resume=True))
+    whole = fit(load_checkpoint(base), data, tmp_path / "whole.safetensors", options(tmp_path / "run2"))
+    assert resumed.losses == whole.losses and len(whole.losses) == 6
+    for name, t in load_checkpoint(tmp_path / "whole.safetensors").tensors.items():
+        assert torch.equal(load_checkpoint(out).tensors[name], t), name
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [__import__("json").loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_changed_settings(tmp_path, data_dir):
+    from slimtune.checkpoint import load_checkpoint, save_checkpoint
+    from slimtune.errors import SlimtuneError
+    from slimtune.train import FitOptions, fit
+
+    model = tiny_model("sqr", True, dtype=torch.float32)
+    base = tmp_path / "base.safetensors"
+    save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:20000]), dtype=torch.uint8)
+    fit(load_checkpoint(base), data, tmp_path / "a.safetensors",
+        FitOptions(seq_len=32, steps=2, chunk_size=8, device="cpu", run_dir=str(tmp_path / "run")))
+    with pytest.raises(SlimtuneError, match="lr"):
+        fit(load_checkpoint(base), data, tmp_path / "b.safetensors",
+            FitOptions(seq_len=32, steps=2, chunk_size=8, lr=0.5, device="cpu", run_dir=str(tmp_path / "run"), resume=True))
