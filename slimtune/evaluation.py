@@ -28,15 +28,17 @@ class EvalResult:
 
 
 @torch.no_grad()
-def sequence_nll(model: PerformerLM, windows: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Summed next-byte negative log-likelihood (nats) of windows [B, L + 1], run C tokens at a time."""
+def position_nll(model: PerformerLM, windows: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Next-byte negative log-likelihood (nats) at each position [B, L] of windows [B, L + 1], run C tokens at a
+    time with carried states."""
     inputs, targets = windows[:, :-1], windows[:, 1:]
     states = model.initial_states(inputs.shape[0], dtype=torch.float64)
-    total = torch.zeros((), dtype=torch.float64, device=windows.device)
+    parts = []
     for s in range(0, inputs.shape[1], chunk_size):
         logits, states = model.forward_chunk(inputs[:, s : s + chunk_size], s, states)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), targets[:, s : s + chunk_size].flatten(), reduction="sum")
-    return total
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets[:, s : s + chunk_size].flatten(), reduction="none")
+        parts.append(ce.view(inputs.shape[0], -1).double())
+    return torch.cat(parts, dim=1)
 
 
 def evaluate(
@@ -62,13 +64,13 @@ def evaluate(
     full = [s for s in starts if s + seq_len + 1 <= n]
     for i in range(0, len(full), batch_size):
         batch = torch.stack([data[s : s + seq_len + 1].long() for s in full[i : i + batch_size]]).to(device)
-        total += sequence_nll(model, batch, chunk_size).item()
+        total += position_nll(model, batch, chunk_size).sum().item()
         count += batch.shape[0] * seq_len
         if on_progress:
             on_progress(count, n - 1)
     if len(full) < len(starts):  # the tail
         tail = data[starts[-1] : n].long()[None].to(device)
-        total += sequence_nll(model, tail, chunk_size).item()
+        total += position_nll(model, tail, chunk_size).sum().item()
         count += tail.shape[1] - 1
     loss = total / count
     return EvalResult(bpc=loss / math.log(2), loss=loss, predicted_bytes=count, seq_len=seq_len, chunk_size=chunk_size)
@@ -104,17 +106,7 @@ class AdaptResult:
 
 def _half_bpc(model: PerformerLM, window: torch.Tensor, half: int, chunk_size: int) -> float:
     """bpc of the predictions at positions half..L-1 of window [1, L + 1], read with the whole prefix."""
-    inputs, targets = window[:, :-1], window[:, 1:]
-    states = model.initial_states(1, dtype=torch.float64)
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for s in range(0, inputs.shape[1], chunk_size):
-            logits, states = model.forward_chunk(inputs[:, s : s + chunk_size], s, states)
-            keep = torch.arange(s, s + logits.shape[1], device=window.device) >= half
-            ce = F.cross_entropy(logits[0].float(), targets[0, s : s + chunk_size], reduction="none")
-            nll += ce[keep].sum().item()
-            count += int(keep.sum())
-    return nll / count / math.log(2)
+    return position_nll(model, window, chunk_size)[:, half:].mean().item() / math.log(2)
 
 
 def adapt_one_step(

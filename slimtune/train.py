@@ -270,7 +270,18 @@ def _check_data(data: torch.Tensor | None, options: FitOptions) -> None:
         )
 
 
-def _result(model, losses, chunk_size, options, device, out, seconds, plan) -> FitResult:
+def _train(model, data, out, options: FitOptions, on_step, on_warning, eval_data=None) -> FitResult:
+    """Pick C with the planner when it is auto, run the steps, and report them (the export is the caller's)."""
+    plan = None
+    chunk_size = options.chunk_size
+    if chunk_size is None:
+        plan = plan_chunk_size(
+            model, options.seq_len, options.batch_size, options.optimizer, options.mem_budget, recovery=options.recovery
+        )
+        chunk_size = plan.chunk_size
+    started = time.perf_counter()
+    losses, chunk_size, last = _run_steps(model, data, options, chunk_size, on_step, on_warning or _warn, eval_data)
+    device = next(model.parameters()).device
     return FitResult(
         chunk_size=chunk_size,
         seq_len=options.seq_len,
@@ -282,10 +293,33 @@ def _result(model, losses, chunk_size, options, device, out, seconds, plan) -> F
         peak_memory_bytes=peak_memory_bytes(device),
         device=str(device),
         out=str(out),
-        seconds=seconds,
+        seconds=time.perf_counter() - started,
         plan=None if plan is None else plan.to_json(),
+        metrics={k: v for k, v in last.items() if k == "bpc"},
         model=model,
     )
+
+
+def _provenance(result: FitResult, options: FitOptions, data_path) -> dict:
+    """What was run, for the exported checkpoint's metadata."""
+    provenance = {
+        "task": options.task,
+        "steps": result.steps,
+        "one_step": options.one_step,
+        "optimizer": options.optimizer,
+        "lr": options.lr,
+        "schedule": options.schedule,
+        "chunk_size": result.chunk_size,
+        "seq_len": options.seq_len,
+        "batch_size": options.batch_size,
+        "accumulate": options.accumulate,
+        "seed": options.seed,
+        "state_recovery": options.recovery,
+        **result.metrics,
+    }
+    if data_path is not None:
+        provenance |= {"data": Path(data_path).name, "data_sha256": file_sha256(data_path)}
+    return provenance
 
 
 def fit(
@@ -309,41 +343,16 @@ def fit(
     torch.manual_seed(options.seed)
     model = build_model(checkpoint, device=device)
     checkpoint.release()  # the model holds the weights now; keep one copy in memory, not two
-    plan = None
-    chunk_size = options.chunk_size
-    if chunk_size is None:
-        plan = plan_chunk_size(model, options.seq_len, options.batch_size, options.optimizer, options.mem_budget, recovery=options.recovery)
-        chunk_size = plan.chunk_size
-
-    started = time.perf_counter()
-    losses, chunk_size, last = _run_steps(model, data, options, chunk_size, on_step, on_warning or _warn, eval_data)
-    seconds = time.perf_counter() - started
-
-    provenance = {
-        "base_checkpoint": checkpoint.path.name,
-        "base_sha256": file_sha256(checkpoint.path),
-        "steps": len(losses),
-        "one_step": options.one_step,
-        "optimizer": options.optimizer,
-        "lr": options.lr,
-        "chunk_size": chunk_size,
-        "seq_len": options.seq_len,
-        "batch_size": options.batch_size,
-        "seed": options.seed,
-        "state_recovery": options.recovery,
-    }
-    if data_path is not None:
-        provenance |= {"data": Path(data_path).name, "data_sha256": file_sha256(data_path)}
+    result = _train(model, data, out, options, on_step, on_warning, eval_data)
+    provenance = {"base_checkpoint": checkpoint.path.name, "base_sha256": file_sha256(checkpoint.path)}
     save_checkpoint(
         out,
         export_tensors(model, checkpoint, parse_dtype(options.dtype)),
         checkpoint.config,
         extra_config=checkpoint.extra_config | {"seq_len": options.seq_len},
-        provenance=provenance,
+        provenance=provenance | _provenance(result, options, data_path),
         fmt=options.format,
     )
-    result = _result(model, losses, chunk_size, options, device, out, seconds, plan)
-    result.metrics = {k: v for k, v in last.items() if k == "bpc"}
     return result
 
 
@@ -364,26 +373,12 @@ def pretrain(
     _check_data(data, options)
     torch.manual_seed(options.seed)
     model = PerformerLM(config).to(device)
-    plan = None
-    chunk_size = options.chunk_size
-    if chunk_size is None:
-        plan = plan_chunk_size(model, options.seq_len, options.batch_size, options.optimizer, options.mem_budget, recovery=options.recovery)
-        chunk_size = plan.chunk_size
-    started = time.perf_counter()
-    losses, chunk_size, _ = _run_steps(model, data, options, chunk_size, on_step, on_warning or _warn)
-    seconds = time.perf_counter() - started
-    metrics = {}
+    result = _train(model, data, out, options, on_step, on_warning)
     if options.task == "copy":
         generator = torch.Generator().manual_seed(options.seed + 1)  # held-out sequences, not the training ones
-        metrics["copy_accuracy"] = copy_accuracy(model, options.seq_len, options.copy_symbols, generator)
-    provenance = {"pretrained": True, "task": options.task, "steps": len(losses), "optimizer": options.optimizer,
-                  "lr": options.lr, "chunk_size": chunk_size, "seq_len": options.seq_len,
-                  "batch_size": options.batch_size, "seed": options.seed, **metrics}
-    if data_path is not None:
-        provenance |= {"data": Path(data_path).name, "data_sha256": file_sha256(data_path)}
+        result.metrics["copy_accuracy"] = copy_accuracy(model, options.seq_len, options.copy_symbols, generator)
     dtype = parse_dtype(options.dtype)
     tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
-    save_checkpoint(out, tensors, config, extra_config={"seq_len": options.seq_len}, provenance=provenance, fmt=options.format)
-    result = _result(model, losses, chunk_size, options, device, out, seconds, plan)
-    result.metrics = metrics
+    save_checkpoint(out, tensors, config, extra_config={"seq_len": options.seq_len},
+                    provenance={"pretrained": True} | _provenance(result, options, data_path), fmt=options.format)
     return result
