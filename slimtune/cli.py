@@ -150,7 +150,8 @@ def fit(
     clip_grad: Annotated[Optional[float], typer.Option("--clip-grad", help="Clip the gradients' global norm (opt-in).", show_default=False)] = None,
     accumulate: Annotated[int, typer.Option("--accumulate", min=1, help="Batches whose gradients make one optimizer step.")] = 1,
     eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="Held-out text scored in bits per character.", show_default=False)] = None,
-    eval_every: Annotated[int, typer.Option("--eval-every", min=0, help="With --eval-data: every N steps (0: at the end).")] = 0,
+    eval_fraction: Annotated[Optional[float], typer.Option("--eval-fraction", help="Hold out the last share of --data (e.g. 0.05) for evaluation instead of --eval-data.", show_default=False)] = None,
+    eval_every: Annotated[int, typer.Option("--eval-every", min=0, help="With held-out data: bpc every N steps (0: at the end).")] = 0,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder for metrics.jsonl and resumable state (default: OUT.run).", show_default=False)] = None,
     save_every: Annotated[int, typer.Option("--save-every", min=0, help="Save resumable state every N steps (and on Ctrl-C).")] = 100,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in the run folder.")] = False,
@@ -166,7 +167,7 @@ def fit(
 
     Example: slimtune fit --checkpoint model.safetensors --data my.txt --mem-budget 2GB --out tuned.safetensors
     """
-    from .data import read_bytes
+    from .data import read_bytes, split_held_out
     from .train import FitOptions, fit as run_fit
 
     options = FitOptions(
@@ -180,6 +181,10 @@ def fit(
     ckpt = _load(checkpoint, n_heads, feature_type, layernorm)
     tokens = read_bytes(data, min_length=2)
     held_out = read_bytes(eval_data, min_length=2, what="--eval-data") if eval_data else None
+    if eval_fraction is not None:
+        if held_out is not None:
+            raise SlimtuneError("give either --eval-data or --eval-fraction, not both")
+        tokens, held_out = split_held_out(tokens, eval_fraction)
     total = 1 if one_step else steps
     with _progress(total, "fit") as bar:
         task = bar.add_task("fit", total=total, info="")

@@ -68,3 +68,13 @@ def copy_windows(
     mask = torch.zeros(batch_size, seq_len)
     mask[:, n : 2 * n] = 1.0  # position t predicts byte t + 1: the copy is bytes n + 1 .. 2n
     return windows, mask
+
+
+def split_held_out(data: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training bytes, held-out bytes): the last `fraction` of the file is held out for evaluation."""
+    if not 0 < fraction < 1:
+        raise DataError(f"--eval-fraction must lie strictly between 0 and 1, got {fraction}")
+    cut = int(data.numel() * (1 - fraction))
+    if cut < 2 or data.numel() - cut < 2:
+        raise DataError(f"--eval-fraction {fraction} leaves too little data on one side of {data.numel()} bytes")
+    return data[:cut], data[cut:]

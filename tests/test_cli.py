@@ -178,3 +178,18 @@ def test_unavailable_cuda_is_bad_input(capsys, tmp_path, ckpt, data_dir):
     code, _, stderr = run(capsys, "fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--out",
                           tmp_path / "o.safetensors", "--device", "cuda", "--seq-len", 32)
     assert code == 2 and "CUDA" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_held_out_fraction_reports_bpc(capsys, tmp_path, ckpt, data_dir):
+    out = tmp_path / "o.safetensors"
+    code, stdout, stderr = run(capsys, "fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--out", out,
+                               "--steps", 2, "--seq-len", 32, "--chunk-size", 8, "--eval-fraction", 0.1, "--json")
+    assert code == 0, stderr
+    result = last_json(stdout)
+    assert 0 < result["metrics"]["bpc"] < 9
+    lines = (tmp_path / "o.safetensors.run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "bpc" in json.loads(lines[-1])
+    for bad in ("0", "1.5"):
+        code, _, stderr = run(capsys, "fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--out",
+                              tmp_path / "x.safetensors", "--eval-fraction", bad)
+        assert code == 2 and "--eval-fraction" in stderr and not (tmp_path / "x.safetensors").exists()
