@@ -64,9 +64,9 @@ def chunk_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tenso
     return (ce * weights.flatten().to(ce.dtype)).sum()
 
 
-def _recompute(model: PerformerLM, ids, start, states, *, recover: bool):
+def _recompute(model: PerformerLM, ids, start, states, *, recover: bool, first: bool = False):
     """Rebuild one chunk with autograd. `states` are its end states when `recover`, else its start states.
-    Returns (logits, start states as leaves that will receive gradients, end states in the graph)."""
+    Returns (logits, start states as leaves that receive gradients unless `first`, end states in the graph)."""
     x = model.embed(ids, start)
     starts, ends = [], []
     for layer, state in zip(model.layers, states):
@@ -74,7 +74,7 @@ def _recompute(model: PerformerLM, ids, start, states, *, recover: bool):
         if recover:
             with torch.no_grad():  # the paper's recovery: no per-chunk state was stored
                 state = state - state_contribution(fk, v).to(state.dtype)
-        start_state = state.detach().requires_grad_()
+        start_state = state.detach().requires_grad_(not first)  # the first chunk's zeros need no gradient
         x, end_state = layer.mix(x, fq, fk, v, start_state)
         starts.append(start_state)
         ends.append(end_state)
@@ -89,7 +89,7 @@ def slim_step(
     *,
     recovery: str = "subtract64",
 ) -> float:
-    """Accumulate into each parameter's .grad the exact gradient of the mean next-token loss, and return it.
+    """Accumulate into each parameter's .grad the exact gradient of the mean next-token loss, and return the loss.
 
     windows: [B, L + 1] token ids (inputs are [:, :-1], targets [:, 1:]); mask: optional [B, L] weights of the
     predicted positions. Any chunk_size >= 1 works; chunk_size >= L is ordinary backprop with no overhead.
@@ -121,9 +121,9 @@ def slim_step(
         s = starts[i]
         ids = inputs[:, s : s + chunk_size]
         if recovery == "store" or i == len(starts) - 1:
-            logits, start_states, end_states = _recompute(model, ids, s, kept.pop(), recover=False)
+            logits, start_states, end_states = _recompute(model, ids, s, kept.pop(), recover=False, first=i == 0)
         elif i == 0:  # the first chunk starts from zeros, known exactly without any recovery
-            logits, start_states, end_states = _recompute(model, ids, s, initial, recover=False)
+            logits, start_states, end_states = _recompute(model, ids, s, initial, recover=False, first=True)
         else:
             logits, start_states, end_states = _recompute(model, ids, s, states, recover=True)
         loss = chunk_loss(logits, targets[:, s : s + chunk_size], weights[:, s : s + chunk_size])
