@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 
-from _common import OUT, PAPER_CPU, make_checkpoint, report, run_fit
+from _common import PAPER_CPU, make_checkpoint, report, run_fit
 
 L, BUDGET = 16384, "900MB"
 

@@ -7,6 +7,7 @@ NVML's parent-card figures do not describe, torch.cuda.mem_get_info gives the sl
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 
@@ -100,8 +101,6 @@ def nvml_other_processes_bytes(device: torch.device) -> int:
         for i in range(nvml.nvmlDeviceGetCount()):
             handle = nvml.nvmlDeviceGetHandleByIndex(i)
             if _normalise_uuid(nvml.nvmlDeviceGetUUID(handle)) == uuid:
-                import os
-
                 procs = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
                 return sum(int(p.usedGpuMemory or 0) for p in procs if p.pid != os.getpid())
     except Exception:

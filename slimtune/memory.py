@@ -31,13 +31,13 @@ import ctypes
 import re
 import resource
 import weakref
-from dataclasses import asdict, dataclass, field
 
 import psutil
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .devices import nvml_other_processes_bytes
 from .errors import ConfigError
 
 _UNITS = {
@@ -162,14 +162,7 @@ def cuda_context_bytes(device: torch.device) -> int:
     """What the CUDA context itself holds: memory used on the card beyond what the allocator reserved
     (exact when this process is alone on the card)."""
     free, total = torch.cuda.mem_get_info(device)
-    return max(0, total - free - torch.cuda.memory_reserved(device) - _others_bytes(device))
-
-
-def _others_bytes(device: torch.device) -> int:
-    """Memory other processes hold on this card, from NVML (0 when NVML cannot tell)."""
-    from .devices import nvml_other_processes_bytes
-
-    return nvml_other_processes_bytes(device)
+    return max(0, total - free - torch.cuda.memory_reserved(device) - nvml_other_processes_bytes(device))
 
 
 def available_bytes(device: torch.device) -> int:
