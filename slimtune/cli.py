@@ -21,7 +21,6 @@ from .errors import SlimtuneError
 
 app = typer.Typer(
     name="slimtune",
-    help="Fine-tune Performer language models in memory that does not grow with sequence length (SLiM).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -538,8 +537,11 @@ def demo(
     workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo writes its data and checkpoints.")] = Path("slimtune-demo"),
     as_json: Json = False,
 ):
-    """The whole workflow on made-up data, no downloads: pretrain a tiny Performer, plan under a small budget,
-    fine-tune with SLiM, compare bpc before and after, export, and reload the export into the full model."""
+    """The whole workflow on made-up data, no downloads: pretrain, plan, fine-tune with SLiM, compare, export.
+
+    Pretrains a tiny Performer, plans fine-tuning under a small budget, fine-tunes with SLiM at the chosen C,
+    compares bits per character before and after, exports, and reloads the export into the full model.
+    """
     from .demo import run_demo
 
     console = err if as_json else out
