@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -154,6 +155,7 @@ def fit(
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder for metrics.jsonl and resumable state (default: OUT.run).", show_default=False)] = None,
     save_every: Annotated[int, typer.Option("--save-every", min=0, help="Save resumable state every N steps (and on Ctrl-C).")] = 100,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in the run folder.")] = False,
+    skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Skip (and count) steps with a non-finite loss or gradient instead of stopping.")] = False,
     recovery: Recovery = "subtract64",
     dtype: ExportDtype = "auto",
     export_format: ExportFormat = "safetensors",
@@ -173,7 +175,7 @@ def fit(
         seq_len=seq_len, batch_size=batch_size, steps=steps, one_step=one_step, optimizer=optimizer, lr=lr,
         chunk_size=_chunk_size(chunk_size), mem_budget=mem_budget, seed=seed, device=device, recovery=recovery,
         dtype=dtype, format=export_format, schedule=schedule, warmup=warmup, clip_grad=clip_grad,
-        accumulate=accumulate, eval_every=eval_every, save_every=save_every, resume=resume,
+        accumulate=accumulate, eval_every=eval_every, save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite,
         run_dir=str(run_dir or Path(f"{out_path}.run")),
     )
     options.validate()
@@ -196,7 +198,7 @@ def fit(
         except KeyboardInterrupt:
             print(f"slimtune: interrupted; the run state is in {options.run_dir}: add --resume to the same command "
                   "to continue", file=sys.stderr)
-            raise typer.Exit(130) from None
+            raise typer.Exit(128 + _stopped_by) from None
     table = Table(title="slimtune fit", show_header=False)
     for key, value in (
         ("device", result.device),
@@ -567,6 +569,16 @@ EXITS = (typer.Exit, *_click_exceptions("Exit"))
 ABORTS = (typer.Abort, *_click_exceptions("Abort"), KeyboardInterrupt)
 
 
+_stopped_by = signal.SIGINT  # the signal that interrupted the run: exit code 128 + its number
+
+
+def _interrupt(signum, frame):
+    """SIGTERM is handled like Ctrl-C: the run saves its state and the exit code says which signal it was."""
+    global _stopped_by
+    _stopped_by = signum
+    raise KeyboardInterrupt
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -577,8 +589,9 @@ def main(argv: list[str] | None = None) -> int:
     from .memory import limit_heap_retention
 
     limit_heap_retention()  # resident memory then follows what the job holds (see memory.py)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        app(args=argv, prog_name="slimtune", standalone_mode=False)
+        code = app(args=argv, prog_name="slimtune", standalone_mode=False)
     except SlimtuneError as e:
         print(f"slimtune: error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -590,11 +603,11 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except ABORTS:
         print("slimtune: interrupted", file=sys.stderr)
-        return 130
+        return 128 + _stopped_by
     except CLICK_ERRORS as e:
         print(f"slimtune: error: {_one_line(e.format_message())}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0  # without standalone mode, click returns an Exit's code
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ schedule, step, random-number states and data position, chunk size), written ato
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -20,6 +21,32 @@ RESUME_KEYS = ("seq_len", "batch_size", "steps", "optimizer", "lr", "schedule", 
 class RunFolder:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._lock = None
+
+    def lock(self) -> None:
+        """Hold the folder for this process until release(): a second run on it is refused."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / "lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise SlimtuneError(
+                f"run folder {self.path} is in use by {holder}: wait for that run, or pass another --run-dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        self._lock = handle
+
+    def release(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
 
     def log(self, record: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

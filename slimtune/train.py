@@ -60,6 +60,7 @@ class FitOptions:
     run_dir: str | None = None  # metrics.jsonl and resumable state; None: no run folder
     save_every: int = 100  # resumable state every N steps (and on interrupt), with a run folder
     resume: bool = False  # continue the run saved in run_dir
+    skip_nonfinite: bool = False  # skip (and count) a step whose loss or gradients are not finite, instead of stopping
     task: str = "text"  # text: windows of the data file; copy: the synthetic copying task (pretrain only)
     copy_symbols: int = 16  # copy task: size of the symbol alphabet
     dtype: str = "auto"  # export dtype: auto keeps each tensor's input dtype; fp32, fp16 or bf16
@@ -166,6 +167,12 @@ def _gradients(model, batches, chunk_size: int, options: FitOptions, optimizer, 
         chunk_size = smaller[-1]
 
 
+def _finite(model, loss: float) -> bool:
+    """Whether the loss and every gradient are finite (one device sync per step)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return math.isfinite(loss) and bool(torch.stack([g.isfinite().all() for g in grads]).all())
+
+
 def _batch(data, options: FitOptions, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One batch's windows [B, L + 1] and loss mask [B, L] (None: every position counts)."""
     if options.task == "copy":
@@ -223,13 +230,27 @@ def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn,
             warn(message)
         warned.add(message)
 
-    metrics = {}
+    metrics, skipped = {}, 0
+    if run:
+        run.lock()
     try:
         for step in range(first, steps):
             started = time.perf_counter()
             batches = [_batch(data, options, generator) for _ in range(options.accumulate)]
             model.redraw_features(generator)  # FAVOR+: one draw per step, shared by all its chunks
             loss, chunk_size = _gradients(model, batches, chunk_size, options, optimizer, warn_once)
+            if not _finite(model, loss):
+                if not options.skip_nonfinite:
+                    if run:
+                        save(len(losses))  # the weights are still those of the last good step
+                    where = f"; the last good state is in {options.run_dir}" if run else ""
+                    raise SlimtuneError(
+                        f"non-finite loss or gradient at step {step + 1} (loss {loss}){where}: lower --lr, add "
+                        "--clip-grad, or pass --skip-nonfinite to skip such steps; nothing was exported"
+                    )
+                skipped += 1
+                warn(f"skipped step {step + 1}: non-finite loss or gradient ({skipped} so far)")
+                continue
             if options.clip_grad and not options.one_step:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad)
             lr = optimizer.param_groups[0]["lr"]
@@ -247,13 +268,18 @@ def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn,
                     save(step + 1)
             if on_step:
                 on_step(step + 1, metrics)
+        if run:
+            save(steps)
     except KeyboardInterrupt:
         if run:
             save(len(losses))
         raise
-    if run:
-        save(steps)
-    return losses, chunk_size, metrics
+    finally:
+        if run:
+            run.release()
+    if not losses:
+        raise SlimtuneError("every step had a non-finite loss or gradient: lower --lr or add --clip-grad; nothing was exported")
+    return losses, chunk_size, metrics | ({"skipped_steps": skipped} if skipped else {})
 
 
 def _check_data(data: torch.Tensor | None, options: FitOptions) -> None:
@@ -295,7 +321,7 @@ def _train(model, data, out, options: FitOptions, on_step, on_warning, eval_data
         out=str(out),
         seconds=time.perf_counter() - started,
         plan=None if plan is None else plan.to_json(),
-        metrics={k: v for k, v in last.items() if k == "bpc"},
+        metrics={k: v for k, v in last.items() if k in ("bpc", "skipped_steps")},
         model=model,
     )
 

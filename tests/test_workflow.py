@@ -117,3 +117,62 @@ def test_resume_refuses_changed_settings(tmp_path, data_dir):
     with pytest.raises(SlimtuneError, match="lr"):
         fit(load_checkpoint(base), data, tmp_path / "b.safetensors",
             FitOptions(seq_len=32, steps=2, chunk_size=8, lr=0.5, device="cpu", run_dir=str(tmp_path / "run"), resume=True))
+
+
+def test_nonfinite_loss_stops_or_skips(tmp_path, data_dir):
+    from slimtune.checkpoint import load_checkpoint, save_checkpoint
+    from slimtune.errors import SlimtuneError
+    from slimtune.train import FitOptions, fit
+
+    model = tiny_model("sqr", True, dtype=torch.float32)
+    base = tmp_path / "base.safetensors"
+    save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:20000]), dtype=torch.uint8)
+    blow_up = dict(seq_len=32, steps=3, chunk_size=8, optimizer="sgd", lr=1e30, device="cpu", run_dir=str(tmp_path / "run"))
+    with pytest.raises(SlimtuneError, match="non-finite loss or gradient at step"):
+        fit(load_checkpoint(base), data, tmp_path / "a.safetensors", FitOptions(**blow_up))
+    assert not (tmp_path / "a.safetensors").exists()
+    assert (tmp_path / "run" / "state.pt").exists()
+    warnings = []  # step 1 is finite and throws the weights far out; steps 2 and 3 are skipped and counted
+    result = fit(load_checkpoint(base), data, tmp_path / "b.safetensors",
+                 FitOptions(**{**blow_up, "run_dir": str(tmp_path / "run2"), "skip_nonfinite": True}),
+                 on_warning=warnings.append)
+    assert result.metrics["skipped_steps"] == 2 and len(warnings) == 2 and len(result.losses) == 1
+
+
+def test_second_run_on_the_same_folder_is_refused(tmp_path):
+    from slimtune.errors import SlimtuneError
+    from slimtune.runs import RunFolder
+
+    first, second = RunFolder(tmp_path / "run"), RunFolder(tmp_path / "run")
+    first.lock()
+    with pytest.raises(SlimtuneError, match="in use by pid"):
+        second.lock()
+    first.release()
+    second.lock()
+    second.release()
+
+
+def test_sigterm_saves_the_run_and_exits_143(tmp_path, data_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from slimtune.checkpoint import save_checkpoint
+
+    model = tiny_model("sqr", True, dtype=torch.float32, hidden_dim=64, ffn_dim=256, n_heads=4)
+    base = tmp_path / "base.safetensors"
+    save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    out = tmp_path / "o.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "slimtune", "fit", "--checkpoint", str(base), "--data",
+                             str(data_dir / "ptb.test.txt"), "--out", str(out), "--steps", "100000", "--seq-len", "256",
+                             "--chunk-size", "64", "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "o.safetensors.run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    assert (tmp_path / "o.safetensors.run" / "state.pt").exists() and not out.exists()
