@@ -218,9 +218,11 @@ def load_checkpoint(
 
 
 def build_model(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, device="cpu") -> PerformerLM:
-    """A PerformerLM holding the checkpoint's weights, in `dtype` on `device`."""
-    model = PerformerLM(checkpoint.config)
-    model.load_state_dict(checkpoint.tensors, strict=True)
+    """A PerformerLM holding the checkpoint's weights, in `dtype` on `device`. The model is built on the meta
+    device and takes the loaded tensors themselves, so an fp32 checkpoint on CPU is never held twice."""
+    with torch.device("meta"):
+        model = PerformerLM(checkpoint.config)
+    model.load_state_dict(checkpoint.tensors, strict=True, assign=True)
     return model.to(device=device, dtype=dtype)
 
 
