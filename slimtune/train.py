@@ -218,10 +218,11 @@ def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn,
         torch.set_rng_state(saved["torch_rng"])
         first, chunk_size, losses = saved["step"], saved["chunk_size"], list(saved["losses"])
 
-    def save(step: int) -> None:
+    def save(step: int, rng: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """The state after `step` completed steps; `rng`: the random-number states at the start of the next one."""
         run.save({"step": step, "chunk_size": chunk_size, "losses": losses, "settings": settings,
                   "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                  "generator": generator.get_state(), "torch_rng": torch.get_rng_state()})
+                  "generator": rng[0], "torch_rng": rng[1]})
 
     warned = set()
 
@@ -231,18 +232,22 @@ def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn,
         warned.add(message)
 
     metrics, skipped = {}, 0
+    # Where a resumed run would start: (completed steps, random-number states at that point). An interrupt inside a
+    # step saves the point before it, so the resumed run redraws that step's data and FAVOR+ features.
+    resume_point = (first, (generator.get_state(), torch.get_rng_state()))
     if run:
         run.lock()
     try:
         for step in range(first, steps):
             started = time.perf_counter()
+            resume_point = (step, (generator.get_state(), torch.get_rng_state()))
             batches = [_batch(data, options, generator) for _ in range(options.accumulate)]
             model.redraw_features(generator)  # FAVOR+: one draw per step, shared by all its chunks
             loss, chunk_size = _gradients(model, batches, chunk_size, options, optimizer, warn_once)
             if not _finite(model, loss):
                 if not options.skip_nonfinite:
                     if run:
-                        save(len(losses))  # the weights are still those of the last good step
+                        save(*resume_point)  # the weights are still those of the last good step
                     where = f"; the last good state is in {options.run_dir}" if run else ""
                     raise SlimtuneError(
                         f"non-finite loss or gradient at step {step + 1} (loss {loss}){where}: lower --lr, add "
@@ -250,6 +255,7 @@ def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn,
                     )
                 skipped += 1
                 warn(f"skipped step {step + 1}: non-finite loss or gradient ({skipped} so far)")
+                resume_point = (step + 1, (generator.get_state(), torch.get_rng_state()))
                 continue
             if options.clip_grad and not options.one_step:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad)
@@ -257,6 +263,7 @@ def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn,
             optimizer.step()
             scheduler.step()
             losses.append(loss)
+            resume_point = (step + 1, (generator.get_state(), torch.get_rng_state()))
             metrics = {"step": step + 1, "loss": loss, "lr": lr, "chunk_size": chunk_size,
                        "tokens_per_s": options.accumulate * options.batch_size * options.seq_len / (time.perf_counter() - started),
                        "peak_memory_bytes": peak_memory_bytes(device)}
@@ -265,14 +272,14 @@ def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn,
             if run:
                 run.log(metrics)
                 if options.save_every and (step + 1) % options.save_every == 0 and step + 1 < steps:
-                    save(step + 1)
+                    save(*resume_point)
             if on_step:
                 on_step(step + 1, metrics)
         if run:
-            save(steps)
+            save(*resume_point)
     except KeyboardInterrupt:
         if run:
-            save(len(losses))
+            save(*resume_point)
         raise
     finally:
         if run:

@@ -176,3 +176,33 @@ def test_sigterm_saves_the_run_and_exits_143(tmp_path, data_dir):
     assert proc.returncode == 143, stderr
     assert "--resume" in stderr and "Traceback" not in stderr
     assert (tmp_path / "o.safetensors.run" / "state.pt").exists() and not out.exists()
+
+
+def test_interrupt_inside_a_step_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):
+    """Ctrl-C in the middle of step 3 (after its data was drawn): the resumed run redraws that step."""
+    from slimtune import train
+    from slimtune.checkpoint import load_checkpoint, save_checkpoint
+
+    model = tiny_model("favor+", True, dtype=torch.float32)
+    base = tmp_path / "base.safetensors"
+    save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:100000]), dtype=torch.uint8)
+    options = lambda run, resume=False: train.FitOptions(seq_len=48, batch_size=2, steps=5, chunk_size=16, lr=3e-3,  # noqa: E731
+                                                         device="cpu", run_dir=str(run), resume=resume)
+    real, calls = train.slim_step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "slim_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(load_checkpoint(base), data, tmp_path / "a.safetensors", options(tmp_path / "run"))
+    monkeypatch.setattr(train, "slim_step", real)
+    resumed = train.fit(load_checkpoint(base), data, tmp_path / "a.safetensors", options(tmp_path / "run", True))
+    whole = train.fit(load_checkpoint(base), data, tmp_path / "b.safetensors", options(tmp_path / "run2"))
+    assert resumed.losses == whole.losses
+    for name, t in load_checkpoint(tmp_path / "b.safetensors").tensors.items():
+        assert torch.equal(load_checkpoint(tmp_path / "a.safetensors").tensors[name], t), name
