@@ -5,10 +5,10 @@ powers of two up to 256 and, from 256 on, numbers with three significant binary 
 512, 640, 768, 896, 1024, 1280, ...): multiples of the 64-token attention block, 12-25 % apart. If not even C = 1 fits,
 `plan_chunk_size` raises with the breakdown and what to change.
 
-Short probe steps on the real model and device, at C = 256 and C = 1024 (or L when shorter), measure how far a
-chunk's step raises the memory peak (memory.peak_growth: resident memory on CPU, reserved memory on CUDA);
-activations grow linearly in C, so the rest is extrapolation. See memory.py for which lines are measured and
-which computed.
+Two probe steps on the real model and device, at C = 256 and C = 1024 (or L when shorter, and shorter still
+when the budget leaves no room for them), count the tensor bytes a chunk's step holds at its peak
+(memory.TensorBytes: deterministic, so `plan` and `fit` agree). Activations grow linearly in C, so the rest is
+extrapolation. See memory.py for which lines are measured, which computed and which calibrated.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from .model import PerformerLM
 from .optimizers import make_optimizer
 from .slim import slim_step
 
-BLOCK = 64
 # Chunk sizes of the two probe steps. Below ~256 tokens a step's peak is not yet linear in C (fixed-size
 # temporaries dominate), so both probes sit above that.
 PROBE_SIZES = (256, 1024)
@@ -266,15 +265,10 @@ def plan_chunk_size(
     peak = lambda c: predict(model, measured, runtime, seq_len, batch_size, c, recovery)  # noqa: E731
     chosen = choose(lambda c: peak(c)["total"] <= usable, seq_len)
     sizes = sorted({2**k for k in range(int(math.log2(seq_len)) + 1)} | {seq_len} | ({chosen} if chosen else set()))
+    totals = {c: peak(c)["total"] for c in sizes}
     candidates = [
-        Candidate(
-            chunk_size=c,
-            predicted_peak_bytes=peak(c)["total"],
-            share_of_budget=peak(c)["total"] / budget_bytes,
-            relative_time=relative_time(measured, seq_len, c),
-            fits=peak(c)["total"] <= usable,
-        )
-        for c in sizes
+        Candidate(c, total, total / budget_bytes, relative_time(measured, seq_len, c), total <= usable)
+        for c, total in totals.items()
     ]
     if chosen is None:
         lines = peak(1)
