@@ -120,12 +120,13 @@ def slim_step(
     for i in reversed(range(len(starts))):
         s = starts[i]
         ids = inputs[:, s : s + chunk_size]
-        if recovery == "store" or i == len(starts) - 1:
-            logits, start_states, end_states = _recompute(model, ids, s, kept.pop(), recover=False, first=i == 0)
-        elif i == 0:  # the first chunk starts from zeros, known exactly without any recovery
-            logits, start_states, end_states = _recompute(model, ids, s, initial, recover=False, first=True)
+        if i == 0:  # the first chunk starts from zeros, known exactly without any recovery
+            known, recover = initial, False
+        elif recovery == "store" or i == len(starts) - 1:
+            known, recover = kept.pop(), False
         else:
-            logits, start_states, end_states = _recompute(model, ids, s, states, recover=True)
+            known, recover = states, True  # the end states; _recompute subtracts the chunk's contribution
+        logits, start_states, end_states = _recompute(model, ids, s, known, recover=recover, first=i == 0)
         loss = chunk_loss(logits, targets[:, s : s + chunk_size], weights[:, s : s + chunk_size])
         del logits  # [B, C, V]: freed before backward allocates its gradient
         if state_grads is None:
