@@ -4,7 +4,7 @@ Library errors (SlimtuneError) and usage errors become one line on stderr and ex
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import json
 import os
 import signal
@@ -338,6 +338,112 @@ def pretrain(
     (err if as_json else out).print(summary)
     if as_json:
         _emit_json(result.to_json())
+
+
+def _int_list(value: str, flag: str) -> list[int]:
+    try:
+        found = [int(v) for v in value.replace(",", " ").split()]
+    except ValueError:
+        raise SlimtuneError(f"{flag} must be integers separated by commas, e.g. 1024,256,64,16; got {value!r}") from None
+    if not found or min(found) < 1:
+        raise SlimtuneError(f"{flag} must be integers >= 1 separated by commas, e.g. 1024,256,64,16; got {value!r}")
+    return found
+
+
+@app.command()
+def bench(
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Model to measure: a .safetensors checkpoint.", show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Or a recipe's model, randomly initialised (see `slimtune recipes`).", show_default=False)] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", min=2, help="L. Default: the recipe's, else 1024.", show_default=False)] = None,
+    batch_size: BatchSize = 1,
+    chunks: Annotated[str, typer.Option("--chunks", help="SLiM chunk sizes to measure, comma-separated; sizes >= L are skipped.")] = "1024,256,64,16",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per method; the table shows their median.")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps per method first.")] = 1,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="none (gradients only), sgd, adam or adamw: its update and state count in time and memory.")] = "none",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16 (autocast; fp32 weights, gradients and states).")] = "fp32",
+    device: Device = "auto",
+    recovery: Recovery = "subtract64",
+    full: Annotated[bool, typer.Option("--full/--no-full", help="Measure full backprop (the reference for the ratios).")] = True,
+    checkpointing: Annotated[bool, typer.Option("--checkpointing/--no-checkpointing", help="Measure full backprop with per-layer activation checkpointing.")] = True,
+    emulate: Annotated[Optional[str], typer.Option("--emulate-memory", help="CUDA only: cap this process at a smaller card's memory (e.g. 2GB), as torch.cuda.set_per_process_memory_fraction does.", show_default=False)] = None,
+    plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Also draw time and memory against C into this .png (needs matplotlib: pip install 'slimtune[plot]').", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random token windows (and of a recipe's weights).")] = 0,
+    as_json: Json = False,
+):
+    """Measure step time and peak memory of SLiM at each C, full backprop and activation checkpointing, side by side.
+
+    Examples: slimtune bench --recipe config-2 --chunks 1024,256,64,16
+              slimtune bench --checkpoint model.safetensors --seq-len 8192 --plot tradeoff.png --json
+    """
+    import torch
+
+    from .bench import methods_for, plot, rows_json, run_bench
+    from .checkpoint import build_model
+    from .memory import emulate_card, resolve_device
+    from .model import PerformerLM
+    from .optimizers import OPTIMIZERS
+    from .recipes import load_recipe
+    from .slim import PRECISIONS
+
+    if (checkpoint is None) == (recipe is None):
+        raise SlimtuneError("give exactly one of --checkpoint FILE or --recipe NAME (see `slimtune recipes`)")
+    if optimizer != "none" and optimizer not in OPTIMIZERS:
+        raise SlimtuneError(f"--optimizer must be none or one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    if precision not in PRECISIONS:
+        raise SlimtuneError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if plot_path is not None:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise SlimtuneError("--plot needs matplotlib: pip install 'slimtune[plot]' (or pip install matplotlib)")
+        if plot_path.suffix.lower() != ".png":
+            raise SlimtuneError(f"--plot must name a .png file, got {plot_path}")
+    chunk_sizes = _int_list(chunks, "--chunks")
+    dev = resolve_device(device)
+    if emulate is not None:
+        emulate_card(emulate, dev)
+    torch.manual_seed(seed)
+    if recipe is not None:
+        base = load_recipe(recipe)
+        model = PerformerLM(base.model).to(dev)
+        length = seq_len or int(base.train.get("seq_len", 1024))
+        name = f"recipe {base.path.stem}"
+    else:
+        ckpt = _load(checkpoint)
+        model = build_model(ckpt, device=dev)
+        ckpt.release()
+        length = seq_len or 1024
+        name = checkpoint.name
+    model.redraw_features(torch.Generator().manual_seed(seed))
+    methods = methods_for(length, chunk_sizes, full=full, checkpointed=checkpointing)
+    windows = torch.randint(0, model.config.vocab_size, (batch_size, length + 1), generator=torch.Generator().manual_seed(seed)).to(dev)
+    title = f"slimtune bench: {name}, L = {length}, batch {batch_size}, {precision}, optimizer {optimizer}, {dev}"
+    with _progress(len(methods) * (1 + warmup + steps), "bench", transient=True) as bar:
+        task_id = bar.add_task("bench", total=len(methods) * (1 + warmup + steps), info="")
+        rows = run_bench(model, windows, methods, steps=steps, warmup=warmup, precision=PRECISIONS[precision],
+                         optimizer=None if optimizer == "none" else optimizer, recovery=recovery,
+                         on_progress=lambda: bar.advance(task_id))
+    table = Table(title=title)
+    table.add_column("method", no_wrap=True)
+    for col in ("s/step (median)", "time vs full", "peak memory", "memory vs full"):
+        table.add_column(col, justify="right")
+    ratio = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
+    for r in rows:
+        if r.error:
+            table.add_row(r.method, r.error, "", "", "")
+            continue
+        table.add_row(r.method, f"{r.median_s:.3f}", ratio(r.vs_full_time), _size(r.peak_bytes), ratio(r.vs_full_memory))
+    console = err if as_json else out
+    console.print(table)
+    console.print("peak memory: " + ("CUDA allocator peak reservation + context" if dev.type == "cuda"
+                                     else "peak tensor bytes held (weights, gradients, optimizer state, activations)"))
+    if plot_path is not None:
+        plot_path.parent.mkdir(parents=True, exist_ok=True)
+        plot(rows, plot_path, title)
+        console.print(f"plot -> {plot_path}")
+    if as_json:
+        _emit_json({"model": name, "config": model.config.to_dict(), "seq_len": length, "batch_size": batch_size,
+                    "precision": precision, "optimizer": optimizer, "device": str(dev),
+                    "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                    "torch": torch.__version__, "rows": rows_json(rows)})
 
 
 @app.command()

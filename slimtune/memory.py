@@ -221,3 +221,20 @@ class TensorBytes(TorchDispatchMode):
             self.peak = max(self.peak, self.live)
             weakref.finalize(storage, self._free, key, nbytes)
         return out
+
+
+def emulate_card(size: str | int, device: torch.device) -> int:
+    """Make this process see a CUDA card of `size` bytes in all (e.g. 2GB for a small card): the caching
+    allocator is capped (torch.cuda.set_per_process_memory_fraction) at `size` less the CUDA context this
+    process already holds, as the context takes its share of a real small card too. Returns the allocator cap."""
+    if device.type != "cuda":
+        raise ConfigError(f"--emulate-memory caps a CUDA card, but the device is {device}: drop it or use --device cuda")
+    wanted = parse_size(size)
+    torch.zeros(1, device=device)  # creates the context, so that its size can be read
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = wanted - cuda_context_bytes(device)
+    if cap <= 0 or wanted >= total:
+        raise ConfigError(f"--emulate-memory {size} must lie between the CUDA context "
+                          f"({format_size(cuda_context_bytes(device))}) and the card's {format_size(total)}")
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    return cap

@@ -97,14 +97,6 @@ class Plan:
         return asdict(self)
 
 
-def _tracked(fn) -> int:
-    """Peak bytes of the tensors fn() creates (gradients and temporaries included): deterministic, so `plan`
-    and `fit` always agree, and the same on any device."""
-    with TensorBytes() as tracked:
-        fn()
-    return tracked.peak
-
-
 def _tracked(fn) -> TensorBytes:
     """The tensor bytes fn() creates (gradients and temporaries included), counted: deterministic, so `plan`
     and `fit` always agree, and the same on any device."""

@@ -19,6 +19,8 @@ Start states are recovered by one of three `recovery` modes:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +29,7 @@ from .errors import ConfigError
 from .model import PerformerLM
 
 RECOVERY_MODES = ("subtract", "subtract64", "store")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # compute precision: None is the weights' own dtype
 
 
 def _loss_weights(windows: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -41,6 +44,14 @@ def _loss_weights(windows: torch.Tensor, mask: torch.Tensor | None, dtype: torch
     if kept <= 0:
         raise ConfigError("loss mask keeps no position: at least one entry must be nonzero")
     return mask / kept
+
+
+def autocast(device: torch.device, precision: torch.dtype | None):
+    """Mixed precision for the forward work of a step: matmuls in `precision` (bf16), while the weights, their
+    gradients, the carried attention states and the loss stay in fp32 or wider. None: no autocast."""
+    if precision is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=precision)
 
 
 def _check(model: PerformerLM, windows: torch.Tensor, chunk_size: int, recovery: str) -> None:
@@ -88,12 +99,15 @@ def slim_step(
     mask: torch.Tensor | None = None,
     *,
     recovery: str = "subtract64",
+    precision: torch.dtype | None = None,
 ) -> float:
     """Accumulate into each parameter's .grad the exact gradient of the mean next-token loss, and return the loss.
 
     windows: [B, L + 1] token ids (inputs are [:, :-1], targets [:, 1:]); mask: optional [B, L] weights of the
     predicted positions. Any chunk_size >= 1 works; chunk_size >= L is ordinary backprop with no overhead.
     Uses the model's current FAVOR+ draw for every chunk (see `PerformerLM.redraw_features`).
+    precision=torch.bfloat16 runs the forward work under bf16 autocast (no loss scaling needed: bf16 has fp32's
+    exponent range); sweep and rebuild run under the same autocast, so recovery stays bit for bit.
     """
     _check(model, windows, chunk_size, recovery)
     inputs, targets = windows[:, :-1].long(), windows[:, 1:].long()
@@ -107,7 +121,8 @@ def slim_step(
     # Forward sweep: carry the states to the last chunk's start. Nothing is kept but the current states
     # (and, with "store", each chunk's start states). The last chunk needs no sweep: it is rebuilt directly.
     kept = []  # start states to rebuild from: every chunk's with "store", else only the last chunk's
-    with torch.no_grad():
+    mixed = autocast(inputs.device, precision)
+    with torch.no_grad(), mixed:
         for s in starts[:-1]:
             if recovery == "store":
                 kept.append(states)
@@ -126,8 +141,9 @@ def slim_step(
             known, recover = kept.pop(), False
         else:
             known, recover = states, True  # the end states; _recompute subtracts the chunk's contribution
-        logits, start_states, end_states = _recompute(model, ids, s, known, recover=recover, first=i == 0)
-        loss = chunk_loss(logits, targets[:, s : s + chunk_size], weights[:, s : s + chunk_size])
+        with mixed:
+            logits, start_states, end_states = _recompute(model, ids, s, known, recover=recover, first=i == 0)
+            loss = chunk_loss(logits, targets[:, s : s + chunk_size], weights[:, s : s + chunk_size])
         del logits  # [B, C, V]: freed before backward allocates its gradient
         if state_grads is None:
             loss.backward()

@@ -1,0 +1,236 @@
+"""`slimtune bench`: the time-memory tradeoff of one model on this device, measured side by side.
+
+Three ways to get the same gradients are compared in one process:
+- SLiM at each chunk size C (slimtune.slim.slim_step),
+- full backprop (SLiM with C = L: one chunk, ordinary autograd),
+- full backprop with per-layer activation checkpointing (torch.utils.checkpoint around each layer), the usual
+  alternative: it keeps each layer's input for the whole sequence and recomputes one layer at a time.
+
+Time: the median of `steps` timed steps after `warmup` untimed ones; methods are interleaved round by round, so a
+drift of a shared machine hits all of them alike. A step is zero_grad, the gradients and, with an optimizer, its
+update. Memory is measured on one further step per method, alone: on CUDA the caching allocator's peak
+reservation plus the CUDA context (after empty_cache, so that one method's cache does not count for the next);
+on CPU the peak of tensor bytes the process holds (weights, gradients, optimizer state and everything the step
+allocates, counted as they are created and freed), which unlike RSS does not depend on what ran before.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .errors import ConfigError
+from .memory import TensorBytes, cuda_context_bytes
+from .model import PerformerLM
+from .optimizers import make_optimizer
+from .slim import autocast, chunk_loss, slim_step
+
+FULL, CHECKPOINTED = "full backprop", "layer checkpointing"  # the latter: torch.utils.checkpoint per layer
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # "SLiM", FULL or CHECKPOINTED
+    chunk_size: int  # C; L for the two full-sequence methods
+
+    @property
+    def label(self) -> str:
+        return f"SLiM C={self.chunk_size}" if self.name == "SLiM" else self.name
+
+
+@dataclass
+class Row:
+    method: str
+    chunk_size: int
+    median_s: float | None = None  # None: the method ran out of memory
+    min_s: float | None = None
+    max_s: float | None = None
+    peak_bytes: int | None = None
+    vs_full_time: float | None = None
+    vs_full_memory: float | None = None
+    error: str | None = None
+    times: list[float] = field(default_factory=list)
+
+
+def checkpointed_step(model: PerformerLM, windows: torch.Tensor, precision: torch.dtype | None = None) -> float:
+    """Full backprop of the mean next-token loss with each layer under torch.utils.checkpoint: the layer's
+    activations are dropped after the forward and rebuilt during backward. Accumulates into .grad."""
+    inputs, targets = windows[:, :-1].long(), windows[:, 1:].long()
+    with autocast(inputs.device, precision):
+        x = model.embed(inputs, 0)
+        for layer, state in zip(model.layers, model.initial_states(inputs.shape[0])):
+            x, _ = checkpoint(layer, x, state, use_reentrant=False)
+        weights = torch.full(targets.shape, 1.0 / targets.numel(), dtype=torch.float64, device=targets.device)
+        loss = chunk_loss(model.output_logit_map(x), targets, weights)  # the mean, as slim_step's
+    loss.backward()
+    return loss.item()
+
+
+def methods_for(seq_len: int, chunk_sizes: list[int], *, full: bool = True, checkpointed: bool = True) -> list[Method]:
+    bad = [c for c in chunk_sizes if c < 1]
+    if bad:
+        raise ConfigError(f"chunk sizes must be integers >= 1, got {bad[0]}: pass e.g. --chunks 1024,256,64,16")
+    found = [Method("SLiM", c) for c in dict.fromkeys(chunk_sizes) if c < seq_len]
+    if full:
+        found.insert(0, Method(FULL, seq_len))
+    if checkpointed:
+        found.insert(1 if full else 0, Method(CHECKPOINTED, seq_len))
+    if not found:
+        raise ConfigError(f"nothing to measure: every chunk size is >= L = {seq_len} and the full methods are off")
+    return found
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+class _Runner:
+    """One step of one method, with the optimizer (if any) built once per method and kept between its steps,
+    as in a real run."""
+
+    def __init__(self, model, windows, optimizer: str | None, precision, recovery: str):
+        self.model, self.windows, self.precision, self.recovery = model, windows, precision, recovery
+        self.optimizer_name = optimizer
+        self.initial = {k: v.clone() for k, v in model.state_dict().items()} if optimizer else None
+
+    def step(self, method: Method, optimizer) -> None:
+        self.model.zero_grad(set_to_none=True)
+        if method.name == CHECKPOINTED:
+            checkpointed_step(self.model, self.windows, self.precision)
+        else:
+            slim_step(self.model, self.windows, method.chunk_size, recovery=self.recovery, precision=self.precision)
+        if optimizer is not None:
+            optimizer.step()
+
+    def optimizer(self):
+        if self.optimizer_name is None:
+            return None
+        self.model.load_state_dict(self.initial)  # every method starts from the same weights
+        return make_optimizer(self.optimizer_name, self.model.parameters(), 1e-6)
+
+
+def _peak(runner: _Runner, method: Method, device: torch.device) -> int:
+    """Measured peak bytes of one step of `method` (see the module docstring), optimizer state included."""
+    model = runner.model
+    model.zero_grad(set_to_none=True)
+    optimizer = runner.optimizer()
+    if optimizer is not None:
+        runner.step(method, optimizer)  # creates the optimizer state, which a real run holds throughout
+    if device.type == "cuda":
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        runner.step(method, optimizer)
+        _sync(device)
+        return torch.cuda.max_memory_reserved(device) + cuda_context_bytes(device)
+    held = sum(t.untyped_storage().nbytes() for t in model.state_dict().values())
+    if optimizer is not None:
+        held += sum(v.untyped_storage().nbytes() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    model.zero_grad(set_to_none=True)  # the step creates the gradients, so the tracker counts them
+    with TensorBytes() as tracked:
+        runner.step(method, optimizer)
+    return held + tracked.peak
+
+
+def run_bench(
+    model: PerformerLM,
+    windows: torch.Tensor,
+    methods: list[Method],
+    *,
+    steps: int = 3,
+    warmup: int = 1,
+    optimizer: str | None = None,
+    precision: torch.dtype | None = None,
+    recovery: str = "subtract64",
+    on_progress=None,
+) -> list[Row]:
+    """Measure every method on `windows` [B, L + 1]; see the module docstring. A method that runs out of memory
+    gets a row with `error` set instead of figures, and the others go on."""
+    if steps < 1 or warmup < 0:
+        raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    device = windows.device
+    runner = _Runner(model, windows, optimizer, precision, recovery)
+    rows = {m: Row(m.label, m.chunk_size) for m in methods}
+    optimizers = {}
+    for m in methods:  # peak memory first, each method alone
+        try:
+            rows[m].peak_bytes = _peak(runner, m, device)
+            optimizers[m] = runner.optimizer()
+        except RuntimeError as error:
+            if not _is_oom(error):
+                raise
+            rows[m].error = "out of memory"
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if on_progress:
+            on_progress()
+    live = [m for m in methods if rows[m].error is None]
+    for r in range(warmup + steps):
+        for m in live:
+            if rows[m].error:
+                continue
+            state = {k: v.clone() for k, v in model.state_dict().items()} if optimizer else None
+            try:
+                _sync(device)
+                started = time.perf_counter()
+                runner.step(m, optimizers[m])
+                _sync(device)
+                if r >= warmup:
+                    rows[m].times.append(time.perf_counter() - started)
+            except RuntimeError as error:
+                if not _is_oom(error):
+                    raise
+                rows[m].error = "out of memory"
+            if state is not None:
+                model.load_state_dict(state)  # keep the weights the same for every method
+            model.zero_grad(set_to_none=True)
+            if on_progress:
+                on_progress()
+    for row in rows.values():
+        if row.times and row.error is None:
+            row.median_s, row.min_s, row.max_s = statistics.median(row.times), min(row.times), max(row.times)
+    full = next((rows[m] for m in methods if m.name == FULL and rows[m].median_s is not None), None)
+    for row in rows.values():
+        if full is not None and row.median_s is not None:
+            row.vs_full_time = row.median_s / full.median_s
+            row.vs_full_memory = row.peak_bytes / full.peak_bytes
+    return [rows[m] for m in methods]
+
+
+def rows_json(rows: list[Row]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def plot(rows: list[Row], path, title: str) -> None:
+    """Memory and time against C, one point per SLiM chunk size and a line for each full-sequence method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    slim = sorted((r for r in rows if r.method.startswith("SLiM") and r.median_s is not None), key=lambda r: r.chunk_size)
+    others = [r for r in rows if not r.method.startswith("SLiM") and r.median_s is not None]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, unit, scale in ((ax_t, "median_s", "step time (s)", 1.0), (ax_m, "peak_bytes", "peak memory (MB)", 1e-6)):
+        if slim:
+            ax.plot([r.chunk_size for r in slim], [getattr(r, key) * scale for r in slim], "o-", label="SLiM")
+        for r, style in zip(others, ("--", ":")):
+            ax.axhline(getattr(r, key) * scale, linestyle=style, color="gray" if style == "--" else "black", label=r.method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("chunk size C")
+        ax.set_ylabel(unit)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
