@@ -42,18 +42,15 @@ def _block_sums(fk: torch.Tensor, v1: torch.Tensor, block: int) -> torch.Tensor:
     return kb.transpose(-1, -2) @ _blocks(v1, block)
 
 
-def _block_size(T: int, block_size: int) -> int:
-    return max(1, min(block_size, T))
-
-
 def state_contribution(fk: torch.Tensor, v: torch.Tensor, *, block_size: int = BLOCK_SIZE) -> torch.Tensor:
     """What a chunk adds to the state, sum_s phi(k_s) [v_s, 1]^T: [B, H, M, D + 1].
 
     Computed with exactly the operations `causal_linear_attention` uses for its final state, so that
     `final_state - state_contribution(...)` undoes the chunk bit for bit when the state is kept in float64.
     """
-    block = _block_size(fk.shape[2], block_size)
-    return _block_sums(fk, _with_ones(v), block).cumsum(2)[:, :, -1]
+    if fk.shape[2] <= block_size:  # one block, as in causal_linear_attention
+        return fk.transpose(-1, -2) @ _with_ones(v)
+    return _block_sums(fk, _with_ones(v), block_size).cumsum(2)[:, :, -1]
 
 
 def causal_linear_attention(
@@ -68,8 +65,12 @@ def causal_linear_attention(
     """
     B, H, T, _ = fq.shape
     D = v.shape[-1]
-    block = _block_size(T, block_size)
     v1 = _with_ones(v)
+    if T <= block_size:  # one block (every chunk of a small C): no padding and no prefix over blocks
+        num_den = (fq @ fk.transpose(-1, -2)).tril() @ v1 + fq @ state.to(fq.dtype)
+        out = num_den[..., :D] / (num_den[..., D:] + EPS)
+        return out, state + (fk.transpose(-1, -2) @ v1).to(state.dtype)
+    block = block_size
     qb, kb, vb = _blocks(fq, block), _blocks(fk, block), _blocks(v1, block)  # [B, H, n, b, .]
     within = (qb @ kb.transpose(-1, -2)).tril() @ vb  # [B, H, n, b, D + 1], each token's own block
     sums = (kb.transpose(-1, -2) @ vb).cumsum(2)  # [B, H, n, M, D + 1], inclusive prefix over blocks

@@ -62,6 +62,13 @@ Recovery = Annotated[
 ]
 
 
+Precision = Annotated[
+    str,
+    typer.Option("--precision", help="Compute precision: fp32, or bf16 (autocast: bf16 matmuls; fp32 weights, gradients, "
+                 "attention states and loss; no loss scaling needed)."),
+]
+
+
 def _chunk_size(value: str) -> int | None:
     if value == "auto":
         return None
@@ -157,6 +164,7 @@ def fit(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in the run folder.")] = False,
     skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Skip (and count) steps with a non-finite loss or gradient instead of stopping.")] = False,
     recovery: Recovery = "subtract64",
+    precision: Precision = "fp32",
     dtype: ExportDtype = "auto",
     export_format: ExportFormat = "safetensors",
     n_heads: NHeads = None,
@@ -174,7 +182,7 @@ def fit(
     options = FitOptions(
         seq_len=seq_len, batch_size=batch_size, steps=steps, one_step=one_step, optimizer=optimizer, lr=lr,
         chunk_size=_chunk_size(chunk_size), mem_budget=mem_budget, seed=seed, device=device, recovery=recovery,
-        dtype=dtype, format=export_format, schedule=schedule, warmup=warmup, clip_grad=clip_grad,
+        precision=precision, dtype=dtype, format=export_format, schedule=schedule, warmup=warmup, clip_grad=clip_grad,
         accumulate=accumulate, eval_every=eval_every, save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite,
         run_dir=str(run_dir or Path(f"{out_path}.run")),
     )
@@ -287,6 +295,7 @@ def pretrain(
     mem_budget: Budget = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation, data order and FAVOR+ draws.")] = 0,
     device: Device = "auto",
+    precision: Precision = "fp32",
     as_json: Json = False,
 ):
     """Train a Performer from scratch (the server side) and write a contract checkpoint.
@@ -321,7 +330,7 @@ def pretrain(
             settings[key] = value
     chunk = str(settings.pop("chunk_size"))
     options = FitOptions(**settings, chunk_size=settings["seq_len"] if chunk == "full" else _chunk_size(chunk),
-                         mem_budget=mem_budget, seed=seed, device=device)
+                         mem_budget=mem_budget, seed=seed, device=device, precision=precision)
     options.validate()
     tokens = read_bytes(data, min_length=2) if data is not None else None
     with _progress(options.steps, "pretrain") as bar:
@@ -360,7 +369,7 @@ def bench(
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per method; the table shows their median.")] = 3,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps per method first.")] = 1,
     optimizer: Annotated[str, typer.Option("--optimizer", help="none (gradients only), sgd, adam or adamw: its update and state count in time and memory.")] = "none",
-    precision: Annotated[str, typer.Option("--precision", help="fp32, or bf16 (autocast; fp32 weights, gradients and states).")] = "fp32",
+    precision: Precision = "fp32",
     device: Device = "auto",
     recovery: Recovery = "subtract64",
     full: Annotated[bool, typer.Option("--full/--no-full", help="Measure full backprop (the reference for the ratios).")] = True,

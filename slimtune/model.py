@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import causal_linear_attention, state_contribution
+from .deferred import DeferredLinear as Linear  # nn.Linear whose weight gradient SLiM may batch over chunks
 from .errors import ConfigError
 from .features import apply_features, draw_orthogonal_features, favor_multiplier, feature_dim
 
@@ -77,7 +78,7 @@ class PerformerAttention(nn.Module):
         super().__init__()
         d = config.hidden_dim
         self.config = config
-        self.q_map, self.k_map, self.v_map = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.q_map, self.k_map, self.v_map = Linear(d, d), Linear(d, d), Linear(d, d)
         # FAVOR+ draw W: [M, d_h]; not part of the state_dict, so checkpoints keep the reference's names.
         self.register_buffer("projection", None, persistent=False)
 
@@ -97,8 +98,8 @@ class PerformerLayer(nn.Module):
         d = config.hidden_dim
         self.post_norm = config.on_gptln
         self.attention = PerformerAttention(config)
-        self.U_map = nn.Linear(d, config.ffn_dim)
-        self.V_map = nn.Linear(config.ffn_dim, d)
+        self.U_map = Linear(d, config.ffn_dim)
+        self.V_map = Linear(config.ffn_dim, d)
         self.layernorm1 = nn.LayerNorm(d, eps=LN_EPS)
         self.layernorm2 = nn.LayerNorm(d, eps=LN_EPS)
 
@@ -133,7 +134,7 @@ class PerformerLM(nn.Module):
         d = config.hidden_dim
         self.input_map = nn.Embedding(config.vocab_size, d // 2)
         self.layers = nn.ModuleList(PerformerLayer(config) for _ in range(config.n_layers))
-        self.output_logit_map = nn.Linear(d, config.vocab_size)
+        self.output_logit_map = Linear(d, config.vocab_size)
 
     def initial_states(self, batch_size: int, *, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """Zero attention states, one [B, H, M, d_h + 1] per layer (last column: the normaliser z)."""

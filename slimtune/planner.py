@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .deferred import buffer_bytes, defers
 from .errors import SlimtuneError
 from .memory import (
     HEAP_OVERHEAD,
@@ -92,6 +93,7 @@ class Plan:
     predicted_peak_bytes: int
     breakdown: dict  # fixed costs and the chosen C's lines, bytes
     candidates: list[Candidate] = field(default_factory=list)
+    batch_weight_grads: bool = False  # small C: weight gradients batched in buffers that fit the budget
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -184,19 +186,23 @@ def _state_bytes(model: PerformerLM, seq_len: int, batch_size: int, chunk_size: 
     return one * copies + batch_size * (seq_len + 1) * 8 * 2  # windows (int64) and loss weights (float64)
 
 
-def predict(model, probe: Probe, runtime: int, seq_len: int, batch_size: int, chunk_size: int, recovery: str) -> dict:
-    """The predicted peak of a run with chunk size C, line by line (bytes)."""
+def predict(model, probe: Probe, runtime: int, seq_len: int, batch_size: int, chunk_size: int, recovery: str,
+            batching: bool = False) -> dict:
+    """The predicted peak of a run with chunk size C, line by line (bytes); `batching`: with the weight-gradient
+    buffers of slimtune/deferred.py (computed, not probed)."""
     chunk = probe.chunk_bytes(min(chunk_size, seq_len))
     states = _state_bytes(model, seq_len, batch_size, chunk_size, recovery) if chunk_size < seq_len else 0
     grads = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = buffer_bytes(model) if batching else 0
     # Backward of a chunk (optimizer state already there from step 2 on), or the optimizer step (gradients there).
-    training = max(probe.optimizer_state + grads + chunk + states, grads + probe.optimizer_peak)
+    training = max(probe.optimizer_state + grads + chunk + states + buffers, grads + probe.optimizer_peak)
     lines = {
         "runtime": runtime,
         "gradients": grads,
         "optimizer": probe.optimizer_state,
         "chunk": int(chunk),
         "states": states,
+        "gradient batching": buffers,
     }
     lines["total"] = int(runtime + training)
     return lines
@@ -275,7 +281,11 @@ def plan_chunk_size(
             f"{format_size(lines['chunk'])} = {format_size(lines['total'])}; {hint}a smaller "
             f"--batch-size or --seq-len, or a larger --mem-budget (available: {format_size(available)})"
         )
-    lines = peak(chosen)
+    # Small chunks run faster with batched weight gradients (slimtune/deferred.py), whose buffers take a fixed
+    # amount: used when they fit beside the chosen C, never at the price of a smaller C.
+    batching = defers(batch_size, chosen, seq_len, None) and predict(
+        model, measured, runtime, seq_len, batch_size, chosen, recovery, batching=True)["total"] <= usable
+    lines = predict(model, measured, runtime, seq_len, batch_size, chosen, recovery, batching=batching)
     return Plan(
         chunk_size=chosen,
         budget_bytes=budget_bytes,
@@ -287,4 +297,5 @@ def plan_chunk_size(
         predicted_peak_bytes=lines["total"],
         breakdown=lines,
         candidates=candidates,
+        batch_weight_grads=batching,
     )

@@ -15,7 +15,8 @@ from .errors import SlimtuneError
 STATE = "state.pt"
 METRICS = "metrics.jsonl"
 # Settings a resumed run must share with the run it continues, or it would not be the same run.
-RESUME_KEYS = ("seq_len", "batch_size", "steps", "optimizer", "lr", "schedule", "warmup", "accumulate", "seed", "task")
+RESUME_KEYS = ("seq_len", "batch_size", "steps", "optimizer", "lr", "schedule", "warmup", "accumulate", "seed", "task",
+               "precision")
 
 
 class RunFolder:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import state_contribution
+from .deferred import WeightGradBatcher, defers
 from .errors import ConfigError
 from .model import PerformerLM
 
@@ -100,6 +101,7 @@ def slim_step(
     *,
     recovery: str = "subtract64",
     precision: torch.dtype | None = None,
+    batch_weight_grads: bool | None = None,
 ) -> float:
     """Accumulate into each parameter's .grad the exact gradient of the mean next-token loss, and return the loss.
 
@@ -108,6 +110,8 @@ def slim_step(
     Uses the model's current FAVOR+ draw for every chunk (see `PerformerLM.redraw_features`).
     precision=torch.bfloat16 runs the forward work under bf16 autocast (no loss scaling needed: bf16 has fp32's
     exponent range); sweep and rebuild run under the same autocast, so recovery stays bit for bit.
+    batch_weight_grads: apply weight gradients a few hundred rows at a time (slimtune/deferred.py; faster for
+    small C, costs fixed buffers). None: whenever the chunks are small and there is no autocast.
     """
     _check(model, windows, chunk_size, recovery)
     inputs, targets = windows[:, :-1].long(), windows[:, 1:].long()
@@ -129,28 +133,32 @@ def slim_step(
             states = model.advance(inputs[:, s : s + chunk_size], s, states)
     kept.append(states)
 
-    # Reverse sweep, last chunk first. `states` holds the current chunk's end states.
+    # Reverse sweep, last chunk first. `states` holds the current chunk's end states. Small chunks hand their
+    # weight gradients to a batcher, which applies them a few hundred rows at a time (slimtune/deferred.py).
     total = torch.zeros((), dtype=torch.float64, device=inputs.device)  # summed on the device: no sync per chunk
     state_grads = None  # d loss / d (end states), from the chunk after; none for the last chunk
-    for i in reversed(range(len(starts))):
-        s = starts[i]
-        ids = inputs[:, s : s + chunk_size]
-        if i == 0:  # the first chunk starts from zeros, known exactly without any recovery
-            known, recover = initial, False
-        elif recovery == "store" or i == len(starts) - 1:
-            known, recover = kept.pop(), False
-        else:
-            known, recover = states, True  # the end states; _recompute subtracts the chunk's contribution
-        with mixed:
-            logits, start_states, end_states = _recompute(model, ids, s, known, recover=recover, first=i == 0)
-            loss = chunk_loss(logits, targets[:, s : s + chunk_size], weights[:, s : s + chunk_size])
-        del logits  # [B, C, V]: freed before backward allocates its gradient
-        if state_grads is None:
-            loss.backward()
-        else:  # the chunk's loss plus <end states, their incoming gradients>, in one backward
-            torch.autograd.backward([loss, *end_states], [None, *state_grads])
-        total += loss.detach()
-        # This chunk's start states are the previous chunk's end states; backward has freed the graph.
-        states = [st.detach() for st in start_states]
-        state_grads = [st.grad for st in start_states]
+    possible = defers(inputs.shape[0], chunk_size, L, precision)
+    batched = possible if batch_weight_grads is None else batch_weight_grads and possible
+    with WeightGradBatcher(model) if batched else contextlib.nullcontext():
+        for i in reversed(range(len(starts))):
+            s = starts[i]
+            ids = inputs[:, s : s + chunk_size]
+            if i == 0:  # the first chunk starts from zeros, known exactly without any recovery
+                known, recover = initial, False
+            elif recovery == "store" or i == len(starts) - 1:
+                known, recover = kept.pop(), False
+            else:
+                known, recover = states, True  # the end states; _recompute subtracts the chunk's contribution
+            with mixed:
+                logits, start_states, end_states = _recompute(model, ids, s, known, recover=recover, first=i == 0)
+                loss = chunk_loss(logits, targets[:, s : s + chunk_size], weights[:, s : s + chunk_size])
+            del logits  # [B, C, V]: freed before backward allocates its gradient
+            if state_grads is None:
+                loss.backward()
+            else:  # the chunk's loss plus <end states, their incoming gradients>, in one backward
+                torch.autograd.backward([loss, *end_states], [None, *state_grads])
+            total += loss.detach()
+            # This chunk's start states are the previous chunk's end states; backward has freed the graph.
+            states = [st.detach() for st in start_states]
+            state_grads = [st.grad for st in start_states]
     return total.item()

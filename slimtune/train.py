@@ -11,7 +11,7 @@ import gc
 import math
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +35,7 @@ from .memory import peak_memory_bytes, resolve_device
 from .optimizers import OPTIMIZERS, make_optimizer
 from .planner import chunk_sizes, plan_chunk_size
 from .runs import RunFolder
-from .slim import RECOVERY_MODES, slim_step
+from .slim import PRECISIONS, RECOVERY_MODES, slim_step
 
 @dataclass
 class FitOptions:
@@ -51,6 +51,8 @@ class FitOptions:
     seed: int = 0  # data order and FAVOR+ draws
     device: str = "auto"  # auto, cpu or cuda
     recovery: str = "subtract64"  # how SLiM recovers chunk start states (see slim.py)
+    precision: str = "fp32"  # compute precision: fp32, or bf16 autocast (fp32 weights, gradients and states)
+    batch_weight_grads: bool | None = None  # small C: batch weight gradients (deferred.py); None: whenever C is small
     schedule: str = "constant"  # learning rate: constant, or cosine decay to 0 after the warmup
     warmup: int = 0  # steps of linear warmup
     clip_grad: float | None = None  # clip the gradients' global norm to this (opt-in; never with one_step)
@@ -95,6 +97,8 @@ class FitOptions:
             raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.recovery not in RECOVERY_MODES:
             raise ConfigError(f"--state-recovery must be one of {', '.join(RECOVERY_MODES)}, got {self.recovery!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass
@@ -145,7 +149,8 @@ def _gradients(model, batches, chunk_size: int, options: FitOptions, optimizer, 
             total = 0.0
             for windows, mask in batches:
                 mask = None if mask is None else mask.to(device)
-                total += slim_step(model, windows.to(device), chunk_size, mask, recovery=options.recovery)
+                total += slim_step(model, windows.to(device), chunk_size, mask, recovery=options.recovery,
+                                   precision=PRECISIONS[options.precision], batch_weight_grads=options.batch_weight_grads)
             if len(batches) > 1:
                 for p in model.parameters():
                     if p.grad is not None:
@@ -312,6 +317,7 @@ def _train(model, data, out, options: FitOptions, on_step, on_warning, eval_data
             model, options.seq_len, options.batch_size, options.optimizer, options.mem_budget, recovery=options.recovery
         )
         chunk_size = plan.chunk_size
+        options = replace(options, batch_weight_grads=plan.batch_weight_grads)
     started = time.perf_counter()
     losses, chunk_size, last = _run_steps(model, data, options, chunk_size, on_step, on_warning or _warn, eval_data)
     device = next(model.parameters()).device

@@ -64,7 +64,7 @@ def ckpt(tmp_path):
 def test_bench_measures_every_method(capsys, tmp_path, ckpt):
     path, model = ckpt
     png = tmp_path / "figs" / "tradeoff.png"
-    code = main(["bench", "--checkpoint", str(path), "--seq-len", "256", "--chunks", "64,8,512", "--steps", "2",
+    code = main(["bench", "--checkpoint", str(path), "--seq-len", "1024", "--chunks", "64,8,2048", "--steps", "2",
                  "--warmup", "0", "--optimizer", "adam", "--device", "cpu", "--plot", str(png), "--json"])
     stdout = capsys.readouterr().out
     assert code == 0

@@ -1,0 +1,61 @@
+"""The time-memory tradeoff of issue 6, in one process: SLiM at each C, full backprop and full backprop with
+per-layer activation checkpointing (torch.utils.checkpoint), on the same model, windows and device.
+
+Default: the issue's CPU setting, d = 256, 3 layers, d_ff = 1024, 4 heads, sqr features, batch 1, L = 8192.
+Pass --recipe config-2 (etc.) and --seq-len for the paper's configurations; on a GPU add --device cuda
+[--precision bf16]. Times are medians after warm-up with methods interleaved; peak memory is measured
+(slimtune/bench.py: tensor bytes held on CPU, allocator reservation + context on CUDA).
+
+    python benchmarks/tradeoff.py [--seq-len 8192] [--chunks 1024 256 64 16] [--steps 3] [--device cpu]
+"""
+
+import argparse
+
+import torch
+
+from _common import PAPER_CPU, report
+from slimtune.bench import methods_for, rows_json, run_bench
+from slimtune.memory import emulate_card, resolve_device
+from slimtune.model import PerformerLM
+from slimtune.recipes import load_recipe
+from slimtune.slim import PRECISIONS
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipe", default=None, help="a recipe's model instead of the d 256 CPU model")
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[1024, 256, 64, 16])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
+    parser.add_argument("--optimizer", default=None, help="sgd, adam or adamw: include its state and update")
+    parser.add_argument("--emulate-memory", default=None, help="CUDA: cap the process at a small card's size")
+    parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--name", default="tradeoff")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    if args.emulate_memory:
+        emulate_card(args.emulate_memory, device)
+    config = load_recipe(args.recipe).model if args.recipe else PAPER_CPU
+    torch.manual_seed(0)
+    model = PerformerLM(config).to(device)
+    windows = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
+    methods = methods_for(args.seq_len, args.chunks, checkpointed=not args.no_checkpointing)
+    rows = run_bench(model, windows, methods, steps=args.steps, warmup=args.warmup, optimizer=args.optimizer,
+                     precision=PRECISIONS[args.precision])
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    table = [[r.method, r.error or fmt(r.median_s, ".3f"), fmt(r.vs_full_time, ".2f") + "x",
+              fmt(None if r.peak_bytes is None else r.peak_bytes / 1e6, ".1f"), fmt(r.vs_full_memory, ".2f") + "x"]
+             for r in rows]
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report(args.name, ["method", "median s/step", "time vs full", "peak MB", "memory vs full"], table,
+           {"device": device_name, "config": config.to_dict(), "seq_len": args.seq_len, "batch_size": args.batch_size,
+            "precision": args.precision, "optimizer": args.optimizer, "emulate_memory": args.emulate_memory,
+            "rows_detail": rows_json(rows)})
+
+
+if __name__ == "__main__":
+    main()
