@@ -281,9 +281,29 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def temporary_path(path: Path) -> Path:
+    """The name this process writes `path` under before renaming it into place; the half-written files of
+    processes that died (kill -9, power loss) under the same scheme are removed first."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            stale.unlink(missing_ok=True)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """save_file to a temporary name beside `path`, fsync, rename: never half a file at `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         with open(tmp, "rb") as f:

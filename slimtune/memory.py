@@ -28,6 +28,7 @@ follows the tensor bytes the job holds.
 from __future__ import annotations
 
 import ctypes
+from decimal import Decimal
 import re
 import resource
 import weakref
@@ -53,14 +54,16 @@ SAFETY_MARGIN = 0.10  # with no --mem-budget, leave this share of the free memor
 def parse_size(text: str | int) -> int:
     """'2GB' -> 2e9, '1.5GiB' -> 1.5 * 2^30, '512MB', '900000000'. Decimal units are powers of 10, binary of 2."""
     if isinstance(text, int) and not isinstance(text, bool):
-        value, unit = float(text), ""
+        value, unit = Decimal(text), ""
     else:
         match = _SIZE.match(str(text))
         if not match or match.group(2).lower() not in _UNITS:
             raise ConfigError(f"cannot read size {text!r}: write it like 2GB, 1.5GiB, 512MB or 900000000")
-        value, unit = float(match.group(1)), match.group(2).lower()
-    size = value * _UNITS[unit]
-    if not size >= 1 or size == float("inf"):
+        value, unit = Decimal(match.group(1)), match.group(2).lower()
+    if value.adjusted() > 30:  # more than 10^30 of anything: no machine has it
+        raise ConfigError(f"size {text!r} is larger than any device: write it like 2GB, 1.5GiB or 512MB")
+    size = value * _UNITS[unit]  # exact decimal arithmetic: 4611686019GB is 4611686019 * 10^9 bytes, not a float
+    if size < 1:
         raise ConfigError(f"size {text!r} must be at least 1 byte")
     return int(size)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import temporary_path
 from .errors import SlimtuneError
 
 STATE = "state.pt"
@@ -57,7 +58,8 @@ class RunFolder:
     def save(self, state: dict) -> None:
         """torch.save to a temporary file, fsync, rename: the previous state stays whole until the new one is."""
         self.path.mkdir(parents=True, exist_ok=True)
-        target, tmp = self.path / STATE, self.path / f".{STATE}.tmp-{os.getpid()}"
+        target = self.path / STATE
+        tmp = temporary_path(target)
         try:
             torch.save(state, tmp)
             with open(tmp, "rb") as f:
