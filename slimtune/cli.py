@@ -705,6 +705,8 @@ def main(argv: list[str] | None = None) -> int:
 
     limit_heap_retention()  # resident memory then follows what the job holds (see memory.py)
     signal.signal(signal.SIGTERM, _interrupt)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports; errors still print below
+        out.quiet = err.quiet = True
     try:
         code = app(args=argv, prog_name="slimtune", standalone_mode=False)
     except SlimtuneError as e:
@@ -722,6 +724,11 @@ def main(argv: list[str] | None = None) -> int:
     except CLICK_ERRORS as e:
         print(f"slimtune: error: {_one_line(e.format_message())}", file=sys.stderr)
         return 2
+    finally:
+        if "torch.distributed" in sys.modules:  # torch was loaded: leave a torchrun process group, if joined
+            from .distributed import leave
+
+            leave()
     return code if isinstance(code, int) else 0  # without standalone mode, click returns an Exit's code
 
 

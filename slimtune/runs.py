@@ -17,7 +17,7 @@ STATE = "state.pt"
 METRICS = "metrics.jsonl"
 # Settings a resumed run must share with the run it continues, or it would not be the same run.
 RESUME_KEYS = ("seq_len", "batch_size", "steps", "optimizer", "lr", "schedule", "warmup", "accumulate", "seed", "task",
-               "precision")
+               "precision", "world_size")
 
 
 class RunFolder:

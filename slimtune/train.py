@@ -28,6 +28,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import copy_windows, first_windows, random_windows
+from .distributed import Group, agree_min, average_gradients, barrier, broadcast_parameters, join, launched, mean, rank_device
 from .evaluation import copy_accuracy, evaluate
 from .model import PerformerConfig, PerformerLM
 from .errors import ConfigError, SlimtuneError
@@ -178,13 +179,18 @@ def _finite(model, loss: float) -> bool:
     return math.isfinite(loss) and bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
 
-def _batch(data, options: FitOptions, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One batch's windows [B, L + 1] and loss mask [B, L] (None: every position counts)."""
+def _batch(data, options: FitOptions, generator, group: Group = Group()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This rank's windows [B, L + 1] and loss mask [B, L] (None: every position counts). Every rank draws the
+    same global batch of world x B windows and keeps its own slice, so the data does not depend on the split."""
+    B = options.batch_size * group.world
     if options.task == "copy":
-        return copy_windows(options.batch_size, options.seq_len, options.copy_symbols, generator)
-    if options.one_step:
-        return first_windows(data, options.batch_size, options.seq_len), None
-    return random_windows(data, options.batch_size, options.seq_len, generator), None
+        windows, mask = copy_windows(B, options.seq_len, options.copy_symbols, generator)
+    elif options.one_step:
+        windows, mask = first_windows(data, B, options.seq_len), None
+    else:
+        windows, mask = random_windows(data, B, options.seq_len, generator), None
+    mine = slice(group.rank * options.batch_size, (group.rank + 1) * options.batch_size)
+    return windows[mine], None if mask is None else mask[mine]
 
 
 def _lr_factor(options: FitOptions, steps: int):
@@ -199,7 +205,8 @@ def _lr_factor(options: FitOptions, steps: int):
     return factor
 
 
-def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn, eval_data=None) -> tuple[list[float], int, dict]:
+def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn, eval_data=None,
+               group: Group = Group()) -> tuple[list[float], int, dict]:
     """The training loop: per step, `accumulate` batches of windows, one FAVOR+ draw, the SLiM steps, optional
     clipping, the optimizer and schedule steps; metrics and resumable state in the run folder.
     Returns the losses, the chunk size in use at the end (smaller than asked after an out-of-memory retry), and
@@ -211,17 +218,19 @@ def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn,
     )
     steps = 1 if options.one_step else options.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(options, steps))
-    run = RunFolder(options.run_dir) if options.run_dir else None
-    settings = {f.name: getattr(options, f.name) for f in fields(options)}
+    folder = RunFolder(options.run_dir) if options.run_dir else None
+    run = folder if group.main else None  # only rank 0 writes; every rank reads the state it resumes from
+    settings = {f.name: getattr(options, f.name) for f in fields(options)} | {"world_size": group.world}
     losses, first = [], 0
     if options.resume:
-        saved = run.load(settings)
+        saved = folder.load(settings)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         generator.set_state(saved["generator"])
         torch.set_rng_state(saved["torch_rng"])
         first, chunk_size, losses = saved["step"], saved["chunk_size"], list(saved["losses"])
+    broadcast_parameters(model)  # the same start on every rank (a no-op for one process)
 
     def save(step: int, rng: tuple[torch.Tensor, torch.Tensor]) -> None:
         """The state after `step` completed steps; `rng`: the random-number states at the start of the next one."""
@@ -246,9 +255,11 @@ def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn,
         for step in range(first, steps):
             started = time.perf_counter()
             resume_point = (step, (generator.get_state(), torch.get_rng_state()))
-            batches = [_batch(data, options, generator) for _ in range(options.accumulate)]
+            batches = [_batch(data, options, generator, group) for _ in range(options.accumulate)]
             model.redraw_features(generator)  # FAVOR+: one draw per step, shared by all its chunks
             loss, chunk_size = _gradients(model, batches, chunk_size, options, optimizer, warn_once)
+            average_gradients(model)  # torchrun: one all-reduce per optimizer step (distributed.py)
+            loss = mean(loss, device)
             if not _finite(model, loss):
                 if not options.skip_nonfinite:
                     if run:
@@ -270,15 +281,17 @@ def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn,
             losses.append(loss)
             resume_point = (step + 1, (generator.get_state(), torch.get_rng_state()))
             metrics = {"step": step + 1, "loss": loss, "lr": lr, "chunk_size": chunk_size,
-                       "tokens_per_s": options.accumulate * options.batch_size * options.seq_len / (time.perf_counter() - started),
+                       "tokens_per_s": group.world * options.accumulate * options.batch_size * options.seq_len
+                       / (time.perf_counter() - started),
                        "peak_memory_bytes": peak_memory_bytes(device)}
-            if eval_data is not None and ((options.eval_every and (step + 1) % options.eval_every == 0) or step + 1 == steps):
+            if group.main and eval_data is not None and (
+                    (options.eval_every and (step + 1) % options.eval_every == 0) or step + 1 == steps):
                 metrics["bpc"] = evaluate(model, eval_data, seq_len=options.seq_len, max_bytes=options.eval_bytes).bpc
             if run:
                 run.log(metrics)
                 if options.save_every and (step + 1) % options.save_every == 0 and step + 1 < steps:
                     save(*resume_point)
-            if on_step:
+            if on_step and group.main:
                 on_step(step + 1, metrics)
         if run:
             save(*resume_point)
@@ -301,25 +314,43 @@ def _check_data(data: torch.Tensor | None, options: FitOptions) -> None:
     if data is None:
         raise SlimtuneError("--data is required for a text task: pass a text file")
     if options.one_step:
-        first_windows(data, options.batch_size, options.seq_len)
+        first_windows(data, options.batch_size * launched().world, options.seq_len)
     elif data.numel() < options.seq_len + 1:
         raise SlimtuneError(
             f"data has {data.numel()} bytes, fewer than seq len + 1 = {options.seq_len + 1}: lower --seq-len"
         )
 
 
-def _train(model, data, out, options: FitOptions, on_step, on_warning, eval_data=None) -> FitResult:
+def _plan(model, options: FitOptions, group: Group):
+    """The planner's choice on this rank's device; under torchrun every rank then takes the smallest C any rank
+    can afford, so that a rank whose budget fits nothing stops them all with its reason."""
+    device = next(model.parameters()).device
+    try:
+        plan = plan_chunk_size(
+            model, options.seq_len, options.batch_size, options.optimizer, options.mem_budget, recovery=options.recovery
+        )
+    except SlimtuneError:
+        agree_min(0, device)
+        raise
+    chunk_size = agree_min(plan.chunk_size, device)
+    if chunk_size == 0:
+        raise SlimtuneError("another rank's --mem-budget fits no chunk size (see its message): give it more memory")
+    if chunk_size != plan.chunk_size:
+        plan.chunk_size = chunk_size
+        plan.batch_weight_grads = False  # the buffers were sized against this rank's own C
+    return plan
+
+
+def _train(model, data, out, options: FitOptions, on_step, on_warning, eval_data=None, group: Group = Group()) -> FitResult:
     """Pick C with the planner when it is auto, run the steps, and report them (the export is the caller's)."""
     plan = None
     chunk_size = options.chunk_size
     if chunk_size is None:
-        plan = plan_chunk_size(
-            model, options.seq_len, options.batch_size, options.optimizer, options.mem_budget, recovery=options.recovery
-        )
+        plan = _plan(model, options, group)
         chunk_size = plan.chunk_size
         options = replace(options, batch_weight_grads=plan.batch_weight_grads)
     started = time.perf_counter()
-    losses, chunk_size, last = _run_steps(model, data, options, chunk_size, on_step, on_warning or _warn, eval_data)
+    losses, chunk_size, last = _run_steps(model, data, options, chunk_size, on_step, on_warning or _warn, eval_data, group)
     device = next(model.parameters()).device
     return FitResult(
         chunk_size=chunk_size,
@@ -379,11 +410,17 @@ def fit(
     out = check_output_path(out, checkpoint.path, data_path, fmt=options.format)
     device = resolve_device(options.device)
     _check_data(data, options)
+    group = join(device)
+    device = rank_device(device, group)
     torch.manual_seed(options.seed)
     model = build_model(checkpoint, device=device)
     checkpoint.release()  # the model holds the weights now; keep one copy in memory, not two
-    result = _train(model, data, out, options, on_step, on_warning, eval_data)
-    provenance = {"base_checkpoint": checkpoint.path.name, "base_sha256": file_sha256(checkpoint.path)}
+    result = _train(model, data, out, options, on_step, on_warning, eval_data, group)
+    if not group.main:
+        barrier()  # rank 0 exports; the others wait until it has
+        return result
+    provenance = {"base_checkpoint": checkpoint.path.name, "base_sha256": file_sha256(checkpoint.path),
+                  "world_size": group.world}
     save_checkpoint(
         out,
         export_tensors(model, checkpoint, parse_dtype(options.dtype)),
@@ -392,6 +429,7 @@ def fit(
         provenance=provenance | _provenance(result, options, data_path),
         fmt=options.format,
     )
+    barrier()
     return result
 
 
@@ -410,14 +448,21 @@ def pretrain(
     out = check_output_path(out, data_path, fmt=options.format)
     device = resolve_device(options.device)
     _check_data(data, options)
+    group = join(device)
+    device = rank_device(device, group)
     torch.manual_seed(options.seed)
     model = PerformerLM(config).to(device)
-    result = _train(model, data, out, options, on_step, on_warning)
+    result = _train(model, data, out, options, on_step, on_warning, group=group)
+    if not group.main:
+        barrier()  # rank 0 exports; the others wait until it has
+        return result
     if options.task == "copy":
         generator = torch.Generator().manual_seed(options.seed + 1)  # held-out sequences, not the training ones
         result.metrics["copy_accuracy"] = copy_accuracy(model, options.seq_len, options.copy_symbols, generator)
     dtype = parse_dtype(options.dtype)
     tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
     save_checkpoint(out, tensors, config, extra_config={"seq_len": options.seq_len},
-                    provenance={"pretrained": True} | _provenance(result, options, data_path), fmt=options.format)
+                    provenance={"pretrained": True, "world_size": group.world} | _provenance(result, options, data_path),
+                    fmt=options.format)
+    barrier()
     return result

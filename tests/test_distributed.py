@@ -1,0 +1,64 @@
+"""Issue 8: `slimtune fit` and `pretrain` under torchrun (two CPU processes, gloo) against one process."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import assert_close, tiny_model
+from slimtune.checkpoint import load_checkpoint, save_checkpoint
+from slimtune.cli import main
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+
+L, B = 64, 2  # per rank; one process gets 2 x B windows
+
+
+def torchrun(cwd, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "slimtune",
+           *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    model = tiny_model("favor+", True, dtype=torch.float32, seed=3)
+    path = tmp_path_factory.mktemp("ddp") / "base.safetensors"
+    save_checkpoint(path, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    return path
+
+
+@pytest.mark.parametrize("chunk", [8, L], ids=["slim-C8", "full-backprop"])
+def test_two_ranks_take_the_step_of_one_process_on_the_combined_batch(tmp_path, base, data_dir, chunk, capsys):
+    common = ["--data", data_dir / "ptb.test.txt", "--seq-len", L, "--chunk-size", chunk, "--steps", 1,
+              "--optimizer", "sgd", "--lr", 0.5, "--device", "cpu"]
+    two = tmp_path / "two.safetensors"
+    torchrun(tmp_path, "fit", "--checkpoint", base, "--out", two, "--batch-size", B, *common)
+    one = tmp_path / "one.safetensors"
+    assert main(["fit", "--checkpoint", str(base), "--out", str(one), "--batch-size", str(2 * B),
+                 *map(str, common)]) == 0
+    capsys.readouterr()
+    start, a, b = (load_checkpoint(p).tensors for p in (base, one, two))
+    assert any(not torch.equal(start[k], a[k]) for k in a)  # the step did something
+    for name in a:
+        assert_close(b[name] - start[name], a[name] - start[name], 1e-5, name)  # the same update
+    # Only rank 0 wrote: one metrics line for one step, one state, one export (an ordinary contract checkpoint).
+    run = tmp_path / "two.safetensors.run"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert json.loads(load_checkpoint(two).metadata["slimtune_provenance"])["world_size"] == 2
+    assert load_checkpoint(two).config == load_checkpoint(base).config
+    # Resume needs the same number of ranks: a single process may not continue a two-rank run.
+    code = main(["fit", "--checkpoint", str(base), "--out", str(two), "--batch-size", str(B), "--resume",
+                 *map(str, common)])
+    assert code == 2 and "world_size 2 (now 1)" in capsys.readouterr().err
+
+
+def test_pretrain_under_torchrun(tmp_path, data_dir):
+    out = tmp_path / "pre.safetensors"
+    torchrun(tmp_path, "pretrain", "--recipe", "small", "--data", data_dir / "ptb.test.txt", "--out", out,
+             "--seq-len", 32, "--batch-size", 2, "--steps", 2, "--chunk-size", 8, "--device", "cpu")
+    assert load_checkpoint(out).config.hidden_dim > 0
