@@ -153,7 +153,8 @@ def test_second_run_on_the_same_folder_is_refused(tmp_path):
     second.release()
 
 
-def test_sigterm_saves_the_run_and_exits_143(tmp_path, data_dir):
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_signal_saves_the_run_and_exits_with_the_conventional_code(tmp_path, data_dir, signame, code):
     import signal
     import subprocess
     import sys
@@ -171,9 +172,9 @@ def test_sigterm_saves_the_run_and_exits_143(tmp_path, data_dir):
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, signame))
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 143, stderr
+    assert proc.returncode == code, stderr
     assert "--resume" in stderr and "Traceback" not in stderr
     assert (tmp_path / "o.safetensors.run" / "state.pt").exists() and not out.exists()
 
