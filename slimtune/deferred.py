@@ -41,7 +41,7 @@ class _LinearDeferredWeightGrad(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         ctx.slot.add(x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1]))
-        return grad @ weight, None, None, None
+        return grad @ weight if ctx.needs_input_grad[0] else None, None, None, None
 
 
 class _Slot:
