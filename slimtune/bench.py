@@ -24,7 +24,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError
-from .memory import TensorBytes, cuda_context_bytes
+from .memory import TensorBytes, cuda_context_bytes, is_out_of_memory
 from .model import PerformerLM
 from .optimizers import make_optimizer
 from .slim import autocast, chunk_loss, slim_step
@@ -87,10 +87,6 @@ def methods_for(seq_len: int, chunk_sizes: list[int], *, full: bool = True, chec
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 class _Runner:
@@ -166,7 +162,7 @@ def run_bench(
             rows[m].peak_bytes = _peak(runner, m, device)
             optimizers[m] = runner.optimizer()
         except RuntimeError as error:
-            if not _is_oom(error):
+            if not is_out_of_memory(error):
                 raise
             rows[m].error = "out of memory"
         model.zero_grad(set_to_none=True)
@@ -188,7 +184,7 @@ def run_bench(
                 if r >= warmup:
                     rows[m].times.append(time.perf_counter() - started)
             except RuntimeError as error:
-                if not _is_oom(error):
+                if not is_out_of_memory(error):
                     raise
                 rows[m].error = "out of memory"
             if state is not None:

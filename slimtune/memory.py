@@ -28,10 +28,10 @@ follows the tensor bytes the job holds.
 from __future__ import annotations
 
 import ctypes
-from decimal import Decimal
 import re
 import resource
 import weakref
+from decimal import Decimal
 
 import psutil
 import torch
@@ -224,6 +224,13 @@ class TensorBytes(TorchDispatchMode):
             self.peak = max(self.peak, self.live)
             weakref.finalize(storage, self._free, key, nbytes)
         return out
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A device (CUDA) or host (CPU allocator) allocation failure, as opposed to any other error."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and ("out of memory" in str(error) or "can't allocate memory" in str(error))
 
 
 def emulate_card(size: str | int, device: torch.device) -> int:

@@ -32,7 +32,7 @@ from .distributed import Group, agree_min, average_gradients, barrier, broadcast
 from .evaluation import copy_accuracy, evaluate
 from .model import PerformerConfig, PerformerLM
 from .errors import ConfigError, SlimtuneError
-from .memory import peak_memory_bytes, resolve_device
+from .memory import is_out_of_memory, peak_memory_bytes, resolve_device
 from .optimizers import OPTIMIZERS, make_optimizer
 from .planner import chunk_sizes, plan_chunk_size
 from .runs import RunFolder
@@ -127,12 +127,6 @@ def _warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and ("out of memory" in str(error) or "can't allocate memory" in str(error))
-
-
 def _free_device_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -158,7 +152,7 @@ def _gradients(model, batches, chunk_size: int, options: FitOptions, optimizer, 
                         p.grad /= len(batches)
             return total / len(batches), chunk_size
         except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not _is_out_of_memory(e):
+            if not is_out_of_memory(e):
                 raise
         # Outside the except block: the traceback no longer pins the failed step's tensors.
         optimizer.zero_grad(set_to_none=True)
@@ -392,6 +386,16 @@ def _provenance(result: FitResult, options: FitOptions, data_path) -> dict:
     return provenance
 
 
+def _start(data, options: FitOptions) -> tuple[torch.device, Group]:
+    """What fit and pretrain do before building the model: check the data, join a torchrun group if launched by
+    one, take this rank's device, seed."""
+    device = resolve_device(options.device)
+    _check_data(data, options)
+    group = join(device)
+    torch.manual_seed(options.seed)
+    return rank_device(device, group), group
+
+
 def fit(
     checkpoint: Checkpoint,
     data: torch.Tensor,
@@ -408,11 +412,7 @@ def fit(
     written. `on_step(step, metrics)` sees each step's loss, lr, C, tokens/s, peak memory (and bpc)."""
     options.validate()
     out = check_output_path(out, checkpoint.path, data_path, fmt=options.format)
-    device = resolve_device(options.device)
-    _check_data(data, options)
-    group = join(device)
-    device = rank_device(device, group)
-    torch.manual_seed(options.seed)
+    device, group = _start(data, options)
     model = build_model(checkpoint, device=device)
     checkpoint.release()  # the model holds the weights now; keep one copy in memory, not two
     result = _train(model, data, out, options, on_step, on_warning, eval_data, group)
@@ -446,11 +446,7 @@ def pretrain(
     """Train a model from random initialisation (the server side) and write a contract checkpoint."""
     options.validate()
     out = check_output_path(out, data_path, fmt=options.format)
-    device = resolve_device(options.device)
-    _check_data(data, options)
-    group = join(device)
-    device = rank_device(device, group)
-    torch.manual_seed(options.seed)
+    device, group = _start(data, options)
     model = PerformerLM(config).to(device)
     result = _train(model, data, out, options, on_step, on_warning, group=group)
     if not group.main:
