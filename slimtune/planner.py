@@ -39,6 +39,7 @@ from .slim import slim_step
 # temporaries dominate), so both probes sit above that.
 PROBE_SIZES = (256, 1024)
 HEADROOM = 0.05  # share of the budget the choice leaves free
+OPTIMIZER_STATE_COPIES = {"sgd": 0, "adam": 2, "adamw": 2}  # parameter-sized tensors each optimizer keeps
 SWEEP_SHARE = 0.35  # the forward sweep's cost relative to one chunk's forward + backward (about F / 3F)
 
 
@@ -157,7 +158,8 @@ def probe(model: PerformerLM, seq_len: int, batch_size: int, optimizer: str, roo
     w1 = _windows(model, batch_size, c1)
     t1, m1 = _timed_step(model, w1), _tracked_step(model, w1)
     c2 = min(PROBE_SIZES[1], seq_len)
-    while room is not None and c2 > 2 * c1 and m1.peak * c2 / c1 * HEAP_OVERHEAD > room:
+    overhead = HEAP_OVERHEAD if w1.device.type == "cpu" else 1.0  # glibc's heap (CPU only)
+    while room is not None and c2 > 2 * c1 and m1.peak * c2 / c1 * overhead > room:
         c2 //= 2
     w2 = _windows(model, batch_size, c2)
     t2, m2 = (_timed_step(model, w2), _tracked_step(model, w2)) if c2 > c1 else (t1, m1)
@@ -173,7 +175,7 @@ def probe(model: PerformerLM, seq_len: int, batch_size: int, optimizer: str, roo
         optimizer_peak=opt_peak,
         time_base=max(0.0, t1 - time_per_token * c1),
         time_per_token=time_per_token,
-        heap_overhead=HEAP_OVERHEAD if w2.device.type == "cpu" else 1.0,
+        heap_overhead=overhead,
         probe_tokens=c2,
         sizes=m2.sizes,
     )
@@ -214,6 +216,19 @@ def relative_time(probe: Probe, seq_len: int, chunk_size: int) -> float:
         return 1.0
     n = math.ceil(seq_len / chunk_size)
     return n * (probe.time_base + probe.time_per_token * chunk_size) * (1 + SWEEP_SHARE) / full
+
+
+def probe_room(model: PerformerLM, optimizer: str, usable: float, device: torch.device) -> float:
+    """Bytes the probe steps may add on the model's own device: the usable budget less what the device already
+    holds for this job (CPU: the process's RSS, weights included; CUDA: the context and the allocated weights),
+    less the gradients the probe allocates and the optimizer state a run adds later."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = params * OPTIMIZER_STATE_COPIES[optimizer]
+    if device.type == "cuda":
+        held = cuda_context_bytes(device) + torch.cuda.memory_allocated(device)
+    else:
+        held = process_rss()
+    return usable - held - params - state
 
 
 def _runtime_bytes(model: PerformerLM) -> int:
@@ -258,7 +273,7 @@ def plan_chunk_size(
     budget_bytes, available = resolve_budget(budget, device)
     usable = budget_bytes * (1 - HEADROOM)  # what the prediction misses (heap fragmentation) gets the rest
     # The probe steps stay inside the budget themselves: `fit --chunk-size auto` runs them in its own process.
-    measured = probe(model, seq_len, batch_size, optimizer, room=usable - process_rss())
+    measured = probe(model, seq_len, batch_size, optimizer, room=probe_room(model, optimizer, usable, device))
     runtime = _runtime_bytes(model)  # after the probes: the kernels' code and caches they loaded stay resident
     peak = lambda c: predict(model, measured, runtime, seq_len, batch_size, c, recovery)  # noqa: E731
     chosen = choose(lambda c: peak(c)["total"] <= usable, seq_len)

@@ -160,3 +160,25 @@ def test_weight_gradient_buffers_are_counted_and_used_only_when_they_fit():
     assert batched["gradient batching"] == by_hand and batched["total"] - plain["total"] == by_hand
     loose = plan_chunk_size(model, 4096, 1, "sgd", "95%")
     assert loose.chunk_size == 4096 and not loose.batch_weight_grads  # one chunk: nothing to batch
+
+
+@pytest.mark.parametrize("optimizer, state_copies", [("sgd", 0), ("adam", 2)])
+def test_probe_room_on_cuda_is_the_cards_own_room(monkeypatch, optimizer, state_copies):
+    """On CUDA the probe's room is the budget less the context, the allocated weights, the gradients and the
+    optimizer state: host RSS (huge here) plays no part. The card's queries are faked, so CI checks the sums."""
+    from slimtune import memory, planner
+
+    GB = 10**9
+    model = tiny_model("sqr", True, dtype=torch.float32)
+    param_bytes = 4 * sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5 * GB, 8 * GB))  # 3 GB used on the card
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * GB)  # of which the allocator: 2 GB
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: GB // 2)  # the weights
+    monkeypatch.setattr(memory, "nvml_other_processes_bytes", lambda device: GB // 4)  # another process's share
+    monkeypatch.setattr(planner, "process_rss", lambda: 100 * GB)
+    room = planner.probe_room(model, optimizer, 6 * GB, torch.device("cuda", 0))
+    context = 8 * GB - 5 * GB - 2 * GB - GB // 4  # used on the card, less the allocator's and the other process's
+    assert room == 6 * GB - context - GB // 2 - param_bytes - state_copies * param_bytes
+    # On CPU the process's RSS is what the job already holds.
+    cpu_room = planner.probe_room(model, optimizer, 6 * GB, torch.device("cpu"))
+    assert cpu_room == 6 * GB - 100 * GB - param_bytes - state_copies * param_bytes
