@@ -14,11 +14,8 @@ import argparse
 import torch
 
 from _common import PAPER_CPU, report
-from slimtune.bench import methods_for, rows_json, run_bench
-from slimtune.memory import emulate_card, resolve_device
-from slimtune.model import PerformerLM
-from slimtune.recipes import load_recipe
-from slimtune.slim import PRECISIONS
+from slimtune import bench
+from slimtune.choices import Precision
 
 
 def main():
@@ -30,22 +27,18 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
+    parser.add_argument("--precision", default="fp32", choices=[p.value for p in Precision])
     parser.add_argument("--optimizer", default=None, help="sgd, adam or adamw: include its state and update")
     parser.add_argument("--emulate-memory", default=None, help="CUDA: cap the process at a small card's size")
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--name", default="tradeoff")
     args = parser.parse_args()
-    device = resolve_device(args.device)
-    if args.emulate_memory:
-        emulate_card(args.emulate_memory, device)
-    config = load_recipe(args.recipe).model if args.recipe else PAPER_CPU
-    torch.manual_seed(0)
-    model = PerformerLM(config).to(device)
-    windows = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
-    methods = methods_for(args.seq_len, args.chunks, checkpointed=not args.no_checkpointing)
-    rows = run_bench(model, windows, methods, steps=args.steps, warmup=args.warmup, optimizer=args.optimizer,
-                     precision=PRECISIONS[args.precision])
+    setup = bench.setup(recipe=args.recipe, config=None if args.recipe else PAPER_CPU, seq_len=args.seq_len,
+                        batch_size=args.batch_size, device=args.device, emulate_memory=args.emulate_memory)
+    config, device = setup.model.config, setup.windows.device
+    methods = bench.methods_for(args.seq_len, args.chunks, checkpointed=not args.no_checkpointing)
+    rows = bench.run_bench(setup.model, setup.windows, methods, steps=args.steps, warmup=args.warmup,
+                           optimizer=args.optimizer, precision=args.precision)
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     table = [[r.method, r.error or fmt(r.median_s, ".3f"), fmt(r.vs_full_time, ".2f") + "x",
               fmt(None if r.peak_bytes is None else r.peak_bytes / 1e6, ".1f"), fmt(r.vs_full_memory, ".2f") + "x"]
@@ -54,7 +47,7 @@ def main():
     report(args.name, ["method", "median s/step", "time vs full", "peak MB", "memory vs full"], table,
            {"device": device_name, "config": config.to_dict(), "seq_len": args.seq_len, "batch_size": args.batch_size,
             "precision": args.precision, "optimizer": args.optimizer, "emulate_memory": args.emulate_memory,
-            "rows_detail": rows_json(rows)})
+            "rows_detail": bench.rows_json(rows)})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Create .venv and install slimtune into it. With no NVIDIA GPU, torch is a CPU build (a few hundred MB,
-# not several GB): one pip can already find (a local wheel), else PyTorch's CPU wheel index.
+# Create .venv and install slimtune into it. With no NVIDIA GPU, torch is a CPU build (a few hundred MB, not
+# several GB): pip's own configuration (pip.conf, PIP_INDEX_URL, PIP_FIND_LINKS) picks the index, and the CPU
+# build is recognised by its version suffix (+cpu). Where your index has no CPU build, point
+# SLIMTUNE_CPU_INDEX at a CPU wheel index (README, "Set-up"); SLIMTUNE_CPU_TORCH picks the version.
 # Usage: bash scripts/setup.sh [extras], e.g. `bash scripts/setup.sh test`. Re-running is cheap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,14 +19,18 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
     pip_q install "torch>=2.1,<3"
 else
     cpu_version="${SLIMTUNE_CPU_TORCH:-2.13.0}"
-    found=$(python -m pip install "torch==${cpu_version}" --dry-run --ignore-installed --no-deps -q --report - 2>/dev/null \
+    index=()
+    [ -n "${SLIMTUNE_CPU_INDEX:-}" ] && index=(--extra-index-url "$SLIMTUNE_CPU_INDEX")
+    found=$(python -m pip install "torch==${cpu_version}" "${index[@]}" --dry-run --ignore-installed --no-deps -q \
+        --report - 2>/dev/null \
         | python -c 'import json, sys; print(json.load(sys.stdin)["install"][0]["metadata"]["version"])' 2>/dev/null || true)
     if [[ "$found" == *+cpu ]]; then
         echo "setup: no GPU, installing the CPU build torch ${found}"
-        pip_q install "torch==${found}"
+        pip_q install "torch==${found}" "${index[@]}"
     else
-        echo "setup: no GPU, installing torch from PyTorch's CPU wheel index"
-        pip_q install "torch>=2.1,<3" --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+        echo "setup: no GPU, but pip's index offers no CPU build of torch ${cpu_version} (found '${found:-none}');" \
+             "installing the default build. Set SLIMTUNE_CPU_INDEX to a CPU wheel index to get the small one." >&2
+        pip_q install "torch>=2.1,<3" "${index[@]}"
     fi
 fi
 pip_q install -e ".${extras:+[$extras]}"

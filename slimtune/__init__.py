@@ -1,6 +1,61 @@
 """slimtune: fine-tune Performer language models in memory that does not grow with sequence length.
 
 Implements SLiM ("Sub-Linear Memory: How to Make Performers SLiM", Likhosherstov et al., NeurIPS 2021).
+
+    import torch, slimtune
+
+    model = slimtune.PerformerLM.from_pretrained("model.safetensors")
+    plan = slimtune.plan(model, seq_len=16384, mem_budget="2GB")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    for windows in slimtune.data.batches("my.txt", seq_len=16384, steps=100):
+        loss = slimtune.slim_step(model, windows, chunk_size=plan.chunk_size)  # exact gradients in .grad
+        opt.step(); opt.zero_grad(set_to_none=True)
+    model.save_pretrained("tuned.safetensors")
+
+The names below are loaded on first use, so `import slimtune` (and the CLI's --help) does not import torch.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "SlimtuneError": "errors", "ConfigError": "errors", "CheckpointError": "errors", "DataError": "errors",
+    "OutOfBudgetError": "errors",
+    "PerformerConfig": "config", "PerformerLM": "model",
+    "Plan": "planner", "plan": "planner",
+    "slim_step": "slim",
+    "FitOptions": "train", "FitResult": "train", "Trainer": "train", "fit": "train", "pretrain": "train",
+    "EvalResult": "evaluation", "evaluate": "evaluation", "adapt_one_step": "evaluation",
+    "generate": "generation",
+}
+__all__ = ["__version__", "data", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name == "data":
+        return importlib.import_module(".data", __name__)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'slimtune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from . import data
+    from .config import PerformerConfig
+    from .errors import CheckpointError, ConfigError, DataError, OutOfBudgetError, SlimtuneError
+    from .evaluation import EvalResult, adapt_one_step, evaluate
+    from .generation import generate
+    from .model import PerformerLM
+    from .planner import Plan, plan
+    from .slim import slim_step
+    from .train import FitOptions, FitResult, Trainer, fit, pretrain

@@ -16,18 +16,23 @@ allocates, counted as they are created and freed), which unlike RSS does not dep
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .config import PerformerConfig
+from .devices import cuda_context_bytes, emulate_card, resolve_device
 from .errors import ConfigError
-from .memory import TensorBytes, cuda_context_bytes, is_out_of_memory
+from .memory import TensorBytes, is_out_of_memory
 from .model import PerformerLM
 from .optimizers import make_optimizer
-from .slim import autocast, chunk_loss, slim_step
+from .recipes import load_recipe
+from .slim import autocast, chunk_loss, compute_dtype, slim_step
 
 FULL, CHECKPOINTED = "full backprop", "layer checkpointing"  # the latter: torch.utils.checkpoint per layer
 
@@ -54,6 +59,45 @@ class Row:
     vs_full_memory: float | None = None
     error: str | None = None
     times: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Setup:
+    """What a bench measures: a model on its device and one batch of token windows [B, L + 1]."""
+
+    model: PerformerLM
+    windows: torch.Tensor
+    name: str  # the checkpoint's file name, "recipe NAME" or "model"
+
+    @property
+    def seq_len(self) -> int:
+        return self.windows.shape[1] - 1
+
+
+def setup(*, checkpoint=None, recipe: str | None = None, config: PerformerConfig | None = None,
+          seq_len: int | None = None, batch_size: int = 1, device: str = "auto", seed: int = 0,
+          emulate_memory: str | None = None) -> Setup:
+    """The model to measure, from exactly one of a checkpoint, a recipe's model or a config (the latter two
+    randomly initialised with `seed`), and seeded random windows. L: `seq_len`, else the recipe's, else 1024.
+    `emulate_memory` caps a CUDA process at a smaller card's memory before anything is allocated."""
+    if sum(x is not None for x in (checkpoint, recipe, config)) != 1:
+        raise ConfigError("give exactly one of --checkpoint FILE or --recipe NAME (see `slimtune recipes`)")
+    dev = resolve_device(device)
+    if emulate_memory is not None:
+        emulate_card(emulate_memory, dev)
+    torch.manual_seed(seed)
+    if checkpoint is not None:
+        model, name, default_len = PerformerLM.from_pretrained(checkpoint, device=dev), Path(checkpoint).name, 1024
+    else:
+        base = load_recipe(recipe) if recipe is not None else None
+        model = PerformerLM(base.model if base else config).to(dev)
+        name = f"recipe {base.path.stem}" if base else "model"
+        default_len = int(base.train.get("seq_len", 1024)) if base else 1024
+    length = seq_len or default_len
+    model.redraw_features(torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    windows = torch.randint(0, model.config.vocab_size, (batch_size, length + 1), generator=generator).to(dev)
+    return Setup(model, windows, name)
 
 
 def checkpointed_step(model: PerformerLM, windows: torch.Tensor, precision: torch.dtype | None = None) -> float:
@@ -145,7 +189,7 @@ def run_bench(
     steps: int = 3,
     warmup: int = 1,
     optimizer: str | None = None,
-    precision: torch.dtype | None = None,
+    precision=None,
     recovery: str = "subtract64",
     on_progress=None,
 ) -> list[Row]:
@@ -154,7 +198,7 @@ def run_bench(
     if steps < 1 or warmup < 0:
         raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     device = windows.device
-    runner = _Runner(model, windows, optimizer, precision, recovery)
+    runner = _Runner(model, windows, optimizer, compute_dtype(precision), recovery)
     rows = {m: Row(m.label, m.chunk_size) for m in methods}
     optimizers = {}
     for m in methods:  # peak memory first, each method alone
@@ -207,6 +251,16 @@ def rows_json(rows: list[Row]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
+def check_plot_path(path) -> None:
+    """Fail before any measuring when the plot cannot be drawn."""
+    if path is None:
+        return
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("--plot needs matplotlib: pip install 'slimtune[plot]' (or pip install matplotlib)")
+    if Path(path).suffix.lower() != ".png":
+        raise ConfigError(f"--plot must name a .png file, got {path}")
+
+
 def plot(rows: list[Row], path, title: str) -> None:
     """Memory and time against C, one point per SLiM chunk size and a line for each full-sequence method."""
     import matplotlib
@@ -228,5 +282,6 @@ def plot(rows: list[Row], path, title: str) -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""Checkpoint I/O (CONTRACT.md section 2): contract .safetensors files, reference state dicts, atomic export.
+"""Checkpoint I/O (docs/format.md): contract .safetensors files, hf folders, reference state dicts, atomic export.
 
 A contract checkpoint is one .safetensors file with the reference's tensor names and the model config as JSON in
 the `slimtune_config` metadata. Also accepted: .safetensors files without that metadata, and state dicts saved
@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import pickle
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,16 +21,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
+from .atomic import atomic_write
+from .choices import ExportDtype, ExportFormat, LayerNorm
+from .config import PerformerConfig
 from .errors import CheckpointError, ConfigError
-from .model import PerformerConfig, PerformerLM
 
 CONTRACT_KEYS = ("vocab_size", "hidden_dim", "n_layers", "ffn_dim", "n_heads", "feature_type", "on_gptln")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
-FORMATS = ("safetensors", "hf")
 HF_WEIGHTS = "model.safetensors"  # the weights file inside a --format hf folder
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-LAYERNORM = {"post": True, "pre": False}
 # What each unknown setting is called on the command line, for error messages.
 FLAGS = {"n_heads": "--n-heads N", "feature_type": "--feature-type sqr|relu|elu+1|abs|favor+", "on_gptln": "--layernorm post|pre"}
 
@@ -196,9 +194,8 @@ def load_checkpoint(
     _check_readable(path)
     if path.is_dir():  # a --format hf folder
         path = path / HF_WEIGHTS
-    if layernorm is not None and layernorm not in LAYERNORM:
-        raise CheckpointError(f"--layernorm must be post or pre, got {layernorm!r}")
-    overrides = dict(n_heads=n_heads, feature_type=feature_type, on_gptln=None if layernorm is None else LAYERNORM[layernorm])
+    on_gptln = None if layernorm is None else LayerNorm.parse(layernorm, "--layernorm").on_gptln
+    overrides = dict(n_heads=n_heads, feature_type=feature_type, on_gptln=on_gptln)
     if path.suffix.lower() in TORCH_SUFFIXES:
         tensors, metadata = _read_torch(path), {}
     else:
@@ -217,28 +214,9 @@ def load_checkpoint(
     return Checkpoint(path=path, config=config, tensors=tensors, extra_config=extra, metadata=other)
 
 
-def build_model(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, device="cpu") -> PerformerLM:
-    """A PerformerLM holding the checkpoint's weights, in `dtype` on `device`. The model is built on the meta
-    device and takes the loaded tensors themselves, so an fp32 checkpoint on CPU is never held twice."""
-    with torch.device("meta"):
-        model = PerformerLM(checkpoint.config)
-    model.load_state_dict(checkpoint.tensors, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype)
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """--dtype: None or 'auto' keeps each tensor's input dtype."""
-    if name in (None, "auto"):
-        return None
-    if name not in DTYPES:
-        raise CheckpointError(f"--dtype must be auto, {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
-def export_tensors(model: PerformerLM, like: Checkpoint, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The model's weights under the contract names, each in `dtype` or else in the input checkpoint's dtype."""
-    state = model.state_dict()
-    return {n: state[n].detach().to("cpu", dtype or like.tensors[n].dtype).contiguous() for n in expected_shapes(model.config)}
+def export_tensors(state: dict[str, torch.Tensor], like: Checkpoint, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A model's state dict under the contract names, each in `dtype` or else in the input checkpoint's dtype."""
+    return {n: state[n].detach().to("cpu", dtype or like.tensors[n].dtype).contiguous() for n in expected_shapes(like.config)}
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -253,8 +231,7 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike, fmt: s
     """Refuse an output that would overwrite an input or cannot be written. Nothing is created here: a missing
     folder is made when the checkpoint is saved."""
     out = Path(out)
-    if fmt not in FORMATS:
-        raise CheckpointError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    fmt = ExportFormat.parse(fmt, "--format")
     for src in inputs:
         if src is not None and (same_file(out, src) or (fmt == "hf" and same_file(out / HF_WEIGHTS, src))):
             raise CheckpointError(f"output {out} is the same file as input {src}: choose another --out path")
@@ -270,69 +247,17 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike, fmt: s
     return out
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
-
-
-def temporary_path(path: Path) -> Path:
-    """The name this process writes `path` under before renaming it into place; the half-written files of
-    processes that died (kill -9, power loss) under the same scheme are removed first."""
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
-            stale.unlink(missing_ok=True)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """save_file to a temporary name beside `path`, fsync, rename: never half a file at `path`."""
-    tmp = temporary_path(path)
-    try:
+    with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 def _write_hf_folder(folder: Path, tensors, metadata: dict[str, str], config: dict) -> None:
-    """A folder with model.safetensors and config.json, built beside `folder` and renamed into place."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        _write_safetensors(tmp / HF_WEIGHTS, tensors, metadata)
+    """A folder with model.safetensors and config.json, built beside `folder` and swapped into place."""
+    with atomic_write(folder, folder=True) as tmp:
+        save_file(tensors, str(tmp / HF_WEIGHTS), metadata=metadata)
         with open(tmp / "config.json", "w") as f:
             json.dump({"architectures": ["SLiMPerformer"], "model_type": "slim_performer"} | config, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(folder.parent)
 
 
 def save_checkpoint(
@@ -347,14 +272,13 @@ def save_checkpoint(
     """Write a contract checkpoint atomically (a temporary file in the destination folder, fsync, rename), so a
     crash leaves the previous file or the new one, never half of one. fmt "hf" writes a folder with
     model.safetensors and config.json instead."""
-    path = Path(path)
+    path, fmt = Path(path), ExportFormat.parse(fmt, "--format")
     full_config = config.to_dict() | (extra_config or {})
     metadata = {"format": "pt", "slimtune_config": json.dumps(full_config), "slimtune_version": __version__}
     if provenance:
         metadata["slimtune_provenance"] = json.dumps(provenance)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if fmt == "hf":
+        if fmt == ExportFormat.HF:
             _write_hf_folder(path, tensors, metadata, full_config)
         else:
             _write_safetensors(path, tensors, metadata)
@@ -387,3 +311,29 @@ def describe(checkpoint: Checkpoint) -> dict:
         "provenance": provenance,
         "tensors": {name: (list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in checkpoint.tensors.items()},
     }
+
+
+def default_out(checkpoint: str | os.PathLike, fmt: str = "safetensors") -> Path:
+    """Where `fit` writes when no --out is given: NAME-tuned.safetensors beside the input (NAME-tuned-2, -3, ...
+    when that exists), so that nothing is ever overwritten."""
+    src = Path(checkpoint)
+    stem = src.stem if src.is_file() or src.suffix else src.name
+    suffix = ".safetensors" if ExportFormat.parse(fmt, "--format") == ExportFormat.SAFETENSORS else ""
+    for n in range(1, 10_000):
+        out = src.with_name(f"{stem}-tuned{'' if n == 1 else f'-{n}'}{suffix}")
+        if not out.exists():
+            return out
+    raise CheckpointError(f"no free output name beside {src}: pass --out")
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "auto", fmt: str = "safetensors",
+            n_heads: int | None = None, feature_type: str | None = None, layernorm: str | None = None) -> Checkpoint:
+    """Write any accepted checkpoint (e.g. the reference code's torch.save state dict) as a contract checkpoint,
+    bit for bit in each tensor's dtype unless `dtype` casts. Returns the source checkpoint."""
+    cast = ExportDtype.parse(dtype, "--dtype").dtype
+    target = check_output_path(out, src, fmt=fmt)
+    ckpt = load_checkpoint(src, n_heads=n_heads, feature_type=feature_type, layernorm=layernorm)
+    tensors = {name: t.to(cast or t.dtype) for name, t in ckpt.tensors.items()}
+    save_checkpoint(target, tensors, ckpt.config, extra_config=ckpt.extra_config,
+                    provenance={"converted_from": Path(src).name}, fmt=fmt)
+    return ckpt

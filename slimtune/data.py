@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +79,27 @@ def split_held_out(data: torch.Tensor, fraction: float) -> tuple[torch.Tensor, t
     if cut < 2 or data.numel() - cut < 2:
         raise DataError(f"--eval-fraction {fraction} leaves too little data on one side of {data.numel()} bytes")
     return data[:cut], data[cut:]
+
+
+def batches(
+    data: torch.Tensor | str | os.PathLike,
+    *,
+    seq_len: int,
+    batch_size: int = 1,
+    steps: int | None = None,
+    seed: int = 0,
+) -> Iterator[torch.Tensor]:
+    """Seeded random windows of a byte file, as `slimtune fit` draws them: `steps` batches (None: without end)
+    of [batch_size, seq_len + 1] int64 token ids, ready for `slim_step`.
+
+    Example:
+        for windows in slimtune.data.batches("my.txt", seq_len=4096, steps=100):
+            loss = slimtune.slim_step(model, windows, chunk_size=512)
+    """
+    if not isinstance(data, torch.Tensor):
+        data = read_bytes(data, min_length=seq_len + 1)
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+    while steps is None or step < steps:
+        yield random_windows(data, batch_size, seq_len, generator)
+        step += 1

@@ -120,3 +120,11 @@ def buffer_bytes(model: nn.Module, rows: int = DEFER_ROWS) -> int:
 def defers(batch_size: int, chunk_size: int, seq_len: int, precision: torch.dtype | None) -> bool:
     """Whether slim_step batches weight gradients: several chunks of fewer than DEFER_ROWS rows, no autocast."""
     return chunk_size < seq_len and batch_size * chunk_size < DEFER_ROWS and precision is None
+
+
+def use_batching(batch_size: int, chunk_size: int, seq_len: int, precision: torch.dtype | None,
+                 requested: bool | None) -> bool:
+    """The one decision whether a step batches its weight gradients: when asked (None: whenever it can) and
+    when it can (`defers`)."""
+    possible = defers(batch_size, chunk_size, seq_len, precision)
+    return possible if requested is None else bool(requested) and possible

@@ -16,12 +16,12 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import build_model, load_checkpoint
+from .checkpoint import load_checkpoint
 from .data import read_bytes
 from .evaluation import evaluate
 from .memory import release_free_heap, reset_peak_rss
-from .model import PerformerConfig
-from .planner import plan_chunk_size
+from .model import PerformerConfig, PerformerLM
+from .planner import Workload, plan_chunk_size
 from .train import FitOptions, fit, pretrain
 
 CONFIG = PerformerConfig(vocab_size=256, hidden_dim=64, n_layers=2, ffn_dim=256, n_heads=4, feature_type="sqr", on_gptln=True)
@@ -77,8 +77,8 @@ def run_demo(workdir: str | Path, say: Callable[[str], None] = print, *, pretrai
         f"L 256: loss {pre.loss:.2f} -> {pre.final_loss:.2f} nats/byte in {pre.seconds:.1f} s -> {base}")
 
     seq_len = 8192
-    model = build_model(load_checkpoint(base))
-    unconstrained = plan_chunk_size(model, seq_len, 1, "adam", None)
+    model = PerformerLM.from_pretrained(base)
+    unconstrained = plan_chunk_size(model, Workload(seq_len, 1, "adam"), None)
     by_size = {c.chunk_size: c.predicted_peak_bytes for c in unconstrained.candidates}
     # Emulate a small device: a budget between the predicted peaks at C = L/4 and C = L/2.
     budget = (by_size[seq_len // 4] + by_size[seq_len // 2]) // 2
@@ -102,7 +102,7 @@ def run_demo(workdir: str | Path, say: Callable[[str], None] = print, *, pretrai
         f"held-out bpc {before:.3f} -> {after:.3f}; peak memory predicted {result.plan['predicted_peak_bytes'] / 1e6:.1f} MB, "
         f"measured {result.peak_memory_bytes / 1e6:.1f} MB (budget {budget / 1e6:.1f} MB), {result.seconds:.1f} s")
 
-    reloaded = build_model(load_checkpoint(tuned))
+    reloaded = PerformerLM.from_pretrained(tuned)
     probe = read_bytes(held_out)[:seq_len].long()[None]
     with torch.no_grad():
         diff = (reloaded(probe) - result.model(probe)).abs().max().item()

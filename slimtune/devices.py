@@ -1,4 +1,10 @@
-"""Device detection for `slimtune env`, `plan` and `fit`: CPU memory from psutil, NVIDIA GPUs from NVML.
+"""Devices and their memory: which device to run on, what it has free, the budget a job may use on it, the CUDA
+context's share, an emulated small card; CPU memory from psutil, NVIDIA GPUs from NVML (`slimtune env`).
+
+A budget covers everything the job holds on the device. On CPU that is the process's resident memory (RSS): the
+runtime (Python, torch, the loaded checkpoint), the weights, gradients, optimizer state, one chunk's activations,
+the recurrent states and the tokens. On CUDA it is what the job takes of the card: the CUDA context plus the
+caching allocator's reserved memory.
 
 CUDA device indices are not NVML indices: CUDA_VISIBLE_DEVICES renumbers and reorders the cards, and a MIG
 slice is a device of its own. Cards are matched by UUID (torch reports it), and for a MIG slice, whose memory
@@ -13,6 +19,11 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 import torch
+
+from .errors import ConfigError
+from .units import format_size, parse_size
+
+SAFETY_MARGIN = 0.10  # with no --mem-budget, leave this share of the free memory alone
 
 
 @dataclass
@@ -123,3 +134,71 @@ def detect_environment() -> Environment:
         nvml_error=nvml_error,
         default_device="cuda" if torch.cuda.is_available() else "cpu",
     )
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """auto -> cuda when usable, else cpu. Raises ConfigError for a device that is not there."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no usable CUDA device here; use --device cpu (or auto)")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0..")
+        return device
+    raise ConfigError(f"--device must be auto, cpu or cuda, got {name!r}")
+
+
+def cuda_context_bytes(device: torch.device) -> int:
+    """What the CUDA context itself holds: memory used on the card beyond what the allocator reserved
+    (exact when this process is alone on the card)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, total - free - torch.cuda.memory_reserved(device) - nvml_other_processes_bytes(device))
+
+
+def available_bytes(device: torch.device) -> int:
+    """What this job could hold in all: RSS plus the system's available memory (CPU), or the card's free
+    memory plus what this process already reserved (CUDA)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) + cuda_context_bytes(device)
+    return psutil.Process().memory_info().rss + psutil.virtual_memory().available
+
+
+def resolve_budget(budget: str | int | None, device: torch.device) -> tuple[int, int]:
+    """(effective budget, available): the smaller of the user's budget and what is free. `budget` is a size,
+    a percentage of the available memory ('80%'), or None for the available memory less a safety margin."""
+    available = available_bytes(device)
+    if budget is None:
+        return int(available * (1 - SAFETY_MARGIN)), available
+    if isinstance(budget, str) and budget.strip().endswith("%"):
+        try:
+            share = float(budget.strip()[:-1])
+        except ValueError:
+            raise ConfigError(f"cannot read budget {budget!r}: write a size (2GB) or a percentage (80%)") from None
+        if not 0 < share <= 100:
+            raise ConfigError(f"budget {budget!r} must be a percentage in (0, 100]")
+        return int(available * share / 100), available
+    return min(parse_size(budget), available), available
+
+
+def emulate_card(size: str | int, device: torch.device) -> int:
+    """Make this process see a CUDA card of `size` bytes in all (e.g. 2GB for a small card): the caching
+    allocator is capped (torch.cuda.set_per_process_memory_fraction) at `size` less the CUDA context this
+    process already holds, as the context takes its share of a real small card too. Returns the allocator cap."""
+    if device.type != "cuda":
+        raise ConfigError(f"--emulate-memory caps a CUDA card, but the device is {device}: drop it or use --device cuda")
+    wanted = parse_size(size)
+    torch.zeros(1, device=device)  # creates the context, so that its size can be read
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = wanted - cuda_context_bytes(device)
+    if cap <= 0 or wanted >= total:
+        raise ConfigError(f"--emulate-memory {size} must lie between the CUDA context "
+                          f"({format_size(cuda_context_bytes(device))}) and the card's {format_size(total)}")
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    return cap

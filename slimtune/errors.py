@@ -16,3 +16,7 @@ class CheckpointError(SlimtuneError):
 
 class DataError(SlimtuneError):
     """A data file that is missing, empty or too short."""
+
+
+class OutOfBudgetError(SlimtuneError):
+    """A memory budget that fits no chunk size, or a device that ran out of memory even at C = 1."""

@@ -4,14 +4,16 @@ grow with the sequence length."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .data import copy_windows
+from .data import copy_windows, read_bytes
 from .errors import ConfigError
 from .model import PerformerLM
+from .planner import Workload, plan_chunk_size
 from .slim import slim_step
 
 
@@ -41,23 +43,62 @@ def position_nll(model: PerformerLM, windows: torch.Tensor, chunk_size: int) -> 
     return torch.cat(parts, dim=1)
 
 
+def default_seq_len(model: PerformerLM) -> int:
+    """The L a checkpoint was trained at (its slimtune_config seq_len), else 1024."""
+    return int(model.source.extra_config.get("seq_len", 1024)) if model.source is not None else 1024
+
+
+def fixed_features(model: PerformerLM, seed: int = 0) -> None:
+    """FAVOR+ models: a seeded draw, so that scoring and sampling are repeatable (a no-op for other maps)."""
+    model.redraw_features(torch.Generator().manual_seed(seed))
+
+
+def check_vocabulary(model: PerformerLM, data: torch.Tensor, what: str = "data") -> None:
+    """Byte data holds ids 0..255: a model with a smaller vocabulary cannot read bytes beyond it."""
+    vocab = model.config.vocab_size
+    if vocab >= 256 or data.numel() == 0:
+        return
+    top = int(data.max())
+    if top >= vocab:
+        raise ConfigError(f"{what} holds byte values up to {top}, but the model's vocabulary has {vocab} ids: a "
+                          f"byte-level model needs vocab_size 256; or pass data whose bytes are all below {vocab}")
+
+
 def evaluate(
     model: PerformerLM,
-    data: torch.Tensor,
+    data: torch.Tensor | str | os.PathLike,
     *,
-    seq_len: int,
+    seq_len: int | None = None,
     chunk_size: int = 1024,
     batch_size: int = 8,
     max_bytes: int | None = None,
     on_progress=None,
 ) -> EvalResult:
-    """bpc over `data` (uint8 [N]) cut into consecutive sequences of seq_len predictions, each starting from
-    position 0 with fresh states; the last, shorter sequence counts too."""
+    """Bits per character of `model` on bytes.
+
+    Args:
+        model: the model (FAVOR+ models use their current draw; see `fixed_features`).
+        data: a text file's path, or its bytes as a uint8 tensor [N].
+        seq_len: predictions per sequence; the data is cut into consecutive sequences, each starting from
+            position 0 with fresh states, the last, shorter one included. Default: the checkpoint's seq_len.
+        chunk_size: tokens run at a time (memory does not grow with seq_len).
+        max_bytes: score only the first N bytes.
+
+    Returns:
+        EvalResult with bpc, loss (nats) and the number of bytes scored.
+
+    Example:
+        bpc = slimtune.evaluate(model, "valid.txt").bpc
+    """
+    if not isinstance(data, torch.Tensor):
+        data = read_bytes(data, min_length=2)
+    seq_len = seq_len or default_seq_len(model)
     if seq_len < 1 or chunk_size < 1:
         raise ConfigError(f"--seq-len and chunk size must be >= 1, got {seq_len} and {chunk_size}")
     n = data.numel() if max_bytes is None else min(data.numel(), max_bytes)
     if n < 2:
         raise ConfigError("eval needs at least 2 bytes of data")
+    check_vocabulary(model, data[:n])
     device = next(model.parameters()).device
     starts = list(range(0, n - 1, seq_len))
     total, count = 0.0, 0
@@ -116,15 +157,20 @@ def adapt_one_step(
     seq_len: int,
     windows: int = 8,
     lr: float = 0.01,
-    chunk_size: int,
+    chunk_size: int | None = None,
+    mem_budget: int | str | None = None,
     seed: int = 0,
     on_progress=None,
 ) -> AdaptResult:
     """The paper's on-device protocol: for `windows` windows of seq_len + 1 bytes at seeded random offsets, the
     bpc of the second half before and after one plain-SGD step on the first half's loss (computed with SLiM at
-    `chunk_size`), each window starting again from the original weights."""
+    `chunk_size`; None: the largest C that fits `mem_budget`), each window starting again from the original
+    weights."""
     if seq_len < 4 or data.numel() < seq_len + 1:
         raise ConfigError(f"--adapt one-step needs seq len >= 4 and at least seq len + 1 = {seq_len + 1} bytes of data")
+    if chunk_size is None:
+        chunk_size = plan_chunk_size(model, Workload(max(1, seq_len // 2), 1, "sgd"), mem_budget).chunk_size
+    check_vocabulary(model, data)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     original = {name: t.detach().clone() for name, t in model.state_dict().items()}

@@ -12,17 +12,39 @@ from .model import PerformerLM
 @torch.no_grad()
 def generate(
     model: PerformerLM,
-    prompt: bytes,
+    prompt: bytes | str,
     n_bytes: int,
     *,
     temperature: float = 0.8,
     top_k: int | None = None,
     chunk_size: int = 1024,
     generator: torch.Generator | None = None,
+    seed: int | None = None,
 ) -> bytes:
-    """`n_bytes` bytes sampled after `prompt` (temperature 0: greedy)."""
+    """Sample a continuation of `prompt` in recurrent mode.
+
+    Args:
+        model: the model; prompt: bytes (or text, encoded as UTF-8) to continue; n_bytes: how many to sample.
+        temperature: 0 is greedy; top_k: sample among the k likeliest bytes.
+        generator or seed: the random numbers (a seed also fixes a FAVOR+ model's feature draw).
+
+    Returns:
+        The `n_bytes` sampled bytes (without the prompt).
+
+    Example:
+        text = slimtune.generate(model, "Day 12: wind", 300, seed=0).decode("utf-8", errors="replace")
+    """
+    if isinstance(prompt, str):
+        prompt = prompt.encode()
     if not prompt:
         raise ConfigError("the prompt is empty: give at least one byte of text to continue")
+    if max(prompt) >= model.config.vocab_size:
+        raise ConfigError(f"the prompt holds byte values up to {max(prompt)}, but the model's vocabulary has "
+                          f"{model.config.vocab_size} ids: use a byte-level model (vocab_size 256) or a prompt "
+                          f"whose bytes are all below {model.config.vocab_size}")
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+        model.redraw_features(generator)
     if n_bytes < 0 or temperature < 0 or (top_k is not None and top_k < 1):
         raise ConfigError(f"need --bytes >= 0, --temperature >= 0 and --top-k >= 1, got {n_bytes}, {temperature}, {top_k}")
     device = next(model.parameters()).device
@@ -41,6 +63,8 @@ def generate(
                 last = last.masked_fill(last < cutoff, float("-inf"))
             probs = torch.softmax(last / temperature, dim=-1).cpu()
             token = int(torch.multinomial(probs, 1, generator=generator))
+        if token > 255:  # a larger vocabulary than bytes: such ids have no byte to show
+            raise ConfigError(f"the model sampled id {token}, which is no byte: generate works with byte-level models")
         out.append(token)
         logits, states = model.forward_chunk(torch.tensor([[token]], device=device), position, states)
         position += 1

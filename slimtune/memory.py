@@ -1,94 +1,29 @@
-"""Memory: device detection, budgets, measured peaks, and the planner that picks the largest chunk size C
-whose predicted peak fits the budget.
+"""Measurement: what the process holds (resident memory, its peak, the tensor bytes it creates), glibc heap
+tuning, and telling an out-of-memory error from any other.
 
-The budget covers everything the job holds on the device. On CPU that is the process's resident memory (RSS):
-the runtime (Python, torch, the loaded checkpoint), the weights, gradients, optimizer state, one chunk's
-activations, the recurrent states and the tokens. On CUDA it is what the job takes of the card: the CUDA context
-plus the caching allocator's reserved memory.
-
-What the prediction is made of, line by line (see `planner.predict`):
-- runtime     measured: RSS after the probe steps (Python, torch, kernels' code and caches, the weights) on CPU;
-              the CUDA context plus the allocated weights on CUDA.
-- gradients   computed: one per parameter, in the parameters' dtype.
-- optimizer   measured: the optimizer's state, from one probe step with zero gradients and lr 0.
-- chunk       measured: the tensor bytes one step holds at its peak besides the gradients (activations and
-              temporaries), counted by `TensorBytes` at two chunk sizes and extrapolated linearly in C.
-- states      computed: per-layer attention states, their copies and gradients, and the token windows.
-- heap        calibrated: on CPU glibc's heap holds more than the tensors it serves (blocks below the mmap
-              threshold are reused but kept, and fragment): HEAP_OVERHEAD x the share of a chunk's bytes that
-              falls in heap-sized blocks at that C (the probe records every block's size; activations scale
-              with C, so at large C they move to mmap, which returns them exactly).
-The optimizer step's own peak (gradients + state + temporaries, counted) is compared with the backward's.
-
-On Linux the CLI fixes glibc's mmap threshold at 4 MB (`limit_heap_retention`) and asks torch for huge pages
-(THP_MEM_ALLOC_ENABLE=1), so that freed activations leave the process at once, cheaply, and resident memory
-follows the tensor bytes the job holds.
+On Linux the CLI fixes glibc's mmap threshold (`limit_heap_retention`) and asks torch for huge pages
+(THP_MEM_ALLOC_ENABLE=1), so that freed activations leave the process at once and resident memory follows the
+tensor bytes the job holds; planner.py says how the prediction accounts for the heap.
 """
 
 from __future__ import annotations
 
 import ctypes
-import re
-import resource
 import weakref
-from decimal import Decimal
 
 import psutil
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .devices import nvml_other_processes_bytes
-from .errors import ConfigError
+from .devices import cuda_context_bytes
 
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
-SAFETY_MARGIN = 0.10  # with no --mem-budget, leave this share of the free memory alone
+try:  # POSIX only; /proc or psutil stand in elsewhere
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None
 
-
-def parse_size(text: str | int) -> int:
-    """'2GB' -> 2e9, '1.5GiB' -> 1.5 * 2^30, '512MB', '900000000'. Decimal units are powers of 10, binary of 2."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value, unit = Decimal(text), ""
-    else:
-        match = _SIZE.match(str(text))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ConfigError(f"cannot read size {text!r}: write it like 2GB, 1.5GiB, 512MB or 900000000")
-        value, unit = Decimal(match.group(1)), match.group(2).lower()
-    if value.adjusted() > 30:  # more than 10^30 of anything: no machine has it
-        raise ConfigError(f"size {text!r} is larger than any device: write it like 2GB, 1.5GiB or 512MB")
-    size = value * _UNITS[unit]  # exact decimal arithmetic: 4611686019GB is 4611686019 * 10^9 bytes, not a float
-    if size < 1:
-        raise ConfigError(f"size {text!r} must be at least 1 byte")
-    return int(size)
-
-
-def format_size(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda when usable, else cpu. Raises ConfigError for a device that is not there."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: no usable CUDA device here; use --device cpu (or auto)")
-        device = torch.device(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0..")
-        return device
-    raise ConfigError(f"--device must be auto, cpu or cuda, got {name!r}")
+MMAP_THRESHOLD = 4 * 2**20  # with limit_heap_retention: blocks below this come from glibc's heap, larger from mmap
 
 
 def process_rss() -> int:
@@ -104,7 +39,9 @@ def _kernel_peak_rss() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if resource is not None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return getattr(psutil.Process().memory_info(), "peak_wset", process_rss())  # Windows: the peak working set
 
 
 def peak_rss() -> int:
@@ -123,15 +60,7 @@ def reset_peak_rss() -> bool:
         return False
 
 
-HEAP_THRESHOLD = 4 * 2**20  # blocks below this come from glibc's heap, at and above it from mmap
-# Resident bytes per tensor byte in heap-sized blocks at a training run's peak: glibc reuses freed blocks but
-# keeps and fragments them, more so over many chunks and steps. Calibrated, not measured per run: a single
-# probe step from a trimmed heap shows only ~1.35, while runs show about 2 (benchmarks/planner_accuracy.py
-# for d = 256, and the demo's d = 64 model, where every block is heap-sized).
-HEAP_OVERHEAD = 2.0
-
-
-def limit_heap_retention(threshold: int = HEAP_THRESHOLD) -> bool:
+def limit_heap_retention(threshold: int = MMAP_THRESHOLD) -> bool:
     """Make glibc return freed blocks of `threshold` bytes or more to the OS at once (a fixed mmap threshold),
     so that resident memory follows the large activations the job holds instead of the largest heap it ever
     had: glibc otherwise raises its threshold to 32 MB as big blocks are freed, keeps them, and the RSS of a
@@ -159,39 +88,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return cuda_context_bytes(device) + torch.cuda.max_memory_reserved(device)
     return peak_rss()
-
-
-def cuda_context_bytes(device: torch.device) -> int:
-    """What the CUDA context itself holds: memory used on the card beyond what the allocator reserved
-    (exact when this process is alone on the card)."""
-    free, total = torch.cuda.mem_get_info(device)
-    return max(0, total - free - torch.cuda.memory_reserved(device) - nvml_other_processes_bytes(device))
-
-
-def available_bytes(device: torch.device) -> int:
-    """What this job could hold in all: RSS plus the system's available memory (CPU), or the card's free
-    memory plus what this process already reserved (CUDA)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) + cuda_context_bytes(device)
-    return process_rss() + psutil.virtual_memory().available
-
-
-def resolve_budget(budget: str | int | None, device: torch.device) -> tuple[int, int]:
-    """(effective budget, available): the smaller of the user's budget and what is free. `budget` is a size,
-    a percentage of the available memory ('80%'), or None for the available memory less a safety margin."""
-    available = available_bytes(device)
-    if budget is None:
-        return int(available * (1 - SAFETY_MARGIN)), available
-    if isinstance(budget, str) and budget.strip().endswith("%"):
-        try:
-            share = float(budget.strip()[:-1])
-        except ValueError:
-            raise ConfigError(f"cannot read budget {budget!r}: write a size (2GB) or a percentage (80%)") from None
-        if not 0 < share <= 100:
-            raise ConfigError(f"budget {budget!r} must be a percentage in (0, 100]")
-        return int(available * share / 100), available
-    return min(parse_size(budget), available), available
 
 
 class TensorBytes(TorchDispatchMode):
@@ -231,20 +127,3 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, torch.OutOfMemoryError):
         return True
     return isinstance(error, RuntimeError) and ("out of memory" in str(error) or "can't allocate memory" in str(error))
-
-
-def emulate_card(size: str | int, device: torch.device) -> int:
-    """Make this process see a CUDA card of `size` bytes in all (e.g. 2GB for a small card): the caching
-    allocator is capped (torch.cuda.set_per_process_memory_fraction) at `size` less the CUDA context this
-    process already holds, as the context takes its share of a real small card too. Returns the allocator cap."""
-    if device.type != "cuda":
-        raise ConfigError(f"--emulate-memory caps a CUDA card, but the device is {device}: drop it or use --device cuda")
-    wanted = parse_size(size)
-    torch.zeros(1, device=device)  # creates the context, so that its size can be read
-    total = torch.cuda.get_device_properties(device).total_memory
-    cap = wanted - cuda_context_bytes(device)
-    if cap <= 0 or wanted >= total:
-        raise ConfigError(f"--emulate-memory {size} must lie between the CUDA context "
-                          f"({format_size(cuda_context_bytes(device))}) and the card's {format_size(total)}")
-    torch.cuda.set_per_process_memory_fraction(cap / total, device)
-    return cap

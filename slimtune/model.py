@@ -1,74 +1,36 @@
-"""The Performer language model of CONTRACT.md section 1, in the layout of the SLiM paper's reference code.
+"""The Performer language model (docs/format.md), in the layout of the SLiM paper's reference code.
 
 The one definition of the math is the chunk-level forward: `forward_chunk(ids, start, states)` runs a chunk
 of tokens at absolute positions start, start + 1, ... from per-layer attention states and returns the logits
 and the states after the chunk. The full-sequence forward is one chunk from zero states; SLiM runs many.
 Each layer is split into `features` (queries, keys, values and their feature maps) and `mix` (attention from
 a state, then the feed-forward block), so that SLiM can recover a layer's start state between the two.
+Every linear map is a `DeferredLinear`: an nn.Linear (same parameters and state_dict) whose weight gradient
+SLiM may batch over small chunks (deferred.py). `from_pretrained` / `save_pretrained` read and write checkpoints.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import causal_linear_attention, state_contribution
-from .deferred import DeferredLinear as Linear  # nn.Linear whose weight gradient SLiM may batch over chunks
+from .checkpoint import Checkpoint, export_tensors, file_sha256, load_checkpoint, save_checkpoint
+from .choices import ExportDtype, ExportFormat
+from .config import PerformerConfig
+from .deferred import DeferredLinear
+from .devices import resolve_device
 from .errors import ConfigError
-from .features import apply_features, draw_orthogonal_features, favor_multiplier, feature_dim
+from .features import apply_features, draw_orthogonal_features, favor_multiplier
+
+__all__ = ["PerformerConfig", "PerformerLM"]
 
 LN_EPS = 1e-5
-
-
-@dataclass(frozen=True)
-class PerformerConfig:
-    vocab_size: int = 256  # V; 256 for byte-level text
-    hidden_dim: int = 256  # d; a multiple of 4 (E has d/2 columns, sin and cos d/4 each) and of n_heads
-    n_layers: int = 3  # number of Performer layers
-    ffn_dim: int = 1024  # F, the feed-forward width
-    n_heads: int = 4  # H; head size d_h = d / H
-    feature_type: str = "sqr"  # phi: sqr, relu, elu+1, abs, favor+ or favor+_N
-    on_gptln: bool = True  # True: post layer norm (x + LN(f(x))), the reference default; False: pre
-
-    def __post_init__(self):
-        for name in ("vocab_size", "hidden_dim", "n_layers", "ffn_dim", "n_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"config {name} must be a positive integer, got {value!r}")
-        if self.hidden_dim % 4:
-            raise ConfigError(f"hidden_dim {self.hidden_dim} must be a multiple of 4 (embedding, sin and cos parts)")
-        if self.hidden_dim % self.n_heads:
-            raise ConfigError(
-                f"hidden_dim {self.hidden_dim} is not divisible by n_heads {self.n_heads}: pick a head count that divides it"
-            )
-        if not isinstance(self.on_gptln, bool):
-            raise ConfigError(f"config on_gptln must be true or false, got {self.on_gptln!r}")
-        feature_dim(self.feature_type, self.head_dim)  # raises on an unknown feature type
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_dim // self.n_heads
-
-    @property
-    def n_features(self) -> int:
-        """M, the feature dimension of each head's state."""
-        return feature_dim(self.feature_type, self.head_dim)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "PerformerConfig":
-        """Build from a checkpoint's config, ignoring keys that are not model settings (seq_len, provenance)."""
-        names = {f.name for f in fields(cls)}
-        missing = names - values.keys()
-        if missing:
-            raise ConfigError(f"model config lacks {', '.join(sorted(missing))}: add them to slimtune_config")
-        return cls(**{k: values[k] for k in names})
 
 
 class PerformerAttention(nn.Module):
@@ -78,7 +40,7 @@ class PerformerAttention(nn.Module):
         super().__init__()
         d = config.hidden_dim
         self.config = config
-        self.q_map, self.k_map, self.v_map = Linear(d, d), Linear(d, d), Linear(d, d)
+        self.q_map, self.k_map, self.v_map = DeferredLinear(d, d), DeferredLinear(d, d), DeferredLinear(d, d)
         # FAVOR+ draw W: [M, d_h]; not part of the state_dict, so checkpoints keep the reference's names.
         self.register_buffer("projection", None, persistent=False)
 
@@ -98,8 +60,8 @@ class PerformerLayer(nn.Module):
         d = config.hidden_dim
         self.post_norm = config.on_gptln
         self.attention = PerformerAttention(config)
-        self.U_map = Linear(d, config.ffn_dim)
-        self.V_map = Linear(config.ffn_dim, d)
+        self.U_map = DeferredLinear(d, config.ffn_dim)
+        self.V_map = DeferredLinear(config.ffn_dim, d)
         self.layernorm1 = nn.LayerNorm(d, eps=LN_EPS)
         self.layernorm2 = nn.LayerNorm(d, eps=LN_EPS)
 
@@ -134,7 +96,96 @@ class PerformerLM(nn.Module):
         d = config.hidden_dim
         self.input_map = nn.Embedding(config.vocab_size, d // 2)
         self.layers = nn.ModuleList(PerformerLayer(config) for _ in range(config.n_layers))
-        self.output_logit_map = Linear(d, config.vocab_size)
+        self.output_logit_map = DeferredLinear(d, config.vocab_size)
+        self.source: Checkpoint | None = None  # the checkpoint the weights came from (names, dtypes, config)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, *, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> PerformerLM:
+        """A model holding a loaded checkpoint's weights. The model is built on the meta device and takes the
+        loaded tensors themselves, so the weights are never held twice; the checkpoint keeps only their names,
+        shapes and dtypes afterwards (for `save_pretrained`)."""
+        with torch.device("meta"):
+            model = cls(checkpoint.config)
+        model.load_state_dict(checkpoint.tensors, strict=True, assign=True)
+        model = model.to(device=resolve_device(device or "cpu"), dtype=dtype or torch.float32)
+        checkpoint.release()
+        model.source = checkpoint
+        return model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        n_heads: int | None = None,
+        feature_type: str | None = None,
+        layernorm: str | None = None,
+    ) -> PerformerLM:
+        """Load a checkpoint: a contract .safetensors file, an hf folder, or a reference state dict (.pt, .pth,
+        .bin; loaded without running pickled code).
+
+        Args:
+            path: the checkpoint file or folder.
+            device: "cpu" (default), "cuda", "cuda:1", "auto" or a torch.device.
+            dtype: the weights' dtype in memory (default float32, the master weights training needs).
+            n_heads, feature_type, layernorm ("post" or "pre"): what a checkpoint without slimtune_config
+                metadata cannot tell from its shapes.
+
+        Returns:
+            The model, remembering its checkpoint so that `save_pretrained` keeps its names, dtypes and config.
+
+        Raises:
+            CheckpointError: the file is missing, not a checkpoint, or does not match the model layout.
+
+        Example:
+            model = PerformerLM.from_pretrained("model.safetensors", device="cuda")
+        """
+        checkpoint = load_checkpoint(path, n_heads=n_heads, feature_type=feature_type, layernorm=layernorm)
+        return cls.from_checkpoint(checkpoint, device=device, dtype=dtype)
+
+    def save_pretrained(
+        self,
+        path: str | os.PathLike,
+        *,
+        format: ExportFormat | str = "safetensors",
+        dtype: ExportDtype | str = "auto",
+        metadata: dict | None = None,
+        extra_config: dict | None = None,
+    ) -> Path:
+        """Write the weights as a checkpoint the original full model loads unchanged, atomically (a crash leaves
+        the previous file or the new one).
+
+        Args:
+            path: a .safetensors file, or a folder with format="hf".
+            format: "safetensors" (one file) or "hf" (a folder with model.safetensors and config.json).
+            dtype: "auto" keeps each tensor's dtype in the checkpoint the model was loaded from (the model's
+                own dtype for a new model); or "fp32", "fp16", "bf16".
+            metadata: provenance to record (JSON-serialisable); the base checkpoint's name and sha256 are
+                recorded by default for a loaded model.
+            extra_config: slimtune_config keys beyond the model's seven (for example seq_len).
+
+        Returns:
+            The path written.
+
+        Example:
+            model.save_pretrained("tuned.safetensors", metadata={"note": "one step on my.txt"})
+        """
+        cast = ExportDtype.parse(dtype, "dtype").dtype
+        state = self.state_dict()
+        if self.source is not None:
+            tensors = export_tensors(state, self.source, cast)
+            config = self.source.extra_config | (extra_config or {})
+            provenance = {"base_checkpoint": self.source.path.name}
+            if self.source.path.is_file():
+                provenance["base_sha256"] = file_sha256(self.source.path)
+        else:
+            tensors = {n: t.detach().to("cpu", cast or t.dtype).contiguous() for n, t in state.items()}
+            config, provenance = dict(extra_config or {}), {}
+        return save_checkpoint(path, tensors, self.config, extra_config=config,
+                               provenance=provenance | (metadata or {}), fmt=ExportFormat.parse(format, "format"))
 
     def initial_states(self, batch_size: int, *, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """Zero attention states, one [B, H, M, d_h + 1] per layer (last column: the normaliser z)."""

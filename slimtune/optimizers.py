@@ -4,15 +4,34 @@ from __future__ import annotations
 
 import torch
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+from .choices import Optimizer
+
+OPTIMIZERS = tuple(m.value for m in Optimizer)
+ADAMW_WEIGHT_DECAY = 0.01  # adamw's decay when none is given
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """sgd is plain SGD (no momentum, no state); adamw applies decoupled weight decay."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.0)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}")
+def default_weight_decay(name: Optimizer | str) -> float:
+    return ADAMW_WEIGHT_DECAY if Optimizer.parse(name, "optimizer") == Optimizer.ADAMW else 0.0
+
+
+def param_groups(model_or_params, weight_decay: float) -> list[dict]:
+    """Weight decay on the weight matrices (and the embedding) only, never on LayerNorm gains or biases
+    (nanoGPT's rule: decay the parameters with two or more dimensions)."""
+    params = list(model_or_params.parameters() if hasattr(model_or_params, "parameters") else model_or_params)
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def make_optimizer(name: Optimizer | str, params, lr: float, weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """sgd is plain SGD (no momentum, no state); adam and adamw as in torch. `weight_decay` (default: 0.01 for
+    adamw, else 0) applies to the weight matrices only; adamw's is decoupled, sgd's and adam's is L2."""
+    name = Optimizer.parse(name, "optimizer")
+    decay = default_weight_decay(name) if weight_decay is None else weight_decay
+    groups = param_groups(params, decay)
+    if name == Optimizer.SGD:
+        return torch.optim.SGD(groups, lr=lr, momentum=0.0)
+    if name == Optimizer.ADAM:
+        return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr)

@@ -2,13 +2,25 @@
 
 Rounding rule for C: C = L (ordinary backprop) when that fits; otherwise the largest C below L that fits among
 powers of two up to 256 and, from 256 on, numbers with three significant binary digits (256, 320, 384, 448,
-512, 640, 768, 896, 1024, 1280, ...): multiples of the 64-token attention block, 12-25 % apart. If not even C = 1 fits,
-`plan_chunk_size` raises with the breakdown and what to change.
+512, 640, 768, 896, 1024, 1280, ...): multiples of the 64-token attention block, 12-25 % apart. If not even C = 1
+fits, `plan_chunk_size` raises OutOfBudgetError with the breakdown and what to change.
 
 Two probe steps on the real model and device, at C = 256 and C = 1024 (or L when shorter, and shorter still
 when the budget leaves no room for them), count the tensor bytes a chunk's step holds at its peak
 (memory.TensorBytes: deterministic, so `plan` and `fit` agree). Activations grow linearly in C, so the rest is
-extrapolation. See memory.py for which lines are measured, which computed and which calibrated.
+extrapolation. What the prediction is made of, line by line (see `predict`):
+- runtime     measured: RSS after the probe steps (Python, torch, kernels' code and caches, the weights) on CPU;
+              the CUDA context plus the allocated weights on CUDA.
+- gradients   computed: one per parameter, in the parameters' dtype.
+- optimizer   measured: the optimizer's state, from one probe step with zero gradients and lr 0.
+- chunk       measured: the tensor bytes one step holds at its peak besides the gradients (activations and
+              temporaries), counted at two chunk sizes and extrapolated linearly in C.
+- states      computed: per-layer attention states, their copies and gradients, and the token windows.
+- heap        calibrated: on CPU glibc's heap holds more than the tensors it serves (blocks below the mmap
+              threshold are reused but kept, and fragment): HEAP_OVERHEAD x the share of a chunk's bytes that
+              falls in heap-sized blocks at that C (the probe records every block's size; activations scale
+              with C, so at large C they move to mmap, which returns them exactly).
+The optimizer step's own peak (gradients + state + temporaries, counted) is compared with the backward's.
 """
 
 from __future__ import annotations
@@ -19,21 +31,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .choices import Optimizer, Recovery
 from .deferred import buffer_bytes, defers
-from .errors import SlimtuneError
-from .memory import (
-    HEAP_OVERHEAD,
-    HEAP_THRESHOLD,
-    TensorBytes,
-    cuda_context_bytes,
-    format_size,
-    process_rss,
-    release_free_heap,
-    resolve_budget,
-)
+from .devices import cuda_context_bytes, resolve_budget
+from .errors import ConfigError, OutOfBudgetError
+from .memory import MMAP_THRESHOLD, TensorBytes, process_rss, release_free_heap
 from .model import PerformerLM
 from .optimizers import make_optimizer
 from .slim import slim_step
+from .units import format_size
 
 # Chunk sizes of the two probe steps. Below ~256 tokens a step's peak is not yet linear in C (fixed-size
 # temporaries dominate), so both probes sit above that.
@@ -41,6 +47,26 @@ PROBE_SIZES = (256, 1024)
 HEADROOM = 0.05  # share of the budget the choice leaves free
 OPTIMIZER_STATE_COPIES = {"sgd": 0, "adam": 2, "adamw": 2}  # parameter-sized tensors each optimizer keeps
 SWEEP_SHARE = 0.35  # the forward sweep's cost relative to one chunk's forward + backward (about F / 3F)
+HEAP_THRESHOLD = MMAP_THRESHOLD  # blocks below this come from glibc's heap, at and above it from mmap
+# Resident bytes per tensor byte in heap-sized blocks at a training run's peak: glibc reuses freed blocks but
+# keeps and fragments them, more so over many chunks and steps. Calibrated, not measured per run: a single
+# probe step from a trimmed heap shows only ~1.35, while runs show about 2 (benchmarks/planner_accuracy.py
+# for d = 256, and the demo's d = 64 model, where every block is heap-sized).
+HEAP_OVERHEAD = 2.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a run asks of the device, besides the model."""
+
+    seq_len: int  # L, tokens per window
+    batch_size: int = 1  # windows per step
+    optimizer: Optimizer = Optimizer.ADAM  # its state counts in the peak
+    recovery: Recovery = Recovery.SUBTRACT64  # "store" keeps L / C start states
+
+    def __post_init__(self):
+        object.__setattr__(self, "optimizer", Optimizer.parse(self.optimizer, "optimizer"))
+        object.__setattr__(self, "recovery", Recovery.parse(self.recovery, "state recovery"))
 
 
 @dataclass
@@ -84,7 +110,9 @@ class Candidate:
 
 @dataclass
 class Plan:
-    chunk_size: int
+    """The planner's choice and what it predicts. `print(plan)` shows the table `slimtune plan` prints."""
+
+    chunk_size: int  # C, the choice: L when full backprop fits
     budget_bytes: int
     available_bytes: int
     device: str
@@ -95,9 +123,26 @@ class Plan:
     breakdown: dict  # fixed costs and the chosen C's lines, bytes
     candidates: list[Candidate] = field(default_factory=list)
     batch_weight_grads: bool = False  # small C: weight gradients batched in buffers that fit the budget
+    memory_counts: str = ""  # what the predicted peaks count on this device
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [f"plan: L = {self.seq_len}, batch {self.batch_size}, {self.optimizer}, budget "
+                 f"{format_size(self.budget_bytes)} on {self.device} ({self.memory_counts})",
+                 f"{'C':>16}  {'predicted peak':>14}  {'of budget':>9}  {'time':>7}"]
+        for c in self.candidates:
+            mark = "<- chosen" if c.chunk_size == self.chunk_size else ("" if c.fits else "does not fit")
+            label = f"{c.chunk_size}" + (" (full)" if c.chunk_size >= self.seq_len else "")
+            lines.append(f"{label:>16}  {format_size(c.predicted_peak_bytes):>14}  {c.share_of_budget:>9.0%}  "
+                         f"{c.relative_time:>6.2f}x  {mark}")
+        return "\n".join(lines)
+
+
+def memory_counts(device: torch.device) -> str:
+    """What a budget and a peak count on `device`."""
+    return "CUDA context + allocator reserved" if device.type == "cuda" else "process resident memory (RSS)"
 
 
 def _tracked(fn) -> TensorBytes:
@@ -147,9 +192,10 @@ def _probe_optimizer(model: PerformerLM, optimizer: str) -> tuple[int, int]:
     return state, max(peak, state)
 
 
-def probe(model: PerformerLM, seq_len: int, batch_size: int, optimizer: str, room: float | None = None) -> Probe:
+def probe(model: PerformerLM, work: Workload, room: float | None = None) -> Probe:
     """Measure the model on its device. `room`: bytes the probe steps may add to what the process holds; the
     second probe is shortened (not below 2 x the first) so that its own peak stays inside it."""
+    seq_len, batch_size = work.seq_len, work.batch_size
     c1 = min(PROBE_SIZES[0], seq_len)
     # Warm-up on SLiM's own path (sweep, recovery, chained backward): first use loads kernels' code, which stays.
     warm = _windows(model, batch_size, 3 * c1)
@@ -167,7 +213,7 @@ def probe(model: PerformerLM, seq_len: int, batch_size: int, optimizer: str, roo
         per_token, time_per_token = max(0.0, (m2.peak - m1.peak) / (c2 - c1)), max(0.0, (t2 - t1) / (c2 - c1))
     else:
         per_token, time_per_token = m1.peak / c1, t1 / c1
-    state, opt_peak = _probe_optimizer(model, optimizer)
+    state, opt_peak = _probe_optimizer(model, work.optimizer)
     return Probe(
         base=max(0.0, m1.peak - per_token * c1),
         per_token=per_token,
@@ -181,19 +227,20 @@ def probe(model: PerformerLM, seq_len: int, batch_size: int, optimizer: str, roo
     )
 
 
-def _state_bytes(model: PerformerLM, seq_len: int, batch_size: int, chunk_size: int, recovery: str) -> int:
+def _state_bytes(model: PerformerLM, work: Workload, chunk_size: int) -> int:
     c = model.config
-    one = batch_size * c.n_heads * c.n_features * (c.head_dim + 1) * c.n_layers * 8  # float64 in subtract64
-    copies = 4 + (math.ceil(seq_len / chunk_size) if recovery == "store" else 0)  # carried, start, end, grad
-    return one * copies + batch_size * (seq_len + 1) * 8 * 2  # windows (int64) and loss weights (float64)
+    one = work.batch_size * c.n_heads * c.n_features * (c.head_dim + 1) * c.n_layers * 8  # float64 in subtract64
+    stored = math.ceil(work.seq_len / chunk_size) if work.recovery == Recovery.STORE else 0
+    copies = 4 + stored  # carried, start, end, gradient (+ every chunk's start states with "store")
+    return one * copies + work.batch_size * (work.seq_len + 1) * 8 * 2  # windows (int64), loss weights (float64)
 
 
-def predict(model, probe: Probe, runtime: int, seq_len: int, batch_size: int, chunk_size: int, recovery: str,
+def predict(model: PerformerLM, probe: Probe, runtime: int, work: Workload, chunk_size: int, *,
             batching: bool = False) -> dict:
     """The predicted peak of a run with chunk size C, line by line (bytes); `batching`: with the weight-gradient
     buffers of slimtune/deferred.py (computed, not probed)."""
-    chunk = probe.chunk_bytes(min(chunk_size, seq_len))
-    states = _state_bytes(model, seq_len, batch_size, chunk_size, recovery) if chunk_size < seq_len else 0
+    chunk = probe.chunk_bytes(min(chunk_size, work.seq_len))
+    states = _state_bytes(model, work, chunk_size) if chunk_size < work.seq_len else 0
     grads = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = buffer_bytes(model) if batching else 0
     # Backward of a chunk (optimizer state already there from step 2 on), or the optimizer step (gradients there).
@@ -218,7 +265,7 @@ def relative_time(probe: Probe, seq_len: int, chunk_size: int) -> float:
     return n * (probe.time_base + probe.time_per_token * chunk_size) * (1 + SWEEP_SHARE) / full
 
 
-def probe_room(model: PerformerLM, optimizer: str, usable: float, device: torch.device) -> float:
+def probe_room(model: PerformerLM, optimizer: Optimizer | str, usable: float, device: torch.device) -> float:
     """Bytes the probe steps may add on the model's own device: the usable budget less what the device already
     holds for this job (CPU: the process's RSS, weights included; CUDA: the context and the allocated weights),
     less the gradients the probe allocates and the optimizer state a run adds later."""
@@ -259,58 +306,93 @@ def choose(fits, seq_len: int) -> int | None:
     return next((c for c in reversed(chunk_sizes(seq_len)) if fits(c)), None)
 
 
-def plan_chunk_size(
-    model: PerformerLM,
-    seq_len: int,
-    batch_size: int,
-    optimizer: str,
-    budget: str | int | None,
-    *,
-    recovery: str = "subtract64",
-) -> Plan:
+def _nothing_fits(lines: dict, probe_: Probe, budget_bytes: int, available: int) -> OutOfBudgetError:
+    """What is missing at C = 1, and only the changes that could close the gap."""
+    usable = budget_bytes * (1 - HEADROOM)
+    missing = lines["total"] - usable
+    hints = []
+    if probe_.optimizer_state:
+        enough = "" if probe_.optimizer_state >= missing else ", not enough on its own"
+        hints.append(f"--optimizer sgd (saves {format_size(probe_.optimizer_state)}{enough})")
+    hints.append("a smaller --batch-size or --seq-len (saves little: the fixed costs above stay)")
+    hints.append(f"a larger --mem-budget (at least {format_size(lines['total'] / (1 - HEADROOM))}; "
+                 f"available: {format_size(available)})")
+    return OutOfBudgetError(
+        f"budget {format_size(budget_bytes)} (less {HEADROOM:.0%} headroom) cannot fit even C = 1: runtime "
+        f"{format_size(lines['runtime'])} + optimizer state {format_size(lines['optimizer'])} + gradients "
+        f"{format_size(lines['gradients'])} + chunk {format_size(lines['chunk'])} = {format_size(lines['total'])}, "
+        f"{format_size(missing)} over; try {'; or '.join(hints)}"
+    )
+
+
+def plan_chunk_size(model: PerformerLM, work: Workload, budget: str | int | None) -> Plan:
     """Probe the model, predict each candidate's peak, and pick the largest C that fits the budget."""
     device = next(model.parameters()).device
+    L = work.seq_len
     budget_bytes, available = resolve_budget(budget, device)
     usable = budget_bytes * (1 - HEADROOM)  # what the prediction misses (heap fragmentation) gets the rest
     # The probe steps stay inside the budget themselves: `fit --chunk-size auto` runs them in its own process.
-    measured = probe(model, seq_len, batch_size, optimizer, room=probe_room(model, optimizer, usable, device))
+    measured = probe(model, work, room=probe_room(model, work.optimizer, usable, device))
     runtime = _runtime_bytes(model)  # after the probes: the kernels' code and caches they loaded stay resident
-    peak = lambda c: predict(model, measured, runtime, seq_len, batch_size, c, recovery)  # noqa: E731
-    chosen = choose(lambda c: peak(c)["total"] <= usable, seq_len)
-    sizes = sorted({2**k for k in range(int(math.log2(seq_len)) + 1)} | {seq_len} | ({chosen} if chosen else set()))
-    totals = {c: peak(c)["total"] for c in sizes}
-    candidates = [
-        Candidate(c, total, total / budget_bytes, relative_time(measured, seq_len, c), total <= usable)
-        for c, total in totals.items()
-    ]
+    peak = lambda c, batching=False: predict(model, measured, runtime, work, c, batching=batching)  # noqa: E731
+    chosen = choose(lambda c: peak(c)["total"] <= usable, L)
     if chosen is None:
-        lines = peak(1)
-        hint = (
-            f"try --optimizer sgd (saves {format_size(measured.optimizer_state)}), "
-            if measured.optimizer_state
-            else ""
-        )
-        raise SlimtuneError(
-            f"budget {format_size(budget_bytes)} (less {HEADROOM:.0%} headroom) cannot fit even C = 1: runtime {format_size(lines['runtime'])} + "
-            f"optimizer state {format_size(lines['optimizer'])} + gradients {format_size(lines['gradients'])} + chunk "
-            f"{format_size(lines['chunk'])} = {format_size(lines['total'])}; {hint}a smaller "
-            f"--batch-size or --seq-len, or a larger --mem-budget (available: {format_size(available)})"
-        )
+        raise _nothing_fits(peak(1), measured, budget_bytes, available)
+    sizes = sorted({2**k for k in range(int(math.log2(L)) + 1)} | {L, chosen})
+    candidates = []
+    for c in sizes:
+        total = peak(c)["total"]
+        candidates.append(Candidate(c, total, total / budget_bytes, relative_time(measured, L, c), total <= usable))
     # Small chunks run faster with batched weight gradients (slimtune/deferred.py), whose buffers take a fixed
     # amount: used when they fit beside the chosen C, never at the price of a smaller C.
-    batching = defers(batch_size, chosen, seq_len, None) and predict(
-        model, measured, runtime, seq_len, batch_size, chosen, recovery, batching=True)["total"] <= usable
-    lines = predict(model, measured, runtime, seq_len, batch_size, chosen, recovery, batching=batching)
+    batching = defers(work.batch_size, chosen, L, None) and peak(chosen, True)["total"] <= usable
+    lines = peak(chosen, batching)
     return Plan(
         chunk_size=chosen,
         budget_bytes=budget_bytes,
         available_bytes=available,
         device=str(device),
-        seq_len=seq_len,
-        batch_size=batch_size,
-        optimizer=optimizer,
+        seq_len=L,
+        batch_size=work.batch_size,
+        optimizer=str(work.optimizer),
         predicted_peak_bytes=lines["total"],
         breakdown=lines,
         candidates=candidates,
         batch_weight_grads=batching,
+        memory_counts=memory_counts(device),
     )
+
+
+def plan(
+    model: PerformerLM,
+    *,
+    seq_len: int,
+    batch_size: int = 1,
+    mem_budget: str | int | None = None,
+    optimizer: Optimizer | str = Optimizer.ADAM,
+    recovery: Recovery | str = Recovery.SUBTRACT64,
+) -> Plan:
+    """Pick the largest chunk size C whose training step fits the memory budget on the model's device.
+
+    Args:
+        model: the model, on the device it will train on (two short probe steps run on it).
+        seq_len: L, tokens per window; batch_size: windows per step.
+        mem_budget: everything the job may hold: bytes, "2GB", "1.5GiB", "80%" of the free memory; None: the
+            free memory less 10 %.
+        optimizer: "sgd", "adam" or "adamw" (its state counts); recovery: the SLiM state recovery.
+
+    Returns:
+        Plan: `chunk_size` (L when full backprop fits), `predicted_peak_bytes`, `candidates`; print() shows a table.
+
+    Raises:
+        OutOfBudgetError: not even C = 1 fits; the message names what is missing and what could help.
+
+    Example:
+        plan = slimtune.plan(model, seq_len=16384, mem_budget="2GB")
+        loss = slimtune.slim_step(model, windows, chunk_size=plan.chunk_size)
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return plan_chunk_size(model, Workload(seq_len, batch_size, optimizer, recovery), mem_budget)

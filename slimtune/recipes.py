@@ -1,15 +1,18 @@
-"""Recipes: TOML files holding a model config and training settings, such as the SLiM paper's configurations
-(recipes/ in the source tree). Each file begins with the command that runs it; command-line flags override
-the recipe's values."""
+"""Recipes: TOML files holding a model config and training settings, such as the SLiM paper's configurations.
+They live in the top-level recipes/ folder of the source tree (each begins with the command that runs it); an
+installed package carries copies (slimtune.recipe_files). `resolve` merges a recipe with overrides, the way
+`slimtune pretrain --recipe NAME --flag value` does: flags win over the recipe, the recipe over the defaults."""
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
+from .choices import LayerNorm
+from .config import PerformerConfig
 from .errors import ConfigError
-from .model import PerformerConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -17,7 +20,20 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TRAIN_KEYS = {"task", "copy_symbols", "seq_len", "batch_size", "steps", "optimizer", "lr", "chunk_size"}
-SEARCH = (Path.cwd() / "recipes", Path(__file__).resolve().parent.parent / "recipes")
+MODEL_DEFAULTS = {"vocab_size": 256, "hidden_dim": 128, "n_layers": 2, "n_heads": 2, "feature_type": "sqr",
+                  "on_gptln": True}  # ffn_dim: 4 x hidden_dim
+TRAIN_DEFAULTS = {"task": "text", "seq_len": 256, "batch_size": 8, "steps": 500, "optimizer": "adam", "lr": 2e-3,
+                  "chunk_size": "full"}
+
+
+def _search() -> list[Path]:
+    """./recipes first (a user's own), then the package's copies, then the source tree's (editable installs)."""
+    folders = [Path.cwd() / "recipes"]
+    shipped = resources.files("slimtune") / "recipe_files"  # in a wheel; absent from an editable install
+    if isinstance(shipped, Path):
+        folders.append(shipped)
+    folders.append(Path(__file__).resolve().parent.parent / "recipes")
+    return [f for f in dict.fromkeys(folders) if f.is_dir()]
 
 
 @dataclass
@@ -29,15 +45,15 @@ class Recipe:
 
 
 def find_recipe(name: str | Path) -> Path:
-    """A recipe file by path, or by name (small -> recipes/small.toml) in ./recipes or the source tree's."""
+    """A recipe file by path, or by name (small -> recipes/small.toml) in ./recipes or the package's."""
     path = Path(name)
     if path.is_file():
         return path
-    for folder in SEARCH:
+    for folder in _search():
         candidate = folder / f"{path.stem}.toml"
         if candidate.is_file():
             return candidate
-    known = ", ".join(sorted({p.stem for f in SEARCH if f.is_dir() for p in f.glob("*.toml")})) or "none found"
+    known = ", ".join(sorted({p.stem for f in _search() for p in f.glob("*.toml")})) or "none found"
     raise ConfigError(f"recipe {name!s} not found: give a path to a .toml file or one of: {known}")
 
 
@@ -65,9 +81,43 @@ def load_recipe(name: str | Path) -> Recipe:
 
 def list_recipes() -> list[Recipe]:
     seen, found = set(), []
-    for folder in SEARCH:
-        for path in sorted(folder.glob("*.toml")) if folder.is_dir() else []:
+    for folder in _search():
+        for path in sorted(folder.glob("*.toml")):
             if path.stem not in seen:
                 seen.add(path.stem)
                 found.append(load_recipe(path))
     return found
+
+
+def parse_chunk_size(value: str | int | None, seq_len: int) -> int | None:
+    """'full' -> L (ordinary backprop), 'auto' or None -> None (the planner picks), else an integer >= 1."""
+    if value is None or value == "auto":
+        return None
+    if value == "full":
+        return seq_len
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--chunk-size must be full, auto or an integer >= 1, got {value!r}") from None
+    if size < 1 or isinstance(value, bool):
+        raise ConfigError(f"--chunk-size must be full, auto or an integer >= 1, got {value!r}")
+    return size
+
+
+def resolve(recipe: str | Path | None, model: dict | None = None, train: dict | None = None) -> tuple[PerformerConfig, dict]:
+    """The model config and the training settings of a run: the defaults, then the recipe's values, then the
+    overrides that are not None. `model` takes PerformerConfig fields and `layernorm` ("post"/"pre"); without
+    a given ffn_dim, a changed hidden_dim (or no recipe) means ffn_dim = 4 x hidden_dim. `train` takes the
+    recipe's [train] keys; chunk_size comes back as an integer (L for "full") or None (auto)."""
+    base = load_recipe(recipe) if recipe else None
+    model = {k: v for k, v in (model or {}).items() if v is not None}
+    train = {k: v for k, v in (train or {}).items() if v is not None}
+    values = base.model.to_dict() if base else dict(MODEL_DEFAULTS)
+    if "layernorm" in model:
+        values["on_gptln"] = LayerNorm.parse(model.pop("layernorm"), "--layernorm").on_gptln
+    if "ffn_dim" not in model and (base is None or "hidden_dim" in model):
+        values["ffn_dim"] = 4 * model.get("hidden_dim", values["hidden_dim"])
+    config = PerformerConfig.from_dict(values | model)
+    settings = TRAIN_DEFAULTS | (base.train if base else {}) | train
+    settings["chunk_size"] = parse_chunk_size(settings["chunk_size"], settings["seq_len"])
+    return config, settings

@@ -1,23 +1,42 @@
-"""A run folder: metrics as JSON lines and the resumable state of a training run (weights, optimizer,
-schedule, step, random-number states and data position, chunk size), written atomically."""
+"""A run folder: metrics as JSON lines and the resumable state of a training run (weights, optimizer, schedule,
+step, random-number states and data position, chunk size), written atomically; and a lock, so that two runs
+never write one folder."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from .checkpoint import temporary_path
+from .atomic import atomic_write
 from .errors import SlimtuneError
+
+try:  # POSIX; elsewhere the lock is a file created exclusively
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 STATE = "state.pt"
 METRICS = "metrics.jsonl"
-# Settings a resumed run must share with the run it continues, or it would not be the same run.
-RESUME_KEYS = ("seq_len", "batch_size", "steps", "optimizer", "lr", "schedule", "warmup", "accumulate", "seed", "task",
-               "precision", "world_size")
+LOCK = "lock"
+# Settings a resumed run must share with the run it continues, or it would not be the same run: everything that
+# changes the data, the gradients or the update.
+RESUME_KEYS = ("seq_len", "batch_size", "steps", "one_step", "optimizer", "lr", "weight_decay", "schedule", "warmup",
+               "clip_grad", "accumulate", "seed", "task", "copy_symbols", "recovery", "precision", "skip_nonfinite",
+               "world_size")
+FLAGS = {"recovery": "--state-recovery", "world_size": "world_size"}  # else --NAME-WITH-DASHES
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 class RunFolder:
@@ -25,50 +44,74 @@ class RunFolder:
         self.path = Path(path)
         self._lock = None
 
+    def _refuse(self, holder: str) -> SlimtuneError:
+        return SlimtuneError(f"run folder {self.path} is in use by {holder or 'another process'}: wait for that run, "
+                             "or pass another --run-dir")
+
     def lock(self) -> None:
         """Hold the folder for this process until release(): a second run on it is refused."""
         self.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path / "lock", "a+")
+        if fcntl is None:
+            self._lock_portable()
+            return
+        handle = open(self.path / LOCK, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = handle.read().strip()
             handle.close()
-            raise SlimtuneError(
-                f"run folder {self.path} is in use by {holder}: wait for that run, or pass another --run-dir"
-            ) from None
+            raise self._refuse(holder) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}")
         handle.flush()
         self._lock = handle
 
+    def _lock_portable(self) -> None:
+        """Without flock: a lock file created exclusively, taken over when its process is gone."""
+        path = self.path / LOCK
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = path.read_text().strip() if path.exists() else ""
+                pid = holder.removeprefix("pid ")
+                if pid.isdigit() and _pid_alive(int(pid)):
+                    raise self._refuse(holder) from None
+                path.unlink(missing_ok=True)  # a dead process's lock
+                continue
+            os.write(fd, f"pid {os.getpid()}".encode())
+            os.close(fd)
+            self._lock = path
+            return
+        raise self._refuse("")
+
     def release(self) -> None:
-        if self._lock is not None:
+        if self._lock is None:
+            return
+        if fcntl is None:
+            Path(self._lock).unlink(missing_ok=True)
+        else:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
-            self._lock = None
+        self._lock = None
 
     def log(self, record: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def has_state(self) -> bool:
+        return (self.path / STATE).is_file()
+
     def save(self, state: dict) -> None:
         """torch.save to a temporary file, fsync, rename: the previous state stays whole until the new one is."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        target = self.path / STATE
-        tmp = temporary_path(target)
         try:
-            torch.save(state, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            with atomic_write(self.path / STATE) as tmp:
+                torch.save(state, tmp)
         except OSError as e:
             raise SlimtuneError(f"cannot save the run state in {self.path} ({e.strerror or e}): free some space") from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def load(self, settings: dict) -> dict:
         """The saved state, checked against this run's settings."""
@@ -79,8 +122,10 @@ class RunFolder:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise SlimtuneError(f"cannot read {path} ({str(e).splitlines()[0][:120]}): run without --resume") from None
-        changed = [k for k in RESUME_KEYS if state["settings"].get(k) != settings.get(k)]
+        saved = state["settings"]
+        changed = [k for k in RESUME_KEYS if k in saved and saved.get(k) != settings.get(k)]
         if changed:
-            was = ", ".join(f"{k} {state['settings'].get(k)!r} (now {settings.get(k)!r})" for k in changed)
+            was = ", ".join(f"{FLAGS.get(k, '--' + k.replace('_', '-'))} {saved.get(k)!r} (now {settings.get(k)!r})"
+                            for k in changed)
             raise SlimtuneError(f"the run in {self.path} was started with {was}: resume with the same settings")
         return state

@@ -7,7 +7,8 @@ then visits the chunks from last to first: it recovers the chunk's start states,
 and backpropagates the chunk's loss plus <end states, their gradients>, which leaves the chunk's share of every
 parameter gradient in .grad and yields the gradients of its start states for the chunk before.
 
-Start states are recovered by one of three `recovery` modes:
+Start states are recovered by one of three `recovery` strategies (the first chunk starts from zeros and the
+last from the forward sweep's final states, exactly, under every strategy):
 - "subtract"   the paper: start = end - (this chunk's contribution), states in the compute dtype. O(1) memory
                in L, but in fp32 each subtraction rounds, and the errors add up over many chunks when the
                states are large (long sequences, unbounded features such as sqr).
@@ -20,17 +21,51 @@ Start states are recovered by one of three `recovery` modes:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .attention import state_contribution
-from .deferred import WeightGradBatcher, defers
+from .choices import Precision, Recovery
+from .deferred import WeightGradBatcher, use_batching
 from .errors import ConfigError
 from .model import PerformerLM
 
-RECOVERY_MODES = ("subtract", "subtract64", "store")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # compute precision: None is the weights' own dtype
+RECOVERY_MODES = tuple(m.value for m in Recovery)
+PRECISIONS = {m.value: m.dtype for m in Precision}  # compute precision: None is the weights' own dtype
+
+# A chunk's start state of layer l, given that layer's key features and values over the chunk (which the
+# subtraction needs; the other strategies know the state already): (l, phi(k), v) -> [B, H, M, D + 1].
+StartStates = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _known(states: list[torch.Tensor]) -> StartStates:
+    return lambda layer, fk, v: states[layer]
+
+
+class _Subtract:
+    """The paper's recovery: a chunk's start states are its end states less its own contribution; nothing is
+    kept per chunk. Exact to float64 rounding when the states are carried in float64 ("subtract64")."""
+
+    def keep(self, states: list[torch.Tensor]) -> None:
+        pass  # nothing per chunk
+
+    def start_states(self, ends: list[torch.Tensor]) -> StartStates:
+        return lambda layer, fk, v: ends[layer] - state_contribution(fk, v).to(ends[layer].dtype)
+
+
+class _Store:
+    """Every chunk's start states, kept by the forward sweep: no subtraction, (L / C) x the states' memory."""
+
+    def __init__(self):
+        self.kept: list[list[torch.Tensor]] = []
+
+    def keep(self, states: list[torch.Tensor]) -> None:
+        self.kept.append(states)
+
+    def start_states(self, ends: list[torch.Tensor]) -> StartStates:
+        return _known(self.kept.pop())
 
 
 def _loss_weights(windows: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -47,6 +82,13 @@ def _loss_weights(windows: torch.Tensor, mask: torch.Tensor | None, dtype: torch
     return mask / kept
 
 
+def compute_dtype(precision: Precision | str | torch.dtype | None) -> torch.dtype | None:
+    """The autocast dtype of a precision given as "fp32"/"bf16", a Precision, a torch dtype or None."""
+    if precision is None or isinstance(precision, torch.dtype):
+        return precision
+    return Precision.parse(precision, "precision").dtype
+
+
 def autocast(device: torch.device, precision: torch.dtype | None):
     """Mixed precision for the forward work of a step: matmuls in `precision` (bf16), while the weights, their
     gradients, the carried attention states and the loss stay in fp32 or wider. None: no autocast."""
@@ -55,15 +97,13 @@ def autocast(device: torch.device, precision: torch.dtype | None):
     return torch.autocast(device.type, dtype=precision)
 
 
-def _check(model: PerformerLM, windows: torch.Tensor, chunk_size: int, recovery: str) -> None:
+def _check(model: PerformerLM, windows: torch.Tensor, chunk_size: int) -> None:
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ConfigError(f"windows must be [B, L + 1] with L >= 1, got shape {tuple(windows.shape)}")
     if windows.dtype not in (torch.int64, torch.int32, torch.uint8):
         raise ConfigError(f"windows must hold integer token ids, got dtype {windows.dtype}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ConfigError(f"chunk size must be an integer >= 1, got {chunk_size!r}")
-    if recovery not in RECOVERY_MODES:
-        raise ConfigError(f"unknown state recovery {recovery!r}: use one of {', '.join(RECOVERY_MODES)}")
     if windows.numel() and (int(windows.min()) < 0 or int(windows.max()) >= model.config.vocab_size):
         raise ConfigError(f"token ids must lie in [0, {model.config.vocab_size}), got {int(windows.min())}..{int(windows.max())}")
 
@@ -76,16 +116,15 @@ def chunk_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tenso
     return (ce * weights.flatten().to(ce.dtype)).sum()
 
 
-def _recompute(model: PerformerLM, ids, start, states, *, recover: bool, first: bool = False):
-    """Rebuild one chunk with autograd. `states` are its end states when `recover`, else its start states.
+def _recompute(model: PerformerLM, ids, start: int, start_states: StartStates, *, first: bool = False):
+    """Rebuild one chunk with autograd from its start states (given per layer by `start_states`).
     Returns (logits, start states as leaves that receive gradients unless `first`, end states in the graph)."""
     x = model.embed(ids, start)
     starts, ends = [], []
-    for layer, state in zip(model.layers, states):
+    for index, layer in enumerate(model.layers):
         fq, fk, v = layer.features(x)
-        if recover:
-            with torch.no_grad():  # the paper's recovery: no per-chunk state was stored
-                state = state - state_contribution(fk, v).to(state.dtype)
+        with torch.no_grad():  # recovered or known: a constant of this chunk's graph
+            state = start_states(index, fk, v)
         start_state = state.detach().requires_grad_(not first)  # the first chunk's zeros need no gradient
         x, end_state = layer.mix(x, fq, fk, v, start_state)
         starts.append(start_state)
@@ -99,58 +138,67 @@ def slim_step(
     chunk_size: int,
     mask: torch.Tensor | None = None,
     *,
-    recovery: str = "subtract64",
-    precision: torch.dtype | None = None,
+    recovery: Recovery | str = Recovery.SUBTRACT64,
+    precision: Precision | str | torch.dtype | None = None,
     batch_weight_grads: bool | None = None,
 ) -> float:
     """Accumulate into each parameter's .grad the exact gradient of the mean next-token loss, and return the loss.
 
-    windows: [B, L + 1] token ids (inputs are [:, :-1], targets [:, 1:]); mask: optional [B, L] weights of the
-    predicted positions. Any chunk_size >= 1 works; chunk_size >= L is ordinary backprop with no overhead.
-    Uses the model's current FAVOR+ draw for every chunk (see `PerformerLM.redraw_features`).
-    precision=torch.bfloat16 runs the forward work under bf16 autocast (no loss scaling needed: bf16 has fp32's
-    exponent range); sweep and rebuild run under the same autocast, so recovery stays bit for bit.
-    batch_weight_grads: apply weight gradients a few hundred rows at a time (slimtune/deferred.py; faster for
-    small C, costs fixed buffers). None: whenever the chunks are small and there is no autocast.
+    Args:
+        model: the Performer; its current FAVOR+ draw is used for every chunk (see `PerformerLM.redraw_features`).
+        windows: [B, L + 1] token ids (inputs are [:, :-1], targets [:, 1:]).
+        chunk_size: C >= 1; C >= L is ordinary backprop with no overhead.
+        mask: optional [B, L] weights of the predicted positions (the loss is their weighted mean).
+        recovery: how each chunk's start states are recovered: "subtract64" (default), "subtract" or "store".
+        precision: "bf16" (or torch.bfloat16) runs the forward work under bf16 autocast, no loss scaling needed;
+            sweep and rebuild run under the same autocast, so recovery stays bit for bit. Default: fp32.
+        batch_weight_grads: apply weight gradients a few hundred rows at a time (deferred.py; faster for small
+            C, costs fixed buffers). None: whenever the chunks are small and there is no autocast.
+
+    Returns:
+        The mean loss in nats per token. Gradients are added to .grad (zero them between optimizer steps).
+
+    Example:
+        loss = slim_step(model, windows, chunk_size=256)
+        optimizer.step(); optimizer.zero_grad(set_to_none=True)
     """
-    _check(model, windows, chunk_size, recovery)
+    _check(model, windows, chunk_size)
+    recovery, precision = Recovery.parse(recovery, "state recovery"), compute_dtype(precision)
     inputs, targets = windows[:, :-1].long(), windows[:, 1:].long()
     L = inputs.shape[1]
     weights = _loss_weights(windows, mask, torch.float64)
     starts = list(range(0, L, chunk_size))
-    state_dtype = torch.float64 if recovery == "subtract64" else None
-    initial = model.initial_states(inputs.shape[0], dtype=state_dtype)
-    states = initial
+    strategy = _Store() if recovery == Recovery.STORE else _Subtract()
+    initial = model.initial_states(inputs.shape[0], dtype=torch.float64 if recovery == Recovery.SUBTRACT64 else None)
 
-    # Forward sweep: carry the states to the last chunk's start. Nothing is kept but the current states
-    # (and, with "store", each chunk's start states). The last chunk needs no sweep: it is rebuilt directly.
-    kept = []  # start states to rebuild from: every chunk's with "store", else only the last chunk's
+    # Forward sweep: carry the states to the last chunk's start. Nothing is kept but the current states (and,
+    # with "store", the start states of chunks 1 .. n-2). The last chunk needs no sweep: it is rebuilt directly.
+    states = initial
     mixed = autocast(inputs.device, precision)
     with torch.no_grad(), mixed:
-        for s in starts[:-1]:
-            if recovery == "store":
-                kept.append(states)
+        for i, s in enumerate(starts[:-1]):
+            if i > 0:
+                strategy.keep(states)
             states = model.advance(inputs[:, s : s + chunk_size], s, states)
-    kept.append(states)
 
-    # Reverse sweep, last chunk first. `states` holds the current chunk's end states. Small chunks hand their
-    # weight gradients to a batcher, which applies them a few hundred rows at a time (slimtune/deferred.py).
+    # Reverse sweep, last chunk first. `states` holds the current chunk's end states (for the last chunk: its
+    # start states, from the sweep). Small chunks hand their weight gradients to a batcher, which applies them a
+    # few hundred rows at a time (slimtune/deferred.py).
     total = torch.zeros((), dtype=torch.float64, device=inputs.device)  # summed on the device: no sync per chunk
     state_grads = None  # d loss / d (end states), from the chunk after; none for the last chunk
-    possible = defers(inputs.shape[0], chunk_size, L, precision)
-    batched = possible if batch_weight_grads is None else batch_weight_grads and possible
+    batched = use_batching(inputs.shape[0], chunk_size, L, precision, batch_weight_grads)
     with WeightGradBatcher(model) if batched else contextlib.nullcontext():
         for i in reversed(range(len(starts))):
             s = starts[i]
-            ids = inputs[:, s : s + chunk_size]
-            if i == 0:  # the first chunk starts from zeros, known exactly without any recovery
-                known, recover = initial, False
-            elif recovery == "store" or i == len(starts) - 1:
-                known, recover = kept.pop(), False
+            if i == 0:
+                start_states = _known(initial)  # zeros, known exactly
+            elif i == len(starts) - 1:
+                start_states = _known(states)  # the sweep ended at this chunk's start
             else:
-                known, recover = states, True  # the end states; _recompute subtracts the chunk's contribution
+                start_states = strategy.start_states(states)
             with mixed:
-                logits, start_states, end_states = _recompute(model, ids, s, known, recover=recover, first=i == 0)
+                logits, leaves, end_states = _recompute(model, inputs[:, s : s + chunk_size], s, start_states,
+                                                        first=i == 0)
                 loss = chunk_loss(logits, targets[:, s : s + chunk_size], weights[:, s : s + chunk_size])
             del logits  # [B, C, V]: freed before backward allocates its gradient
             if state_grads is None:
@@ -159,6 +207,6 @@ def slim_step(
                 torch.autograd.backward([loss, *end_states], [None, *state_grads])
             total += loss.detach()
             # This chunk's start states are the previous chunk's end states; backward has freed the graph.
-            states = [st.detach() for st in start_states]
-            state_grads = [st.grad for st in start_states]
+            states = [st.detach() for st in leaves]
+            state_grads = [st.grad for st in leaves]
     return total.item()

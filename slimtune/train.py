@@ -1,42 +1,41 @@
-"""Fine-tuning: load a checkpoint, take optimizer steps with the SLiM step, export a contract checkpoint.
+"""Fine-tuning and pretraining: a `Trainer` takes optimizer steps with the SLiM step and keeps a resumable run;
+`fit` and `pretrain` wrap it with the planner and the export.
 
-`fit` is the library function behind `slimtune fit`. It resolves the device and chunk size, runs the steps
-(one, as in the paper's on-device experiment, or many), and writes weights that the original model loads
-unchanged (same names, shapes, dtypes and config), with the run's provenance in the metadata.
+`fit` is the library function behind `slimtune fit`: it loads the checkpoint, picks C (the planner, unless given
+or resumed), runs the steps (one, as in the paper's on-device experiment, or many), and writes weights that the
+original model loads unchanged (same names, shapes, dtypes and config), with the run's provenance.
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .checkpoint import (
-    FORMATS,
-    Checkpoint,
-    build_model,
-    check_output_path,
-    export_tensors,
-    file_sha256,
-    parse_dtype,
-    save_checkpoint,
-)
-from .data import copy_windows, first_windows, random_windows
+from .checkpoint import Checkpoint, check_output_path, file_sha256, load_checkpoint
+from .choices import Choice, ExportDtype, ExportFormat, Optimizer, Precision, Recovery, Schedule, Task
+from .data import copy_windows, first_windows, random_windows, read_bytes, split_held_out
 from .distributed import Group, agree_min, average_gradients, barrier, broadcast_parameters, join, launched, mean, rank_device
+from .devices import resolve_device
+from .errors import ConfigError, OutOfBudgetError, SlimtuneError
 from .evaluation import copy_accuracy, evaluate
+from .memory import is_out_of_memory, peak_memory_bytes
 from .model import PerformerConfig, PerformerLM
-from .errors import ConfigError, SlimtuneError
-from .memory import is_out_of_memory, peak_memory_bytes, resolve_device
-from .optimizers import OPTIMIZERS, make_optimizer
-from .planner import chunk_sizes, plan_chunk_size
+from .optimizers import default_weight_decay, make_optimizer
+from .planner import Plan, Workload, chunk_sizes, memory_counts, plan_chunk_size
 from .runs import RunFolder
-from .slim import PRECISIONS, RECOVERY_MODES, slim_step
+from .slim import slim_step
+
+OnStep = Callable[[int, dict], None]  # (completed steps, that step's metrics)
+OnWarning = Callable[[str], None]
+
 
 @dataclass
 class FitOptions:
@@ -44,17 +43,17 @@ class FitOptions:
     batch_size: int = 1  # windows per step
     steps: int = 1  # optimizer steps
     one_step: bool = False  # the contract's one step on the first batch: rows b*L.., no shuffling
-    optimizer: str = "adam"  # sgd (plain, no momentum), adam or adamw
+    optimizer: Optimizer = Optimizer.ADAM  # sgd (plain, no momentum), adam or adamw
     lr: float = 1e-3  # learning rate
-    weight_decay: float = 0.01  # adamw only; 0 under one_step
+    weight_decay: float | None = None  # on weight matrices only; None: 0.01 for adamw, else 0; always 0 with one_step
     chunk_size: int | None = None  # C; None picks the largest that fits mem_budget
-    mem_budget: int | None = None  # bytes the run may hold; None: what the device has free
+    mem_budget: int | str | None = None  # what the run may hold (bytes, "2GB", "80%"); None: what is free
     seed: int = 0  # data order and FAVOR+ draws
     device: str = "auto"  # auto, cpu or cuda
-    recovery: str = "subtract64"  # how SLiM recovers chunk start states (see slim.py)
-    precision: str = "fp32"  # compute precision: fp32, or bf16 autocast (fp32 weights, gradients and states)
+    recovery: Recovery = Recovery.SUBTRACT64  # how SLiM recovers chunk start states (see slim.py)
+    precision: Precision = Precision.FP32  # compute precision: fp32, or bf16 autocast
     batch_weight_grads: bool | None = None  # small C: batch weight gradients (deferred.py); None: whenever C is small
-    schedule: str = "constant"  # learning rate: constant, or cosine decay to 0 after the warmup
+    schedule: Schedule = Schedule.CONSTANT  # learning rate: constant, or cosine decay to 0 after the warmup
     warmup: int = 0  # steps of linear warmup
     clip_grad: float | None = None  # clip the gradients' global norm to this (opt-in; never with one_step)
     accumulate: int = 1  # batches whose gradients are summed into one optimizer step
@@ -64,42 +63,53 @@ class FitOptions:
     save_every: int = 100  # resumable state every N steps (and on interrupt), with a run folder
     resume: bool = False  # continue the run saved in run_dir
     skip_nonfinite: bool = False  # skip (and count) a step whose loss or gradients are not finite, instead of stopping
-    task: str = "text"  # text: windows of the data file; copy: the synthetic copying task (pretrain only)
+    task: Task = Task.TEXT  # text: windows of the data file; copy: the synthetic copying task (pretrain only)
     copy_symbols: int = 16  # copy task: size of the symbol alphabet
-    dtype: str = "auto"  # export dtype: auto keeps each tensor's input dtype; fp32, fp16 or bf16
-    format: str = "safetensors"  # export as one .safetensors file, or hf: a folder with config.json
+    dtype: ExportDtype = ExportDtype.AUTO  # export dtype: auto keeps each tensor's input dtype; fp32, fp16 or bf16
+    format: ExportFormat = ExportFormat.SAFETENSORS  # one .safetensors file, or hf: a folder with config.json
+
+    def __post_init__(self):
+        for name, choice, flag in (("optimizer", Optimizer, "--optimizer"), ("recovery", Recovery, "--state-recovery"),
+                                   ("precision", Precision, "--precision"), ("schedule", Schedule, "--schedule"),
+                                   ("task", Task, "task"), ("dtype", ExportDtype, "--dtype"),
+                                   ("format", ExportFormat, "--format")):
+            setattr(self, name, choice.parse(getattr(self, name), flag))
 
     def validate(self) -> None:
-        for name in ("seq_len", "batch_size", "steps"):
+        """Numbers in range (the named choices are checked when the options are made)."""
+        for name in ("seq_len", "batch_size", "steps", "accumulate"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.chunk_size is not None and self.chunk_size < 1:
+        if self.chunk_size is not None and (isinstance(self.chunk_size, bool) or self.chunk_size < 1):
             raise ConfigError(f"--chunk-size must be 'auto' or an integer >= 1, got {self.chunk_size}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not (self.lr > 0 and self.lr < float("inf")):
             raise ConfigError(f"--lr must be a positive finite number, got {self.lr}")
-        parse_dtype(self.dtype)
-        if self.schedule not in ("constant", "cosine"):
-            raise ConfigError(f"--schedule must be constant or cosine, got {self.schedule!r}")
+        if self.weight_decay is not None and not 0 <= self.weight_decay < float("inf"):
+            raise ConfigError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         for name in ("warmup", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.accumulate < 1:
-            raise ConfigError(f"--accumulate must be >= 1, got {self.accumulate}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ConfigError(f"--clip-grad must be a positive number, got {self.clip_grad}")
         if self.resume and not self.run_dir:
             raise ConfigError("--resume needs the run folder of the run to continue: pass --run-dir")
-        if self.task not in ("text", "copy"):
-            raise ConfigError(f"task must be text or copy, got {self.task!r}")
-        if self.format not in FORMATS:
-            raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if self.recovery not in RECOVERY_MODES:
-            raise ConfigError(f"--state-recovery must be one of {', '.join(RECOVERY_MODES)}, got {self.recovery!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return 1 if self.one_step else self.steps
+
+    def settings(self, world: int) -> dict:
+        """What the run state records, as plain values (torch.load with weights_only reads them back)."""
+        plain = {f.name: getattr(self, f.name) for f in fields(self)}
+        plain = {k: v.value if isinstance(v, Choice) else v for k, v in plain.items()}
+        return plain | {"weight_decay": self.effective_weight_decay, "world_size": world}
+
+    @property
+    def effective_weight_decay(self) -> float:
+        if self.one_step:
+            return 0.0
+        return default_weight_decay(self.optimizer) if self.weight_decay is None else self.weight_decay
 
 
 @dataclass
@@ -117,14 +127,12 @@ class FitResult:
     seconds: float
     plan: dict | None = None  # the planner's choice when chunk size was auto
     metrics: dict = field(default_factory=dict)  # task metrics, e.g. copy_accuracy
+    first_step: int = 0  # steps already done when this process started (a resumed run)
+    memory_counts: str = ""  # what peak_memory_bytes counts on this device
     model: PerformerLM | None = field(default=None, repr=False, compare=False)  # the trained model, in memory
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _free_device_memory(device: torch.device) -> None:
@@ -133,65 +141,19 @@ def _free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _gradients(model, batches, chunk_size: int, options: FitOptions, optimizer, warn) -> tuple[float, int]:
-    """Fill .grad with the mean gradient over `batches` (SLiM steps), and return the mean loss. On running out of
-    memory anyway (another process took memory, fragmentation), redo the whole step from zeroed gradients with
-    the next smaller C, so that no step is ever taken on incomplete gradients."""
-    device = next(model.parameters()).device
-    while True:
-        optimizer.zero_grad(set_to_none=True)
-        try:
-            total = 0.0
-            for windows, mask in batches:
-                mask = None if mask is None else mask.to(device)
-                total += slim_step(model, windows.to(device), chunk_size, mask, recovery=options.recovery,
-                                   precision=PRECISIONS[options.precision], batch_weight_grads=options.batch_weight_grads)
-            if len(batches) > 1:
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.grad /= len(batches)
-            return total / len(batches), chunk_size
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not is_out_of_memory(e):
-                raise
-        # Outside the except block: the traceback no longer pins the failed step's tensors.
-        optimizer.zero_grad(set_to_none=True)
-        _free_device_memory(device)
-        smaller = [c for c in chunk_sizes(options.seq_len) if c < min(chunk_size, options.seq_len)]
-        if not smaller:
-            raise SlimtuneError(
-                "out of memory even at chunk size 1: free memory on the device, or use a smaller --batch-size, "
-                "--seq-len or model"
-            )
-        warn(f"out of memory at chunk size {chunk_size}; retrying this step with chunk size {smaller[-1]}")
-        chunk_size = smaller[-1]
-
-
 def _finite(model, loss: float) -> bool:
     """Whether the loss and every gradient are finite (one device sync per step)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return math.isfinite(loss) and bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
 
-def _batch(data, options: FitOptions, generator, group: Group = Group()) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """This rank's windows [B, L + 1] and loss mask [B, L] (None: every position counts). Every rank draws the
-    same global batch of world x B windows and keeps its own slice, so the data does not depend on the split."""
-    B = options.batch_size * group.world
-    if options.task == "copy":
-        windows, mask = copy_windows(B, options.seq_len, options.copy_symbols, generator)
-    elif options.one_step:
-        windows, mask = first_windows(data, B, options.seq_len), None
-    else:
-        windows, mask = random_windows(data, B, options.seq_len, generator), None
-    mine = slice(group.rank * options.batch_size, (group.rank + 1) * options.batch_size)
-    return windows[mine], None if mask is None else mask[mine]
+def _lr_factor(options: FitOptions):
+    steps = options.total_steps
 
-
-def _lr_factor(options: FitOptions, steps: int):
     def factor(step: int) -> float:
         if step < options.warmup:
             return (step + 1) / options.warmup
-        if options.schedule == "cosine":
+        if options.schedule == Schedule.COSINE:
             progress = (step - options.warmup) / max(1, steps - options.warmup)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
@@ -199,111 +161,190 @@ def _lr_factor(options: FitOptions, steps: int):
     return factor
 
 
-def _run_steps(model, data, options: FitOptions, chunk_size: int, on_step, warn, eval_data=None,
-               group: Group = Group()) -> tuple[list[float], int, dict]:
-    """The training loop: per step, `accumulate` batches of windows, one FAVOR+ draw, the SLiM steps, optional
-    clipping, the optimizer and schedule steps; metrics and resumable state in the run folder.
-    Returns the losses, the chunk size in use at the end (smaller than asked after an out-of-memory retry), and
-    the last step's metrics."""
-    generator = torch.Generator().manual_seed(options.seed)
-    device = next(model.parameters()).device
-    optimizer = make_optimizer(
-        options.optimizer, model.parameters(), options.lr, 0.0 if options.one_step else options.weight_decay
-    )
-    steps = 1 if options.one_step else options.steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(options, steps))
-    folder = RunFolder(options.run_dir) if options.run_dir else None
-    run = folder if group.main else None  # only rank 0 writes; every rank reads the state it resumes from
-    settings = {f.name: getattr(options, f.name) for f in fields(options)} | {"world_size": group.world}
-    losses, first = [], 0
-    if options.resume:
-        saved = folder.load(settings)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        generator.set_state(saved["generator"])
+class Trainer:
+    """One training run, in the manner of torchtune's recipes: `setup()`, then `step()` until `done`, `close()`.
+
+    `save(point)` writes the resumable state (weights, optimizer, schedule, step, random-number states, C) to the
+    run folder, `restore()` reads it back; with `options.resume`, setup() restores. The chunk size is given, or
+    restored, or set by the caller after setup (the planner's choice) before the first step.
+    """
+
+    def __init__(self, model: PerformerLM, data: torch.Tensor | None, options: FitOptions, *,
+                 chunk_size: int | None = None, eval_data: torch.Tensor | None = None, group: Group = Group(),
+                 on_warning: OnWarning | None = None):
+        self.model, self.data, self.options, self.eval_data, self.group = model, data, options, eval_data, group
+        self.chunk_size = chunk_size
+        self.plan: dict | None = None
+        self.device = next(model.parameters()).device
+        self.losses: list[float] = []
+        self.completed = 0  # optimizer steps done (skipped ones included)
+        self.first_step = 0
+        self.skipped = 0
+        self.folder = RunFolder(options.run_dir) if options.run_dir else None
+        self.writes = self.folder is not None and group.main  # only rank 0 writes; every rank reads
+        self._warn = on_warning or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3))
+        self._warned: set[str] = set()
+
+    # -- life cycle --------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Optimizer, schedule, random numbers; the run folder's lock; the saved state with options.resume."""
+        o = self.options
+        self.generator = torch.Generator().manual_seed(o.seed)
+        self.optimizer = make_optimizer(o.optimizer, self.model, o.lr, o.effective_weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(o))
+        if o.resume and not self.folder.has_state():
+            raise SlimtuneError(f"nothing to resume in {self.folder.path}: no saved state there; run without --resume")
+        if self.writes:
+            self.folder.lock()
+        if o.resume:
+            self.restore()
+        broadcast_parameters(self.model)  # the same start on every rank (a no-op for one process)
+        self._point = self._here()
+
+    def close(self) -> None:
+        if self.writes:
+            self.folder.release()
+
+    @property
+    def done(self) -> bool:
+        return self.completed >= self.options.total_steps
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def _here(self) -> tuple[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Where a resumed run would start now: completed steps and the random-number states for the next."""
+        return self.completed, (self.generator.get_state(), torch.get_rng_state())
+
+    def save(self, point=None) -> None:
+        """The state at `point` (default: after the last completed step). Rank 0 with a run folder only."""
+        if not self.writes:
+            return
+        step, (generator, rng) = point or self._point
+        self.folder.save({
+            "step": step, "chunk_size": self.chunk_size, "losses": self.losses, "skipped": self.skipped,
+            "plan": self.plan, "batch_weight_grads": self.options.batch_weight_grads,
+            "settings": self.options.settings(self.group.world), "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "generator": generator, "torch_rng": rng,
+        })
+
+    def restore(self) -> None:
+        saved = self.folder.load(self.options.settings(self.group.world))
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.generator.set_state(saved["generator"])
         torch.set_rng_state(saved["torch_rng"])
-        first, chunk_size, losses = saved["step"], saved["chunk_size"], list(saved["losses"])
-    broadcast_parameters(model)  # the same start on every rank (a no-op for one process)
+        self.completed = self.first_step = saved["step"]
+        self.chunk_size, self.losses = saved["chunk_size"], list(saved["losses"])
+        self.skipped, self.plan = saved.get("skipped", 0), saved.get("plan")
+        if "batch_weight_grads" in saved:  # the same summation order as the run it continues: bit for bit
+            self.options = replace(self.options, batch_weight_grads=saved["batch_weight_grads"])
 
-    def save(step: int, rng: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """The state after `step` completed steps; `rng`: the random-number states at the start of the next one."""
-        run.save({"step": step, "chunk_size": chunk_size, "losses": losses, "settings": settings,
-                  "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                  "generator": rng[0], "torch_rng": rng[1]})
+    # -- one step ----------------------------------------------------------------------------------------------
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            self._warn(message)
 
-    warned = set()
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's windows [B, L + 1] and loss mask [B, L] (None: every position counts). Every rank draws
+        the same global batch of world x B windows and keeps its own slice, so the data does not depend on the
+        split."""
+        o, g = self.options, self.group
+        B = o.batch_size * g.world
+        if o.task == Task.COPY:
+            windows, mask = copy_windows(B, o.seq_len, o.copy_symbols, self.generator)
+        elif o.one_step:
+            windows, mask = first_windows(self.data, B, o.seq_len), None
+        else:
+            windows, mask = random_windows(self.data, B, o.seq_len, self.generator), None
+        mine = slice(g.rank * o.batch_size, (g.rank + 1) * o.batch_size)
+        return windows[mine], None if mask is None else mask[mine]
 
-    def warn_once(message: str) -> None:
-        if not warned:
-            warn(message)
-        warned.add(message)
+    def _gradients(self, batches) -> float:
+        """Fill .grad with the mean gradient over `batches` and return the mean loss. On running out of memory
+        anyway (another process took memory, fragmentation), redo the whole step from zeroed gradients with the
+        next smaller C, so that no step is ever taken on incomplete gradients."""
+        o = self.options
+        while True:
+            self.optimizer.zero_grad(set_to_none=True)
+            try:
+                total = 0.0
+                for windows, mask in batches:
+                    total += slim_step(self.model, windows.to(self.device), self.chunk_size,
+                                       None if mask is None else mask.to(self.device), recovery=o.recovery,
+                                       precision=o.precision, batch_weight_grads=o.batch_weight_grads)
+                if len(batches) > 1:
+                    for p in self.model.parameters():
+                        if p.grad is not None:
+                            p.grad /= len(batches)
+                return total / len(batches)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not is_out_of_memory(e):
+                    raise
+            # Outside the except block: the traceback no longer pins the failed step's tensors.
+            self.optimizer.zero_grad(set_to_none=True)
+            _free_device_memory(self.device)
+            smaller = [c for c in chunk_sizes(o.seq_len) if c < min(self.chunk_size, o.seq_len)]
+            if not smaller:
+                raise OutOfBudgetError("out of memory even at chunk size 1: free memory on the device, or use a "
+                                       "smaller --batch-size, --seq-len or model")
+            self._warn_once(f"out of memory at chunk size {self.chunk_size}; retrying this step with chunk size "
+                            f"{smaller[-1]}")
+            self.chunk_size = smaller[-1]
 
-    metrics, skipped = {}, 0
-    # Where a resumed run would start: (completed steps, random-number states at that point). An interrupt inside a
-    # step saves the point before it, so the resumed run redraws that step's data and FAVOR+ features.
-    resume_point = (first, (generator.get_state(), torch.get_rng_state()))
-    if run:
-        run.lock()
-    try:
-        for step in range(first, steps):
-            started = time.perf_counter()
-            resume_point = (step, (generator.get_state(), torch.get_rng_state()))
-            batches = [_batch(data, options, generator, group) for _ in range(options.accumulate)]
-            model.redraw_features(generator)  # FAVOR+: one draw per step, shared by all its chunks
-            loss, chunk_size = _gradients(model, batches, chunk_size, options, optimizer, warn_once)
-            average_gradients(model)  # torchrun: one all-reduce per optimizer step (distributed.py)
-            loss = mean(loss, device)
-            if not _finite(model, loss):
-                if not options.skip_nonfinite:
-                    if run:
-                        save(*resume_point)  # the weights are still those of the last good step
-                    where = f"; the last good state is in {options.run_dir}" if run else ""
-                    raise SlimtuneError(
-                        f"non-finite loss or gradient at step {step + 1} (loss {loss}){where}: lower --lr, add "
-                        "--clip-grad, or pass --skip-nonfinite to skip such steps; nothing was exported"
-                    )
-                skipped += 1
-                warn(f"skipped step {step + 1}: non-finite loss or gradient ({skipped} so far)")
-                resume_point = (step + 1, (generator.get_state(), torch.get_rng_state()))
-                continue
-            if options.clip_grad and not options.one_step:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss)
-            resume_point = (step + 1, (generator.get_state(), torch.get_rng_state()))
-            metrics = {"step": step + 1, "loss": loss, "lr": lr, "chunk_size": chunk_size,
-                       "tokens_per_s": group.world * options.accumulate * options.batch_size * options.seq_len
-                       / (time.perf_counter() - started),
-                       "peak_memory_bytes": peak_memory_bytes(device)}
-            if group.main and eval_data is not None and (
-                    (options.eval_every and (step + 1) % options.eval_every == 0) or step + 1 == steps):
-                metrics["bpc"] = evaluate(model, eval_data, seq_len=options.seq_len, max_bytes=options.eval_bytes).bpc
-            if run:
-                run.log(metrics)
-                if options.save_every and (step + 1) % options.save_every == 0 and step + 1 < steps:
-                    save(*resume_point)
-            if on_step and group.main:
-                on_step(step + 1, metrics)
-        if run:
-            save(*resume_point)
-    except KeyboardInterrupt:
-        if run:
-            save(*resume_point)
-        raise
-    finally:
-        if run:
-            run.release()
-    if not losses:
-        raise SlimtuneError("every step had a non-finite loss or gradient: lower --lr or add --clip-grad; nothing was exported")
-    return losses, chunk_size, metrics | ({"skipped_steps": skipped} if skipped else {})
+    def step(self) -> dict:
+        """One optimizer step: `accumulate` batches, one FAVOR+ draw, the SLiM steps, the all-reduce (torchrun),
+        optional clipping, the update and the schedule. Returns the step's metrics ({"skipped": True, ...} for a
+        skipped non-finite step); a non-finite step without skip_nonfinite saves the state before it and raises."""
+        o = self.options
+        if self.chunk_size is None:
+            raise ConfigError("the trainer has no chunk size: pass chunk_size, or set trainer.chunk_size after setup")
+        started = time.perf_counter()
+        self._point = self._here()  # an interrupt inside this step resumes from before it, redrawing its data
+        batches = [self._batch() for _ in range(o.accumulate)]
+        self.model.redraw_features(self.generator)  # FAVOR+: one draw per step, shared by all its chunks
+        loss = self._gradients(batches)
+        average_gradients(self.model)  # torchrun: one all-reduce per optimizer step (distributed.py)
+        loss = mean(loss, self.device)
+        step = self.completed + 1
+        if not _finite(self.model, loss):
+            if not o.skip_nonfinite:
+                self.save()  # the weights are still those of the last good step
+                where = f"; the last good state is in {o.run_dir}" if self.writes else ""
+                raise SlimtuneError(f"non-finite loss or gradient at step {step} (loss {loss}){where}: lower --lr, "
+                                    "add --clip-grad, or pass --skip-nonfinite to skip such steps; nothing was exported")
+            self.skipped += 1
+            self._warn(f"skipped step {step}: non-finite loss or gradient ({self.skipped} so far)")
+            self.completed = step
+            self._point = self._here()
+            return {"step": step, "skipped": True}
+        if o.clip_grad and not o.one_step:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip_grad)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.losses.append(loss)
+        self.completed = step
+        self._point = self._here()
+        metrics = {"step": step, "loss": loss, "lr": lr, "chunk_size": self.chunk_size,
+                   "tokens_per_s": self.group.world * o.accumulate * o.batch_size * o.seq_len
+                   / (time.perf_counter() - started),
+                   "peak_memory_bytes": peak_memory_bytes(self.device)}
+        if self.group.main and self.eval_data is not None and (
+                (o.eval_every and step % o.eval_every == 0) or step == o.total_steps):
+            metrics["bpc"] = evaluate(self.model, self.eval_data, seq_len=o.seq_len, max_bytes=o.eval_bytes,
+                                      chunk_size=min(self.chunk_size, 1024)).bpc
+        if self.writes:
+            self.folder.log(metrics)
+            if o.save_every and step % o.save_every == 0 and not self.done:
+                self.save()
+        return metrics
 
 
 def _check_data(data: torch.Tensor | None, options: FitOptions) -> None:
     """Fail on data too short for the windows before any work starts."""
-    if options.task == "copy":
+    if options.task == Task.COPY:
         return
     if data is None:
         raise SlimtuneError("--data is required for a text task: pass a text file")
@@ -315,51 +356,71 @@ def _check_data(data: torch.Tensor | None, options: FitOptions) -> None:
         )
 
 
-def _plan(model, options: FitOptions, group: Group):
+def _plan(model, options: FitOptions, group: Group) -> Plan:
     """The planner's choice on this rank's device; under torchrun every rank then takes the smallest C any rank
     can afford, so that a rank whose budget fits nothing stops them all with its reason."""
     device = next(model.parameters()).device
+    work = Workload(options.seq_len, options.batch_size, options.optimizer, options.recovery)
     try:
-        plan = plan_chunk_size(
-            model, options.seq_len, options.batch_size, options.optimizer, options.mem_budget, recovery=options.recovery
-        )
+        plan = plan_chunk_size(model, work, options.mem_budget)
     except SlimtuneError:
         agree_min(0, device)
         raise
     chunk_size = agree_min(plan.chunk_size, device)
     if chunk_size == 0:
-        raise SlimtuneError("another rank's --mem-budget fits no chunk size (see its message): give it more memory")
+        raise OutOfBudgetError("another rank's --mem-budget fits no chunk size (see its message): give it more memory")
     if chunk_size != plan.chunk_size:
         plan.chunk_size = chunk_size
         plan.batch_weight_grads = False  # the buffers were sized against this rank's own C
     return plan
 
 
-def _train(model, data, out, options: FitOptions, on_step, on_warning, eval_data=None, group: Group = Group()) -> FitResult:
-    """Pick C with the planner when it is auto, run the steps, and report them (the export is the caller's)."""
-    plan = None
-    chunk_size = options.chunk_size
-    if chunk_size is None:
+def _train(model, data, out, options: FitOptions, on_step: OnStep | None, on_warning: OnWarning | None,
+           eval_data=None, group: Group = Group()) -> FitResult:
+    """Run the steps (planning C first when it is auto and the run is not resumed), and report them; saves the
+    run state at the end and on an interrupt. The export is the caller's."""
+    trainer = Trainer(model, data, options, chunk_size=options.chunk_size, eval_data=eval_data, group=group,
+                      on_warning=on_warning)
+    if trainer.chunk_size is None and not options.resume:  # auto: plan before anything is written
         plan = _plan(model, options, group)
-        chunk_size = plan.chunk_size
-        options = replace(options, batch_weight_grads=plan.batch_weight_grads)
+        trainer.chunk_size, trainer.plan = plan.chunk_size, plan.to_json()
+        trainer.options = replace(trainer.options, batch_weight_grads=plan.batch_weight_grads)
+    trainer.setup()  # a resumed run restores its C (and plan) from the saved state
     started = time.perf_counter()
-    losses, chunk_size, last = _run_steps(model, data, options, chunk_size, on_step, on_warning or _warn, eval_data, group)
+    try:
+        metrics = {}
+        while not trainer.done:
+            metrics = trainer.step()
+            if on_step and group.main and not metrics.get("skipped"):
+                on_step(trainer.completed, metrics)
+        trainer.save()
+    except KeyboardInterrupt:
+        trainer.save()
+        raise
+    finally:
+        trainer.close()
+    if not trainer.losses:
+        raise SlimtuneError("every step had a non-finite loss or gradient: lower --lr or add --clip-grad; "
+                            "nothing was exported")
     device = next(model.parameters()).device
+    last = {k: v for k, v in metrics.items() if k == "bpc"} | (
+        {"skipped_steps": trainer.skipped} if trainer.skipped else {})
     return FitResult(
-        chunk_size=chunk_size,
+        chunk_size=trainer.chunk_size,
         seq_len=options.seq_len,
         batch_size=options.batch_size,
-        steps=len(losses),
-        loss=losses[0],
-        final_loss=losses[-1],
-        losses=losses,
+        steps=len(trainer.losses),
+        loss=trainer.losses[0],
+        final_loss=trainer.losses[-1],
+        losses=trainer.losses,
         peak_memory_bytes=peak_memory_bytes(device),
         device=str(device),
         out=str(out),
         seconds=time.perf_counter() - started,
-        plan=None if plan is None else plan.to_json(),
-        metrics={k: v for k, v in last.items() if k in ("bpc", "skipped_steps")},
+        plan=trainer.plan,
+        metrics=last,
+        first_step=trainer.first_step,
+        memory_counts=memory_counts(device),
         model=model,
     )
 
@@ -367,18 +428,19 @@ def _train(model, data, out, options: FitOptions, on_step, on_warning, eval_data
 def _provenance(result: FitResult, options: FitOptions, data_path) -> dict:
     """What was run, for the exported checkpoint's metadata."""
     provenance = {
-        "task": options.task,
+        "task": str(options.task),
         "steps": result.steps,
         "one_step": options.one_step,
-        "optimizer": options.optimizer,
+        "optimizer": str(options.optimizer),
         "lr": options.lr,
-        "schedule": options.schedule,
+        "weight_decay": options.effective_weight_decay,
+        "schedule": str(options.schedule),
         "chunk_size": result.chunk_size,
         "seq_len": options.seq_len,
         "batch_size": options.batch_size,
         "accumulate": options.accumulate,
         "seed": options.seed,
-        "state_recovery": options.recovery,
+        "state_recovery": str(options.recovery),
         **result.metrics,
     }
     if data_path is not None:
@@ -396,69 +458,102 @@ def _start(data, options: FitOptions) -> tuple[torch.device, Group]:
     return rank_device(device, group), group
 
 
-def fit(
-    checkpoint: Checkpoint,
-    data: torch.Tensor,
-    out: str | Path,
-    options: FitOptions,
-    *,
-    data_path: str | Path | None = None,
-    on_step: Callable[[int, dict], None] | None = None,
-    on_warning: Callable[[str], None] | None = None,
-    eval_data: torch.Tensor | None = None,
-) -> FitResult:
-    """Fine-tune `checkpoint` on the bytes `data` and export to `out`; `eval_data`, if given, is scored in bpc
-    (every options.eval_every steps and at the end). Raises SlimtuneError on bad input, before anything is
-    written. `on_step(step, metrics)` sees each step's loss, lr, C, tokens/s, peak memory (and bpc)."""
+def _options(options: FitOptions | None, overrides: dict) -> FitOptions:
+    try:
+        options = replace(options, **overrides) if options is not None else FitOptions(**overrides)
+    except TypeError as e:
+        raise ConfigError(f"unknown fit option ({e}): see slimtune.FitOptions for the names") from None
     options.validate()
+    return options
+
+
+def fit(
+    checkpoint: Checkpoint | str | os.PathLike,
+    data: torch.Tensor | str | os.PathLike,
+    out: str | os.PathLike,
+    options: FitOptions | None = None,
+    *,
+    data_path: str | os.PathLike | None = None,
+    eval_data: torch.Tensor | str | os.PathLike | None = None,
+    eval_fraction: float | None = None,
+    on_step: OnStep | None = None,
+    on_warning: OnWarning | None = None,
+    **overrides,
+) -> FitResult:
+    """Fine-tune a checkpoint on bytes with SLiM and export weights the original model loads unchanged.
+
+    Args:
+        checkpoint: a checkpoint path (or a loaded `Checkpoint`).
+        data: a text file's path, or its bytes as a uint8 tensor [N].
+        out: where to write the fine-tuned checkpoint (never an input).
+        options: a FitOptions; keyword `overrides` (seq_len=, steps=, mem_budget=, ...) replace its fields.
+        data_path: the data file, for provenance, when `data` is a tensor.
+        eval_data: held-out bytes (or a path), scored in bpc every options.eval_every steps and at the end.
+        eval_fraction: instead of eval_data, hold out this last share of `data` (e.g. 0.05).
+        on_step: called as on_step(step, metrics) after each step (loss, lr, C, tokens/s, peak memory, bpc).
+        on_warning: called with each warning (default: warnings.warn).
+
+    Returns:
+        FitResult: C, losses, measured peak, the plan (when C was auto), and the trained model.
+
+    Raises:
+        SlimtuneError (ConfigError, CheckpointError, DataError, OutOfBudgetError): bad input, found before
+        anything is written.
+
+    Example:
+        result = slimtune.fit("model.safetensors", "my.txt", "tuned.safetensors", mem_budget="2GB", steps=100)
+    """
+    options = _options(options, overrides)
+    if not isinstance(data, torch.Tensor):
+        data_path = data_path or data
+        data = read_bytes(data, min_length=2)
+    if eval_data is not None and not isinstance(eval_data, torch.Tensor):
+        eval_data = read_bytes(eval_data, min_length=2, what="--eval-data")
+    if eval_fraction is not None:
+        if eval_data is not None:
+            raise ConfigError("give either --eval-data or --eval-fraction, not both")
+        data, eval_data = split_held_out(data, eval_fraction)
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = load_checkpoint(checkpoint)
     out = check_output_path(out, checkpoint.path, data_path, fmt=options.format)
     device, group = _start(data, options)
-    model = build_model(checkpoint, device=device)
-    checkpoint.release()  # the model holds the weights now; keep one copy in memory, not two
+    model = PerformerLM.from_checkpoint(checkpoint, device=device)  # holds the weights: one copy in memory
     result = _train(model, data, out, options, on_step, on_warning, eval_data, group)
-    if not group.main:
-        barrier()  # rank 0 exports; the others wait until it has
-        return result
-    provenance = {"base_checkpoint": checkpoint.path.name, "base_sha256": file_sha256(checkpoint.path),
-                  "world_size": group.world}
-    save_checkpoint(
-        out,
-        export_tensors(model, checkpoint, parse_dtype(options.dtype)),
-        checkpoint.config,
-        extra_config=checkpoint.extra_config | {"seq_len": options.seq_len},
-        provenance=provenance | _provenance(result, options, data_path),
-        fmt=options.format,
-    )
-    barrier()
+    if group.main:
+        model.save_pretrained(out, format=options.format, dtype=options.dtype,
+                              metadata={"world_size": group.world} | _provenance(result, options, data_path),
+                              extra_config={"seq_len": options.seq_len})
+    barrier()  # the other ranks wait until rank 0 has exported
     return result
 
 
 def pretrain(
     config: PerformerConfig,
-    data: torch.Tensor,
-    out: str | Path,
-    options: FitOptions,
+    data: torch.Tensor | str | os.PathLike | None,
+    out: str | os.PathLike,
+    options: FitOptions | None = None,
     *,
-    data_path: str | Path | None = None,
-    on_step: Callable[[int, dict], None] | None = None,
-    on_warning: Callable[[str], None] | None = None,
+    data_path: str | os.PathLike | None = None,
+    on_step: OnStep | None = None,
+    on_warning: OnWarning | None = None,
+    **overrides,
 ) -> FitResult:
-    """Train a model from random initialisation (the server side) and write a contract checkpoint."""
-    options.validate()
+    """Train a model from random initialisation (the server side) and write a contract checkpoint. `data`: a
+    text file's path or its bytes (None for the copy task); the rest as for `fit`."""
+    options = _options(options, overrides)
+    if data is not None and not isinstance(data, torch.Tensor):
+        data_path = data_path or data
+        data = read_bytes(data, min_length=2)
     out = check_output_path(out, data_path, fmt=options.format)
     device, group = _start(data, options)
     model = PerformerLM(config).to(device)
     result = _train(model, data, out, options, on_step, on_warning, group=group)
-    if not group.main:
-        barrier()  # rank 0 exports; the others wait until it has
-        return result
-    if options.task == "copy":
-        generator = torch.Generator().manual_seed(options.seed + 1)  # held-out sequences, not the training ones
-        result.metrics["copy_accuracy"] = copy_accuracy(model, options.seq_len, options.copy_symbols, generator)
-    dtype = parse_dtype(options.dtype)
-    tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
-    save_checkpoint(out, tensors, config, extra_config={"seq_len": options.seq_len},
-                    provenance={"pretrained": True, "world_size": group.world} | _provenance(result, options, data_path),
-                    fmt=options.format)
+    if group.main:
+        if options.task == Task.COPY:
+            generator = torch.Generator().manual_seed(options.seed + 1)  # held-out sequences, not the training ones
+            result.metrics["copy_accuracy"] = copy_accuracy(model, options.seq_len, options.copy_symbols, generator)
+        model.save_pretrained(out, format=options.format, dtype=options.dtype, extra_config={"seq_len": options.seq_len},
+                              metadata={"pretrained": True, "world_size": group.world}
+                              | _provenance(result, options, data_path))
     barrier()
     return result

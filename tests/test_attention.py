@@ -79,12 +79,47 @@ def test_chunks_compose():
     assert_close(final, whole_final, 1e-13, "final")
 
 
-def test_state_contribution_undoes_the_chunk_exactly():
+# Lengths on both sides of the default block size (64): T <= 64 takes the one-block fast path of
+# causal_linear_attention and state_contribution, T > 64 the blockwise path with padding (65, 150, 500 are not
+# multiples of 64).
+LENGTHS = [1, 7, 63, 64, 65, 150, 500]
+
+
+@pytest.mark.parametrize("T", LENGTHS, ids=lambda t: f"T{t}")
+def test_default_block_size_matches_naive_twin(T):
+    """The op as the model calls it (default block size) against the explicit prefix sums, from a non-zero start
+    state: outputs, final state, and the gradients of all four inputs."""
+    inputs = make_inputs(2, 3, T, 6, 5, seed=T)
+    assert inputs[3].detach().abs().min() > 0  # a start state that is really carried
+    out, final, grads = grads_of(causal_linear_attention, inputs)
+    ref_out, ref_final, ref_grads = grads_of(naive_causal_linear_attention, inputs)
+    assert out.shape == (2, 3, T, 5) and final.shape == (2, 3, 6, 6)
+    assert_close(out, ref_out, 1e-12, "out")
+    assert_close(final, ref_final, 1e-12, "final state")
+    for name, g, rg in zip(("fq", "fk", "v", "state"), grads, ref_grads):
+        assert_close(g, rg, 1e-12, f"grad {name}")
+
+
+@pytest.mark.parametrize("T", LENGTHS, ids=lambda t: f"T{t}")
+def test_state_contribution_is_the_sum_of_outer_products(T):
+    """sum_s phi(k_s) [v_s, 1]^T, written as an einsum, and final state - start state of the attention op."""
+    fq, fk, v, start = [t.detach() for t in make_inputs(2, 3, T, 6, 5, seed=T)]
+    expected = torch.cat([torch.einsum("bhtm,bhtd->bhmd", fk, v), fk.sum(2).unsqueeze(-1)], dim=-1)
+    contribution = state_contribution(fk, v)
+    assert contribution.shape == (2, 3, 6, 6)
+    assert_close(contribution, expected, 1e-12, "contribution")
+    _, final = naive_causal_linear_attention(fq, fk, v, start)
+    assert_close(contribution, final - start, 1e-12, "final - start")
+
+
+@pytest.mark.parametrize("T", LENGTHS, ids=lambda t: f"T{t}")
+def test_state_contribution_undoes_the_chunk_exactly(T):
     """final - contribution recovers the start state bit for bit when the state is float64 and the features fp32."""
-    fq, fk, v, _ = [t.detach().float() for t in make_inputs(2, 2, 150, 8, 8)]
-    start = torch.rand(2, 2, 8, 9, dtype=torch.float64)
+    fq, fk, v, _ = [t.detach().float() for t in make_inputs(2, 2, T, 8, 8, seed=T)]
+    start = torch.rand(2, 2, 8, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(T)) * 3
     _, final = causal_linear_attention(fq, fk, v, start)
     assert final.dtype == torch.float64
+    assert not torch.equal(final.float(), start.float())  # the chunk added something
     recovered = final - state_contribution(fk, v).double()
     assert torch.equal(recovered.float(), start.float())
 

@@ -12,8 +12,9 @@ from helpers import assert_close, tiny_model
 from slimtune import devices, train
 from slimtune.checkpoint import load_checkpoint, save_checkpoint
 from slimtune.errors import ConfigError, SlimtuneError
-from slimtune.memory import parse_size, resolve_budget
-from slimtune.planner import HEADROOM, chunk_sizes, choose, plan_chunk_size, predict, probe
+from slimtune.devices import resolve_budget
+from slimtune.units import parse_size
+from slimtune.planner import HEADROOM, Workload, chunk_sizes, choose, plan_chunk_size, predict, probe
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -71,24 +72,24 @@ def test_choose_picks_largest_that_fits():
 
 
 def tight_probe(model):
-    return probe(model, 4096, 1, "adam")
+    return probe(model, Workload(4096, 1, "adam"))
 
 
 def test_prediction_grows_and_the_choice_fits():
     model = tiny_model("sqr", True, dtype=torch.float32, hidden_dim=64, ffn_dim=256, n_heads=4)
-    loose = plan_chunk_size(model, 4096, 1, "adam", "95%")
+    loose = plan_chunk_size(model, Workload(4096, 1, "adam"), "95%")
     peaks = [c.predicted_peak_bytes for c in loose.candidates]
     assert peaks == sorted(peaks)
     by_size = {c.chunk_size: c.predicted_peak_bytes for c in loose.candidates}
     # A wide gap: the runtime (RSS) is measured again by the second plan, and other tests move it by megabytes.
-    tight = plan_chunk_size(model, 4096, 1, "adam", (by_size[256] + by_size[4096]) // 2)
+    tight = plan_chunk_size(model, Workload(4096, 1, "adam"), (by_size[256] + by_size[4096]) // 2)
     usable = tight.budget_bytes * (1 - HEADROOM)
     assert 64 <= tight.chunk_size < 4096
     assert tight.predicted_peak_bytes <= usable
     larger = [c for c in chunk_sizes(4096) + [4096] if c > tight.chunk_size][0]
-    assert predict(model, tight_probe(model), tight.breakdown["runtime"], 4096, 1, larger, "subtract64")["total"] > usable * 0.98
+    assert predict(model, tight_probe(model), tight.breakdown["runtime"], Workload(4096), larger)["total"] > usable * 0.98
     with pytest.raises(SlimtuneError, match="cannot fit even C = 1.*--optimizer sgd"):
-        plan_chunk_size(model, 4096, 1, "adam", 10**6)
+        plan_chunk_size(model, Workload(4096, 1, "adam"), 10**6)
 
 
 def test_gpus_are_matched_by_uuid_and_mig_uses_its_own_memory(monkeypatch):
@@ -140,7 +141,7 @@ def test_out_of_memory_retries_the_step_with_a_smaller_chunk(monkeypatch, tmp_pa
     data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:20000]), dtype=torch.uint8)
     options = train.FitOptions(seq_len=300, steps=3, chunk_size=300, optimizer="sgd", lr=0.1, device="cpu")
     result = train.fit(load_checkpoint(base), data, tmp_path / "a.safetensors", options, on_warning=warnings.append)
-    assert result.chunk_size == 64 and calls[:4] == [300, 256, 128, 64] and len(warnings) == 1
+    assert result.chunk_size == 64 and calls[:4] == [300, 256, 128, 64] and len(warnings) == 3  # one per fallback
     monkeypatch.setattr(train, "slim_step", real_step)
     options.chunk_size = 300
     plain = train.fit(load_checkpoint(base), data, tmp_path / "b.safetensors", options)
@@ -155,10 +156,10 @@ def test_weight_gradient_buffers_are_counted_and_used_only_when_they_fit():
     d, f, v, layers = 64, 256, 256, 2
     by_hand = DEFER_ROWS * 4 * (layers * (3 * (d + d) + (d + f) + (f + d)) + (d + v))  # rows x (in + out), fp32
     probe_ = tight_probe(model)
-    plain = predict(model, probe_, 0, 4096, 1, 32, "subtract64")
-    batched = predict(model, probe_, 0, 4096, 1, 32, "subtract64", batching=True)
+    plain = predict(model, probe_, 0, Workload(4096), 32)
+    batched = predict(model, probe_, 0, Workload(4096), 32, batching=True)
     assert batched["gradient batching"] == by_hand and batched["total"] - plain["total"] == by_hand
-    loose = plan_chunk_size(model, 4096, 1, "sgd", "95%")
+    loose = plan_chunk_size(model, Workload(4096, 1, "sgd"), "95%")
     assert loose.chunk_size == 4096 and not loose.batch_weight_grads  # one chunk: nothing to batch
 
 
@@ -166,7 +167,7 @@ def test_weight_gradient_buffers_are_counted_and_used_only_when_they_fit():
 def test_probe_room_on_cuda_is_the_cards_own_room(monkeypatch, optimizer, state_copies):
     """On CUDA the probe's room is the budget less the context, the allocated weights, the gradients and the
     optimizer state: host RSS (huge here) plays no part. The card's queries are faked, so CI checks the sums."""
-    from slimtune import memory, planner
+    from slimtune import planner
 
     GB = 10**9
     model = tiny_model("sqr", True, dtype=torch.float32)
@@ -174,7 +175,7 @@ def test_probe_room_on_cuda_is_the_cards_own_room(monkeypatch, optimizer, state_
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5 * GB, 8 * GB))  # 3 GB used on the card
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * GB)  # of which the allocator: 2 GB
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: GB // 2)  # the weights
-    monkeypatch.setattr(memory, "nvml_other_processes_bytes", lambda device: GB // 4)  # another process's share
+    monkeypatch.setattr(devices, "nvml_other_processes_bytes", lambda device: GB // 4)  # another process's share
     monkeypatch.setattr(planner, "process_rss", lambda: 100 * GB)
     room = planner.probe_room(model, optimizer, 6 * GB, torch.device("cuda", 0))
     context = 8 * GB - 5 * GB - 2 * GB - GB // 4  # used on the card, less the allocator's and the other process's

@@ -22,7 +22,7 @@ from helpers import tiny_model
 from slimtune.checkpoint import load_checkpoint, save_checkpoint
 from slimtune.cli import main
 from slimtune.errors import SlimtuneError
-from slimtune.memory import parse_size
+from slimtune.units import parse_size
 
 CUDA = torch.cuda.is_available()
 

@@ -1,0 +1,101 @@
+"""The named choices of the library and the command line (optimizer, precision, state recovery, ...).
+
+Each is a `str` enum: members compare, hash and print as their values (`Optimizer.ADAM == "adam"`), so options
+read from a recipe, a saved run or a caller's string work unchanged, and typer lists and validates them on the
+command line. `Choice.parse` turns a string into a member or raises ConfigError naming the allowed values.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+from .errors import ConfigError
+
+
+class Choice(str, Enum):
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    __hash__ = str.__hash__  # a member finds the entries of its value in dicts and sets
+
+    @classmethod
+    def parse(cls, value, what: str):
+        """`value` as a member of this choice; ConfigError naming `what` and the allowed values otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in cls)
+            raise ConfigError(f"{what} must be one of {allowed}, got {value!r}") from None
+
+
+class Optimizer(Choice):
+    SGD = "sgd"  # plain SGD, no momentum, no state
+    ADAM = "adam"
+    ADAMW = "adamw"  # decoupled weight decay on the weight matrices
+
+
+class BenchOptimizer(Choice):
+    NONE = "none"  # gradients only
+    SGD = "sgd"
+    ADAM = "adam"
+    ADAMW = "adamw"
+
+
+class Precision(Choice):
+    FP32 = "fp32"
+    BF16 = "bf16"  # autocast: bf16 matmuls; fp32 weights, gradients, states and loss
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The autocast dtype; None: the weights' own dtype, no autocast."""
+        return torch.bfloat16 if self is Precision.BF16 else None
+
+
+class Recovery(Choice):
+    SUBTRACT64 = "subtract64"  # the paper's subtraction with float64 states (default)
+    SUBTRACT = "subtract"  # the paper as published: states in the compute dtype
+    STORE = "store"  # keep every chunk's start states from the forward sweep
+
+
+class Schedule(Choice):
+    CONSTANT = "constant"
+    COSINE = "cosine"  # cosine decay to 0 after the warmup
+
+
+class LayerNorm(Choice):
+    POST = "post"  # x + LN(f(x)), the reference default (on_gptln = true)
+    PRE = "pre"  # x + f(LN(x))
+
+    @property
+    def on_gptln(self) -> bool:
+        return self is LayerNorm.POST
+
+
+class ExportFormat(Choice):
+    SAFETENSORS = "safetensors"  # one .safetensors file
+    HF = "hf"  # a folder: model.safetensors, config.json and the modeling code
+
+
+class ExportDtype(Choice):
+    AUTO = "auto"  # each tensor in its input dtype
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(self.value)
+
+
+class Task(Choice):
+    TEXT = "text"  # windows of a byte file
+    COPY = "copy"  # the paper's synthetic copying task
+
+
+class Adapt(Choice):
+    ONE_STEP = "one-step"  # the paper's on-device protocol

@@ -1,0 +1,146 @@
+"""The Python API (issue 14): the README's loop runs as written and equals `slimtune fit`; from_pretrained /
+save_pretrained round-trip bit for bit; slim_step on a loaded model equals full backprop; errors share one base."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import slimtune
+from helpers import assert_close, tiny_model
+from slimtune.checkpoint import load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _checkpoint(path, dtype=torch.float32, **kw):
+    model = tiny_model(dtype=torch.float32, **kw)
+    tensors = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+    save_checkpoint(path, tensors, model.config, extra_config={"seq_len": 64})
+    return path
+
+
+def _readme_python_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Use it from Python", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_the_readme_loop_runs_and_equals_slimtune_fit(tmp_path, data_dir, monkeypatch):
+    """README's code, executed as written in a folder with model.safetensors and my.txt; then the same run with
+    `slimtune fit` (adam, lr 1e-4, seed 0, C from the plan): the same weights to 1e-6."""
+    blocks = _readme_python_blocks()
+    assert blocks, "README has no python block under 'Use it from Python'"
+    monkeypatch.chdir(tmp_path)
+    _checkpoint(tmp_path / "model.safetensors", hidden_dim=32, ffn_dim=64)
+    (tmp_path / "my.txt").write_bytes((data_dir / "ptb.test.txt").read_bytes()[:200_000])
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    plan = namespace["plan"]
+    assert (tmp_path / "tuned.safetensors").is_file()
+    from slimtune.cli import main
+
+    steps = namespace.get("STEPS")
+    seq_len = namespace.get("SEQ_LEN")
+    assert main(["fit", "--checkpoint", "model.safetensors", "--data", "my.txt", "--out", "cli.safetensors",
+                 "--steps", str(steps), "--seq-len", str(seq_len), "--lr", "1e-4", "--optimizer", "adam",
+                 "--chunk-size", str(plan.chunk_size), "--seed", "0"]) == 0
+    ours, theirs = load_checkpoint("tuned.safetensors"), load_checkpoint("cli.safetensors")
+    for name, t in theirs.tensors.items():
+        assert_close(ours.tensors[name], t, 1e-6, name)
+    base = load_checkpoint("model.safetensors")
+    assert any(not torch.equal(base.tensors[n], t) for n, t in ours.tensors.items())  # it did train
+
+
+def test_save_then_load_round_trips_bit_for_bit_in_each_dtype(tmp_path):
+    src = _checkpoint(tmp_path / "half.safetensors", dtype=torch.bfloat16)
+    model = slimtune.PerformerLM.from_pretrained(src)
+    assert next(model.parameters()).dtype == torch.float32  # fp32 master weights in memory
+    out = model.save_pretrained(tmp_path / "again.safetensors", metadata={"note": "round trip"})
+    a, b = load_checkpoint(src), load_checkpoint(out)
+    assert a.config == b.config and b.extra_config["seq_len"] == 64
+    for name, t in a.tensors.items():
+        assert b.tensors[name].dtype == torch.bfloat16 and torch.equal(b.tensors[name], t), name
+    provenance = json.loads(b.metadata["slimtune_provenance"])
+    assert provenance["note"] == "round trip" and len(provenance["base_sha256"]) == 64
+    reloaded = slimtune.PerformerLM.from_pretrained(out)
+    for name, t in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], t), name
+
+
+def test_an_hf_folder_loads(tmp_path):
+    model = slimtune.PerformerLM.from_pretrained(_checkpoint(tmp_path / "m.safetensors"))
+    folder = model.save_pretrained(tmp_path / "hf", format="hf")
+    again = slimtune.PerformerLM.from_pretrained(folder)
+    ids = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+
+
+def test_slim_step_on_a_loaded_model_equals_full_backprop(tmp_path):
+    model = slimtune.PerformerLM.from_pretrained(_checkpoint(tmp_path / "m.safetensors"), dtype=torch.float64)
+    windows = torch.randint(0, 256, (2, 101), generator=torch.Generator().manual_seed(0))
+    loss = slimtune.slim_step(model, windows, chunk_size=7)
+    slim = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    logits = model(windows[:, :-1])  # plain autograd over the whole sequence
+    full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+    full.backward()
+    assert abs(loss - full.item()) <= 1e-12 * abs(full.item())
+    for name, p in model.named_parameters():
+        assert_close(slim[name], p.grad, 1e-10, name)
+
+
+def test_plan_prints_a_table_and_matches_the_cli(tmp_path, capsys):
+    src = _checkpoint(tmp_path / "m.safetensors")
+    plan = slimtune.plan(slimtune.PerformerLM.from_pretrained(src), seq_len=512, mem_budget="2GB", optimizer="sgd")
+    text = str(plan)
+    assert "<- chosen" in text and str(plan.chunk_size) in text
+    assert plan.chunk_size == 512 and plan.predicted_peak_bytes == plan.breakdown["total"]
+    from slimtune.cli import main
+
+    capsys.readouterr()
+    assert main(["plan", "--checkpoint", str(src), "--seq-len", "512", "--mem-budget", "2GB", "--optimizer", "sgd",
+                 "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli["chunk_size"] == plan.chunk_size
+    assert [c["chunk_size"] for c in cli["candidates"]] == [c.chunk_size for c in plan.candidates]
+
+
+def test_errors_are_one_family_with_the_cli_messages(tmp_path):
+    with pytest.raises(slimtune.CheckpointError, match="does not exist") as info:
+        slimtune.PerformerLM.from_pretrained(tmp_path / "missing.safetensors")
+    assert isinstance(info.value, slimtune.SlimtuneError)
+    model = slimtune.PerformerLM.from_pretrained(_checkpoint(tmp_path / "m.safetensors"))
+    with pytest.raises(slimtune.OutOfBudgetError, match="cannot fit even C = 1"):
+        slimtune.plan(model, seq_len=512, mem_budget="1MB")
+    with pytest.raises(slimtune.ConfigError, match="optimizer must be one of sgd, adam, adamw"):
+        slimtune.plan(model, seq_len=512, optimizer="lion")
+
+
+def test_evaluate_and_generate_take_paths_and_text(tmp_path, data_dir):
+    model = slimtune.PerformerLM.from_pretrained(_checkpoint(tmp_path / "m.safetensors"))
+    result = slimtune.evaluate(model, data_dir / "ptb.valid.txt", max_bytes=3000)
+    assert result.predicted_bytes == 2999 and result.seq_len == 64  # the checkpoint's seq_len
+    text = slimtune.generate(model, "Hello", 10, temperature=0)
+    assert len(text) == 10
+
+
+def test_import_slimtune_does_not_import_torch():
+    run = subprocess.run([sys.executable, "-c", "import sys, slimtune; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "False", run.stderr
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
+def test_examples_run(tmp_path, data_dir, script):
+    _checkpoint(tmp_path / "model.safetensors", hidden_dim=32, ffn_dim=64)
+    (tmp_path / "my.txt").write_bytes((data_dir / "ptb.test.txt").read_bytes()[:100_000])
+    run = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "tuned.safetensors").is_file()
