@@ -44,8 +44,22 @@ def make_checkpoint(config: PerformerConfig, name: str, seed: int = 0) -> Path:
 def run_fit(checkpoint: Path, *args) -> dict:
     """`slimtune fit ... --json` in a fresh process (so its peak RSS is its own); returns the JSON."""
     out = OUT / "fit-out.safetensors"
-    cmd = [sys.executable, "-m", "slimtune", "fit", "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",
-           "--data", str(DATA / "tinyshakespeare.txt"), "--json", *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slimtune",
+        "fit",
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--data",
+        str(DATA / "tinyshakespeare.txt"),
+        "--json",
+        *map(str, args),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr}")
@@ -69,7 +83,7 @@ def environment() -> dict:
 def report(name: str, headers: list[str], rows: list[list], extra: dict) -> None:
     """Print a markdown table and write benchmarks/out/NAME.json."""
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     print(line(headers))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:

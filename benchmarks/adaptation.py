@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import torch
-
 from _common import DATA, OUT, report
+
 from slimtune.checkpoint import build_model, load_checkpoint
 from slimtune.data import read_bytes
 from slimtune.evaluation import adapt_one_step
@@ -26,9 +26,25 @@ def main():
     parser.add_argument("--lr", type=float, default=0.01)
     args = parser.parse_args()
     ckpt = OUT / "small-shakespeare.safetensors"
-    subprocess.run([sys.executable, "-m", "slimtune", "pretrain", "--recipe", "small", "--data",
-                    str(DATA / "tinyshakespeare.txt"), "--out", str(ckpt), "--steps", str(args.steps), "--device", "cpu"],
-                   check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "slimtune",
+            "pretrain",
+            "--recipe",
+            "small",
+            "--data",
+            str(DATA / "tinyshakespeare.txt"),
+            "--out",
+            str(ckpt),
+            "--steps",
+            str(args.steps),
+            "--device",
+            "cpu",
+        ],
+        check=True,
+    )
     model = build_model(load_checkpoint(ckpt))
     model.redraw_features(torch.Generator().manual_seed(0))
     data = read_bytes(DATA / "wikitext2.valid.txt")
@@ -39,8 +55,12 @@ def main():
         rows.append([label, f"{r.bpc_before:.4f}", f"{r.bpc_after:.4f}", f"{r.difference:+.4f}"])
     slim, full = results[f"SLiM C={args.chunk}"], results["full backprop"]
     gap = abs(slim["bpc_after"] - full["bpc_after"]) / full["bpc_after"]
-    report("adaptation", ["adaptation step", "bpc before", "bpc after", "difference"], rows,
-           {"results": results, "slim_vs_full_relative_gap": gap, "pretrain_steps": args.steps})
+    report(
+        "adaptation",
+        ["adaptation step", "bpc before", "bpc after", "difference"],
+        rows,
+        {"results": results, "slim_vs_full_relative_gap": gap, "pretrain_steps": args.steps},
+    )
     print(f"SLiM vs full-backprop adapted bpc: relative gap {gap:.1e}")
 
 

@@ -20,8 +20,12 @@ def main():
         rows.append([L, "full backprop" if C >= L else C, f"{peaks[(L, C)] / 1e6:.1f}", f"{result['seconds']:.2f}"])
     growth = peaks[(32768, 128)] / peaks[(4096, 128)]
     share = peaks[(32768, 128)] / peaks[(32768, 32768)]
-    report("engine_memory", ["L", "C", "peak RSS MB", "step s"], rows,
-           {"slim_32768_over_4096": growth, "slim_over_full_at_32768": share, "config": PAPER_CPU.to_dict()})
+    report(
+        "engine_memory",
+        ["L", "C", "peak RSS MB", "step s"],
+        rows,
+        {"slim_32768_over_4096": growth, "slim_over_full_at_32768": share, "config": PAPER_CPU.to_dict()},
+    )
     print(f"SLiM C=128: peak at L=32768 / at L=4096 = {growth:.3f}; SLiM / full backprop at L=32768 = {share:.1%}")
 
 

@@ -18,9 +18,28 @@ L, BUDGET = 16384, "900MB"
 
 def main():
     ckpt = make_checkpoint(PAPER_CPU, "paper-cpu")
-    proc = subprocess.run([sys.executable, "-m", "slimtune", "plan", "--checkpoint", str(ckpt), "--seq-len", str(L),
-                           "--mem-budget", BUDGET, "--optimizer", "adam", "--device", "cpu", "--json"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "slimtune",
+            "plan",
+            "--checkpoint",
+            str(ckpt),
+            "--seq-len",
+            str(L),
+            "--mem-budget",
+            BUDGET,
+            "--optimizer",
+            "adam",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     plan = json.loads(proc.stdout.strip().splitlines()[-1])
     predicted = {c["chunk_size"]: c["predicted_peak_bytes"] for c in plan["candidates"]}
     rows = []
@@ -28,15 +47,30 @@ def main():
     for C in (64, 256, 1024, 4096):
         result = run_fit(ckpt, "--seq-len", L, "--chunk-size", C, "--steps", 1, "--optimizer", "adam")
         measured[C] = result["peak_memory_bytes"]
-        rows.append([C, f"{predicted[C] / 1e6:.1f}", f"{measured[C] / 1e6:.1f}", f"{predicted[C] / measured[C] - 1:+.1%}"])
+        rows.append(
+            [C, f"{predicted[C] / 1e6:.1f}", f"{measured[C] / 1e6:.1f}", f"{predicted[C] / measured[C] - 1:+.1%}"]
+        )
     auto = run_fit(ckpt, "--seq-len", L, "--mem-budget", BUDGET, "--steps", 1, "--optimizer", "adam")
     chosen = auto["chunk_size"]
-    rows.append([f"auto: {chosen}", f"{auto['plan']['predicted_peak_bytes'] / 1e6:.1f}",
-                 f"{auto['peak_memory_bytes'] / 1e6:.1f}", f"{auto['plan']['predicted_peak_bytes'] / auto['peak_memory_bytes'] - 1:+.1%}"])
+    rows.append(
+        [
+            f"auto: {chosen}",
+            f"{auto['plan']['predicted_peak_bytes'] / 1e6:.1f}",
+            f"{auto['peak_memory_bytes'] / 1e6:.1f}",
+            f"{auto['plan']['predicted_peak_bytes'] / auto['peak_memory_bytes'] - 1:+.1%}",
+        ]
+    )
     bigger = [c for c in sorted(predicted) if c > chosen]
     doubled = min(2 * chosen, L)
     over = run_fit(ckpt, "--seq-len", L, "--chunk-size", doubled, "--steps", 1, "--optimizer", "adam")
-    rows.append([f"2C: {doubled}", f"{predicted.get(doubled, float('nan')) / 1e6:.1f}", f"{over['peak_memory_bytes'] / 1e6:.1f}", ""])
+    rows.append(
+        [
+            f"2C: {doubled}",
+            f"{predicted.get(doubled, float('nan')) / 1e6:.1f}",
+            f"{over['peak_memory_bytes'] / 1e6:.1f}",
+            "",
+        ]
+    )
     summary = {
         "budget_bytes": plan["budget_bytes"],
         "plan_chunk_size": plan["chunk_size"],

@@ -15,8 +15,8 @@ import argparse
 import time
 
 import torch
-
 from _common import report
+
 from slimtune.model import PerformerConfig, PerformerLM
 from slimtune.slim import slim_step
 
@@ -34,13 +34,19 @@ def main():
     parser.add_argument("--seq-len", type=int, default=32768)
     parser.add_argument("--chunk", type=int, nargs="+", default=[256, 32])
     parser.add_argument("--features", nargs="+", default=["sqr", "relu"])
-    parser.add_argument("--tiny", action="store_true", help="the unit tests' model and inputs (d 16, 2 heads, random ids)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="the unit tests' model and inputs (d 16, 2 heads, random ids)"
+    )
     args = parser.parse_args()
     rows, results = [], {}
     for feature in args.features:
         run_feature(feature, args.seq_len, args.chunk, rows, results, tiny=args.tiny)
-    report("state_recovery" + ("-tiny" if args.tiny else ""), ["features", "run", "loss rel err", "max grad rel err", "worst tensor", "s"], rows,
-           {"seq_len": args.seq_len, "results": results})
+    report(
+        "state_recovery" + ("-tiny" if args.tiny else ""),
+        ["features", "run", "loss rel err", "max grad rel err", "worst tensor", "s"],
+        rows,
+        {"seq_len": args.seq_len, "results": results},
+    )
 
 
 def run_feature(feature, L, chunks, rows, results, tiny=False):
@@ -68,9 +74,16 @@ def run_feature(feature, L, chunks, rows, results, tiny=False):
         loss, g, seconds = grads(model, windows, chunk, recovery)
         errs = {n: ((g[n] - ref[n]).norm() / ref[n].norm()).item() for n in ref}
         worst = max(errs, key=errs.get)
-        results[f"{feature} {label}"] = {"max_abs_state_entry": state_norm, "loss_rel_err": abs(loss - ref_loss) / ref_loss, "max_grad_rel_err": errs[worst],
-                          "worst_tensor": worst, "seconds": seconds}
-        rows.append([feature, label, f"{abs(loss - ref_loss) / ref_loss:.1e}", f"{errs[worst]:.1e}", worst, f"{seconds:.1f}"])
+        results[f"{feature} {label}"] = {
+            "max_abs_state_entry": state_norm,
+            "loss_rel_err": abs(loss - ref_loss) / ref_loss,
+            "max_grad_rel_err": errs[worst],
+            "worst_tensor": worst,
+            "seconds": seconds,
+        }
+        rows.append(
+            [feature, label, f"{abs(loss - ref_loss) / ref_loss:.1e}", f"{errs[worst]:.1e}", worst, f"{seconds:.1f}"]
+        )
     print(f"{feature}: largest state entry at the end of the sequence: {state_norm:.3g}")
 
 

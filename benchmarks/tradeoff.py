@@ -12,8 +12,8 @@ Pass --recipe config-2 (etc.) and --seq-len for the paper's configurations; on a
 import argparse
 
 import torch
-
 from _common import PAPER_CPU, report
+
 from slimtune import bench
 from slimtune.choices import Precision
 
@@ -33,21 +33,52 @@ def main():
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--name", default="tradeoff")
     args = parser.parse_args()
-    setup = bench.setup(recipe=args.recipe, config=None if args.recipe else PAPER_CPU, seq_len=args.seq_len,
-                        batch_size=args.batch_size, device=args.device, emulate_memory=args.emulate_memory)
+    setup = bench.setup(
+        recipe=args.recipe,
+        config=None if args.recipe else PAPER_CPU,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        device=args.device,
+        emulate_memory=args.emulate_memory,
+    )
     config, device = setup.model.config, setup.windows.device
     methods = bench.methods_for(args.seq_len, args.chunks, checkpointed=not args.no_checkpointing)
-    rows = bench.run_bench(setup.model, setup.windows, methods, steps=args.steps, warmup=args.warmup,
-                           optimizer=args.optimizer, precision=args.precision)
+    rows = bench.run_bench(
+        setup.model,
+        setup.windows,
+        methods,
+        steps=args.steps,
+        warmup=args.warmup,
+        optimizer=args.optimizer,
+        precision=args.precision,
+    )
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    table = [[r.method, r.error or fmt(r.median_s, ".3f"), fmt(r.vs_full_time, ".2f") + "x",
-              fmt(None if r.peak_bytes is None else r.peak_bytes / 1e6, ".1f"), fmt(r.vs_full_memory, ".2f") + "x"]
-             for r in rows]
+    table = [
+        [
+            r.method,
+            r.error or fmt(r.median_s, ".3f"),
+            fmt(r.vs_full_time, ".2f") + "x",
+            fmt(None if r.peak_bytes is None else r.peak_bytes / 1e6, ".1f"),
+            fmt(r.vs_full_memory, ".2f") + "x",
+        ]
+        for r in rows
+    ]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    report(args.name, ["method", "median s/step", "time vs full", "peak MB", "memory vs full"], table,
-           {"device": device_name, "config": config.to_dict(), "seq_len": args.seq_len, "batch_size": args.batch_size,
-            "precision": args.precision, "optimizer": args.optimizer, "emulate_memory": args.emulate_memory,
-            "rows_detail": bench.rows_json(rows)})
+    report(
+        args.name,
+        ["method", "median s/step", "time vs full", "peak MB", "memory vs full"],
+        table,
+        {
+            "device": device_name,
+            "config": config.to_dict(),
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "precision": args.precision,
+            "optimizer": args.optimizer,
+            "emulate_memory": args.emulate_memory,
+            "rows_detail": bench.rows_json(rows),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Fine-tune with your own loop: slimtune plans the chunk size, `slim_step` fills .grad exactly, torch does the rest.
 
-    python examples/custom_loop.py            # model.safetensors + my.txt in the current folder -> tuned.safetensors
-    python examples/custom_loop.py --quick    # a few short steps (what the tests run)
+python examples/custom_loop.py            # model.safetensors + my.txt in the current folder -> tuned.safetensors
+python examples/custom_loop.py --quick    # a few short steps (what the tests run)
 """
 
 import sys

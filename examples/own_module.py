@@ -47,8 +47,10 @@ for step in range(1, steps + 1):
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    print(f"step {step}: loss {total / micro_batches:.4f}, lr {scheduler.get_last_lr()[0]:.2e}, "
-          f"|bias| {model.logit_bias.norm():.4f}")
+    print(
+        f"step {step}: loss {total / micro_batches:.4f}, lr {scheduler.get_last_lr()[0]:.2e}, "
+        f"|bias| {model.logit_bias.norm():.4f}"
+    )
 with torch.no_grad():  # fold the bias into the Performer's own output bias: a plain checkpoint again
     performer.output_logit_map.bias += model.logit_bias
     model.logit_bias.zero_()

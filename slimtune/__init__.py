@@ -23,16 +23,49 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "SlimtuneError": "errors", "ConfigError": "errors", "CheckpointError": "errors", "DataError": "errors",
+    "SlimtuneError": "errors",
+    "ConfigError": "errors",
+    "CheckpointError": "errors",
+    "DataError": "errors",
     "OutOfBudgetError": "errors",
-    "PerformerConfig": "config", "PerformerLM": "model",
-    "Plan": "planner", "plan": "planner",
+    "PerformerConfig": "config",
+    "PerformerLM": "model",
+    "Plan": "planner",
+    "plan": "planner",
     "slim_step": "slim",
-    "FitOptions": "train", "FitResult": "train", "Trainer": "train", "fit": "train", "pretrain": "train",
-    "EvalResult": "evaluation", "evaluate": "evaluation", "adapt_one_step": "evaluation",
+    "FitOptions": "train",
+    "FitResult": "train",
+    "Trainer": "train",
+    "fit": "train",
+    "pretrain": "train",
+    "EvalResult": "evaluation",
+    "evaluate": "evaluation",
+    "adapt_one_step": "evaluation",
     "generate": "generation",
 }
-__all__ = ["__version__", "data", *_EXPORTS]
+__all__ = [
+    "__version__",
+    "data",
+    "SlimtuneError",
+    "ConfigError",
+    "CheckpointError",
+    "DataError",
+    "OutOfBudgetError",
+    "PerformerConfig",
+    "PerformerLM",
+    "Plan",
+    "plan",
+    "slim_step",
+    "FitOptions",
+    "FitResult",
+    "Trainer",
+    "fit",
+    "pretrain",
+    "EvalResult",
+    "evaluate",
+    "adapt_one_step",
+    "generate",
+]
 
 
 def __getattr__(name: str):

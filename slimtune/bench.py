@@ -74,9 +74,17 @@ class Setup:
         return self.windows.shape[1] - 1
 
 
-def setup(*, checkpoint=None, recipe: str | None = None, config: PerformerConfig | None = None,
-          seq_len: int | None = None, batch_size: int = 1, device: str = "auto", seed: int = 0,
-          emulate_memory: str | None = None) -> Setup:
+def setup(
+    *,
+    checkpoint=None,
+    recipe: str | None = None,
+    config: PerformerConfig | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 1,
+    device: str = "auto",
+    seed: int = 0,
+    emulate_memory: str | None = None,
+) -> Setup:
     """The model to measure, from exactly one of a checkpoint, a recipe's model or a config (the latter two
     randomly initialised with `seed`), and seeded random windows. L: `seq_len`, else the recipe's, else 1024.
     `emulate_memory` caps a CUDA process at a smaller card's memory before anything is allocated."""
@@ -106,7 +114,7 @@ def checkpointed_step(model: PerformerLM, windows: torch.Tensor, precision: torc
     inputs, targets = windows[:, :-1].long(), windows[:, 1:].long()
     with autocast(inputs.device, precision):
         x = model.embed(inputs, 0)
-        for layer, state in zip(model.layers, model.initial_states(inputs.shape[0])):
+        for layer, state in zip(model.layers, model.initial_states(inputs.shape[0]), strict=True):
             x, _ = checkpoint(layer, x, state, use_reentrant=False)
         weights = torch.full(targets.shape, 1.0 / targets.numel(), dtype=torch.float64, device=targets.device)
         loss = chunk_loss(model.output_logit_map(x), targets, weights)  # the mean, as slim_step's
@@ -174,7 +182,9 @@ def _peak(runner: _Runner, method: Method, device: torch.device) -> int:
         return torch.cuda.max_memory_reserved(device) + cuda_context_bytes(device)
     held = sum(t.untyped_storage().nbytes() for t in model.state_dict().values())
     if optimizer is not None:
-        held += sum(v.untyped_storage().nbytes() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+        held += sum(
+            v.untyped_storage().nbytes() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
+        )
     model.zero_grad(set_to_none=True)  # the step creates the gradients, so the tracker counts them
     with TensorBytes() as tracked:
         runner.step(method, optimizer)
@@ -268,14 +278,21 @@ def plot(rows: list[Row], path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    slim = sorted((r for r in rows if r.method.startswith("SLiM") and r.median_s is not None), key=lambda r: r.chunk_size)
+    slim = sorted(
+        (r for r in rows if r.method.startswith("SLiM") and r.median_s is not None), key=lambda r: r.chunk_size
+    )
     others = [r for r in rows if not r.method.startswith("SLiM") and r.median_s is not None]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, unit, scale in ((ax_t, "median_s", "step time (s)", 1.0), (ax_m, "peak_bytes", "peak memory (MB)", 1e-6)):
+    for ax, key, unit, scale in (
+        (ax_t, "median_s", "step time (s)", 1.0),
+        (ax_m, "peak_bytes", "peak memory (MB)", 1e-6),
+    ):
         if slim:
             ax.plot([r.chunk_size for r in slim], [getattr(r, key) * scale for r in slim], "o-", label="SLiM")
-        for r, style in zip(others, ("--", ":")):
-            ax.axhline(getattr(r, key) * scale, linestyle=style, color="gray" if style == "--" else "black", label=r.method)
+        for r, style in zip(others, ("--", ":"), strict=False):
+            ax.axhline(
+                getattr(r, key) * scale, linestyle=style, color="gray" if style == "--" else "black", label=r.method
+            )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("chunk size C")
         ax.set_ylabel(unit)

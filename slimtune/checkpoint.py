@@ -31,7 +31,11 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 HF_WEIGHTS = "model.safetensors"  # the weights file inside a --format hf folder
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # What each unknown setting is called on the command line, for error messages.
-FLAGS = {"n_heads": "--n-heads N", "feature_type": "--feature-type sqr|relu|elu+1|abs|favor+", "on_gptln": "--layernorm post|pre"}
+FLAGS = {
+    "n_heads": "--n-heads N",
+    "feature_type": "--feature-type sqr|relu|elu+1|abs|favor+",
+    "on_gptln": "--layernorm post|pre",
+}
 
 
 def expected_shapes(config: PerformerConfig) -> dict[str, tuple[int, ...]]:
@@ -110,10 +114,13 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it holds pickled objects other than tensors ({str(e).splitlines()[0][:120]}); "
-            "only plain state dicts are loaded, so no code in the file runs. Re-save it with torch.save(model.state_dict())"
+            "only plain state dicts are loaded, so no code in the file runs. "
+            "Re-save it with torch.save(model.state_dict())"
         ) from None
     except Exception as e:
-        raise CheckpointError(f"cannot read {path} as a torch.save file ({str(e).splitlines()[0][:160]}): re-save it") from None
+        raise CheckpointError(
+            f"cannot read {path} as a torch.save file ({str(e).splitlines()[0][:160]}): re-save it"
+        ) from None
     for key in ("state_dict", "model"):  # common wrappers around a state dict
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -174,20 +181,34 @@ def validate_tensors(tensors: dict[str, torch.Tensor], config: PerformerConfig, 
             parts.append(f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
         if unexpected:
             parts.append(f"unexpected {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-        raise CheckpointError(f"{path} does not match its config ({'; '.join(parts)}): check --n-layers/sizes or the file")
-    wrong = [f"{n} expected {list(s)} found {list(tensors[n].shape)}" for n, s in shapes.items() if tuple(tensors[n].shape) != s]
+        raise CheckpointError(
+            f"{path} does not match its config ({'; '.join(parts)}): check --n-layers/sizes or the file"
+        )
+    wrong = [
+        f"{n} expected {list(s)} found {list(tensors[n].shape)}"
+        for n, s in shapes.items()
+        if tuple(tensors[n].shape) != s
+    ]
     if wrong:
         raise CheckpointError(f"{path} has tensors of the wrong shape ({'; '.join(wrong[:4])}): check the config")
     odd = [f"{n} ({tensors[n].dtype})" for n in shapes if tensors[n].dtype not in FLOAT_DTYPES]
     if odd:
-        raise CheckpointError(f"{path} has non-float tensors ({', '.join(odd[:4])}): weights must be fp32, fp16 or bf16")
+        raise CheckpointError(
+            f"{path} has non-float tensors ({', '.join(odd[:4])}): weights must be fp32, fp16 or bf16"
+        )
     bad = [n for n in shapes if not torch.isfinite(tensors[n]).all()]
     if bad:
-        raise CheckpointError(f"{path} has non-finite values (NaN or inf) in {', '.join(bad[:4])}: use an earlier checkpoint")
+        raise CheckpointError(
+            f"{path} has non-finite values (NaN or inf) in {', '.join(bad[:4])}: use an earlier checkpoint"
+        )
 
 
 def load_checkpoint(
-    path: str | os.PathLike, *, n_heads: int | None = None, feature_type: str | None = None, layernorm: str | None = None
+    path: str | os.PathLike,
+    *,
+    n_heads: int | None = None,
+    feature_type: str | None = None,
+    layernorm: str | None = None,
 ) -> Checkpoint:
     """Read and validate any accepted checkpoint. The keyword arguments fill settings the file does not carry."""
     path = Path(path)
@@ -205,7 +226,9 @@ def load_checkpoint(
         try:
             saved = json.loads(metadata["slimtune_config"])
         except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path} has invalid slimtune_config JSON ({e}): fix or remove the metadata") from None
+            raise CheckpointError(
+                f"{path} has invalid slimtune_config JSON ({e}): fix or remove the metadata"
+            ) from None
         if not isinstance(saved, dict):
             raise CheckpointError(f"{path}: slimtune_config must be a JSON object, got {type(saved).__name__}")
     config, extra = _config(saved, tensors, path, overrides)
@@ -214,9 +237,14 @@ def load_checkpoint(
     return Checkpoint(path=path, config=config, tensors=tensors, extra_config=extra, metadata=other)
 
 
-def export_tensors(state: dict[str, torch.Tensor], like: Checkpoint, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def export_tensors(
+    state: dict[str, torch.Tensor], like: Checkpoint, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """A model's state dict under the contract names, each in `dtype` or else in the input checkpoint's dtype."""
-    return {n: state[n].detach().to("cpu", dtype or like.tensors[n].dtype).contiguous() for n in expected_shapes(like.config)}
+    return {
+        n: state[n].detach().to("cpu", dtype or like.tensors[n].dtype).contiguous()
+        for n in expected_shapes(like.config)
+    }
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -283,7 +311,9 @@ def save_checkpoint(
         else:
             _write_safetensors(path, tensors, metadata)
     except OSError as e:
-        raise CheckpointError(f"cannot write {path} ({e.strerror or e}): free some space or choose another --out") from None
+        raise CheckpointError(
+            f"cannot write {path} ({e.strerror or e}): free some space or choose another --out"
+        ) from None
     return path
 
 
@@ -309,7 +339,9 @@ def describe(checkpoint: Checkpoint) -> dict:
         # fp32 training: weights + gradients (8 bytes per parameter), plus Adam's two moments (8 more)
         "fine_tuning_bytes": {"sgd": 8 * n, "adam": 16 * n},
         "provenance": provenance,
-        "tensors": {name: (list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in checkpoint.tensors.items()},
+        "tensors": {
+            name: (list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in checkpoint.tensors.items()
+        },
     }
 
 
@@ -326,14 +358,28 @@ def default_out(checkpoint: str | os.PathLike, fmt: str = "safetensors") -> Path
     raise CheckpointError(f"no free output name beside {src}: pass --out")
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "auto", fmt: str = "safetensors",
-            n_heads: int | None = None, feature_type: str | None = None, layernorm: str | None = None) -> Checkpoint:
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "auto",
+    fmt: str = "safetensors",
+    n_heads: int | None = None,
+    feature_type: str | None = None,
+    layernorm: str | None = None,
+) -> Checkpoint:
     """Write any accepted checkpoint (e.g. the reference code's torch.save state dict) as a contract checkpoint,
     bit for bit in each tensor's dtype unless `dtype` casts. Returns the source checkpoint."""
     cast = ExportDtype.parse(dtype, "--dtype").dtype
     target = check_output_path(out, src, fmt=fmt)
     ckpt = load_checkpoint(src, n_heads=n_heads, feature_type=feature_type, layernorm=layernorm)
     tensors = {name: t.to(cast or t.dtype) for name, t in ckpt.tensors.items()}
-    save_checkpoint(target, tensors, ckpt.config, extra_config=ckpt.extra_config,
-                    provenance={"converted_from": Path(src).name}, fmt=fmt)
+    save_checkpoint(
+        target,
+        tensors,
+        ckpt.config,
+        extra_config=ckpt.extra_config,
+        provenance={"converted_from": Path(src).name},
+        fmt=fmt,
+    )
     return ckpt

@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -20,7 +20,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .choices import Adapt, BenchOptimizer, ExportDtype, ExportFormat, LayerNorm, Optimizer, Precision, Recovery, Schedule, Task
+from .choices import (
+    Adapt,
+    BenchOptimizer,
+    ExportDtype,
+    ExportFormat,
+    LayerNorm,
+    Optimizer,
+    Precision,
+    Recovery,
+    Schedule,
+    Task,
+)
 from .errors import ConfigError, SlimtuneError
 from .units import format_size
 
@@ -35,27 +46,55 @@ err = Console(stderr=True)
 out = Console()
 
 # Options shared by several commands, declared once.
-Checkpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="Model: a .safetensors checkpoint, an hf folder, or a .pt/.pth/.bin state dict. (required)", show_default=False)]
-DataFile = Annotated[Optional[Path], typer.Option("--data", help="Text: a file of raw bytes. (required)", show_default=False)]
+Checkpoint = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint",
+        help="Model: a .safetensors checkpoint, an hf folder, or a .pt/.pth/.bin state dict. (required)",
+        show_default=False,
+    ),
+]
+DataFile = Annotated[
+    Path | None, typer.Option("--data", help="Text: a file of raw bytes. (required)", show_default=False)
+]
 SeqLen = Annotated[int, typer.Option("--seq-len", min=1, help="L: bytes per training window.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Windows per step.")]
 Budget = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--mem-budget",
         help="Memory the job may hold in all (weights, gradients, optimizer state, one chunk's activations, states, "
-        "runtime): a size (2GB = 2e9 bytes, 1.5GiB, 512MB) or a share of free memory (80%). Default: free memory less 10%.",
+        "runtime): a size (2GB = 2e9 bytes, 1.5GiB, 512MB) or a share of free memory (80%). "
+        "Default: free memory less 10%.",
         show_default=False,
     ),
 ]
 OptimizerOpt = Annotated[Optimizer, typer.Option("--optimizer", help="sgd (plain, no momentum), adam or adamw.")]
 Device = Annotated[str, typer.Option("--device", help="auto (cuda if usable), cpu, cuda or cuda:N.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line of stdout.")]
-NHeads = Annotated[Optional[int], typer.Option("--n-heads", min=1, help="Heads, for checkpoints without slimtune_config.", show_default=False)]
-FeatureType = Annotated[Optional[str], typer.Option("--feature-type", help="sqr, relu, elu+1, abs, favor+ or favor+_N, for checkpoints without slimtune_config.", show_default=False)]
-LayerNormOpt = Annotated[Optional[LayerNorm], typer.Option("--layernorm", help="post or pre, for checkpoints without slimtune_config.", show_default=False)]
-DtypeOpt = Annotated[ExportDtype, typer.Option("--dtype", help="Dtype of the written weights: auto keeps each tensor's input dtype.")]
-FormatOpt = Annotated[ExportFormat, typer.Option("--format", help="safetensors (one file) or hf (a folder with model.safetensors and config.json).")]
+NHeads = Annotated[
+    int | None,
+    typer.Option("--n-heads", min=1, help="Heads, for checkpoints without slimtune_config.", show_default=False),
+]
+FeatureType = Annotated[
+    str | None,
+    typer.Option(
+        "--feature-type",
+        help="sqr, relu, elu+1, abs, favor+ or favor+_N, for checkpoints without slimtune_config.",
+        show_default=False,
+    ),
+]
+LayerNormOpt = Annotated[
+    LayerNorm | None,
+    typer.Option("--layernorm", help="post or pre, for checkpoints without slimtune_config.", show_default=False),
+]
+DtypeOpt = Annotated[
+    ExportDtype, typer.Option("--dtype", help="Dtype of the written weights: auto keeps each tensor's input dtype.")
+]
+FormatOpt = Annotated[
+    ExportFormat,
+    typer.Option("--format", help="safetensors (one file) or hf (a folder with model.safetensors and config.json)."),
+]
 RecoveryOpt = Annotated[
     Recovery,
     typer.Option(
@@ -66,10 +105,18 @@ RecoveryOpt = Annotated[
 ]
 PrecisionOpt = Annotated[
     Precision,
-    typer.Option("--precision", help="Compute precision: fp32, or bf16 (autocast: bf16 matmuls; fp32 weights, gradients, "
-                 "attention states and loss; no loss scaling needed)."),
+    typer.Option(
+        "--precision",
+        help="Compute precision: fp32, or bf16 (autocast: bf16 matmuls; fp32 weights, gradients, "
+        "attention states and loss; no loss scaling needed).",
+    ),
 ]
-ChunkSize = Annotated[str, typer.Option("--chunk-size", help="C: 'auto' picks the largest that fits --mem-budget; C >= L is ordinary backprop.")]
+ChunkSize = Annotated[
+    str,
+    typer.Option(
+        "--chunk-size", help="C: 'auto' picks the largest that fits --mem-budget; C >= L is ordinary backprop."
+    ),
+]
 
 
 def _require(command: str, **given) -> None:
@@ -93,9 +140,16 @@ class _Reporter:
         self.started = self.last = time.monotonic()
         self.bar = None
         if self.tty:
-            self.bar = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                console=err, transient=transient)
+            self.bar = Progress(
+                TextColumn(f"[bold]{what}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                transient=transient,
+            )
 
     def __enter__(self):
         if self.bar:
@@ -117,8 +171,11 @@ class _Reporter:
         self.last = now
         elapsed = now - self.started
         eta = elapsed / done * (self.total - done) if done else float("nan")
-        print(f"{self.what}: {done}/{self.total}  {info}  elapsed {elapsed:.0f} s, ETA {eta:.0f} s", file=sys.stderr,
-              flush=True)
+        print(
+            f"{self.what}: {done}/{self.total}  {info}  elapsed {elapsed:.0f} s, ETA {eta:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _step_info(m: dict) -> str:
@@ -148,7 +205,10 @@ def version_callback(value: bool):
 
 @app.callback()
 def root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=version_callback, is_eager=True, help="Show the version and exit.")] = None,
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=version_callback, is_eager=True, help="Show the version and exit."),
+    ] = None,
 ):
     """Fine-tune Performer language models on small devices with SLiM: exact gradients, memory O(C) instead of O(L).
 
@@ -163,29 +223,81 @@ def root(
 def fit(
     checkpoint: Checkpoint = None,
     data: DataFile = None,
-    out_path: Annotated[Optional[Path], typer.Option("--out", help="Where to write the fine-tuned checkpoint. Default: NAME-tuned.safetensors beside the input (never overwriting a file).", show_default=False)] = None,
+    out_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Where to write the fine-tuned checkpoint. Default: NAME-tuned.safetensors beside the input "
+            "(never overwriting a file).",
+            show_default=False,
+        ),
+    ] = None,
     mem_budget: Budget = None,
     chunk_size: ChunkSize = "auto",
     seq_len: SeqLen = 1024,
     batch_size: BatchSize = 1,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps on seeded random windows.")] = 1,
-    one_step: Annotated[bool, typer.Option("--one-step", help="Exactly one step on the first batch (row b = bytes [bL, bL+L+1)), as in the paper's on-device experiment.")] = False,
+    one_step: Annotated[
+        bool,
+        typer.Option(
+            "--one-step",
+            help="Exactly one step on the first batch (row b = bytes [bL, bL+L+1)), as in the paper's on-device "
+            "experiment.",
+        ),
+    ] = False,
     optimizer: OptimizerOpt = Optimizer.ADAM,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 1e-3,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay of the weight matrices (never LayerNorm gains or biases). Default: 0.01 with adamw, else 0.", show_default=False)] = None,
+    weight_decay: Annotated[
+        float | None,
+        typer.Option(
+            "--weight-decay",
+            help="Weight decay of the weight matrices (never LayerNorm gains or biases). "
+            "Default: 0.01 with adamw, else 0.",
+            show_default=False,
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for window sampling and FAVOR+ draws.")] = 0,
     device: Device = "auto",
-    schedule: Annotated[Schedule, typer.Option("--schedule", help="Learning rate: constant, or cosine decay after the warmup.")] = Schedule.CONSTANT,
+    schedule: Annotated[
+        Schedule, typer.Option("--schedule", help="Learning rate: constant, or cosine decay after the warmup.")
+    ] = Schedule.CONSTANT,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Steps of linear learning-rate warmup.")] = 0,
-    clip_grad: Annotated[Optional[float], typer.Option("--clip-grad", help="Clip the gradients' global norm (opt-in).", show_default=False)] = None,
-    accumulate: Annotated[int, typer.Option("--accumulate", min=1, help="Batches whose gradients make one optimizer step.")] = 1,
-    eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="Held-out text scored in bits per character.", show_default=False)] = None,
-    eval_fraction: Annotated[Optional[float], typer.Option("--eval-fraction", help="Hold out the last share of --data (e.g. 0.05) for evaluation instead of --eval-data.", show_default=False)] = None,
-    eval_every: Annotated[int, typer.Option("--eval-every", min=0, help="With held-out data: bpc every N steps (0: at the end).")] = 0,
-    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder for metrics.jsonl and resumable state (default: OUT.run).", show_default=False)] = None,
-    save_every: Annotated[int, typer.Option("--save-every", min=0, help="Save resumable state every N steps (and on Ctrl-C).")] = 100,
+    clip_grad: Annotated[
+        float | None, typer.Option("--clip-grad", help="Clip the gradients' global norm (opt-in).", show_default=False)
+    ] = None,
+    accumulate: Annotated[
+        int, typer.Option("--accumulate", min=1, help="Batches whose gradients make one optimizer step.")
+    ] = 1,
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval-data", help="Held-out text scored in bits per character.", show_default=False)
+    ] = None,
+    eval_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--eval-fraction",
+            help="Hold out the last share of --data (e.g. 0.05) for evaluation instead of --eval-data.",
+            show_default=False,
+        ),
+    ] = None,
+    eval_every: Annotated[
+        int, typer.Option("--eval-every", min=0, help="With held-out data: bpc every N steps (0: at the end).")
+    ] = 0,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--run-dir", help="Run folder for metrics.jsonl and resumable state (default: OUT.run).", show_default=False
+        ),
+    ] = None,
+    save_every: Annotated[
+        int, typer.Option("--save-every", min=0, help="Save resumable state every N steps (and on Ctrl-C).")
+    ] = 100,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in the run folder.")] = False,
-    skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Skip (and count) steps with a non-finite loss or gradient instead of stopping.")] = False,
+    skip_nonfinite: Annotated[
+        bool,
+        typer.Option(
+            "--skip-nonfinite", help="Skip (and count) steps with a non-finite loss or gradient instead of stopping."
+        ),
+    ] = False,
     recovery: RecoveryOpt = Recovery.SUBTRACT64,
     precision: PrecisionOpt = Precision.FP32,
     dtype: DtypeOpt = ExportDtype.AUTO,
@@ -201,26 +313,56 @@ def fit(
     """
     from .checkpoint import default_out, load_checkpoint
     from .recipes import parse_chunk_size
-    from .train import FitOptions, fit as run_fit
+    from .train import FitOptions
+    from .train import fit as run_fit
 
     _require("fit", checkpoint=checkpoint, data=data)
     target = out_path or default_out(checkpoint, export_format)
     options = FitOptions(
-        seq_len=seq_len, batch_size=batch_size, steps=steps, one_step=one_step, optimizer=optimizer, lr=lr,
-        weight_decay=weight_decay, chunk_size=parse_chunk_size(chunk_size, seq_len),
-        mem_budget=mem_budget, seed=seed, device=device, recovery=recovery, precision=precision, dtype=dtype,
-        format=export_format, schedule=schedule, warmup=warmup, clip_grad=clip_grad, accumulate=accumulate,
-        eval_every=eval_every, save_every=save_every, resume=resume, skip_nonfinite=skip_nonfinite,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        steps=steps,
+        one_step=one_step,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        chunk_size=parse_chunk_size(chunk_size, seq_len),
+        mem_budget=mem_budget,
+        seed=seed,
+        device=device,
+        recovery=recovery,
+        precision=precision,
+        dtype=dtype,
+        format=export_format,
+        schedule=schedule,
+        warmup=warmup,
+        clip_grad=clip_grad,
+        accumulate=accumulate,
+        eval_every=eval_every,
+        save_every=save_every,
+        resume=resume,
+        skip_nonfinite=skip_nonfinite,
         run_dir=str(run_dir or Path(f"{target}.run")),
     )
     ckpt = load_checkpoint(checkpoint, **_model_flags(n_heads, feature_type, layernorm))
     with _Reporter("fit", options.total_steps) as progress:
         try:
-            result = run_fit(ckpt, data, target, options, eval_data=eval_data, eval_fraction=eval_fraction,
-                             on_step=lambda step, m: progress.update(step, _step_info(m)), on_warning=_warning)
+            result = run_fit(
+                ckpt,
+                data,
+                target,
+                options,
+                eval_data=eval_data,
+                eval_fraction=eval_fraction,
+                on_step=lambda step, m: progress.update(step, _step_info(m)),
+                on_warning=_warning,
+            )
         except KeyboardInterrupt:
-            print(f"slimtune: interrupted; the run state is in {options.run_dir}: add --resume to the same command "
-                  "to continue", file=sys.stderr)
+            print(
+                f"slimtune: interrupted; the run state is in {options.run_dir}: add --resume to the same command "
+                "to continue",
+                file=sys.stderr,
+            )
             raise typer.Exit(128 + _stopped_by) from None
     plan = result.plan
     table = Table(title="slimtune fit", show_header=False)
@@ -268,18 +410,26 @@ def plan(
 
     _require("plan", checkpoint=checkpoint)
     model = PerformerLM.from_pretrained(checkpoint, device=device, **_model_flags(n_heads, feature_type, layernorm))
-    result = run_plan(model, seq_len=seq_len, batch_size=batch_size, mem_budget=mem_budget, optimizer=optimizer,
-                      recovery=recovery)
-    table = Table(title=f"slimtune plan: L = {seq_len}, batch {batch_size}, {optimizer}, budget "
-                        f"{format_size(result.budget_bytes)} on {result.device}",
-                  caption=f"memory counts {result.memory_counts}")
+    result = run_plan(
+        model, seq_len=seq_len, batch_size=batch_size, mem_budget=mem_budget, optimizer=optimizer, recovery=recovery
+    )
+    table = Table(
+        title=f"slimtune plan: L = {seq_len}, batch {batch_size}, {optimizer}, budget "
+        f"{format_size(result.budget_bytes)} on {result.device}",
+        caption=f"memory counts {result.memory_counts}",
+    )
     for col in ("C", "predicted peak", "share of budget", "relative step time", ""):
         table.add_column(col, justify="right")
     for c in result.candidates:
         mark = "<- chosen" if c.chunk_size == result.chunk_size else ("" if c.fits else "does not fit")
         label = f"{c.chunk_size}" + (" (full backprop)" if c.chunk_size >= seq_len else "")
-        table.add_row(label, format_size(c.predicted_peak_bytes), f"{100 * c.share_of_budget:.0f}%",
-                      f"{c.relative_time:.2f}x", mark)
+        table.add_row(
+            label,
+            format_size(c.predicted_peak_bytes),
+            f"{100 * c.share_of_budget:.0f}%",
+            f"{c.relative_time:.2f}x",
+            mark,
+        )
     fixed = Table(title="predicted peak at the chosen C", show_header=False)
     for key, value in result.breakdown.items():
         fixed.add_row(key, format_size(value))
@@ -292,22 +442,57 @@ def plan(
 
 @app.command()
 def pretrain(
-    out_path: Annotated[Optional[Path], typer.Option("--out", help="Where to write the new .safetensors checkpoint. (required)", show_default=False)] = None,
-    recipe: Annotated[Optional[str], typer.Option("--recipe", help="A recipe name (see `slimtune recipes`) or .toml path; flags override it.", show_default=False)] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Training text (not needed for the copy task).", show_default=False)] = None,
-    task: Annotated[Optional[Task], typer.Option("--task", help="text, or copy: the paper's synthetic copying task.", show_default=False)] = None,
-    hidden_dim: Annotated[Optional[int], typer.Option("--hidden-dim", min=4, help="d (a multiple of 4 and of --n-heads).", show_default=False)] = None,
-    n_layers: Annotated[Optional[int], typer.Option("--n-layers", min=1, help="Layers.", show_default=False)] = None,
-    ffn_dim: Annotated[Optional[int], typer.Option("--ffn-dim", min=1, help="Feed-forward width (default 4d).", show_default=False)] = None,
+    out_path: Annotated[
+        Path | None,
+        typer.Option("--out", help="Where to write the new .safetensors checkpoint. (required)", show_default=False),
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--recipe",
+            help="A recipe name (see `slimtune recipes`) or .toml path; flags override it.",
+            show_default=False,
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Training text (not needed for the copy task).", show_default=False)
+    ] = None,
+    task: Annotated[
+        Task | None,
+        typer.Option("--task", help="text, or copy: the paper's synthetic copying task.", show_default=False),
+    ] = None,
+    hidden_dim: Annotated[
+        int | None,
+        typer.Option("--hidden-dim", min=4, help="d (a multiple of 4 and of --n-heads).", show_default=False),
+    ] = None,
+    n_layers: Annotated[int | None, typer.Option("--n-layers", min=1, help="Layers.", show_default=False)] = None,
+    ffn_dim: Annotated[
+        int | None, typer.Option("--ffn-dim", min=1, help="Feed-forward width (default 4d).", show_default=False)
+    ] = None,
     n_heads: NHeads = None,
     feature_type: FeatureType = None,
     layernorm: LayerNormOpt = None,
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len", min=1, help="L (default 256).", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Windows per step (default 8).", show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimizer steps (default 500).", show_default=False)] = None,
-    optimizer: Annotated[Optional[Optimizer], typer.Option("--optimizer", help="sgd, adam (default) or adamw.", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default 0.002).", show_default=False)] = None,
-    chunk_size: Annotated[Optional[str], typer.Option("--chunk-size", help="full (ordinary backprop, default), auto (largest that fits --mem-budget) or N.", show_default=False)] = None,
+    seq_len: Annotated[
+        int | None, typer.Option("--seq-len", min=1, help="L (default 256).", show_default=False)
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Windows per step (default 8).", show_default=False)
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", min=1, help="Optimizer steps (default 500).", show_default=False)
+    ] = None,
+    optimizer: Annotated[
+        Optimizer | None, typer.Option("--optimizer", help="sgd, adam (default) or adamw.", show_default=False)
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default 0.002).", show_default=False)] = None,
+    chunk_size: Annotated[
+        str | None,
+        typer.Option(
+            "--chunk-size",
+            help="full (ordinary backprop, default), auto (largest that fits --mem-budget) or N.",
+            show_default=False,
+        ),
+    ] = None,
     mem_budget: Budget = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation, data order and FAVOR+ draws.")] = 0,
     device: Device = "auto",
@@ -320,22 +505,44 @@ def pretrain(
               slimtune pretrain --recipe copy --out copy.safetensors
     """
     from .recipes import resolve
-    from .train import FitOptions, pretrain as run_pretrain
+    from .train import FitOptions
+    from .train import pretrain as run_pretrain
 
     _require("pretrain", out=out_path)
     config, settings = resolve(
         recipe,
-        {"hidden_dim": hidden_dim, "n_layers": n_layers, "ffn_dim": ffn_dim, "n_heads": n_heads,
-         "feature_type": feature_type, "layernorm": layernorm},
-        {"task": task, "seq_len": seq_len, "batch_size": batch_size, "steps": steps, "optimizer": optimizer, "lr": lr,
-         "chunk_size": chunk_size},
+        {
+            "hidden_dim": hidden_dim,
+            "n_layers": n_layers,
+            "ffn_dim": ffn_dim,
+            "n_heads": n_heads,
+            "feature_type": feature_type,
+            "layernorm": layernorm,
+        },
+        {
+            "task": task,
+            "seq_len": seq_len,
+            "batch_size": batch_size,
+            "steps": steps,
+            "optimizer": optimizer,
+            "lr": lr,
+            "chunk_size": chunk_size,
+        },
     )
     options = FitOptions(**settings, mem_budget=mem_budget, seed=seed, device=device, precision=precision)
     with _Reporter("pretrain", options.total_steps) as progress:
-        result = run_pretrain(config, data, out_path, options,
-                              on_step=lambda step, m: progress.update(step, _step_info(m)), on_warning=_warning)
-    summary = f"{result.steps} steps, loss {result.loss:.4f} -> {result.final_loss:.4f}, C = {result.chunk_size}, " \
-              f"{result.seconds:.1f} s -> {result.out}"
+        result = run_pretrain(
+            config,
+            data,
+            out_path,
+            options,
+            on_step=lambda step, m: progress.update(step, _step_info(m)),
+            on_warning=_warning,
+        )
+    summary = (
+        f"{result.steps} steps, loss {result.loss:.4f} -> {result.final_loss:.4f}, C = {result.chunk_size}, "
+        f"{result.seconds:.1f} s -> {result.out}"
+    )
     for key, value in result.metrics.items():
         summary += f"; {key} {value:.4f}"
     _console(as_json).print(summary)
@@ -355,22 +562,66 @@ def _int_list(value: str, flag: str) -> list[int]:
 
 @app.command()
 def bench(
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Model to measure: a .safetensors checkpoint.", show_default=False)] = None,
-    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Or a recipe's model, randomly initialised (see `slimtune recipes`).", show_default=False)] = None,
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len", min=2, help="L. Default: the recipe's, else 1024.", show_default=False)] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", help="Model to measure: a .safetensors checkpoint.", show_default=False),
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--recipe", help="Or a recipe's model, randomly initialised (see `slimtune recipes`).", show_default=False
+        ),
+    ] = None,
+    seq_len: Annotated[
+        int | None, typer.Option("--seq-len", min=2, help="L. Default: the recipe's, else 1024.", show_default=False)
+    ] = None,
     batch_size: BatchSize = 1,
-    chunks: Annotated[str, typer.Option("--chunks", help="SLiM chunk sizes to measure, comma-separated; sizes >= L are skipped.")] = "1024,256,64,16",
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per method; the table shows their median.")] = 3,
+    chunks: Annotated[
+        str, typer.Option("--chunks", help="SLiM chunk sizes to measure, comma-separated; sizes >= L are skipped.")
+    ] = "1024,256,64,16",
+    steps: Annotated[
+        int, typer.Option("--steps", min=1, help="Timed steps per method; the table shows their median.")
+    ] = 3,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps per method first.")] = 1,
-    optimizer: Annotated[BenchOptimizer, typer.Option("--optimizer", help="none (gradients only), sgd, adam or adamw: its update and state count in time and memory.")] = BenchOptimizer.NONE,
+    optimizer: Annotated[
+        BenchOptimizer,
+        typer.Option(
+            "--optimizer",
+            help="none (gradients only), sgd, adam or adamw: its update and state count in time and memory.",
+        ),
+    ] = BenchOptimizer.NONE,
     precision: PrecisionOpt = Precision.FP32,
     device: Device = "auto",
     recovery: RecoveryOpt = Recovery.SUBTRACT64,
-    full: Annotated[bool, typer.Option("--full/--no-full", help="Measure full backprop (the reference for the ratios).")] = True,
-    checkpointing: Annotated[bool, typer.Option("--checkpointing/--no-checkpointing", help="Measure full backprop with per-layer activation checkpointing.")] = True,
-    emulate: Annotated[Optional[str], typer.Option("--emulate-memory", help="CUDA only: cap this process at a smaller card's memory (e.g. 2GB), as torch.cuda.set_per_process_memory_fraction does.", show_default=False)] = None,
-    plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Also draw time and memory against C into this .png (needs matplotlib: pip install 'slimtune[plot]').", show_default=False)] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random token windows (and of a recipe's weights).")] = 0,
+    full: Annotated[
+        bool, typer.Option("--full/--no-full", help="Measure full backprop (the reference for the ratios).")
+    ] = True,
+    checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--checkpointing/--no-checkpointing", help="Measure full backprop with per-layer activation checkpointing."
+        ),
+    ] = True,
+    emulate: Annotated[
+        str | None,
+        typer.Option(
+            "--emulate-memory",
+            help="CUDA only: cap this process at a smaller card's memory (e.g. 2GB), as "
+            "torch.cuda.set_per_process_memory_fraction does.",
+            show_default=False,
+        ),
+    ] = None,
+    plot_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Also draw time and memory against C into this .png (needs matplotlib: pip install 'slimtune[plot]').",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the random token windows (and of a recipe's weights).")
+    ] = 0,
     as_json: Json = False,
 ):
     """Measure step time and peak memory of SLiM at each C, full backprop and activation checkpointing, side by side.
@@ -384,17 +635,34 @@ def bench(
 
     check_plot_path(plot_path)
     sizes = _int_list(chunks, "--chunks")
-    run = setup(checkpoint=checkpoint, recipe=recipe, seq_len=seq_len, batch_size=batch_size, device=device,
-                seed=seed, emulate_memory=emulate)
+    run = setup(
+        checkpoint=checkpoint,
+        recipe=recipe,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+        emulate_memory=emulate,
+    )
     model, windows, length, dev = run.model, run.windows, run.seq_len, run.windows.device
     methods = methods_for(length, sizes, full=full, checkpointed=checkpointing)
-    title = f"slimtune bench: {run.name}, L = {length}, batch {batch_size}, {precision}, optimizer {optimizer.value}, {dev}"
+    title = (
+        f"slimtune bench: {run.name}, L = {length}, batch {batch_size}, {precision}, optimizer {optimizer.value}, {dev}"
+    )
     total = len(methods) * (1 + warmup + steps)
     with _Reporter("bench", total, transient=True) as progress:
         done = iter(range(1, total + 1))
-        rows = run_bench(model, windows, methods, steps=steps, warmup=warmup, precision=precision,
-                         optimizer=None if optimizer == BenchOptimizer.NONE else optimizer.value, recovery=recovery,
-                         on_progress=lambda: progress.update(next(done)))
+        rows = run_bench(
+            model,
+            windows,
+            methods,
+            steps=steps,
+            warmup=warmup,
+            precision=precision,
+            optimizer=None if optimizer == BenchOptimizer.NONE else optimizer.value,
+            recovery=recovery,
+            on_progress=lambda: progress.update(next(done)),
+        )
     table = Table(title=title)
     table.add_column("method", no_wrap=True)
     for col in ("s/step (median)", "time vs full", "peak memory", "memory vs full"):
@@ -404,21 +672,39 @@ def bench(
         if r.error:
             table.add_row(r.method, r.error, "", "", "")
             continue
-        table.add_row(r.method, f"{r.median_s:.3f}", ratio(r.vs_full_time), format_size(r.peak_bytes), ratio(r.vs_full_memory))
+        table.add_row(
+            r.method, f"{r.median_s:.3f}", ratio(r.vs_full_time), format_size(r.peak_bytes), ratio(r.vs_full_memory)
+        )
     console = _console(as_json)
     console.print(table)
-    console.print("peak memory: " + ("CUDA allocator peak reservation + context" if dev.type == "cuda"
-                                     else "peak tensor bytes held (weights, gradients, optimizer state, activations); "
-                                     "not resident memory, which `plan` and `fit` report"))
+    console.print(
+        "peak memory: "
+        + (
+            "CUDA allocator peak reservation + context"
+            if dev.type == "cuda"
+            else "peak tensor bytes held (weights, gradients, optimizer state, activations); "
+            "not resident memory, which `plan` and `fit` report"
+        )
+    )
     if plot_path is not None:
         plot(rows, plot_path, title)
         console.print(f"plot -> {plot_path}")
     if as_json:
-        _emit_json({"model": run.name, "config": model.config.to_dict(), "seq_len": length, "batch_size": batch_size,
-                    "precision": precision.value, "optimizer": optimizer.value, "device": str(dev),
-                    "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                    "memory_counts": "CUDA reserved + context" if dev.type == "cuda" else "tensor bytes",
-                    "torch": torch.__version__, "rows": rows_json(rows)})
+        _emit_json(
+            {
+                "model": run.name,
+                "config": model.config.to_dict(),
+                "seq_len": length,
+                "batch_size": batch_size,
+                "precision": precision.value,
+                "optimizer": optimizer.value,
+                "device": str(dev),
+                "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                "memory_counts": "CUDA reserved + context" if dev.type == "cuda" else "tensor bytes",
+                "torch": torch.__version__,
+                "rows": rows_json(rows),
+            }
+        )
 
 
 @app.command()
@@ -430,24 +716,61 @@ def recipes(as_json: Json = False):
     table = Table("recipe", "model", "L", "description")
     for r in found:
         m = r.model
-        table.add_row(r.path.stem, f"d {m.hidden_dim}, {m.n_layers} layers, {m.n_heads} heads, {m.feature_type}",
-                      str(r.train.get("seq_len", "-")), r.description)
+        table.add_row(
+            r.path.stem,
+            f"d {m.hidden_dim}, {m.n_layers} layers, {m.n_heads} heads, {m.feature_type}",
+            str(r.train.get("seq_len", "-")),
+            r.description,
+        )
     _console(as_json).print(table)
     if as_json:
-        _emit_json([{"name": r.path.stem, "path": str(r.path), "description": r.description,
-                     "model": r.model.to_dict(), "train": r.train} for r in found])
+        _emit_json(
+            [
+                {
+                    "name": r.path.stem,
+                    "path": str(r.path),
+                    "description": r.description,
+                    "model": r.model.to_dict(),
+                    "train": r.train,
+                }
+                for r in found
+            ]
+        )
 
 
 @app.command(name="eval")
 def evaluate(
     checkpoint: Checkpoint = None,
     data: DataFile = None,
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len", min=1, help="Bytes per sequence (default: the checkpoint's seq_len, else 1024).", show_default=False)] = None,
-    max_bytes: Annotated[Optional[int], typer.Option("--max-bytes", min=2, help="Evaluate only the first N bytes.", show_default=False)] = None,
-    adapt: Annotated[Optional[Adapt], typer.Option("--adapt", help="one-step: the paper's on-device protocol (bpc of each window's second half before and after one SGD step on its first half).", show_default=False)] = None,
-    windows: Annotated[int, typer.Option("--windows", min=1, help="--adapt: windows sampled from the data (seeded).")] = 8,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(
+            "--seq-len",
+            min=1,
+            help="Bytes per sequence (default: the checkpoint's seq_len, else 1024).",
+            show_default=False,
+        ),
+    ] = None,
+    max_bytes: Annotated[
+        int | None, typer.Option("--max-bytes", min=2, help="Evaluate only the first N bytes.", show_default=False)
+    ] = None,
+    adapt: Annotated[
+        Adapt | None,
+        typer.Option(
+            "--adapt",
+            help="one-step: the paper's on-device protocol (bpc of each window's second half before and after one "
+            "SGD step on its first half).",
+            show_default=False,
+        ),
+    ] = None,
+    windows: Annotated[
+        int, typer.Option("--windows", min=1, help="--adapt: windows sampled from the data (seeded).")
+    ] = 8,
     lr: Annotated[float, typer.Option("--lr", help="--adapt: learning rate of the SGD step (> 0).")] = 0.01,
-    chunk_size: Annotated[str, typer.Option("--chunk-size", help="--adapt: C of the SLiM step, 'auto' (largest that fits --mem-budget) or N.")] = "auto",
+    chunk_size: Annotated[
+        str,
+        typer.Option("--chunk-size", help="--adapt: C of the SLiM step, 'auto' (largest that fits --mem-budget) or N."),
+    ] = "auto",
     mem_budget: Budget = None,
     seed: Annotated[int, typer.Option("--seed", help="--adapt: seed for the windows.")] = 0,
     device: Device = "auto",
@@ -462,7 +785,8 @@ def evaluate(
               slimtune eval --checkpoint model.safetensors --data doc.txt --adapt one-step --seq-len 2048
     """
     from .data import read_bytes
-    from .evaluation import adapt_one_step, default_seq_len, evaluate as run_eval, fixed_features
+    from .evaluation import adapt_one_step, default_seq_len, fixed_features
+    from .evaluation import evaluate as run_eval
     from .model import PerformerLM
     from .recipes import parse_chunk_size
 
@@ -478,10 +802,21 @@ def evaluate(
         console.print(f"bpc {result.bpc:.4f} over {result.predicted_bytes} bytes (seq len {L})")
     else:
         with _Reporter("adapt", windows) as progress:
-            result = adapt_one_step(model, tokens, seq_len=L, windows=windows, lr=lr, chunk_size=C, mem_budget=mem_budget,
-                                    seed=seed, on_progress=lambda done, total: progress.update(done))
-        console.print(f"one-step adaptation over {windows} windows of {L} bytes, SGD lr {lr}, C = {result.chunk_size}: "
-                      f"second-half bpc {result.bpc_before:.4f} -> {result.bpc_after:.4f} ({result.difference:+.4f})")
+            result = adapt_one_step(
+                model,
+                tokens,
+                seq_len=L,
+                windows=windows,
+                lr=lr,
+                chunk_size=C,
+                mem_budget=mem_budget,
+                seed=seed,
+                on_progress=lambda done, total: progress.update(done),
+            )
+        console.print(
+            f"one-step adaptation over {windows} windows of {L} bytes, SGD lr {lr}, C = {result.chunk_size}: "
+            f"second-half bpc {result.bpc_before:.4f} -> {result.bpc_after:.4f} ({result.difference:+.4f})"
+        )
     if as_json:
         _emit_json(result.to_json())
 
@@ -492,7 +827,9 @@ def generate(
     prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")] = "The ",
     n_bytes: Annotated[int, typer.Option("--bytes", min=0, help="How many bytes to sample.")] = 200,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")] = 0.8,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Sample among the k likeliest bytes.", show_default=False)] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", min=1, help="Sample among the k likeliest bytes.", show_default=False)
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
     device: Device = "auto",
     n_heads: NHeads = None,
@@ -518,8 +855,15 @@ def generate(
 
 @app.command()
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A checkpoint: .safetensors, an hf folder, or .pt/.pth/.bin state dict.", show_default=False)],
-    tensors: Annotated[bool, typer.Option("--tensors", help="Also list every tensor with its shape and dtype.")] = False,
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A checkpoint: .safetensors, an hf folder, or .pt/.pth/.bin state dict.", show_default=False
+        ),
+    ],
+    tensors: Annotated[
+        bool, typer.Option("--tensors", help="Also list every tensor with its shape and dtype.")
+    ] = False,
     n_heads: NHeads = None,
     feature_type: FeatureType = None,
     layernorm: LayerNormOpt = None,
@@ -555,8 +899,18 @@ def inspect(
 
 @app.command()
 def convert(
-    src: Annotated[Path, typer.Argument(help="Any accepted checkpoint: a reference state dict (.pt/.pth/.bin) or .safetensors.", show_default=False)],
-    out_path: Annotated[Optional[Path], typer.Option("--out", help="Where to write the contract .safetensors checkpoint. (required)", show_default=False)] = None,
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="Any accepted checkpoint: a reference state dict (.pt/.pth/.bin) or .safetensors.", show_default=False
+        ),
+    ],
+    out_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Where to write the contract .safetensors checkpoint. (required)", show_default=False
+        ),
+    ] = None,
     dtype: DtypeOpt = ExportDtype.AUTO,
     export_format: FormatOpt = ExportFormat.SAFETENSORS,
     n_heads: NHeads = None,
@@ -584,9 +938,17 @@ def env(as_json: Json = False):
     table = Table(title="slimtune env", show_header=False)
     table.add_row("python / torch / CUDA", f"{info.python} / {info.torch} / {info.cuda_version or '-'}")
     table.add_row("CUDA usable", str(info.cuda_usable))
-    table.add_row("CPU", f"{info.cpu_count} cores, {format_size(info.cpu_available_bytes)} available of {format_size(info.cpu_total_bytes)}")
+    table.add_row(
+        "CPU",
+        f"{info.cpu_count} cores, {format_size(info.cpu_available_bytes)} available "
+        f"of {format_size(info.cpu_total_bytes)}",
+    )
     for gpu in info.gpus:
-        table.add_row(f"cuda:{gpu.index}", f"{gpu.name}{' (MIG)' if gpu.mig else ''}, {format_size(gpu.free_bytes)} free of {format_size(gpu.total_bytes)}")
+        table.add_row(
+            f"cuda:{gpu.index}",
+            f"{gpu.name}{' (MIG)' if gpu.mig else ''}, {format_size(gpu.free_bytes)} free "
+            f"of {format_size(gpu.total_bytes)}",
+        )
     if info.nvml_error:
         table.add_row("note", info.nvml_error)
     table.add_row("--device auto", info.default_device)
@@ -597,7 +959,9 @@ def env(as_json: Json = False):
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo writes its data and checkpoints.")] = Path("slimtune-demo"),
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo writes its data and checkpoints.")] = Path(
+        "slimtune-demo"
+    ),
     as_json: Json = False,
 ):
     """The whole workflow on made-up data, no downloads: pretrain, plan, fine-tune with SLiM, compare, export.

@@ -28,7 +28,8 @@ class PerformerConfig:
             raise ConfigError(f"hidden_dim {self.hidden_dim} must be a multiple of 4 (embedding, sin and cos parts)")
         if self.hidden_dim % self.n_heads:
             raise ConfigError(
-                f"hidden_dim {self.hidden_dim} is not divisible by n_heads {self.n_heads}: pick a head count that divides it"
+                f"hidden_dim {self.hidden_dim} is not divisible by n_heads {self.n_heads}: "
+                "pick a head count that divides it"
             )
         if not isinstance(self.on_gptln, bool):
             raise ConfigError(f"config on_gptln must be true or false, got {self.on_gptln!r}")
@@ -47,7 +48,7 @@ class PerformerConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "PerformerConfig":
+    def from_dict(cls, values: dict) -> PerformerConfig:
         """Build from a checkpoint's config, ignoring keys that are not model settings (seq_len, provenance)."""
         names = {f.name for f in fields(cls)}
         missing = names - values.keys()

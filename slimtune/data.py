@@ -24,7 +24,9 @@ def read_bytes(path: str | os.PathLike, *, min_length: int = 2, what: str = "--d
     if size == 0:
         raise DataError(f"{what} file {path} is empty: pass a file with text in it")
     if size < min_length:
-        raise DataError(f"{what} file {path} has {size} bytes but needs at least {min_length}: pass more text or lower --seq-len")
+        raise DataError(
+            f"{what} file {path} has {size} bytes but needs at least {min_length}: pass more text or lower --seq-len"
+        )
     try:
         return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
     except (OSError, ValueError) as e:

@@ -22,7 +22,7 @@ DEFER_ROWS = 256  # rows per batched weight-gradient product; chunks of B * C >=
 class DeferredLinear(nn.Linear):
     """nn.Linear (same parameters, same state_dict) whose weight gradient can be batched over chunks."""
 
-    batcher: "WeightGradBatcher | None" = None
+    batcher: WeightGradBatcher | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.batcher is None or not torch.is_grad_enabled() or not self.weight.requires_grad:
@@ -95,7 +95,7 @@ class WeightGradBatcher:
             self.slots[key] = _Slot(module, self.rows)
         return self.slots[key]
 
-    def __enter__(self) -> "WeightGradBatcher":
+    def __enter__(self) -> WeightGradBatcher:
         for m in self.modules:
             m.batcher = self
         return self
@@ -113,8 +113,11 @@ class WeightGradBatcher:
 
 def buffer_bytes(model: nn.Module, rows: int = DEFER_ROWS) -> int:
     """What a WeightGradBatcher holds at most: rows x (in + out) values per DeferredLinear."""
-    return sum(rows * (m.in_features + m.out_features) * m.weight.element_size()
-               for m in model.modules() if isinstance(m, DeferredLinear))
+    return sum(
+        rows * (m.in_features + m.out_features) * m.weight.element_size()
+        for m in model.modules()
+        if isinstance(m, DeferredLinear)
+    )
 
 
 def defers(batch_size: int, chunk_size: int, seq_len: int, precision: torch.dtype | None) -> bool:
@@ -122,8 +125,9 @@ def defers(batch_size: int, chunk_size: int, seq_len: int, precision: torch.dtyp
     return chunk_size < seq_len and batch_size * chunk_size < DEFER_ROWS and precision is None
 
 
-def use_batching(batch_size: int, chunk_size: int, seq_len: int, precision: torch.dtype | None,
-                 requested: bool | None) -> bool:
+def use_batching(
+    batch_size: int, chunk_size: int, seq_len: int, precision: torch.dtype | None, requested: bool | None
+) -> bool:
     """The one decision whether a step batches its weight gradients: when asked (None: whenever it can) and
     when it can (`defers`)."""
     possible = defers(batch_size, chunk_size, seq_len, precision)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -24,7 +24,9 @@ from .model import PerformerConfig, PerformerLM
 from .planner import Workload, plan_chunk_size
 from .train import FitOptions, fit, pretrain
 
-CONFIG = PerformerConfig(vocab_size=256, hidden_dim=64, n_layers=2, ffn_dim=256, n_heads=4, feature_type="sqr", on_gptln=True)
+CONFIG = PerformerConfig(
+    vocab_size=256, hidden_dim=64, n_layers=2, ffn_dim=256, n_heads=4, feature_type="sqr", on_gptln=True
+)
 
 _PEOPLE = ["the captain", "an old sailor", "my brother", "the cook", "a young doctor", "the teacher", "our neighbour"]
 _VERBS = ["found", "carried", "painted", "watched", "sold", "repaired", "forgot", "opened"]
@@ -38,7 +40,8 @@ def server_text(n_bytes: int, seed: int = 0) -> str:
     parts, size = [], 0
     while size < n_bytes:
         when = rng.choice(["", f" at {rng.randint(1, 12)} o'clock", f" on day {rng.randint(1, 300)}"])
-        s = f"{rng.choice(_PEOPLE).capitalize()} {rng.choice(_VERBS)} {rng.choice(_THINGS)} {rng.choice(_PLACES)}{when}."
+        who, did, what, where = rng.choice(_PEOPLE), rng.choice(_VERBS), rng.choice(_THINGS), rng.choice(_PLACES)
+        s = f"{who.capitalize()} {did} {what} {where}{when}."
         s += "\n" if rng.random() < 0.25 else " "
         parts.append(s)
         size += len(s)
@@ -51,15 +54,19 @@ def log_text(n_bytes: int, seed: int = 1) -> str:
     parts, size, day, course = [], 0, 1, 90
     while size < n_bytes:
         course = (course + rng.choice([-10, 0, 0, 10])) % 360
-        s = (f"Day {day}: wind {rng.choice(_WINDS)} at {rng.randint(5, 30)} knots, course {course:03d}, "
-             f"{rng.choice(_PEOPLE)} {rng.choice(_VERBS)} {rng.choice(_THINGS)}.\n")
+        s = (
+            f"Day {day}: wind {rng.choice(_WINDS)} at {rng.randint(5, 30)} knots, course {course:03d}, "
+            f"{rng.choice(_PEOPLE)} {rng.choice(_VERBS)} {rng.choice(_THINGS)}.\n"
+        )
         parts.append(s)
         size += len(s)
         day += 1
     return "".join(parts)
 
 
-def run_demo(workdir: str | Path, say: Callable[[str], None] = print, *, pretrain_steps: int = 300, fit_steps: int = 40) -> dict:
+def run_demo(
+    workdir: str | Path, say: Callable[[str], None] = print, *, pretrain_steps: int = 300, fit_steps: int = 40
+) -> dict:
     started = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -71,10 +78,18 @@ def run_demo(workdir: str | Path, say: Callable[[str], None] = print, *, pretrai
     say(f"[bold]1. data[/bold]  {corpus} ({corpus.stat().st_size:,} B), {document} and {held_out}")
 
     base = workdir / "base.safetensors"
-    pre = pretrain(CONFIG, read_bytes(corpus), base, FitOptions(seq_len=256, batch_size=8, steps=pretrain_steps,
-                   optimizer="adam", lr=3e-3, device="cpu"), data_path=corpus)
-    say(f"[bold]2. pretrain[/bold]  d {CONFIG.hidden_dim}, {CONFIG.n_layers} layers, {pre.steps} steps of full backprop at "
-        f"L 256: loss {pre.loss:.2f} -> {pre.final_loss:.2f} nats/byte in {pre.seconds:.1f} s -> {base}")
+    pre = pretrain(
+        CONFIG,
+        read_bytes(corpus),
+        base,
+        FitOptions(seq_len=256, batch_size=8, steps=pretrain_steps, optimizer="adam", lr=3e-3, device="cpu"),
+        data_path=corpus,
+    )
+    say(
+        f"[bold]2. pretrain[/bold]  d {CONFIG.hidden_dim}, {CONFIG.n_layers} layers, {pre.steps} steps of full "
+        "backprop at "
+        f"L 256: loss {pre.loss:.2f} -> {pre.final_loss:.2f} nats/byte in {pre.seconds:.1f} s -> {base}"
+    )
 
     seq_len = 8192
     model = PerformerLM.from_pretrained(base)
@@ -82,25 +97,38 @@ def run_demo(workdir: str | Path, say: Callable[[str], None] = print, *, pretrai
     by_size = {c.chunk_size: c.predicted_peak_bytes for c in unconstrained.candidates}
     # Emulate a small device: a budget between the predicted peaks at C = L/4 and C = L/2.
     budget = (by_size[seq_len // 4] + by_size[seq_len // 2]) // 2
-    say(f"[bold]3. plan[/bold]  L {seq_len} under a budget of {budget / 1e6:.1f} MB (a small device); "
-        f"full backprop would need {by_size[seq_len] / 1e6:.1f} MB")
+    say(
+        f"[bold]3. plan[/bold]  L {seq_len} under a budget of {budget / 1e6:.1f} MB (a small device); "
+        f"full backprop would need {by_size[seq_len] / 1e6:.1f} MB"
+    )
 
     before = evaluate(model, read_bytes(held_out), seq_len=seq_len).bpc
     tuned = workdir / "tuned.safetensors"
     release_free_heap()  # what pretraining freed leaves the process, and
     reset_peak_rss()  # the fine-tune reports its own peak, not the pretraining's
-    result = fit(load_checkpoint(base), read_bytes(document), tuned,
-                 FitOptions(seq_len=seq_len, batch_size=1, steps=fit_steps, optimizer="adam", lr=2e-3,
-                            mem_budget=budget, device="cpu"), data_path=document)
+    result = fit(
+        load_checkpoint(base),
+        read_bytes(document),
+        tuned,
+        FitOptions(
+            seq_len=seq_len, batch_size=1, steps=fit_steps, optimizer="adam", lr=2e-3, mem_budget=budget, device="cpu"
+        ),
+        data_path=document,
+    )
     for c in result.plan["candidates"]:
         if c["chunk_size"] >= 128:
             mark = "<- chosen" if c["chunk_size"] == result.chunk_size else ("" if c["fits"] else "does not fit")
-            say(f"      C {c['chunk_size']:>5}  predicted peak {c['predicted_peak_bytes'] / 1e6:7.1f} MB  "
-                f"time x{c['relative_time']:.2f}  {mark}")
+            say(
+                f"      C {c['chunk_size']:>5}  predicted peak {c['predicted_peak_bytes'] / 1e6:7.1f} MB  "
+                f"time x{c['relative_time']:.2f}  {mark}"
+            )
     after = evaluate(result.model, read_bytes(held_out), seq_len=seq_len).bpc
-    say(f"[bold]4. fine-tune[/bold]  {result.steps} adam steps with SLiM at C = {result.chunk_size}, L {seq_len}: "
-        f"held-out bpc {before:.3f} -> {after:.3f}; peak memory predicted {result.plan['predicted_peak_bytes'] / 1e6:.1f} MB, "
-        f"measured {result.peak_memory_bytes / 1e6:.1f} MB (budget {budget / 1e6:.1f} MB), {result.seconds:.1f} s")
+    say(
+        f"[bold]4. fine-tune[/bold]  {result.steps} adam steps with SLiM at C = {result.chunk_size}, L {seq_len}: "
+        f"held-out bpc {before:.3f} -> {after:.3f}; "
+        f"peak memory predicted {result.plan['predicted_peak_bytes'] / 1e6:.1f} MB, "
+        f"measured {result.peak_memory_bytes / 1e6:.1f} MB (budget {budget / 1e6:.1f} MB), {result.seconds:.1f} s"
+    )
 
     reloaded = PerformerLM.from_pretrained(tuned)
     probe = read_bytes(held_out)[:seq_len].long()[None]

@@ -192,13 +192,17 @@ def emulate_card(size: str | int, device: torch.device) -> int:
     allocator is capped (torch.cuda.set_per_process_memory_fraction) at `size` less the CUDA context this
     process already holds, as the context takes its share of a real small card too. Returns the allocator cap."""
     if device.type != "cuda":
-        raise ConfigError(f"--emulate-memory caps a CUDA card, but the device is {device}: drop it or use --device cuda")
+        raise ConfigError(
+            f"--emulate-memory caps a CUDA card, but the device is {device}: drop it or use --device cuda"
+        )
     wanted = parse_size(size)
     torch.zeros(1, device=device)  # creates the context, so that its size can be read
     total = torch.cuda.get_device_properties(device).total_memory
     cap = wanted - cuda_context_bytes(device)
     if cap <= 0 or wanted >= total:
-        raise ConfigError(f"--emulate-memory {size} must lie between the CUDA context "
-                          f"({format_size(cuda_context_bytes(device))}) and the card's {format_size(total)}")
+        raise ConfigError(
+            f"--emulate-memory {size} must lie between the CUDA context "
+            f"({format_size(cuda_context_bytes(device))}) and the card's {format_size(total)}"
+        )
     torch.cuda.set_per_process_memory_fraction(cap / total, device)
     return cap

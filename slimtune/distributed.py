@@ -39,7 +39,9 @@ class Group:
 def launched() -> Group:
     """This process's place in a torchrun launch, from the environment (rank 0 of 1 without torchrun)."""
     try:
-        return Group(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+        return Group(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+        )
     except ValueError:
         raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them)") from None
 
@@ -52,8 +54,10 @@ def join(device: torch.device) -> Group:
         try:
             dist.init_process_group(backend=backend)
         except (RuntimeError, ValueError) as e:
-            raise SlimtuneError(f"cannot join the torchrun process group ({backend}: {str(e).splitlines()[0]}): "
-                                "launch with torchrun, which sets MASTER_ADDR and MASTER_PORT") from None
+            raise SlimtuneError(
+                f"cannot join the torchrun process group ({backend}: {str(e).splitlines()[0]}): "
+                "launch with torchrun, which sets MASTER_ADDR and MASTER_PORT"
+            ) from None
     return group
 
 
@@ -61,8 +65,10 @@ def rank_device(device: torch.device, group: Group) -> torch.device:
     """Each rank's own GPU: cuda:LOCAL_RANK when training on CUDA under torchrun."""
     if device.type == "cuda" and group.active:
         if group.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK {group.local_rank} but only {torch.cuda.device_count()} GPU(s) here: "
-                              "use --nproc_per_node at most the number of GPUs")
+            raise ConfigError(
+                f"LOCAL_RANK {group.local_rank} but only {torch.cuda.device_count()} GPU(s) here: "
+                "use --nproc_per_node at most the number of GPUs"
+            )
         torch.cuda.set_device(group.local_rank)
         return torch.device("cuda", group.local_rank)
     return device

@@ -60,8 +60,10 @@ def check_vocabulary(model: PerformerLM, data: torch.Tensor, what: str = "data")
         return
     top = int(data.max())
     if top >= vocab:
-        raise ConfigError(f"{what} holds byte values up to {top}, but the model's vocabulary has {vocab} ids: a "
-                          f"byte-level model needs vocab_size 256; or pass data whose bytes are all below {vocab}")
+        raise ConfigError(
+            f"{what} holds byte values up to {top}, but the model's vocabulary has {vocab} ids: a "
+            f"byte-level model needs vocab_size 256; or pass data whose bytes are all below {vocab}"
+        )
 
 
 def evaluate(
@@ -118,7 +120,9 @@ def evaluate(
 
 
 @torch.no_grad()
-def copy_accuracy(model: PerformerLM, seq_len: int, n_symbols: int, generator: torch.Generator, batches: int = 4) -> float:
+def copy_accuracy(
+    model: PerformerLM, seq_len: int, n_symbols: int, generator: torch.Generator, batches: int = 4
+) -> float:
     """Share of the copy's symbols predicted exactly (argmax), over `batches` batches of 8 fresh sequences."""
     device = next(model.parameters()).device
     hits = total = 0.0
@@ -193,5 +197,6 @@ def adapt_one_step(
             on_progress(i + 1, windows)
     model.load_state_dict(original)
     b, a = sum(before) / len(before), sum(after) / len(after)
-    return AdaptResult(bpc_before=b, bpc_after=a, difference=a - b, windows=windows, seq_len=seq_len,
-                       chunk_size=chunk_size, lr=lr)
+    return AdaptResult(
+        bpc_before=b, bpc_after=a, difference=a - b, windows=windows, seq_len=seq_len, chunk_size=chunk_size, lr=lr
+    )

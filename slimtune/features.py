@@ -1,4 +1,4 @@
-"""Feature maps phi of the Performer's linear attention (CONTRACT.md section 1).
+"""Feature maps phi of the Performer's linear attention (docs/format.md; CONTRACT.md section 1).
 
 `sqr`, `relu`, `elu+1` and `abs` are elementwise, so the feature dimension M equals the head size d_h.
 `favor+` and `favor+_N` are positive orthogonal random features (Choromanski et al. 2021), N * d_h of them:

@@ -25,7 +25,6 @@ from .choices import ExportDtype, ExportFormat
 from .config import PerformerConfig
 from .deferred import DeferredLinear
 from .devices import resolve_device
-from .errors import ConfigError
 from .features import apply_features, draw_orthogonal_features, favor_multiplier
 
 __all__ = ["PerformerConfig", "PerformerLM"]
@@ -100,8 +99,9 @@ class PerformerLM(nn.Module):
         self.source: Checkpoint | None = None  # the checkpoint the weights came from (names, dtypes, config)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, *, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> PerformerLM:
+    def from_checkpoint(
+        cls, checkpoint: Checkpoint, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> PerformerLM:
         """A model holding a loaded checkpoint's weights. The model is built on the meta device and takes the
         loaded tensors themselves, so the weights are never held twice; the checkpoint keeps only their names,
         shapes and dtypes afterwards (for `save_pretrained`)."""
@@ -184,8 +184,14 @@ class PerformerLM(nn.Module):
         else:
             tensors = {n: t.detach().to("cpu", cast or t.dtype).contiguous() for n, t in state.items()}
             config, provenance = dict(extra_config or {}), {}
-        return save_checkpoint(path, tensors, self.config, extra_config=config,
-                               provenance=provenance | (metadata or {}), fmt=ExportFormat.parse(format, "format"))
+        return save_checkpoint(
+            path,
+            tensors,
+            self.config,
+            extra_config=config,
+            provenance=provenance | (metadata or {}),
+            fmt=ExportFormat.parse(format, "format"),
+        )
 
     def initial_states(self, batch_size: int, *, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """Zero attention states, one [B, H, M, d_h + 1] per layer (last column: the normaliser z)."""
@@ -221,7 +227,7 @@ class PerformerLM(nn.Module):
         Returns (logits [B, T, V], states after the chunk)."""
         x = self.embed(ids, start)
         new_states = []
-        for layer, state in zip(self.layers, states):
+        for layer, state in zip(self.layers, states, strict=True):
             x, state = layer(x, state)
             new_states.append(state)
         return self.output_logit_map(x), new_states
@@ -232,7 +238,7 @@ class PerformerLM(nn.Module):
         x = self.embed(ids, start)
         *body, last = self.layers
         new_states = []
-        for layer, state in zip(body, states):
+        for layer, state in zip(body, states[:-1], strict=True):
             x, state = layer(x, state)
             new_states.append(state)
         return new_states + [last.advance(x, states[-1])]

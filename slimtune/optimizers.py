@@ -24,7 +24,9 @@ def param_groups(model_or_params, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def make_optimizer(name: Optimizer | str, params, lr: float, weight_decay: float | None = None) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: Optimizer | str, params, lr: float, weight_decay: float | None = None
+) -> torch.optim.Optimizer:
     """sgd is plain SGD (no momentum, no state); adam and adamw as in torch. `weight_decay` (default: 0.01 for
     adamw, else 0) applies to the weight matrices only; adamw's is decoupled, sgd's and adam's is L2."""
     name = Optimizer.parse(name, "optimizer")

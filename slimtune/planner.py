@@ -129,14 +129,18 @@ class Plan:
         return asdict(self)
 
     def __str__(self) -> str:
-        lines = [f"plan: L = {self.seq_len}, batch {self.batch_size}, {self.optimizer}, budget "
-                 f"{format_size(self.budget_bytes)} on {self.device} ({self.memory_counts})",
-                 f"{'C':>16}  {'predicted peak':>14}  {'of budget':>9}  {'time':>7}"]
+        lines = [
+            f"plan: L = {self.seq_len}, batch {self.batch_size}, {self.optimizer}, budget "
+            f"{format_size(self.budget_bytes)} on {self.device} ({self.memory_counts})",
+            f"{'C':>16}  {'predicted peak':>14}  {'of budget':>9}  {'time':>7}",
+        ]
         for c in self.candidates:
             mark = "<- chosen" if c.chunk_size == self.chunk_size else ("" if c.fits else "does not fit")
             label = f"{c.chunk_size}" + (" (full)" if c.chunk_size >= self.seq_len else "")
-            lines.append(f"{label:>16}  {format_size(c.predicted_peak_bytes):>14}  {c.share_of_budget:>9.0%}  "
-                         f"{c.relative_time:>6.2f}x  {mark}")
+            lines.append(
+                f"{label:>16}  {format_size(c.predicted_peak_bytes):>14}  {c.share_of_budget:>9.0%}  "
+                f"{c.relative_time:>6.2f}x  {mark}"
+            )
         return "\n".join(lines)
 
 
@@ -186,7 +190,9 @@ def _probe_optimizer(model: PerformerLM, optimizer: str) -> tuple[int, int]:
         p.grad = torch.zeros_like(p)
     opt = make_optimizer(optimizer, params, lr=0.0)
     peak = _tracked(opt.step).peak
-    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
+    state = sum(
+        t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()
+    )
     del opt
     model.zero_grad(set_to_none=True)
     return state, max(peak, state)
@@ -235,8 +241,9 @@ def _state_bytes(model: PerformerLM, work: Workload, chunk_size: int) -> int:
     return one * copies + work.batch_size * (work.seq_len + 1) * 8 * 2  # windows (int64), loss weights (float64)
 
 
-def predict(model: PerformerLM, probe: Probe, runtime: int, work: Workload, chunk_size: int, *,
-            batching: bool = False) -> dict:
+def predict(
+    model: PerformerLM, probe: Probe, runtime: int, work: Workload, chunk_size: int, *, batching: bool = False
+) -> dict:
     """The predicted peak of a run with chunk size C, line by line (bytes); `batching`: with the weight-gradient
     buffers of slimtune/deferred.py (computed, not probed)."""
     chunk = probe.chunk_bytes(min(chunk_size, work.seq_len))
@@ -315,8 +322,10 @@ def _nothing_fits(lines: dict, probe_: Probe, budget_bytes: int, available: int)
         enough = "" if probe_.optimizer_state >= missing else ", not enough on its own"
         hints.append(f"--optimizer sgd (saves {format_size(probe_.optimizer_state)}{enough})")
     hints.append("a smaller --batch-size or --seq-len (saves little: the fixed costs above stay)")
-    hints.append(f"a larger --mem-budget (at least {format_size(lines['total'] / (1 - HEADROOM))}; "
-                 f"available: {format_size(available)})")
+    hints.append(
+        f"a larger --mem-budget (at least {format_size(lines['total'] / (1 - HEADROOM))}; "
+        f"available: {format_size(available)})"
+    )
     return OutOfBudgetError(
         f"budget {format_size(budget_bytes)} (less {HEADROOM:.0%} headroom) cannot fit even C = 1: runtime "
         f"{format_size(lines['runtime'])} + optimizer state {format_size(lines['optimizer'])} + gradients "

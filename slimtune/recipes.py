@@ -20,10 +20,23 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TRAIN_KEYS = {"task", "copy_symbols", "seq_len", "batch_size", "steps", "optimizer", "lr", "chunk_size"}
-MODEL_DEFAULTS = {"vocab_size": 256, "hidden_dim": 128, "n_layers": 2, "n_heads": 2, "feature_type": "sqr",
-                  "on_gptln": True}  # ffn_dim: 4 x hidden_dim
-TRAIN_DEFAULTS = {"task": "text", "seq_len": 256, "batch_size": 8, "steps": 500, "optimizer": "adam", "lr": 2e-3,
-                  "chunk_size": "full"}
+MODEL_DEFAULTS = {
+    "vocab_size": 256,
+    "hidden_dim": 128,
+    "n_layers": 2,
+    "n_heads": 2,
+    "feature_type": "sqr",
+    "on_gptln": True,
+}  # ffn_dim: 4 x hidden_dim
+TRAIN_DEFAULTS = {
+    "task": "text",
+    "seq_len": 256,
+    "batch_size": 8,
+    "steps": 500,
+    "optimizer": "adam",
+    "lr": 2e-3,
+    "chunk_size": "full",
+}
 
 
 def _search() -> list[Path]:
@@ -68,7 +81,9 @@ def load_recipe(name: str | Path) -> Recipe:
         raise ConfigError(f"recipe {path} has no [model] table: add one with the model config")
     unknown = set(train) - TRAIN_KEYS
     if unknown:
-        raise ConfigError(f"recipe {path} has unknown [train] keys {', '.join(sorted(unknown))}: use {', '.join(sorted(TRAIN_KEYS))}")
+        raise ConfigError(
+            f"recipe {path} has unknown [train] keys {', '.join(sorted(unknown))}: use {', '.join(sorted(TRAIN_KEYS))}"
+        )
     try:
         config = PerformerConfig.from_dict(model)
     except ConfigError as e:
@@ -104,7 +119,9 @@ def parse_chunk_size(value: str | int | None, seq_len: int) -> int | None:
     return size
 
 
-def resolve(recipe: str | Path | None, model: dict | None = None, train: dict | None = None) -> tuple[PerformerConfig, dict]:
+def resolve(
+    recipe: str | Path | None, model: dict | None = None, train: dict | None = None
+) -> tuple[PerformerConfig, dict]:
     """The model config and the training settings of a run: the defaults, then the recipe's values, then the
     overrides that are not None. `model` takes PerformerConfig fields and `layernorm` ("post"/"pre"); without
     a given ffn_dim, a changed hidden_dim (or no recipe) means ffn_dim = 4 x hidden_dim. `train` takes the

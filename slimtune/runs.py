@@ -23,9 +23,26 @@ METRICS = "metrics.jsonl"
 LOCK = "lock"
 # Settings a resumed run must share with the run it continues, or it would not be the same run: everything that
 # changes the data, the gradients or the update.
-RESUME_KEYS = ("seq_len", "batch_size", "steps", "one_step", "optimizer", "lr", "weight_decay", "schedule", "warmup",
-               "clip_grad", "accumulate", "seed", "task", "copy_symbols", "recovery", "precision", "skip_nonfinite",
-               "world_size")
+RESUME_KEYS = (
+    "seq_len",
+    "batch_size",
+    "steps",
+    "one_step",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "schedule",
+    "warmup",
+    "clip_grad",
+    "accumulate",
+    "seed",
+    "task",
+    "copy_symbols",
+    "recovery",
+    "precision",
+    "skip_nonfinite",
+    "world_size",
+)
 FLAGS = {"recovery": "--state-recovery", "world_size": "world_size"}  # else --NAME-WITH-DASHES
 
 
@@ -45,8 +62,10 @@ class RunFolder:
         self._lock = None
 
     def _refuse(self, holder: str) -> SlimtuneError:
-        return SlimtuneError(f"run folder {self.path} is in use by {holder or 'another process'}: wait for that run, "
-                             "or pass another --run-dir")
+        return SlimtuneError(
+            f"run folder {self.path} is in use by {holder or 'another process'}: wait for that run, "
+            "or pass another --run-dir"
+        )
 
     def lock(self) -> None:
         """Hold the folder for this process until release(): a second run on it is refused."""
@@ -111,7 +130,9 @@ class RunFolder:
             with atomic_write(self.path / STATE) as tmp:
                 torch.save(state, tmp)
         except OSError as e:
-            raise SlimtuneError(f"cannot save the run state in {self.path} ({e.strerror or e}): free some space") from None
+            raise SlimtuneError(
+                f"cannot save the run state in {self.path} ({e.strerror or e}): free some space"
+            ) from None
 
     def load(self, settings: dict) -> dict:
         """The saved state, checked against this run's settings."""
@@ -125,7 +146,9 @@ class RunFolder:
         saved = state["settings"]
         changed = [k for k in RESUME_KEYS if k in saved and saved.get(k) != settings.get(k)]
         if changed:
-            was = ", ".join(f"{FLAGS.get(k, '--' + k.replace('_', '-'))} {saved.get(k)!r} (now {settings.get(k)!r})"
-                            for k in changed)
+            was = ", ".join(
+                f"{FLAGS.get(k, '--' + k.replace('_', '-'))} {saved.get(k)!r} (now {settings.get(k)!r})"
+                for k in changed
+            )
             raise SlimtuneError(f"the run in {self.path} was started with {was}: resume with the same settings")
         return state

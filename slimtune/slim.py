@@ -74,7 +74,9 @@ def _loss_weights(windows: torch.Tensor, mask: torch.Tensor | None, dtype: torch
     if mask is None:
         return torch.full((B, L), 1.0 / (B * L), dtype=dtype, device=windows.device)
     if tuple(mask.shape) != (B, L):
-        raise ConfigError(f"loss mask has shape {tuple(mask.shape)}, expected [B, L] = {[B, L]} (one per predicted byte)")
+        raise ConfigError(
+            f"loss mask has shape {tuple(mask.shape)}, expected [B, L] = {[B, L]} (one per predicted byte)"
+        )
     mask = mask.to(device=windows.device, dtype=dtype)
     kept = mask.sum()
     if kept <= 0:
@@ -105,7 +107,9 @@ def _check(model: PerformerLM, windows: torch.Tensor, chunk_size: int) -> None:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ConfigError(f"chunk size must be an integer >= 1, got {chunk_size!r}")
     if windows.numel() and (int(windows.min()) < 0 or int(windows.max()) >= model.config.vocab_size):
-        raise ConfigError(f"token ids must lie in [0, {model.config.vocab_size}), got {int(windows.min())}..{int(windows.max())}")
+        raise ConfigError(
+            f"token ids must lie in [0, {model.config.vocab_size}), got {int(windows.min())}..{int(windows.max())}"
+        )
 
 
 def chunk_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -197,8 +201,9 @@ def slim_step(
             else:
                 start_states = strategy.start_states(states)
             with mixed:
-                logits, leaves, end_states = _recompute(model, inputs[:, s : s + chunk_size], s, start_states,
-                                                        first=i == 0)
+                logits, leaves, end_states = _recompute(
+                    model, inputs[:, s : s + chunk_size], s, start_states, first=i == 0
+                )
                 loss = chunk_loss(logits, targets[:, s : s + chunk_size], weights[:, s : s + chunk_size])
             del logits  # [B, C, V]: freed before backward allocates its gradient
             if state_grads is None:

@@ -22,8 +22,18 @@ import torch
 from .checkpoint import Checkpoint, check_output_path, file_sha256, load_checkpoint
 from .choices import Choice, ExportDtype, ExportFormat, Optimizer, Precision, Recovery, Schedule, Task
 from .data import copy_windows, first_windows, random_windows, read_bytes, split_held_out
-from .distributed import Group, agree_min, average_gradients, barrier, broadcast_parameters, join, launched, mean, rank_device
 from .devices import resolve_device
+from .distributed import (
+    Group,
+    agree_min,
+    average_gradients,
+    barrier,
+    broadcast_parameters,
+    join,
+    launched,
+    mean,
+    rank_device,
+)
 from .errors import ConfigError, OutOfBudgetError, SlimtuneError
 from .evaluation import copy_accuracy, evaluate
 from .memory import is_out_of_memory, peak_memory_bytes
@@ -69,10 +79,15 @@ class FitOptions:
     format: ExportFormat = ExportFormat.SAFETENSORS  # one .safetensors file, or hf: a folder with config.json
 
     def __post_init__(self):
-        for name, choice, flag in (("optimizer", Optimizer, "--optimizer"), ("recovery", Recovery, "--state-recovery"),
-                                   ("precision", Precision, "--precision"), ("schedule", Schedule, "--schedule"),
-                                   ("task", Task, "task"), ("dtype", ExportDtype, "--dtype"),
-                                   ("format", ExportFormat, "--format")):
+        for name, choice, flag in (
+            ("optimizer", Optimizer, "--optimizer"),
+            ("recovery", Recovery, "--state-recovery"),
+            ("precision", Precision, "--precision"),
+            ("schedule", Schedule, "--schedule"),
+            ("task", Task, "task"),
+            ("dtype", ExportDtype, "--dtype"),
+            ("format", ExportFormat, "--format"),
+        ):
             setattr(self, name, choice.parse(getattr(self, name), flag))
 
     def validate(self) -> None:
@@ -169,9 +184,17 @@ class Trainer:
     restored, or set by the caller after setup (the planner's choice) before the first step.
     """
 
-    def __init__(self, model: PerformerLM, data: torch.Tensor | None, options: FitOptions, *,
-                 chunk_size: int | None = None, eval_data: torch.Tensor | None = None, group: Group = Group(),
-                 on_warning: OnWarning | None = None):
+    def __init__(
+        self,
+        model: PerformerLM,
+        data: torch.Tensor | None,
+        options: FitOptions,
+        *,
+        chunk_size: int | None = None,
+        eval_data: torch.Tensor | None = None,
+        group: Group = Group(),
+        on_warning: OnWarning | None = None,
+    ):
         self.model, self.data, self.options, self.eval_data, self.group = model, data, options, eval_data, group
         self.chunk_size = chunk_size
         self.plan: dict | None = None
@@ -219,13 +242,22 @@ class Trainer:
         if not self.writes:
             return
         step, (generator, rng) = point or self._point
-        self.folder.save({
-            "step": step, "chunk_size": self.chunk_size, "losses": self.losses, "skipped": self.skipped,
-            "plan": self.plan, "batch_weight_grads": self.options.batch_weight_grads,
-            "settings": self.options.settings(self.group.world), "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "generator": generator, "torch_rng": rng,
-        })
+        self.folder.save(
+            {
+                "step": step,
+                "chunk_size": self.chunk_size,
+                "losses": self.losses,
+                "skipped": self.skipped,
+                "plan": self.plan,
+                "batch_weight_grads": self.options.batch_weight_grads,
+                "settings": self.options.settings(self.group.world),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "generator": generator,
+                "torch_rng": rng,
+            }
+        )
 
     def restore(self) -> None:
         saved = self.folder.load(self.options.settings(self.group.world))
@@ -271,9 +303,15 @@ class Trainer:
             try:
                 total = 0.0
                 for windows, mask in batches:
-                    total += slim_step(self.model, windows.to(self.device), self.chunk_size,
-                                       None if mask is None else mask.to(self.device), recovery=o.recovery,
-                                       precision=o.precision, batch_weight_grads=o.batch_weight_grads)
+                    total += slim_step(
+                        self.model,
+                        windows.to(self.device),
+                        self.chunk_size,
+                        None if mask is None else mask.to(self.device),
+                        recovery=o.recovery,
+                        precision=o.precision,
+                        batch_weight_grads=o.batch_weight_grads,
+                    )
                 if len(batches) > 1:
                     for p in self.model.parameters():
                         if p.grad is not None:
@@ -287,10 +325,13 @@ class Trainer:
             _free_device_memory(self.device)
             smaller = [c for c in chunk_sizes(o.seq_len) if c < min(self.chunk_size, o.seq_len)]
             if not smaller:
-                raise OutOfBudgetError("out of memory even at chunk size 1: free memory on the device, or use a "
-                                       "smaller --batch-size, --seq-len or model")
-            self._warn_once(f"out of memory at chunk size {self.chunk_size}; retrying this step with chunk size "
-                            f"{smaller[-1]}")
+                raise OutOfBudgetError(
+                    "out of memory even at chunk size 1: free memory on the device, or use a "
+                    "smaller --batch-size, --seq-len or model"
+                )
+            self._warn_once(
+                f"out of memory at chunk size {self.chunk_size}; retrying this step with chunk size {smaller[-1]}"
+            )
             self.chunk_size = smaller[-1]
 
     def step(self) -> dict:
@@ -312,8 +353,10 @@ class Trainer:
             if not o.skip_nonfinite:
                 self.save()  # the weights are still those of the last good step
                 where = f"; the last good state is in {o.run_dir}" if self.writes else ""
-                raise SlimtuneError(f"non-finite loss or gradient at step {step} (loss {loss}){where}: lower --lr, "
-                                    "add --clip-grad, or pass --skip-nonfinite to skip such steps; nothing was exported")
+                raise SlimtuneError(
+                    f"non-finite loss or gradient at step {step} (loss {loss}){where}: lower --lr, "
+                    "add --clip-grad, or pass --skip-nonfinite to skip such steps; nothing was exported"
+                )
             self.skipped += 1
             self._warn(f"skipped step {step}: non-finite loss or gradient ({self.skipped} so far)")
             self.completed = step
@@ -327,14 +370,30 @@ class Trainer:
         self.losses.append(loss)
         self.completed = step
         self._point = self._here()
-        metrics = {"step": step, "loss": loss, "lr": lr, "chunk_size": self.chunk_size,
-                   "tokens_per_s": self.group.world * o.accumulate * o.batch_size * o.seq_len
-                   / (time.perf_counter() - started),
-                   "peak_memory_bytes": peak_memory_bytes(self.device)}
-        if self.group.main and self.eval_data is not None and (
-                (o.eval_every and step % o.eval_every == 0) or step == o.total_steps):
-            metrics["bpc"] = evaluate(self.model, self.eval_data, seq_len=o.seq_len, max_bytes=o.eval_bytes,
-                                      chunk_size=min(self.chunk_size, 1024)).bpc
+        metrics = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "chunk_size": self.chunk_size,
+            "tokens_per_s": self.group.world
+            * o.accumulate
+            * o.batch_size
+            * o.seq_len
+            / (time.perf_counter() - started),
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+        }
+        if (
+            self.group.main
+            and self.eval_data is not None
+            and ((o.eval_every and step % o.eval_every == 0) or step == o.total_steps)
+        ):
+            metrics["bpc"] = evaluate(
+                self.model,
+                self.eval_data,
+                seq_len=o.seq_len,
+                max_bytes=o.eval_bytes,
+                chunk_size=min(self.chunk_size, 1024),
+            ).bpc
         if self.writes:
             self.folder.log(metrics)
             if o.save_every and step % o.save_every == 0 and not self.done:
@@ -375,12 +434,21 @@ def _plan(model, options: FitOptions, group: Group) -> Plan:
     return plan
 
 
-def _train(model, data, out, options: FitOptions, on_step: OnStep | None, on_warning: OnWarning | None,
-           eval_data=None, group: Group = Group()) -> FitResult:
+def _train(
+    model,
+    data,
+    out,
+    options: FitOptions,
+    on_step: OnStep | None,
+    on_warning: OnWarning | None,
+    eval_data=None,
+    group: Group = Group(),
+) -> FitResult:
     """Run the steps (planning C first when it is auto and the run is not resumed), and report them; saves the
     run state at the end and on an interrupt. The export is the caller's."""
-    trainer = Trainer(model, data, options, chunk_size=options.chunk_size, eval_data=eval_data, group=group,
-                      on_warning=on_warning)
+    trainer = Trainer(
+        model, data, options, chunk_size=options.chunk_size, eval_data=eval_data, group=group, on_warning=on_warning
+    )
     if trainer.chunk_size is None and not options.resume:  # auto: plan before anything is written
         plan = _plan(model, options, group)
         trainer.chunk_size, trainer.plan = plan.chunk_size, plan.to_json()
@@ -400,11 +468,13 @@ def _train(model, data, out, options: FitOptions, on_step: OnStep | None, on_war
     finally:
         trainer.close()
     if not trainer.losses:
-        raise SlimtuneError("every step had a non-finite loss or gradient: lower --lr or add --clip-grad; "
-                            "nothing was exported")
+        raise SlimtuneError(
+            "every step had a non-finite loss or gradient: lower --lr or add --clip-grad; nothing was exported"
+        )
     device = next(model.parameters()).device
     last = {k: v for k, v in metrics.items() if k == "bpc"} | (
-        {"skipped_steps": trainer.skipped} if trainer.skipped else {})
+        {"skipped_steps": trainer.skipped} if trainer.skipped else {}
+    )
     return FitResult(
         chunk_size=trainer.chunk_size,
         seq_len=options.seq_len,
@@ -520,9 +590,13 @@ def fit(
     model = PerformerLM.from_checkpoint(checkpoint, device=device)  # holds the weights: one copy in memory
     result = _train(model, data, out, options, on_step, on_warning, eval_data, group)
     if group.main:
-        model.save_pretrained(out, format=options.format, dtype=options.dtype,
-                              metadata={"world_size": group.world} | _provenance(result, options, data_path),
-                              extra_config={"seq_len": options.seq_len})
+        model.save_pretrained(
+            out,
+            format=options.format,
+            dtype=options.dtype,
+            metadata={"world_size": group.world} | _provenance(result, options, data_path),
+            extra_config={"seq_len": options.seq_len},
+        )
     barrier()  # the other ranks wait until rank 0 has exported
     return result
 
@@ -552,8 +626,12 @@ def pretrain(
         if options.task == Task.COPY:
             generator = torch.Generator().manual_seed(options.seed + 1)  # held-out sequences, not the training ones
             result.metrics["copy_accuracy"] = copy_accuracy(model, options.seq_len, options.copy_symbols, generator)
-        model.save_pretrained(out, format=options.format, dtype=options.dtype, extra_config={"seq_len": options.seq_len},
-                              metadata={"pretrained": True, "world_size": group.world}
-                              | _provenance(result, options, data_path))
+        model.save_pretrained(
+            out,
+            format=options.format,
+            dtype=options.dtype,
+            extra_config={"seq_len": options.seq_len},
+            metadata={"pretrained": True, "world_size": group.world} | _provenance(result, options, data_path),
+        )
     barrier()
     return result

@@ -59,13 +59,23 @@ def logits(p, cfg, ids, projections=None):
     B, L = ids.shape
     pos = torch.arange(L, dtype=torch.float64)[:, None]
     w = torch.exp(torch.arange(0, d // 2, 2, dtype=torch.float64) * (-math.log(10000.0) / (d // 2)))
-    x = torch.cat([p["input_map.weight"][ids], torch.sin(pos * w).expand(B, L, -1), torch.cos(pos * w).expand(B, L, -1)], -1)
+    x = torch.cat(
+        [p["input_map.weight"][ids], torch.sin(pos * w).expand(B, L, -1), torch.cos(pos * w).expand(B, L, -1)], -1
+    )
     for i in range(cfg["n_layers"]):
         pre = f"layers.{i}"
         proj = projections[i] if projections else None
-        ln1 = lambda y: layer_norm(y, p[f"{pre}.layernorm1.weight"], p[f"{pre}.layernorm1.bias"])  # noqa: E731
-        ln2 = lambda y: layer_norm(y, p[f"{pre}.layernorm2.weight"], p[f"{pre}.layernorm2.bias"])  # noqa: E731
-        ffn = lambda y: gelu(y @ p[f"{pre}.U_map.weight"].T + p[f"{pre}.U_map.bias"]) @ p[f"{pre}.V_map.weight"].T + p[f"{pre}.V_map.bias"]  # noqa: E731
+
+        def ln1(y, pre=pre):
+            return layer_norm(y, p[f"{pre}.layernorm1.weight"], p[f"{pre}.layernorm1.bias"])
+
+        def ln2(y, pre=pre):
+            return layer_norm(y, p[f"{pre}.layernorm2.weight"], p[f"{pre}.layernorm2.bias"])
+
+        def ffn(y, pre=pre):
+            hidden = gelu(y @ p[f"{pre}.U_map.weight"].T + p[f"{pre}.U_map.bias"])
+            return hidden @ p[f"{pre}.V_map.weight"].T + p[f"{pre}.V_map.bias"]
+
         if cfg["on_gptln"]:
             x = x + ln1(attention(x, p, f"{pre}.attention", cfg, proj))
             x = x + ln2(ffn(x))
@@ -85,4 +95,4 @@ def loss_and_grads(state_dict, cfg, windows, mask=None, projections=None):
     m = torch.ones_like(nll) if mask is None else mask.double()
     loss = (nll * m).sum() / m.sum()
     grads = torch.autograd.grad(loss, list(p.values()))
-    return loss.item(), dict(zip(p.keys(), grads))
+    return loss.item(), dict(zip(p.keys(), grads, strict=True))

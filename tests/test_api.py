@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_close, tiny_model
 
 import slimtune
-from helpers import assert_close, tiny_model
 from slimtune.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,9 +46,32 @@ def test_the_readme_loop_runs_and_equals_slimtune_fit(tmp_path, data_dir, monkey
 
     steps = namespace.get("STEPS")
     seq_len = namespace.get("SEQ_LEN")
-    assert main(["fit", "--checkpoint", "model.safetensors", "--data", "my.txt", "--out", "cli.safetensors",
-                 "--steps", str(steps), "--seq-len", str(seq_len), "--lr", "1e-4", "--optimizer", "adam",
-                 "--chunk-size", str(plan.chunk_size), "--seed", "0"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--checkpoint",
+                "model.safetensors",
+                "--data",
+                "my.txt",
+                "--out",
+                "cli.safetensors",
+                "--steps",
+                str(steps),
+                "--seq-len",
+                str(seq_len),
+                "--lr",
+                "1e-4",
+                "--optimizer",
+                "adam",
+                "--chunk-size",
+                str(plan.chunk_size),
+                "--seed",
+                "0",
+            ]
+        )
+        == 0
+    )
     ours, theirs = load_checkpoint("tuned.safetensors"), load_checkpoint("cli.safetensors")
     for name, t in theirs.tensors.items():
         assert_close(ours.tensors[name], t, 1e-6, name)
@@ -104,8 +127,23 @@ def test_plan_prints_a_table_and_matches_the_cli(tmp_path, capsys):
     from slimtune.cli import main
 
     capsys.readouterr()
-    assert main(["plan", "--checkpoint", str(src), "--seq-len", "512", "--mem-budget", "2GB", "--optimizer", "sgd",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--checkpoint",
+                str(src),
+                "--seq-len",
+                "512",
+                "--mem-budget",
+                "2GB",
+                "--optimizer",
+                "sgd",
+                "--json",
+            ]
+        )
+        == 0
+    )
     cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert cli["chunk_size"] == plan.chunk_size
     assert [c["chunk_size"] for c in cli["candidates"]] == [c.chunk_size for c in plan.candidates]
@@ -131,8 +169,12 @@ def test_evaluate_and_generate_take_paths_and_text(tmp_path, data_dir):
 
 
 def test_import_slimtune_does_not_import_torch():
-    run = subprocess.run([sys.executable, "-c", "import sys, slimtune; print('torch' in sys.modules)"],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys, slimtune; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.stdout.strip() == "False", run.stderr
 
 
@@ -140,7 +182,8 @@ def test_import_slimtune_does_not_import_torch():
 def test_examples_run(tmp_path, data_dir, script):
     _checkpoint(tmp_path / "model.safetensors", hidden_dim=32, ffn_dim=64)
     (tmp_path / "my.txt").write_bytes((data_dir / "ptb.test.txt").read_bytes()[:100_000])
-    run = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path)
+    run = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "tuned.safetensors").is_file()

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from helpers import tiny_model
+
 from slimtune.atomic import atomic_write, sweep
 from slimtune.checkpoint import load_checkpoint, save_checkpoint
 
@@ -51,8 +51,9 @@ def test_kill_9_at_every_stage_of_an_hf_export_leaves_a_whole_folder(tmp_path, s
     old = load_checkpoint(src)
     folder = tmp_path / "out-hf"
     save_checkpoint(folder, old.tensors, old.config, fmt="hf")  # the previous export
-    child = subprocess.run([sys.executable, "-c", KILLER, stage, str(src), str(folder)], capture_output=True,
-                           text=True, timeout=120)
+    child = subprocess.run(
+        [sys.executable, "-c", KILLER, stage, str(src), str(folder)], capture_output=True, text=True, timeout=120
+    )
     assert child.returncode == (0 if stage == "never" else -9), child.stderr
     sweep(folder)  # what the next write does first: clear dead writers' leftovers, restore an old folder
     found = load_checkpoint(folder)  # whole: it loads and validates

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import assert_close
+
 from slimtune.attention import causal_linear_attention, naive_causal_linear_attention, state_contribution
 
 
@@ -46,7 +46,7 @@ def test_blockwise_matches_loop(T, block):
     ref_out, ref_final, ref_grads = grads_of(loop_attention, inputs)
     assert_close(out, ref_out, 1e-12, "out")
     assert_close(final, ref_final, 1e-12, "final state")
-    for name, g, rg in zip(("fq", "fk", "v", "state"), grads, ref_grads):
+    for name, g, rg in zip(("fq", "fk", "v", "state"), grads, ref_grads, strict=True):
         assert_close(g, rg, 1e-12, f"grad {name}")
 
 
@@ -57,7 +57,7 @@ def test_naive_twin_matches_loop(T):
     ref_out, ref_final, ref_grads = grads_of(loop_attention, inputs)
     assert_close(out, ref_out, 1e-12, "out")
     assert_close(final, ref_final, 1e-12, "final")
-    for g, rg in zip(grads, ref_grads):
+    for g, rg in zip(grads, ref_grads, strict=True):
         assert_close(g, rg, 1e-12, "grad")
 
 
@@ -96,7 +96,7 @@ def test_default_block_size_matches_naive_twin(T):
     assert out.shape == (2, 3, T, 5) and final.shape == (2, 3, 6, 6)
     assert_close(out, ref_out, 1e-12, "out")
     assert_close(final, ref_final, 1e-12, "final state")
-    for name, g, rg in zip(("fq", "fk", "v", "state"), grads, ref_grads):
+    for name, g, rg in zip(("fq", "fk", "v", "state"), grads, ref_grads, strict=True):
         assert_close(g, rg, 1e-12, f"grad {name}")
 
 

@@ -3,10 +3,10 @@
 import json
 
 import pytest
-import torch
-
 import reference
+import torch
 from helpers import assert_close, projections, rel_err, tiny_model
+
 from slimtune.bench import checkpointed_step
 from slimtune.checkpoint import save_checkpoint
 from slimtune.cli import main
@@ -40,7 +40,8 @@ def test_bf16_slim_is_as_accurate_as_bf16_backprop(recovery):
     bf16 full backprop does, and both within bf16 accuracy."""
     model, w = tiny_model("elu+1", True, dtype=torch.float32, hidden_dim=32, ffn_dim=64), windows()
     ref_loss, ref = reference.loss_and_grads(
-        {k: v.double() for k, v in model.state_dict().items()}, model.config.to_dict(), w)
+        {k: v.double() for k, v in model.state_dict().items()}, model.config.to_dict(), w
+    )
     flat = lambda g: torch.cat([g[name].flatten().double() for name in sorted(ref)])  # noqa: E731
     model.zero_grad(set_to_none=True)
     full_loss = slim_step(model, w, L, precision=torch.bfloat16)
@@ -64,8 +65,28 @@ def ckpt(tmp_path):
 def test_bench_measures_every_method(capsys, tmp_path, ckpt):
     path, model = ckpt
     png = tmp_path / "figs" / "tradeoff.png"
-    code = main(["bench", "--checkpoint", str(path), "--seq-len", "1024", "--chunks", "64,8,2048", "--steps", "2",
-                 "--warmup", "0", "--optimizer", "adam", "--device", "cpu", "--plot", str(png), "--json"])
+    code = main(
+        [
+            "bench",
+            "--checkpoint",
+            str(path),
+            "--seq-len",
+            "1024",
+            "--chunks",
+            "64,8,2048",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--optimizer",
+            "adam",
+            "--device",
+            "cpu",
+            "--plot",
+            str(png),
+            "--json",
+        ]
+    )
     stdout = capsys.readouterr().out
     assert code == 0
     result = json.loads(stdout.strip().splitlines()[-1])
@@ -83,22 +104,41 @@ def test_bench_measures_every_method(capsys, tmp_path, ckpt):
 
 
 def test_bench_recipe_without_full_methods(capsys):
-    code = main(["bench", "--recipe", "small", "--seq-len", "64", "--chunks", "16", "--steps", "1", "--no-full",
-                 "--no-checkpointing", "--precision", "bf16", "--json"])
+    code = main(
+        [
+            "bench",
+            "--recipe",
+            "small",
+            "--seq-len",
+            "64",
+            "--chunks",
+            "16",
+            "--steps",
+            "1",
+            "--no-full",
+            "--no-checkpointing",
+            "--precision",
+            "bf16",
+            "--json",
+        ]
+    )
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
     assert code == 0 and [r["method"] for r in rows] == ["SLiM C=16"] and rows[0]["vs_full_time"] is None
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--chunks", "64,x"], "--chunks"),
-    (["--chunks", "0"], "--chunks"),
-    (["--recipe", "small"], "exactly one"),
-    (["--precision", "fp8"], "--precision"),
-    (["--optimizer", "lion"], "--optimizer"),
-    (["--emulate-memory", "2GB", "--device", "cpu"], "CUDA"),
-    (["--plot", "out.pdf"], ".png"),
-    (["--chunks", "512", "--no-full", "--no-checkpointing", "--seq-len", "256"], "nothing to measure"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--chunks", "64,x"], "--chunks"),
+        (["--chunks", "0"], "--chunks"),
+        (["--recipe", "small"], "exactly one"),
+        (["--precision", "fp8"], "--precision"),
+        (["--optimizer", "lion"], "--optimizer"),
+        (["--emulate-memory", "2GB", "--device", "cpu"], "CUDA"),
+        (["--plot", "out.pdf"], ".png"),
+        (["--chunks", "512", "--no-full", "--no-checkpointing", "--seq-len", "256"], "nothing to measure"),
+    ],
+)
 def test_bench_bad_input(capsys, tmp_path, ckpt, args, needle):
     code = main(["bench", "--checkpoint", str(ckpt[0]), *args])
     stderr = capsys.readouterr().err

@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
+from helpers import tiny_model
 from safetensors.torch import save_file
 from torch import nn
 
-from helpers import tiny_model
 from slimtune.checkpoint import load_checkpoint, save_checkpoint
 from slimtune.cli import main
 
@@ -47,7 +47,9 @@ def cli(capsys, *args):
 def test_reference_state_dict_converts_bit_identical(capsys, tmp_path, state_dict):
     src, dst = tmp_path / "ref.pt", tmp_path / "model.safetensors"
     torch.save(state_dict, src)
-    code, _, err = cli(capsys, "convert", src, "--out", dst, "--n-heads", 2, "--feature-type", "sqr", "--layernorm", "post")
+    code, _, err = cli(
+        capsys, "convert", src, "--out", dst, "--n-heads", 2, "--feature-type", "sqr", "--layernorm", "post"
+    )
     assert code == 0, err
     converted = load_checkpoint(dst)
     assert converted.tensors.keys() == state_dict.keys()
@@ -56,8 +58,15 @@ def test_reference_state_dict_converts_bit_identical(capsys, tmp_path, state_dic
     code, out, _ = cli(capsys, "inspect", dst, "--json")
     info = json.loads(out.strip().splitlines()[-1])
     assert info["parameters"] == sum(t.numel() for t in state_dict.values())
-    assert info["config"] == {"vocab_size": 256, "hidden_dim": 16, "n_layers": 2, "ffn_dim": 32, "n_heads": 2,
-                              "feature_type": "sqr", "on_gptln": True}
+    assert info["config"] == {
+        "vocab_size": 256,
+        "hidden_dim": 16,
+        "n_layers": 2,
+        "ffn_dim": 32,
+        "n_heads": 2,
+        "feature_type": "sqr",
+        "on_gptln": True,
+    }
 
 
 def test_missing_settings_name_the_flag(capsys, tmp_path, state_dict):
@@ -73,8 +82,22 @@ def test_fine_tuned_export_loads_strict_into_reference_layout(capsys, tmp_path, 
     base, out = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
     tensors = {k: v.to(dtype) for k, v in state_dict.items()}
     save_checkpoint(base, tensors, tiny_model().config)
-    code, _, err = cli(capsys, "fit", "--checkpoint", base, "--data", data_dir / "ptb.test.txt", "--out", out,
-                       "--steps", 2, "--seq-len", 64, "--chunk-size", 16)
+    code, _, err = cli(
+        capsys,
+        "fit",
+        "--checkpoint",
+        base,
+        "--data",
+        data_dir / "ptb.test.txt",
+        "--out",
+        out,
+        "--steps",
+        2,
+        "--seq-len",
+        64,
+        "--chunk-size",
+        16,
+    )
     assert code == 0, err
     tuned = load_checkpoint(out)
     assert tuned.config == load_checkpoint(base).config
@@ -170,8 +193,11 @@ EXPECT = {
 @pytest.mark.parametrize("case", EXPECT)
 def test_validation_failures(capsys, tmp_path, state_dict, data_dir, case):
     path = corrupt_cases(tmp_path, state_dict)[case]
-    for args in (["inspect", path], ["convert", path, "--out", tmp_path / "out.safetensors"],
-                 ["fit", "--checkpoint", path, "--data", data_dir / "ptb.test.txt", "--out", tmp_path / "out.safetensors"]):
+    for args in (
+        ["inspect", path],
+        ["convert", path, "--out", tmp_path / "out.safetensors"],
+        ["fit", "--checkpoint", path, "--data", data_dir / "ptb.test.txt", "--out", tmp_path / "out.safetensors"],
+    ):
         code, _, err = cli(capsys, *args)
         assert code == 2, (args, err)
         assert EXPECT[case] in err, err
@@ -183,8 +209,26 @@ def test_hf_folder_and_dtype(capsys, tmp_path, state_dict, data_dir):
     base = tmp_path / "base.safetensors"
     save_checkpoint(base, state_dict, tiny_model().config)
     folder = tmp_path / "new" / "deeper" / "tuned-hf"
-    code, _, err = cli(capsys, "fit", "--checkpoint", base, "--data", data_dir / "ptb.test.txt", "--out", folder,
-                       "--format", "hf", "--dtype", "bf16", "--steps", 1, "--seq-len", 32, "--chunk-size", 8)
+    code, _, err = cli(
+        capsys,
+        "fit",
+        "--checkpoint",
+        base,
+        "--data",
+        data_dir / "ptb.test.txt",
+        "--out",
+        folder,
+        "--format",
+        "hf",
+        "--dtype",
+        "bf16",
+        "--steps",
+        1,
+        "--seq-len",
+        32,
+        "--chunk-size",
+        8,
+    )
     assert code == 0, err
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
@@ -200,8 +244,9 @@ def test_bad_output_paths(capsys, tmp_path, state_dict, data_dir):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     for out, message in ((tmp_path, "is a directory"), (blocker / "sub.safetensors", "cannot write under")):
-        code, _, err = cli(capsys, "fit", "--checkpoint", base, "--data", data_dir / "ptb.test.txt", "--out", out,
-                           "--seq-len", 32)
+        code, _, err = cli(
+            capsys, "fit", "--checkpoint", base, "--data", data_dir / "ptb.test.txt", "--out", out, "--seq-len", 32
+        )
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     code, _, err = cli(capsys, "convert", base, "--out", tmp_path / "x.safetensors", "--dtype", "fp8")
     assert code == 2 and "--dtype" in err and not (tmp_path / "x.safetensors").exists()

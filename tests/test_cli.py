@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
 import reference
+import torch
 from helpers import assert_close, tiny_model
+
 from slimtune.checkpoint import load_checkpoint, save_checkpoint
 from slimtune.cli import main
 
@@ -37,9 +37,30 @@ def last_json(stdout: str) -> dict:
 def test_one_step_sgd_matches_an_independent_update(capsys, tmp_path, ckpt, data_dir):
     """--one-step: rows b = bytes [bL, bL + L + 1) of the file, plain SGD, exported in the input's names/dtypes."""
     data, out, lr, B = data_dir / "ptb.valid.txt", tmp_path / "tuned.safetensors", 0.5, 2
-    code, stdout, _ = run(capsys, "fit", "--checkpoint", ckpt, "--data", data, "--out", out, "--one-step",
-                          "--optimizer", "sgd", "--lr", lr, "--seq-len", L, "--batch-size", B, "--chunk-size", 7,
-                          "--device", "cpu", "--json")
+    code, stdout, _ = run(
+        capsys,
+        "fit",
+        "--checkpoint",
+        ckpt,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--one-step",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        lr,
+        "--seq-len",
+        L,
+        "--batch-size",
+        B,
+        "--chunk-size",
+        7,
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert code == 0
     result = last_json(stdout)
     assert {"chunk_size", "seq_len", "steps", "loss", "peak_memory_bytes", "device", "out"} <= result.keys()
@@ -61,8 +82,26 @@ def test_slim_and_full_backprop_export_the_same_weights(capsys, tmp_path, ckpt, 
     weights = {}
     for c in (13, L):
         out = tmp_path / f"c{c}.safetensors"
-        code, _, _ = run(capsys, "fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--out", out,
-                         "--steps", 3, "--seq-len", L, "--chunk-size", c, "--optimizer", "adam", "--lr", 1e-3)
+        code, _, _ = run(
+            capsys,
+            "fit",
+            "--checkpoint",
+            ckpt,
+            "--data",
+            data_dir / "ptb.test.txt",
+            "--out",
+            out,
+            "--steps",
+            3,
+            "--seq-len",
+            L,
+            "--chunk-size",
+            c,
+            "--optimizer",
+            "adam",
+            "--lr",
+            1e-3,
+        )
         assert code == 0
         weights[c] = load_checkpoint(out).tensors
     for name in weights[L]:
@@ -70,8 +109,21 @@ def test_slim_and_full_backprop_export_the_same_weights(capsys, tmp_path, ckpt, 
 
 
 def test_auto_chunk_size_reports_plan(capsys, tmp_path, ckpt, data_dir):
-    code, stdout, _ = run(capsys, "fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--out",
-                          tmp_path / "o.safetensors", "--seq-len", 300, "--mem-budget", "4GB", "--json")
+    code, stdout, _ = run(
+        capsys,
+        "fit",
+        "--checkpoint",
+        ckpt,
+        "--data",
+        data_dir / "ptb.test.txt",
+        "--out",
+        tmp_path / "o.safetensors",
+        "--seq-len",
+        300,
+        "--mem-budget",
+        "4GB",
+        "--json",
+    )
     assert code == 0
     result = last_json(stdout)
     assert result["chunk_size"] == 300  # a tiny model: full backprop fits in 4 GB
@@ -122,33 +174,92 @@ def test_console_script_and_module_entry(tmp_path, ckpt):
         assert last_json(proc.stdout)["parameters"] == sum(t.numel() for t in load_checkpoint(ckpt).tensors.values())
 
 
-BAD = {
-    "lr-word": ["--lr", "fast"],
-    "lr-negative": ["--lr", "-1"],
-    "lr-nan": ["--lr", "nan"],
-    "chunk-zero": ["--chunk-size", "0"],
-    "chunk-word": ["--chunk-size", "big"],
-    "seq-len-zero": ["--seq-len", "0"],
-    "seq-len-too-long": ["--seq-len", "100000000", "--one-step"],
-    "batch-zero": ["--batch-size", "0"],
-    "optimizer": ["--optimizer", "lion"],
-    "budget-word": ["--mem-budget", "lots"],
-    "budget-zero": ["--mem-budget", "0"],
-    "budget-tiny": ["--mem-budget", "1MB"],
-    "device": ["--device", "tpu"],
-    "recovery": ["--state-recovery", "guess"],
+BAD = {  # flags -> what the one line must name
+    "lr-word": (["--lr", "fast"], "--lr"),
+    "lr-negative": (["--lr", "-1"], "--lr"),
+    "chunk-word": (["--chunk-size", "big"], "big"),
+    "optimizer": (["--optimizer", "lion"], "lion"),
+    "budget-tiny": (["--mem-budget", "1MB"], "cannot fit even C = 1"),
+    "device": (["--device", "tpu"], "tpu"),
+    "recovery": (["--state-recovery", "guess"], "guess"),
 }
 
 
-@pytest.mark.parametrize("extra", BAD.values(), ids=BAD.keys())
-def test_bad_flags_exit_2_with_one_line(capsys, tmp_path, ckpt, data_dir, extra):
+@pytest.mark.parametrize("command", ["fit", "plan"])
+@pytest.mark.parametrize("extra, named", BAD.values(), ids=BAD.keys())
+def test_bad_flags_name_the_value_in_one_line(capsys, tmp_path, ckpt, data_dir, command, extra, named):
+    """fit and plan read the same flags the same way: `plan --state-recovery guess` is refused like fit's."""
+    if command == "plan" and extra[0] in ("--lr", "--chunk-size"):
+        pytest.skip("fit-only flag")
     out = tmp_path / "never.safetensors"
-    args = ["fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--out", out, "--seq-len", 64, *extra]
+    args = [command, "--checkpoint", ckpt, "--seq-len", 64, *extra]
+    if command == "fit":
+        args += ["--data", data_dir / "ptb.test.txt", "--out", out]
     code, stdout, stderr = run(capsys, *args)
-    assert code == 2
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    assert not out.exists()
+    assert code == 2 and len(lines) == 1 and named in lines[0], stderr
+    assert not out.exists() and not Path(f"{out}.run").exists()
+
+
+def test_fit_reports_every_missing_option_at_once(capsys):
+    code, _, stderr = run(capsys, "fit", "--mem-budget", "2GB")
+    assert code == 2 and stderr.strip() == "slimtune: error: slimtune fit needs --checkpoint and --data " \
+        "(see 'slimtune fit --help')"
+
+
+def _invoke(monkeypatch, module: str, name: str, argv: list[str]):
+    """Run the CLI with the library call `module.name` replaced by a recorder; returns its arguments."""
+    from typer.testing import CliRunner
+
+    from slimtune.cli import app
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(args=args, kwargs=kwargs)
+        raise SystemExit(0)  # stop before rendering: only the call is checked
+
+    monkeypatch.setattr(f"slimtune.{module}.{name}", record)
+    result = CliRunner().invoke(app, [str(a) for a in argv])
+    assert result.exit_code == 0 and seen, result.output
+    return seen
+
+
+def test_fit_flags_become_the_options_the_library_gets(monkeypatch, tmp_path, ckpt, data_dir):
+    seen = _invoke(monkeypatch, "train", "fit", [
+        "fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--seq-len", 300, "--batch-size", 3,
+        "--steps", 7, "--optimizer", "adamw", "--lr", "0.02", "--weight-decay", "0.1", "--chunk-size", "full",
+        "--mem-budget", "2GB", "--schedule", "cosine", "--warmup", 2, "--clip-grad", "1.5", "--accumulate", 2,
+        "--state-recovery", "store", "--precision", "bf16", "--dtype", "fp16", "--format", "hf", "--seed", 9,
+        "--eval-fraction", "0.1", "--skip-nonfinite", "--device", "cpu",
+    ])
+    checkpoint, data, out, options = seen["args"]
+    assert checkpoint.path == ckpt and data == data_dir / "ptb.test.txt"
+    assert out == ckpt.with_name("model-tuned")  # the default beside the input (a folder for --format hf)
+    expected = dict(seq_len=300, batch_size=3, steps=7, optimizer="adamw", lr=0.02, weight_decay=0.1, chunk_size=300,
+                    mem_budget="2GB", schedule="cosine", warmup=2, clip_grad=1.5, accumulate=2, recovery="store",
+                    precision="bf16", dtype="fp16", format="hf", seed=9, skip_nonfinite=True, device="cpu",
+                    run_dir=f"{out}.run", resume=False, one_step=False)
+    assert {k: getattr(options, k) for k in expected} == expected
+    assert seen["kwargs"]["eval_fraction"] == 0.1
+
+
+def test_pretrain_flags_override_the_recipe(monkeypatch, tmp_path):
+    seen = _invoke(monkeypatch, "train", "pretrain", [
+        "pretrain", "--recipe", "small", "--out", tmp_path / "m.safetensors", "--hidden-dim", 64, "--layernorm", "pre",
+        "--steps", 3, "--chunk-size", "auto", "--mem-budget", "1GB",
+    ])
+    config, data, out, options = seen["args"]
+    assert (config.hidden_dim, config.ffn_dim, config.n_layers, config.on_gptln) == (64, 256, 2, False)
+    assert (options.steps, options.seq_len, options.chunk_size, options.mem_budget) == (3, 256, None, "1GB")
+
+
+def test_plan_flags_reach_the_planner(monkeypatch, ckpt):
+    seen = _invoke(monkeypatch, "planner", "plan", [
+        "plan", "--checkpoint", ckpt, "--seq-len", 2048, "--batch-size", 2, "--mem-budget", "80%", "--optimizer",
+        "sgd", "--state-recovery", "subtract", "--device", "cpu",
+    ])
+    assert seen["kwargs"] == dict(seq_len=2048, batch_size=2, mem_budget="80%", optimizer="sgd", recovery="subtract")
 
 
 def test_bad_files_exit_2(capsys, tmp_path, ckpt, data_dir):
@@ -175,21 +286,60 @@ def test_bad_files_exit_2(capsys, tmp_path, ckpt, data_dir):
 def test_unavailable_cuda_is_bad_input(capsys, tmp_path, ckpt, data_dir):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    code, _, stderr = run(capsys, "fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--out",
-                          tmp_path / "o.safetensors", "--device", "cuda", "--seq-len", 32)
+    code, _, stderr = run(
+        capsys,
+        "fit",
+        "--checkpoint",
+        ckpt,
+        "--data",
+        data_dir / "ptb.test.txt",
+        "--out",
+        tmp_path / "o.safetensors",
+        "--device",
+        "cuda",
+        "--seq-len",
+        32,
+    )
     assert code == 2 and "CUDA" in stderr and len(stderr.strip().splitlines()) == 1
 
 
 def test_held_out_fraction_reports_bpc(capsys, tmp_path, ckpt, data_dir):
     out = tmp_path / "o.safetensors"
-    code, stdout, stderr = run(capsys, "fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--out", out,
-                               "--steps", 2, "--seq-len", 32, "--chunk-size", 8, "--eval-fraction", 0.1, "--json")
+    code, stdout, stderr = run(
+        capsys,
+        "fit",
+        "--checkpoint",
+        ckpt,
+        "--data",
+        data_dir / "ptb.test.txt",
+        "--out",
+        out,
+        "--steps",
+        2,
+        "--seq-len",
+        32,
+        "--chunk-size",
+        8,
+        "--eval-fraction",
+        0.1,
+        "--json",
+    )
     assert code == 0, stderr
     result = last_json(stdout)
     assert 0 < result["metrics"]["bpc"] < 9
     lines = (tmp_path / "o.safetensors.run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and "bpc" in json.loads(lines[-1])
     for bad in ("0", "1.5"):
-        code, _, stderr = run(capsys, "fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--out",
-                              tmp_path / "x.safetensors", "--eval-fraction", bad)
+        code, _, stderr = run(
+            capsys,
+            "fit",
+            "--checkpoint",
+            ckpt,
+            "--data",
+            data_dir / "ptb.test.txt",
+            "--out",
+            tmp_path / "x.safetensors",
+            "--eval-fraction",
+            bad,
+        )
         assert code == 2 and "--eval-fraction" in stderr and not (tmp_path / "x.safetensors").exists()

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-
 from helpers import assert_close, rel_err, tiny_model
+
 from slimtune.checkpoint import load_checkpoint, save_checkpoint
 from slimtune.cli import main
 from slimtune.model import PerformerConfig, PerformerLM
@@ -18,8 +18,17 @@ L, B = 64, 2  # per rank; one process gets 2 x B windows
 
 
 def torchrun(cwd, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "slimtune",
-           *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "slimtune",
+        *map(str, args),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -35,13 +44,28 @@ def base(tmp_path_factory):
 
 @pytest.mark.parametrize("chunk", [8, L], ids=["slim-C8", "full-backprop"])
 def test_two_ranks_take_the_step_of_one_process_on_the_combined_batch(tmp_path, base, data_dir, chunk, capsys):
-    common = ["--data", data_dir / "ptb.test.txt", "--seq-len", L, "--chunk-size", chunk, "--steps", 1,
-              "--optimizer", "sgd", "--lr", 0.5, "--device", "cpu"]
+    common = [
+        "--data",
+        data_dir / "ptb.test.txt",
+        "--seq-len",
+        L,
+        "--chunk-size",
+        chunk,
+        "--steps",
+        1,
+        "--optimizer",
+        "sgd",
+        "--lr",
+        0.5,
+        "--device",
+        "cpu",
+    ]
     two = tmp_path / "two.safetensors"
     torchrun(tmp_path, "fit", "--checkpoint", base, "--out", two, "--batch-size", B, *common)
     one = tmp_path / "one.safetensors"
-    assert main(["fit", "--checkpoint", str(base), "--out", str(one), "--batch-size", str(2 * B),
-                 *map(str, common)]) == 0
+    assert (
+        main(["fit", "--checkpoint", str(base), "--out", str(one), "--batch-size", str(2 * B), *map(str, common)]) == 0
+    )
     capsys.readouterr()
     start, a, b = (load_checkpoint(p).tensors for p in (base, one, two))
     assert any(not torch.equal(start[k], a[k]) for k in a)  # the step did something
@@ -53,16 +77,33 @@ def test_two_ranks_take_the_step_of_one_process_on_the_combined_batch(tmp_path, 
     assert json.loads(load_checkpoint(two).metadata["slimtune_provenance"])["world_size"] == 2
     assert load_checkpoint(two).config == load_checkpoint(base).config
     # Resume needs the same number of ranks: a single process may not continue a two-rank run.
-    code = main(["fit", "--checkpoint", str(base), "--out", str(two), "--batch-size", str(B), "--resume",
-                 *map(str, common)])
+    code = main(
+        ["fit", "--checkpoint", str(base), "--out", str(two), "--batch-size", str(B), "--resume", *map(str, common)]
+    )
     assert code == 2 and "world_size 2 (now 1)" in capsys.readouterr().err
 
 
 def test_pretrain_under_torchrun(tmp_path, data_dir, capsys):
     """Two ranks of B windows take the steps one process takes on 2 x B windows (the same seed gives the same
     initialisation and global batches), and rank 0 exports the recipe's model config."""
-    common = ["--recipe", "small", "--data", data_dir / "ptb.test.txt", "--seq-len", 32, "--steps", 2,
-              "--chunk-size", 8, "--optimizer", "sgd", "--lr", 0.5, "--device", "cpu"]
+    common = [
+        "--recipe",
+        "small",
+        "--data",
+        data_dir / "ptb.test.txt",
+        "--seq-len",
+        32,
+        "--steps",
+        2,
+        "--chunk-size",
+        8,
+        "--optimizer",
+        "sgd",
+        "--lr",
+        0.5,
+        "--device",
+        "cpu",
+    ]
     two = tmp_path / "two.safetensors"
     torchrun(tmp_path, "pretrain", "--out", two, "--batch-size", B, *common)
     one = tmp_path / "one.safetensors"
@@ -70,8 +111,9 @@ def test_pretrain_under_torchrun(tmp_path, data_dir, capsys):
     capsys.readouterr()
     ckpt_one, ckpt_two = load_checkpoint(one), load_checkpoint(two)
     # recipes/small.toml's [model], written out: the training flags leave it as it is.
-    small = PerformerConfig(vocab_size=256, hidden_dim=128, n_layers=2, ffn_dim=512, n_heads=2, feature_type="sqr",
-                            on_gptln=True)
+    small = PerformerConfig(
+        vocab_size=256, hidden_dim=128, n_layers=2, ffn_dim=512, n_heads=2, feature_type="sqr", on_gptln=True
+    )
     assert ckpt_two.config == small and ckpt_two.extra_config == {"seq_len": 32}
     provenance = json.loads(ckpt_two.metadata["slimtune_provenance"])
     assert (provenance["world_size"], provenance["steps"], provenance["chunk_size"]) == (2, 2, 8)

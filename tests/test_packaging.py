@@ -12,19 +12,34 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_a_wheel_install_finds_the_recipes(tmp_path):
     wheels, target = tmp_path / "wheels", tmp_path / "site"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
-                            "-q", "-w", str(wheels)], capture_output=True, text=True, timeout=300)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if build.returncode != 0 and "No module named" in build.stderr:
         pytest.skip(f"cannot build a wheel here: {build.stderr.strip().splitlines()[-1]}")
     assert build.returncode == 0, build.stderr
     wheel = next(wheels.glob("slimtune-*.whl"))
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-                              str(wheel)], capture_output=True, text=True, timeout=300)
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert install.returncode == 0, install.stderr
-    probe = ("import slimtune, slimtune.recipes as r; from pathlib import Path; "
-             "print(Path(slimtune.__file__).parent); print(sorted(x.path.stem for x in r.list_recipes()))")
-    run = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {probe}"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)  # -I: not the source tree
+    probe = (
+        "import slimtune, slimtune.recipes as r; from pathlib import Path; "
+        "print(Path(slimtune.__file__).parent); print(sorted(x.path.stem for x in r.list_recipes()))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {probe}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )  # -I: not the source tree
     assert run.returncode == 0, run.stderr
     where, names = run.stdout.splitlines()
     assert Path(where).is_relative_to(target)

@@ -9,11 +9,16 @@ from slimtune.checkpoint import load_checkpoint
 from slimtune.cli import main
 from slimtune.data import COPY_SEPARATOR, copy_windows
 from slimtune.errors import ConfigError
+from slimtune.model import PerformerLM
 from slimtune.recipes import list_recipes, load_recipe
 from slimtune.slim import slim_step
-from slimtune.model import PerformerLM
 
-PAPER = {"config-1": (8192, 1, 1024), "config-2": (1024, 3, 512), "config-3": (4096, 3, 1024), "config-4": (16384, 3, 1024)}
+PAPER = {
+    "config-1": (8192, 1, 1024),
+    "config-2": (1024, 3, 512),
+    "config-3": (4096, 3, 1024),
+    "config-4": (16384, 3, 1024),
+}
 
 
 def hand_count(V, d, F, n_layers):
@@ -35,7 +40,12 @@ def test_every_recipe_loads_and_builds():
     for name, (L, layers, d) in PAPER.items():
         r = found[name]
         assert (r.train["seq_len"], r.model.n_layers, r.model.hidden_dim) == (L, layers, d)
-        assert (r.model.ffn_dim, r.model.n_heads, r.model.feature_type, r.train["batch_size"]) == (4 * d, d // 64, "sqr", 1)
+        assert (r.model.ffn_dim, r.model.n_heads, r.model.feature_type, r.train["batch_size"]) == (
+            4 * d,
+            d // 64,
+            "sqr",
+            1,
+        )
 
 
 def test_bad_recipes(tmp_path):
@@ -61,8 +71,30 @@ def test_copy_windows():
 
 def test_pretrain_flags_override_recipe(capsys, tmp_path):
     out = tmp_path / "copy.safetensors"
-    code = main(["pretrain", "--recipe", "copy", "--out", str(out), "--hidden-dim", "32", "--n-heads", "2",
-                 "--seq-len", "24", "--steps", "3", "--batch-size", "2", "--chunk-size", "5", "--lr", "0.03", "--json"])
+    code = main(
+        [
+            "pretrain",
+            "--recipe",
+            "copy",
+            "--out",
+            str(out),
+            "--hidden-dim",
+            "32",
+            "--n-heads",
+            "2",
+            "--seq-len",
+            "24",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--chunk-size",
+            "5",
+            "--lr",
+            "0.03",
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads(captured.out.strip().splitlines()[-1])

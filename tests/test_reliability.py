@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
 from helpers import tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from slimtune.checkpoint import load_checkpoint, save_checkpoint
 from slimtune.cli import main
 from slimtune.errors import SlimtuneError
@@ -41,12 +42,48 @@ def files(tmp_path, data_dir):
     return {"ckpt": ckpt, "data": data_dir / "ptb.test.txt", "dir": tmp_path}
 
 
-FIT = ["fit", "--checkpoint", "{ckpt}", "--data", "{data}", "--out", "{dir}/out.safetensors", "--seq-len", "32",
-       "--device", "cpu"]
+FIT = [
+    "fit",
+    "--checkpoint",
+    "{ckpt}",
+    "--data",
+    "{data}",
+    "--out",
+    "{dir}/out.safetensors",
+    "--seq-len",
+    "32",
+    "--device",
+    "cpu",
+]
 PLAN = ["plan", "--checkpoint", "{ckpt}", "--seq-len", "64", "--device", "cpu"]
-PRETRAIN = ["pretrain", "--recipe", "small", "--data", "{data}", "--out", "{dir}/out.safetensors", "--seq-len", "32",
-            "--steps", "1", "--device", "cpu"]
-EVAL = ["eval", "--checkpoint", "{ckpt}", "--data", "{data}", "--seq-len", "32", "--max-bytes", "200", "--device", "cpu"]
+PRETRAIN = [
+    "pretrain",
+    "--recipe",
+    "small",
+    "--data",
+    "{data}",
+    "--out",
+    "{dir}/out.safetensors",
+    "--seq-len",
+    "32",
+    "--steps",
+    "1",
+    "--device",
+    "cpu",
+]
+EVAL = [
+    "eval",
+    "--checkpoint",
+    "{ckpt}",
+    "--data",
+    "{data}",
+    "--seq-len",
+    "32",
+    "--max-bytes",
+    "200",
+    "--device",
+    "cpu",
+]
 GENERATE = ["generate", "--checkpoint", "{ckpt}", "--bytes", "5", "--device", "cpu"]
 CONVERT = ["convert", "{ckpt}", "--out", "{dir}/out.safetensors"]
 BENCH = ["bench", "--checkpoint", "{ckpt}", "--seq-len", "64", "--chunks", "16", "--steps", "1", "--device", "cpu"]
@@ -222,9 +259,11 @@ def test_checkpoint_parser_survives_any_mutation(tmp_path_factory, valid_file, d
 
 def _half_then(error):
     """A writer that leaves half a file behind and then fails, as a disk that fills up mid-write does."""
+
     def write(obj, path, *args, **kwargs):
         Path(path).write_bytes(b"\0" * 1000)
         raise error
+
     return write
 
 
@@ -291,15 +330,25 @@ sys.exit(main(argv))
 
 
 def _child(tmp_path, kind, nth, argv):
-    return subprocess.run([sys.executable, "-c", KILLER, kind, str(nth), *map(str, argv)], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
+    return subprocess.run(
+        [sys.executable, "-c", KILLER, kind, str(nth), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
 
 
 @pytest.fixture
 def run_args(files):
     def args(out, run, *extra):
-        return [a.format(**files) for a in with_(FIT, out=str(out), steps="5", chunk_size="8", save_every="1",
-                                                     optimizer="adam", run_dir=str(run))] + list(extra)
+        return [
+            a.format(**files)
+            for a in with_(
+                FIT, out=str(out), steps="5", chunk_size="8", save_every="1", optimizer="adam", run_dir=str(run)
+            )
+        ] + list(extra)
+
     return args
 
 
@@ -343,13 +392,22 @@ def test_kill_9_at_random_moments_never_breaks_a_file(tmp_path, files, run_args)
     rng = random.Random(0)
     args = run_args(out, run)
     args[args.index("--steps") + 1] = "30"
-    for attempt in range(3):
-        proc = subprocess.Popen([sys.executable, "-m", "slimtune", *args, *(["--resume"] if (run / "state.pt").exists() else [])],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    for _attempt in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "slimtune", *args, *(["--resume"] if (run / "state.pt").exists() else [])],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
         metrics = run / "metrics.jsonl"
         lines = metrics.read_text().count("\n") if metrics.exists() else 0
         deadline = time.time() + 120
-        while (metrics.read_text().count("\n") if metrics.exists() else 0) <= lines and time.time() < deadline:
+        while (
+            (metrics.read_text().count("\n") if metrics.exists() else 0) <= lines
+            and proc.poll() is None  # a run that already finished (or only exports) logs no new step
+            and time.time() < deadline
+        ):
             time.sleep(0.05)  # this attempt is training
         time.sleep(rng.uniform(0.0, 0.5))
         proc.send_signal(signal.SIGKILL)

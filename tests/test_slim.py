@@ -1,10 +1,10 @@
 """SLiM gradients against an independent float64 model (tests/reference.py) and against plain backprop."""
 
 import pytest
-import torch
-
 import reference
+import torch
 from helpers import assert_close, projections, tiny_model
+
 from slimtune import deferred
 from slimtune.errors import ConfigError
 from slimtune.features import FEATURE_TYPES
@@ -32,7 +32,9 @@ def expected(feature, post, B, masked):
     if key not in _cache:
         model = tiny_model(feature, post)
         windows, mask = windows_and_mask(B, masked)
-        _cache[key] = reference.loss_and_grads(model.state_dict(), model.config.to_dict(), windows, mask, projections(model))
+        _cache[key] = reference.loss_and_grads(
+            model.state_dict(), model.config.to_dict(), windows, mask, projections(model)
+        )
     return _cache[key]
 
 

@@ -4,9 +4,9 @@ warning is shown."""
 
 import pytest
 import torch
-
 from helpers import tiny_model
-from slimtune.checkpoint import load_checkpoint, save_checkpoint
+
+from slimtune.checkpoint import save_checkpoint
 from slimtune.errors import SlimtuneError
 from slimtune.model import PerformerLM
 from slimtune.optimizers import make_optimizer
@@ -23,8 +23,19 @@ def setup(tmp_path, data_dir):
 
 
 def _options(tmp_path, **kw):
-    return FitOptions(**{"seq_len": 32, "batch_size": 2, "steps": 4, "chunk_size": 8, "lr": 3e-3, "device": "cpu",
-                         "run_dir": str(tmp_path / "run"), "save_every": 0} | kw)
+    return FitOptions(
+        **{
+            "seq_len": 32,
+            "batch_size": 2,
+            "steps": 4,
+            "chunk_size": 8,
+            "lr": 3e-3,
+            "device": "cpu",
+            "run_dir": str(tmp_path / "run"),
+            "save_every": 0,
+        }
+        | kw
+    )
 
 
 def test_trainer_interrupted_in_process_resumes_bit_for_bit(tmp_path, setup):
@@ -56,16 +67,26 @@ def test_a_resumed_auto_run_does_not_plan_again(tmp_path, setup, monkeypatch):
     base, data = setup
     fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, chunk_size=None, steps=2, mem_budget="2GB"))
     monkeypatch.setattr(train, "plan_chunk_size", lambda *a, **k: pytest.fail("planned again on resume"))
-    result = fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, chunk_size=None, steps=2,
-                                                                  mem_budget="2GB", resume=True))
+    result = fit(
+        base,
+        data,
+        tmp_path / "a.safetensors",
+        _options(tmp_path, chunk_size=None, steps=2, mem_budget="2GB", resume=True),
+    )
     assert result.plan is not None and result.chunk_size == result.plan["chunk_size"]
 
 
-@pytest.mark.parametrize("change, flag", [
-    (dict(clip_grad=1.0), "--clip-grad"), (dict(recovery="store"), "--state-recovery"),
-    (dict(skip_nonfinite=True), "--skip-nonfinite"), (dict(precision="bf16"), "--precision"),
-    (dict(weight_decay=0.1, optimizer="adamw"), "--optimizer"), (dict(one_step=True), "--one-step"),
-])
+@pytest.mark.parametrize(
+    "change, flag",
+    [
+        (dict(clip_grad=1.0), "--clip-grad"),
+        (dict(recovery="store"), "--state-recovery"),
+        (dict(skip_nonfinite=True), "--skip-nonfinite"),
+        (dict(precision="bf16"), "--precision"),
+        (dict(weight_decay=0.1, optimizer="adamw"), "--optimizer"),
+        (dict(one_step=True), "--one-step"),
+    ],
+)
 def test_resume_refuses_each_setting_that_changes_the_weights(tmp_path, setup, change, flag):
     base, data = setup
     fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, steps=2))
@@ -99,7 +120,12 @@ def test_every_distinct_out_of_memory_fallback_is_reported(tmp_path, setup, monk
 
     monkeypatch.setattr(train, "slim_step", short_of_memory)
     warnings = []
-    result = fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, run_dir=None, chunk_size=16, steps=2),
-                 on_warning=warnings.append)
+    result = fit(
+        base,
+        data,
+        tmp_path / "a.safetensors",
+        _options(tmp_path, run_dir=None, chunk_size=16, steps=2),
+        on_warning=warnings.append,
+    )
     assert result.chunk_size == 4
     assert [w.split(";")[0] for w in warnings] == ["out of memory at chunk size 16", "out of memory at chunk size 8"]

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import assert_close, tiny_model
+
 from slimtune.evaluation import adapt_one_step
 from slimtune.generation import generate
 
@@ -15,7 +15,7 @@ def test_recurrent_generation_matches_full_forward():
     ids = list(prompt)
     for _ in range(20):  # greedy, recomputing the whole sequence each time
         ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    assert text == bytes(ids[len(prompt):])
+    assert text == bytes(ids[len(prompt) :])
 
 
 def test_adaptation_with_slim_equals_full_backprop(data_dir):
@@ -42,7 +42,9 @@ def test_slim_and_full_backprop_train_the_same_model(tmp_path, data_dir):
     data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()), dtype=torch.uint8)
     runs = {}
     for c in (64, 300):
-        options = FitOptions(seq_len=300, batch_size=2, steps=100, chunk_size=c, optimizer="adam", lr=1e-3, device="cpu")
+        options = FitOptions(
+            seq_len=300, batch_size=2, steps=100, chunk_size=c, optimizer="adam", lr=1e-3, device="cpu"
+        )
         runs[c] = fit(load_checkpoint(base), data, tmp_path / f"c{c}.safetensors", options)
     assert runs[64].losses == pytest.approx(runs[300].losses, rel=1e-4)
     slim, full = (load_checkpoint(tmp_path / f"c{c}.safetensors").tensors for c in (64, 300))
@@ -62,12 +64,49 @@ def test_sixty_steps_lower_validation_bpc_by_one(capsys, tmp_path, data_dir):
     base, tuned = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
     save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
     bpc = {}
-    assert main(["fit", "--checkpoint", str(base), "--data", str(data_dir / "ptb.test.txt"), "--out", str(tuned),
-                 "--steps", "60", "--mem-budget", "2GB", "--lr", "3e-3", "--batch-size", "4", "--seq-len", "512"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--checkpoint",
+                str(base),
+                "--data",
+                str(data_dir / "ptb.test.txt"),
+                "--out",
+                str(tuned),
+                "--steps",
+                "60",
+                "--mem-budget",
+                "2GB",
+                "--lr",
+                "3e-3",
+                "--batch-size",
+                "4",
+                "--seq-len",
+                "512",
+            ]
+        )
+        == 0
+    )
     for name, path in (("before", base), ("after", tuned)):
         capsys.readouterr()
-        assert main(["eval", "--checkpoint", str(path), "--data", str(data_dir / "ptb.valid.txt"), "--seq-len", "512",
-                     "--max-bytes", "100000", "--json"]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--checkpoint",
+                    str(path),
+                    "--data",
+                    str(data_dir / "ptb.valid.txt"),
+                    "--seq-len",
+                    "512",
+                    "--max-bytes",
+                    "100000",
+                    "--json",
+                ]
+            )
+            == 0
+        )
         bpc[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bpc"]
     assert bpc["before"] - bpc["after"] >= 1.0, bpc
 
@@ -82,9 +121,22 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, data_dir):
     data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:100000]), dtype=torch.uint8)
 
     def options(run_dir, resume=False):
-        return FitOptions(seq_len=64, batch_size=2, steps=6, chunk_size=16, optimizer="adam", lr=3e-3, device="cpu",
-                          schedule="cosine", warmup=2, accumulate=2, clip_grad=1.0, run_dir=str(run_dir),
-                          save_every=1, resume=resume)
+        return FitOptions(
+            seq_len=64,
+            batch_size=2,
+            steps=6,
+            chunk_size=16,
+            optimizer="adam",
+            lr=3e-3,
+            device="cpu",
+            schedule="cosine",
+            warmup=2,
+            accumulate=2,
+            clip_grad=1.0,
+            run_dir=str(run_dir),
+            save_every=1,
+            resume=resume,
+        )
 
     def stop_at_3(step, metrics):
         if step == 3:
@@ -112,11 +164,21 @@ def test_resume_refuses_changed_settings(tmp_path, data_dir):
     base = tmp_path / "base.safetensors"
     save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
     data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:20000]), dtype=torch.uint8)
-    fit(load_checkpoint(base), data, tmp_path / "a.safetensors",
-        FitOptions(seq_len=32, steps=2, chunk_size=8, device="cpu", run_dir=str(tmp_path / "run")))
+    fit(
+        load_checkpoint(base),
+        data,
+        tmp_path / "a.safetensors",
+        FitOptions(seq_len=32, steps=2, chunk_size=8, device="cpu", run_dir=str(tmp_path / "run")),
+    )
     with pytest.raises(SlimtuneError, match="lr"):
-        fit(load_checkpoint(base), data, tmp_path / "b.safetensors",
-            FitOptions(seq_len=32, steps=2, chunk_size=8, lr=0.5, device="cpu", run_dir=str(tmp_path / "run"), resume=True))
+        fit(
+            load_checkpoint(base),
+            data,
+            tmp_path / "b.safetensors",
+            FitOptions(
+                seq_len=32, steps=2, chunk_size=8, lr=0.5, device="cpu", run_dir=str(tmp_path / "run"), resume=True
+            ),
+        )
 
 
 def test_nonfinite_loss_stops_or_skips(tmp_path, data_dir):
@@ -128,15 +190,21 @@ def test_nonfinite_loss_stops_or_skips(tmp_path, data_dir):
     base = tmp_path / "base.safetensors"
     save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
     data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:20000]), dtype=torch.uint8)
-    blow_up = dict(seq_len=32, steps=3, chunk_size=8, optimizer="sgd", lr=1e30, device="cpu", run_dir=str(tmp_path / "run"))
+    blow_up = dict(
+        seq_len=32, steps=3, chunk_size=8, optimizer="sgd", lr=1e30, device="cpu", run_dir=str(tmp_path / "run")
+    )
     with pytest.raises(SlimtuneError, match="non-finite loss or gradient at step"):
         fit(load_checkpoint(base), data, tmp_path / "a.safetensors", FitOptions(**blow_up))
     assert not (tmp_path / "a.safetensors").exists()
     assert (tmp_path / "run" / "state.pt").exists()
     warnings = []  # step 1 is finite and throws the weights far out; steps 2 and 3 are skipped and counted
-    result = fit(load_checkpoint(base), data, tmp_path / "b.safetensors",
-                 FitOptions(**{**blow_up, "run_dir": str(tmp_path / "run2"), "skip_nonfinite": True}),
-                 on_warning=warnings.append)
+    result = fit(
+        load_checkpoint(base),
+        data,
+        tmp_path / "b.safetensors",
+        FitOptions(**{**blow_up, "run_dir": str(tmp_path / "run2"), "skip_nonfinite": True}),
+        on_warning=warnings.append,
+    )
     assert result.metrics["skipped_steps"] == 2 and len(warnings) == 2 and len(result.losses) == 1
 
 
@@ -159,15 +227,37 @@ def test_signal_saves_the_run_and_exits_with_the_conventional_code(tmp_path, dat
     import subprocess
     import sys
     import time
+
     from slimtune.checkpoint import save_checkpoint
 
     model = tiny_model("sqr", True, dtype=torch.float32, hidden_dim=64, ffn_dim=256, n_heads=4)
     base = tmp_path / "base.safetensors"
     save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
     out = tmp_path / "o.safetensors"
-    proc = subprocess.Popen([sys.executable, "-m", "slimtune", "fit", "--checkpoint", str(base), "--data",
-                             str(data_dir / "ptb.test.txt"), "--out", str(out), "--steps", "100000", "--seq-len", "256",
-                             "--chunk-size", "64", "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "slimtune",
+            "fit",
+            "--checkpoint",
+            str(base),
+            "--data",
+            str(data_dir / "ptb.test.txt"),
+            "--out",
+            str(out),
+            "--steps",
+            "100000",
+            "--seq-len",
+            "256",
+            "--chunk-size",
+            "64",
+            "--device",
+            "cpu",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "o.safetensors.run" / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
@@ -188,8 +278,12 @@ def test_interrupt_inside_a_step_resumes_to_the_same_weights(tmp_path, data_dir,
     base = tmp_path / "base.safetensors"
     save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
     data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:100000]), dtype=torch.uint8)
-    options = lambda run, resume=False: train.FitOptions(seq_len=48, batch_size=2, steps=5, chunk_size=16, lr=3e-3,  # noqa: E731
-                                                         device="cpu", run_dir=str(run), resume=resume)
+
+    def options(run, resume=False):
+        return train.FitOptions(
+            seq_len=48, batch_size=2, steps=5, chunk_size=16, lr=3e-3, device="cpu", run_dir=str(run), resume=resume
+        )
+
     real, calls = train.slim_step, []
 
     def interrupted(*args, **kwargs):
