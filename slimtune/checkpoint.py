@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -95,14 +96,31 @@ def _check_readable(path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} is empty: re-export or re-download it")
 
 
+def _looks_like_text(path: Path) -> bool:
+    """Text, not a checkpoint: printable UTF-8 with no NUL byte (a safetensors file begins with its header's
+    length as 8 little-endian bytes, which hold NULs)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return "\x00" not in text and sum(c.isprintable() or c in "\n\r\t" for c in text) >= 0.95 * len(text)
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if path.is_file() and _looks_like_text(path):
+        raise CheckpointError(
+            f"{path} is not a checkpoint: it holds text. Pass the model file (.safetensors, or a torch.save "
+            "state dict .pt/.pth/.bin); text goes to --data"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:  # safetensors raises its own error types for bad headers and truncation
         raise CheckpointError(
-            f"cannot read {path} as safetensors ({str(e).splitlines()[0]}): the file is truncated or not a "
+            f"{path} is not a readable checkpoint ({str(e).splitlines()[0]}): the file is truncated or not a "
             "safetensors file; re-export it, or use a .pt/.pth/.bin suffix for a torch.save state dict"
         ) from None
     return tensors, metadata
@@ -280,12 +298,29 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+HF_CODE = ("configuration_slim_performer.py", "modeling_slim_performer.py")  # slimtune/hf_remote, copied as they are
+
+
 def _write_hf_folder(folder: Path, tensors, metadata: dict[str, str], config: dict) -> None:
-    """A folder with model.safetensors and config.json, built beside `folder` and swapped into place."""
+    """A Hugging Face model folder, built beside `folder` and swapped into place: model.safetensors, config.json
+    with an auto_map to the modeling code written beside it, so that transformers loads it with
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)."""
+    code = resources.files("slimtune") / "hf_remote"
+    hf_config = {
+        "architectures": ["SLiMPerformerForCausalLM"],
+        "model_type": "slim_performer",
+        "auto_map": {
+            "AutoConfig": "configuration_slim_performer.SLiMPerformerConfig",
+            "AutoModelForCausalLM": "modeling_slim_performer.SLiMPerformerForCausalLM",
+        },
+        "torch_dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+    }
     with atomic_write(folder, folder=True) as tmp:
         save_file(tensors, str(tmp / HF_WEIGHTS), metadata=metadata)
         with open(tmp / "config.json", "w") as f:
-            json.dump({"architectures": ["SLiMPerformer"], "model_type": "slim_performer"} | config, f, indent=2)
+            json.dump(hf_config | config, f, indent=2)
+        for name in HF_CODE:
+            (tmp / name).write_bytes((code / name).read_bytes())
 
 
 def save_checkpoint(

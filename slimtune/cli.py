@@ -117,6 +117,56 @@ ChunkSize = Annotated[
         "--chunk-size", help="C: 'auto' picks the largest that fits --mem-budget; C >= L is ordinary backprop."
     ),
 ]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads (also SLIMTUNE_THREADS). Default: the cores other processes leave free (see slimtune env).",
+        show_default=False,
+    ),
+]
+
+
+RunDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--run-dir", help="Run folder for metrics.jsonl and resumable state (default: OUT.run).", show_default=False
+    ),
+]
+SaveEvery = Annotated[
+    int, typer.Option("--save-every", min=0, help="Save resumable state every N steps (and on Ctrl-C).")
+]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run saved in the run folder.")]
+Restart = Annotated[
+    bool, typer.Option("--restart", help="Start over although the run folder holds a saved run (moved aside, kept).")
+]
+
+
+def _train(what: str, options, call):
+    """Run a training library call with progress; on Ctrl-C or SIGTERM say where the saved state is and exit
+    128 + the signal's number."""
+    from .runs import RunFolder
+
+    if options.resume and options.run_dir and RunFolder(options.run_dir).has_state():
+        err.print(f"resuming the run in {options.run_dir} ({RunFolder(options.run_dir).summary()})")
+    with _Reporter(what, options.total_steps) as progress:
+        try:
+            return call(lambda step, m: progress.update(step, _step_info(m)))
+        except KeyboardInterrupt:
+            print(
+                f"slimtune: interrupted; the run state is in {options.run_dir}: add --resume to the same command "
+                "to continue",
+                file=sys.stderr,
+            )
+            raise typer.Exit(128 + _stopped_by) from None
+
+
+def _use_threads(value: int | None = None) -> None:
+    """The CPU threads of a command that computes: --threads, SLIMTUNE_THREADS, else the free cores."""
+    from . import threads
+
+    threads.apply(threads.choose(value).count)
 
 
 def _require(command: str, **given) -> None:
@@ -134,8 +184,9 @@ class _Reporter:
     """Progress of a long job: a rich bar in a terminal; elsewhere (a log, CI, nohup) a plain line on stderr
     every `every` seconds, with the step, its figures and the time left."""
 
-    def __init__(self, what: str, total: int, *, every: float = 10.0, transient: bool = False):
-        self.what, self.total, self.every = what, total, every
+    def __init__(self, what: str, total: int, *, transient: bool = False):
+        self.what, self.total = what, total
+        self.every = float(os.environ.get("SLIMTUNE_PROGRESS_SECONDS", 10))  # seconds between plain lines
         self.tty = err.is_terminal
         self.started = self.last = time.monotonic()
         self.bar = None
@@ -282,16 +333,10 @@ def fit(
     eval_every: Annotated[
         int, typer.Option("--eval-every", min=0, help="With held-out data: bpc every N steps (0: at the end).")
     ] = 0,
-    run_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--run-dir", help="Run folder for metrics.jsonl and resumable state (default: OUT.run).", show_default=False
-        ),
-    ] = None,
-    save_every: Annotated[
-        int, typer.Option("--save-every", min=0, help="Save resumable state every N steps (and on Ctrl-C).")
-    ] = 100,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in the run folder.")] = False,
+    run_dir: RunDir = None,
+    save_every: SaveEvery = 100,
+    resume: Resume = False,
+    restart: Restart = False,
     skip_nonfinite: Annotated[
         bool,
         typer.Option(
@@ -305,6 +350,7 @@ def fit(
     n_heads: NHeads = None,
     feature_type: FeatureType = None,
     layernorm: LayerNormOpt = None,
+    threads: Threads = None,
     as_json: Json = False,
 ):
     """Fine-tune a checkpoint on a text file with SLiM and export weights the original model loads unchanged.
@@ -341,29 +387,26 @@ def fit(
         eval_every=eval_every,
         save_every=save_every,
         resume=resume,
+        restart=restart,
         skip_nonfinite=skip_nonfinite,
         run_dir=str(run_dir or Path(f"{target}.run")),
+        threads=threads,
     )
     ckpt = load_checkpoint(checkpoint, **_model_flags(n_heads, feature_type, layernorm))
-    with _Reporter("fit", options.total_steps) as progress:
-        try:
-            result = run_fit(
-                ckpt,
-                data,
-                target,
-                options,
-                eval_data=eval_data,
-                eval_fraction=eval_fraction,
-                on_step=lambda step, m: progress.update(step, _step_info(m)),
-                on_warning=_warning,
-            )
-        except KeyboardInterrupt:
-            print(
-                f"slimtune: interrupted; the run state is in {options.run_dir}: add --resume to the same command "
-                "to continue",
-                file=sys.stderr,
-            )
-            raise typer.Exit(128 + _stopped_by) from None
+    result = _train(
+        "fit",
+        options,
+        lambda on_step: run_fit(
+            ckpt,
+            data,
+            target,
+            options,
+            eval_data=eval_data,
+            eval_fraction=eval_fraction,
+            on_step=on_step,
+            on_warning=_warning,
+        ),
+    )
     plan = result.plan
     table = Table(title="slimtune fit", show_header=False)
     for key, value in (
@@ -376,7 +419,13 @@ def fit(
         ("measured peak", f"{format_size(result.peak_memory_bytes)} ({result.memory_counts})"),
         ("steps", str(result.steps)),
         ("loss first -> last", f"{result.loss:.4f} -> {result.final_loss:.4f} nats/byte"),
-        ("held-out bpc", f"{result.metrics['bpc']:.4f}" if "bpc" in result.metrics else "-"),
+        (
+            "held-out bpc",
+            f"{result.metrics['bpc']:.4f} over {result.metrics['bpc_bytes']:,} bytes"
+            if "bpc" in result.metrics
+            else "-",
+        ),
+        ("CPU threads", str(result.threads) if result.device == "cpu" else "-"),
         ("run folder", options.run_dir),
         ("time", f"{result.seconds:.2f} s"),
         ("written", result.out),
@@ -399,6 +448,7 @@ def plan(
     n_heads: NHeads = None,
     feature_type: FeatureType = None,
     layernorm: LayerNormOpt = None,
+    threads: Threads = None,
     as_json: Json = False,
 ):
     """Predict peak memory and relative step time for each chunk size C, and pick the largest C that fits.
@@ -409,6 +459,7 @@ def plan(
     from .planner import plan as run_plan
 
     _require("plan", checkpoint=checkpoint)
+    _use_threads(threads)
     model = PerformerLM.from_pretrained(checkpoint, device=device, **_model_flags(n_heads, feature_type, layernorm))
     result = run_plan(
         model, seq_len=seq_len, batch_size=batch_size, mem_budget=mem_budget, optimizer=optimizer, recovery=recovery
@@ -416,7 +467,8 @@ def plan(
     table = Table(
         title=f"slimtune plan: L = {seq_len}, batch {batch_size}, {optimizer}, budget "
         f"{format_size(result.budget_bytes)} on {result.device}",
-        caption=f"memory counts {result.memory_counts}",
+        caption=f"memory counts {result.memory_counts}; the runtime alone holds "
+        f"{format_size(result.breakdown['runtime'])}: no budget below it fits",
     )
     for col in ("C", "predicted peak", "share of budget", "relative step time", ""):
         table.add_column(col, justify="right")
@@ -497,6 +549,11 @@ def pretrain(
     seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation, data order and FAVOR+ draws.")] = 0,
     device: Device = "auto",
     precision: PrecisionOpt = Precision.FP32,
+    run_dir: RunDir = None,
+    save_every: SaveEvery = 100,
+    resume: Resume = False,
+    restart: Restart = False,
+    threads: Threads = None,
     as_json: Json = False,
 ):
     """Train a Performer from scratch (the server side) and write a contract checkpoint.
@@ -529,16 +586,23 @@ def pretrain(
             "chunk_size": chunk_size,
         },
     )
-    options = FitOptions(**settings, mem_budget=mem_budget, seed=seed, device=device, precision=precision)
-    with _Reporter("pretrain", options.total_steps) as progress:
-        result = run_pretrain(
-            config,
-            data,
-            out_path,
-            options,
-            on_step=lambda step, m: progress.update(step, _step_info(m)),
-            on_warning=_warning,
-        )
+    options = FitOptions(
+        **settings,
+        mem_budget=mem_budget,
+        seed=seed,
+        device=device,
+        precision=precision,
+        threads=threads,
+        run_dir=str(run_dir or Path(f"{out_path}.run")),
+        save_every=save_every,
+        resume=resume,
+        restart=restart,
+    )
+    result = _train(
+        "pretrain",
+        options,
+        lambda on_step: run_pretrain(config, data, out_path, options, on_step=on_step, on_warning=_warning),
+    )
     summary = (
         f"{result.steps} steps, loss {result.loss:.4f} -> {result.final_loss:.4f}, C = {result.chunk_size}, "
         f"{result.seconds:.1f} s -> {result.out}"
@@ -622,6 +686,7 @@ def bench(
     seed: Annotated[
         int, typer.Option("--seed", help="Seed of the random token windows (and of a recipe's weights).")
     ] = 0,
+    threads: Threads = None,
     as_json: Json = False,
 ):
     """Measure step time and peak memory of SLiM at each C, full backprop and activation checkpointing, side by side.
@@ -634,6 +699,7 @@ def bench(
     from .bench import check_plot_path, methods_for, plot, rows_json, run_bench, setup
 
     check_plot_path(plot_path)
+    _use_threads(threads)
     sizes = _int_list(chunks, "--chunks")
     run = setup(
         checkpoint=checkpoint,
@@ -777,6 +843,7 @@ def evaluate(
     n_heads: NHeads = None,
     feature_type: FeatureType = None,
     layernorm: LayerNormOpt = None,
+    threads: Threads = None,
     as_json: Json = False,
 ):
     """Bits per character of a checkpoint on a text file (chunk by chunk: memory does not grow with --seq-len).
@@ -791,6 +858,7 @@ def evaluate(
     from .recipes import parse_chunk_size
 
     _require("eval", checkpoint=checkpoint, data=data)
+    _use_threads(threads)
     C = parse_chunk_size(chunk_size, 1)
     tokens = read_bytes(data, min_length=2)
     model = PerformerLM.from_pretrained(checkpoint, device=device, **_model_flags(n_heads, feature_type, layernorm))
@@ -835,6 +903,7 @@ def generate(
     n_heads: NHeads = None,
     feature_type: FeatureType = None,
     layernorm: LayerNormOpt = None,
+    threads: Threads = None,
     as_json: Json = False,
 ):
     """Sample a continuation of a prompt in recurrent mode (constant memory per new byte).
@@ -845,6 +914,7 @@ def generate(
     from .model import PerformerLM
 
     _require("generate", checkpoint=checkpoint)
+    _use_threads(threads)
     model = PerformerLM.from_pretrained(checkpoint, device=device, **_model_flags(n_heads, feature_type, layernorm))
     text = run_generate(model, prompt, n_bytes, temperature=temperature, top_k=top_k, seed=seed)
     if as_json:
@@ -932,9 +1002,11 @@ def convert(
 @app.command()
 def env(as_json: Json = False):
     """Show the devices slimtune can use and their memory (CPU via psutil, NVIDIA GPUs via NVML)."""
+    from . import threads
     from .devices import detect_environment
 
     info = detect_environment()
+    choice = threads.choose()
     table = Table(title="slimtune env", show_header=False)
     table.add_row("python / torch / CUDA", f"{info.python} / {info.torch} / {info.cuda_version or '-'}")
     table.add_row("CUDA usable", str(info.cuda_usable))
@@ -952,9 +1024,10 @@ def env(as_json: Json = False):
     if info.nvml_error:
         table.add_row("note", info.nvml_error)
     table.add_row("--device auto", info.default_device)
+    table.add_row("CPU threads", f"{choice.count} ({choice.reason}; --threads or {threads.ENV} to set)")
     _console(as_json).print(table)
     if as_json:
-        _emit_json(info.to_json())
+        _emit_json(info.to_json() | {"threads": choice.count, "threads_reason": choice.reason})
 
 
 @app.command()
@@ -962,6 +1035,7 @@ def demo(
     workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo writes its data and checkpoints.")] = Path(
         "slimtune-demo"
     ),
+    threads: Threads = None,
     as_json: Json = False,
 ):
     """The whole workflow on made-up data, no downloads: pretrain, plan, fine-tune with SLiM, compare, export.
@@ -972,7 +1046,7 @@ def demo(
     from .demo import run_demo
 
     console = _console(as_json)
-    result = run_demo(workdir, say=lambda text: console.print(text))
+    result = run_demo(workdir, say=lambda text: console.print(text), threads=threads)
     if as_json:
         _emit_json(result)
 

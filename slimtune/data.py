@@ -33,6 +33,18 @@ def read_bytes(path: str | os.PathLike, *, min_length: int = 2, what: str = "--d
         raise DataError(f"cannot read {what} file {path} ({e}): check its permissions") from None
 
 
+def check_vocabulary(data: torch.Tensor, vocab_size: int, what: str = "--data") -> None:
+    """Byte data holds ids 0..255: a model whose vocabulary is smaller cannot read the bytes beyond it."""
+    if vocab_size >= 256 or data.numel() == 0:
+        return
+    top = int(data.max())
+    if top >= vocab_size:
+        raise DataError(
+            f"{what} holds byte values up to {top}, but the model's vocabulary has only {vocab_size} ids: a "
+            f"byte-level model needs vocab_size 256; or pass data whose bytes are all below {vocab_size}"
+        )
+
+
 def first_windows(data: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tensor:
     """The contract's first batch: row b is bytes [b L, b L + L + 1). [B, L + 1], int64."""
     need = (batch_size - 1) * seq_len + seq_len + 1

@@ -65,8 +65,15 @@ def log_text(n_bytes: int, seed: int = 1) -> str:
 
 
 def run_demo(
-    workdir: str | Path, say: Callable[[str], None] = print, *, pretrain_steps: int = 300, fit_steps: int = 40
+    workdir: str | Path,
+    say: Callable[[str], None] = print,
+    *,
+    pretrain_steps: int = 300,
+    fit_steps: int = 40,
+    threads: int | None = None,
 ) -> dict:
+    """The demo's five steps (module docstring), reported line by line through `say`; returns its figures.
+    `threads`: CPU threads (None: SLIMTUNE_THREADS, else the free cores)."""
     started = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -82,7 +89,9 @@ def run_demo(
         CONFIG,
         read_bytes(corpus),
         base,
-        FitOptions(seq_len=256, batch_size=8, steps=pretrain_steps, optimizer="adam", lr=3e-3, device="cpu"),
+        FitOptions(
+            seq_len=256, batch_size=8, steps=pretrain_steps, optimizer="adam", lr=3e-3, device="cpu", threads=threads
+        ),
         data_path=corpus,
     )
     say(
@@ -111,7 +120,14 @@ def run_demo(
         read_bytes(document),
         tuned,
         FitOptions(
-            seq_len=seq_len, batch_size=1, steps=fit_steps, optimizer="adam", lr=2e-3, mem_budget=budget, device="cpu"
+            seq_len=seq_len,
+            batch_size=1,
+            steps=fit_steps,
+            optimizer="adam",
+            lr=2e-3,
+            mem_budget=budget,
+            device="cpu",
+            threads=threads,
         ),
         data_path=document,
     )

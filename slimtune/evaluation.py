@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import copy_windows, read_bytes
+from .data import check_vocabulary, copy_windows, read_bytes
 from .errors import ConfigError
 from .model import PerformerLM
 from .planner import Workload, plan_chunk_size
@@ -53,19 +53,6 @@ def fixed_features(model: PerformerLM, seed: int = 0) -> None:
     model.redraw_features(torch.Generator().manual_seed(seed))
 
 
-def check_vocabulary(model: PerformerLM, data: torch.Tensor, what: str = "data") -> None:
-    """Byte data holds ids 0..255: a model with a smaller vocabulary cannot read bytes beyond it."""
-    vocab = model.config.vocab_size
-    if vocab >= 256 or data.numel() == 0:
-        return
-    top = int(data.max())
-    if top >= vocab:
-        raise ConfigError(
-            f"{what} holds byte values up to {top}, but the model's vocabulary has {vocab} ids: a "
-            f"byte-level model needs vocab_size 256; or pass data whose bytes are all below {vocab}"
-        )
-
-
 def evaluate(
     model: PerformerLM,
     data: torch.Tensor | str | os.PathLike,
@@ -100,7 +87,7 @@ def evaluate(
     n = data.numel() if max_bytes is None else min(data.numel(), max_bytes)
     if n < 2:
         raise ConfigError("eval needs at least 2 bytes of data")
-    check_vocabulary(model, data[:n])
+    check_vocabulary(data[:n], model.config.vocab_size)
     device = next(model.parameters()).device
     starts = list(range(0, n - 1, seq_len))
     total, count = 0.0, 0
@@ -174,7 +161,7 @@ def adapt_one_step(
         raise ConfigError(f"--adapt one-step needs seq len >= 4 and at least seq len + 1 = {seq_len + 1} bytes of data")
     if chunk_size is None:
         chunk_size = plan_chunk_size(model, Workload(max(1, seq_len // 2), 1, "sgd"), mem_budget).chunk_size
-    check_vocabulary(model, data)
+    check_vocabulary(data, model.config.vocab_size)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     original = {name: t.detach().clone() for name, t in model.state_dict().items()}

@@ -124,6 +124,24 @@ class RunFolder:
     def has_state(self) -> bool:
         return (self.path / STATE).is_file()
 
+    def summary(self) -> str:
+        """Where the saved run stands, e.g. "stopped after step 17 of 30" or "finished: 30 of 30 steps"."""
+        try:  # mmap: the weights are not read
+            state = torch.load(self.path / STATE, map_location="cpu", weights_only=True, mmap=True)
+            step, settings = state["step"], state["settings"]
+            total = 1 if settings.get("one_step") else settings.get("steps")
+        except Exception:
+            return "a saved state that cannot be read"
+        return f"finished: {step} of {total} steps" if step >= total else f"stopped after step {step} of {total}"
+
+    def move_aside(self) -> Path:
+        """Rename the folder to PATH.old-N (the first free N), keeping everything in it; returns the new name."""
+        n = 1
+        while (aside := self.path.with_name(f"{self.path.name}.old-{n}")).exists():
+            n += 1
+        os.replace(self.path, aside)
+        return aside
+
     def save(self, state: dict) -> None:
         """torch.save to a temporary file, fsync, rename: the previous state stays whole until the new one is."""
         try:

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from . import threads
 from .checkpoint import Checkpoint, check_output_path, file_sha256, load_checkpoint
 from .choices import Choice, ExportDtype, ExportFormat, Optimizer, Precision, Recovery, Schedule, Task
-from .data import copy_windows, first_windows, random_windows, read_bytes, split_held_out
+from .data import check_vocabulary, copy_windows, first_windows, random_windows, read_bytes, split_held_out
 from .devices import resolve_device
 from .distributed import (
     Group,
@@ -68,11 +69,13 @@ class FitOptions:
     clip_grad: float | None = None  # clip the gradients' global norm to this (opt-in; never with one_step)
     accumulate: int = 1  # batches whose gradients are summed into one optimizer step
     eval_every: int = 0  # with eval data: bpc every N steps (0: only at the end)
-    eval_bytes: int = 100_000  # bytes of the eval data each evaluation reads
+    eval_bytes: int | None = 100_000  # bytes of the held-out data each evaluation scores (None: all of it)
     run_dir: str | None = None  # metrics.jsonl and resumable state; None: no run folder
     save_every: int = 100  # resumable state every N steps (and on interrupt), with a run folder
     resume: bool = False  # continue the run saved in run_dir
+    restart: bool = False  # start over although run_dir holds a saved run (which is moved aside, not deleted)
     skip_nonfinite: bool = False  # skip (and count) a step whose loss or gradients are not finite, instead of stopping
+    threads: int | None = None  # CPU intra-op threads; None: SLIMTUNE_THREADS, else the free cores (threads.py)
     task: Task = Task.TEXT  # text: windows of the data file; copy: the synthetic copying task (pretrain only)
     copy_symbols: int = 16  # copy task: size of the symbol alphabet
     dtype: ExportDtype = ExportDtype.AUTO  # export dtype: auto keeps each tensor's input dtype; fp32, fp16 or bf16
@@ -107,6 +110,10 @@ class FitOptions:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ConfigError(f"--clip-grad must be a positive number, got {self.clip_grad}")
+        if self.threads is not None:
+            threads.requested(self.threads)
+        if self.resume and self.restart:
+            raise ConfigError("--resume continues the saved run and --restart starts over: give one of them")
         if self.resume and not self.run_dir:
             raise ConfigError("--resume needs the run folder of the run to continue: pass --run-dir")
 
@@ -143,6 +150,7 @@ class FitResult:
     plan: dict | None = None  # the planner's choice when chunk size was auto
     metrics: dict = field(default_factory=dict)  # task metrics, e.g. copy_accuracy
     first_step: int = 0  # steps already done when this process started (a resumed run)
+    threads: int = 1  # CPU intra-op threads the run used
     memory_counts: str = ""  # what peak_memory_bytes counts on this device
     model: PerformerLM | None = field(default=None, repr=False, compare=False)  # the trained model, in memory
 
@@ -256,6 +264,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "generator": generator,
                 "torch_rng": rng,
+                "threads": torch.get_num_threads(),  # the last bits depend on it: a resumed run uses the same
             }
         )
 
@@ -269,6 +278,12 @@ class Trainer:
         self.completed = self.first_step = saved["step"]
         self.chunk_size, self.losses = saved["chunk_size"], list(saved["losses"])
         self.skipped, self.plan = saved.get("skipped", 0), saved.get("plan")
+        if "threads" in saved and saved["threads"] != torch.get_num_threads():
+            self._warn(
+                f"using {saved['threads']} CPU threads, as the run being resumed did (its results depend on "
+                f"the count in the last bits); this machine chose {torch.get_num_threads()}"
+            )
+            threads.apply(saved["threads"])
         if "batch_weight_grads" in saved:  # the same summation order as the run it continues: bit for bit
             self.options = replace(self.options, batch_weight_grads=saved["batch_weight_grads"])
 
@@ -387,13 +402,16 @@ class Trainer:
             and self.eval_data is not None
             and ((o.eval_every and step % o.eval_every == 0) or step == o.total_steps)
         ):
-            metrics["bpc"] = evaluate(
+            # At the run's C and batch, without gradients: inside what a training chunk holds, so inside the plan.
+            scored = evaluate(
                 self.model,
                 self.eval_data,
                 seq_len=o.seq_len,
                 max_bytes=o.eval_bytes,
-                chunk_size=min(self.chunk_size, 1024),
-            ).bpc
+                chunk_size=self.chunk_size,
+                batch_size=o.batch_size,
+            )
+            metrics["bpc"], metrics["bpc_bytes"] = scored.bpc, scored.predicted_bytes
         if self.writes:
             self.folder.log(metrics)
             if o.save_every and step % o.save_every == 0 and not self.done:
@@ -413,6 +431,29 @@ def _check_data(data: torch.Tensor | None, options: FitOptions) -> None:
         raise SlimtuneError(
             f"data has {data.numel()} bytes, fewer than seq len + 1 = {options.seq_len + 1}: lower --seq-len"
         )
+
+
+def _check_run_folder(options: FitOptions, group: Group, on_warning: OnWarning | None) -> None:
+    """A folder holding a saved run is continued (--resume) or moved aside (--restart), never overwritten by
+    accident."""
+    if not options.run_dir or options.resume:
+        return
+    folder = RunFolder(options.run_dir)
+    if not folder.has_state():
+        return
+    if not options.restart:
+        raise SlimtuneError(
+            f"run folder {folder.path} holds a saved run ({folder.summary()}): add --resume to continue it, or "
+            "--restart to start over (the old folder is moved aside, not deleted)"
+        )
+    if group.main:
+        aside = folder.move_aside()
+        (on_warning or _warn)(f"--restart: the previous run in {folder.path} was moved to {aside}")
+    barrier()
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _plan(model, options: FitOptions, group: Group) -> Plan:
@@ -446,6 +487,7 @@ def _train(
 ) -> FitResult:
     """Run the steps (planning C first when it is auto and the run is not resumed), and report them; saves the
     run state at the end and on an interrupt. The export is the caller's."""
+    _check_run_folder(options, group, on_warning)
     trainer = Trainer(
         model, data, options, chunk_size=options.chunk_size, eval_data=eval_data, group=group, on_warning=on_warning
     )
@@ -472,7 +514,7 @@ def _train(
             "every step had a non-finite loss or gradient: lower --lr or add --clip-grad; nothing was exported"
         )
     device = next(model.parameters()).device
-    last = {k: v for k, v in metrics.items() if k == "bpc"} | (
+    last = {k: v for k, v in metrics.items() if k in ("bpc", "bpc_bytes")} | (
         {"skipped_steps": trainer.skipped} if trainer.skipped else {}
     )
     return FitResult(
@@ -490,6 +532,7 @@ def _train(
         plan=trainer.plan,
         metrics=last,
         first_step=trainer.first_step,
+        threads=torch.get_num_threads(),
         memory_counts=memory_counts(device),
         model=model,
     )
@@ -519,10 +562,11 @@ def _provenance(result: FitResult, options: FitOptions, data_path) -> dict:
 
 
 def _start(data, options: FitOptions) -> tuple[torch.device, Group]:
-    """What fit and pretrain do before building the model: check the data, join a torchrun group if launched by
-    one, take this rank's device, seed."""
+    """What fit and pretrain do before building the model: check the data, choose the CPU threads, join a torchrun
+    group if launched by one, take this rank's device, seed."""
     device = resolve_device(options.device)
     _check_data(data, options)
+    threads.apply(threads.choose(options.threads).count)
     group = join(device)
     torch.manual_seed(options.seed)
     return rank_device(device, group), group
@@ -585,6 +629,9 @@ def fit(
         data, eval_data = split_held_out(data, eval_fraction)
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = load_checkpoint(checkpoint)
+    check_vocabulary(data, checkpoint.config.vocab_size)
+    if eval_data is not None:
+        check_vocabulary(eval_data, checkpoint.config.vocab_size, "--eval-data")
     out = check_output_path(out, checkpoint.path, data_path, fmt=options.format)
     device, group = _start(data, options)
     model = PerformerLM.from_checkpoint(checkpoint, device=device)  # holds the weights: one copy in memory

@@ -1,14 +1,14 @@
-import os
 import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from slimtune import threads
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+threads.apply(threads.choose().count)  # as `slimtune fit` does: the cores other processes leave free
 
 
 @pytest.fixture(scope="session")

@@ -177,7 +177,7 @@ def corrupt_cases(tmp_path, state_dict):
 
 EXPECT = {
     "truncated.safetensors": "truncated",
-    "garbage.safetensors": "cannot read",
+    "garbage.safetensors": "is not a readable checkpoint",
     "empty.safetensors": "empty",
     "badjson.safetensors": "invalid slimtune_config JSON",
     "heads.safetensors": "not divisible by n_heads 3",
@@ -230,7 +230,12 @@ def test_hf_folder_and_dtype(capsys, tmp_path, state_dict, data_dir):
         8,
     )
     assert code == 0, err
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "configuration_slim_performer.py",
+        "model.safetensors",
+        "modeling_slim_performer.py",
+    ]
     config = json.loads((folder / "config.json").read_text())
     assert config["hidden_dim"] == 16 and config["model_type"] == "slim_performer"
     loaded = load_checkpoint(folder)

@@ -203,8 +203,10 @@ def test_bad_flags_name_the_value_in_one_line(capsys, tmp_path, ckpt, data_dir, 
 
 def test_fit_reports_every_missing_option_at_once(capsys):
     code, _, stderr = run(capsys, "fit", "--mem-budget", "2GB")
-    assert code == 2 and stderr.strip() == "slimtune: error: slimtune fit needs --checkpoint and --data " \
-        "(see 'slimtune fit --help')"
+    assert (
+        code == 2
+        and stderr.strip() == "slimtune: error: slimtune fit needs --checkpoint and --data (see 'slimtune fit --help')"
+    )
 
 
 def _invoke(monkeypatch, module: str, name: str, argv: list[str]):
@@ -226,39 +228,139 @@ def _invoke(monkeypatch, module: str, name: str, argv: list[str]):
 
 
 def test_fit_flags_become_the_options_the_library_gets(monkeypatch, tmp_path, ckpt, data_dir):
-    seen = _invoke(monkeypatch, "train", "fit", [
-        "fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--seq-len", 300, "--batch-size", 3,
-        "--steps", 7, "--optimizer", "adamw", "--lr", "0.02", "--weight-decay", "0.1", "--chunk-size", "full",
-        "--mem-budget", "2GB", "--schedule", "cosine", "--warmup", 2, "--clip-grad", "1.5", "--accumulate", 2,
-        "--state-recovery", "store", "--precision", "bf16", "--dtype", "fp16", "--format", "hf", "--seed", 9,
-        "--eval-fraction", "0.1", "--skip-nonfinite", "--device", "cpu",
-    ])
+    seen = _invoke(
+        monkeypatch,
+        "train",
+        "fit",
+        [
+            "fit",
+            "--checkpoint",
+            ckpt,
+            "--data",
+            data_dir / "ptb.test.txt",
+            "--seq-len",
+            300,
+            "--batch-size",
+            3,
+            "--steps",
+            7,
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "0.02",
+            "--weight-decay",
+            "0.1",
+            "--chunk-size",
+            "full",
+            "--mem-budget",
+            "2GB",
+            "--schedule",
+            "cosine",
+            "--warmup",
+            2,
+            "--clip-grad",
+            "1.5",
+            "--accumulate",
+            2,
+            "--state-recovery",
+            "store",
+            "--precision",
+            "bf16",
+            "--dtype",
+            "fp16",
+            "--format",
+            "hf",
+            "--seed",
+            9,
+            "--eval-fraction",
+            "0.1",
+            "--skip-nonfinite",
+            "--device",
+            "cpu",
+        ],
+    )
     checkpoint, data, out, options = seen["args"]
     assert checkpoint.path == ckpt and data == data_dir / "ptb.test.txt"
     assert out == ckpt.with_name("model-tuned")  # the default beside the input (a folder for --format hf)
-    expected = dict(seq_len=300, batch_size=3, steps=7, optimizer="adamw", lr=0.02, weight_decay=0.1, chunk_size=300,
-                    mem_budget="2GB", schedule="cosine", warmup=2, clip_grad=1.5, accumulate=2, recovery="store",
-                    precision="bf16", dtype="fp16", format="hf", seed=9, skip_nonfinite=True, device="cpu",
-                    run_dir=f"{out}.run", resume=False, one_step=False)
+    expected = dict(
+        seq_len=300,
+        batch_size=3,
+        steps=7,
+        optimizer="adamw",
+        lr=0.02,
+        weight_decay=0.1,
+        chunk_size=300,
+        mem_budget="2GB",
+        schedule="cosine",
+        warmup=2,
+        clip_grad=1.5,
+        accumulate=2,
+        recovery="store",
+        precision="bf16",
+        dtype="fp16",
+        format="hf",
+        seed=9,
+        skip_nonfinite=True,
+        device="cpu",
+        run_dir=f"{out}.run",
+        resume=False,
+        one_step=False,
+    )
     assert {k: getattr(options, k) for k in expected} == expected
     assert seen["kwargs"]["eval_fraction"] == 0.1
 
 
 def test_pretrain_flags_override_the_recipe(monkeypatch, tmp_path):
-    seen = _invoke(monkeypatch, "train", "pretrain", [
-        "pretrain", "--recipe", "small", "--out", tmp_path / "m.safetensors", "--hidden-dim", 64, "--layernorm", "pre",
-        "--steps", 3, "--chunk-size", "auto", "--mem-budget", "1GB",
-    ])
+    seen = _invoke(
+        monkeypatch,
+        "train",
+        "pretrain",
+        [
+            "pretrain",
+            "--recipe",
+            "small",
+            "--out",
+            tmp_path / "m.safetensors",
+            "--hidden-dim",
+            64,
+            "--layernorm",
+            "pre",
+            "--steps",
+            3,
+            "--chunk-size",
+            "auto",
+            "--mem-budget",
+            "1GB",
+        ],
+    )
     config, data, out, options = seen["args"]
     assert (config.hidden_dim, config.ffn_dim, config.n_layers, config.on_gptln) == (64, 256, 2, False)
     assert (options.steps, options.seq_len, options.chunk_size, options.mem_budget) == (3, 256, None, "1GB")
 
 
 def test_plan_flags_reach_the_planner(monkeypatch, ckpt):
-    seen = _invoke(monkeypatch, "planner", "plan", [
-        "plan", "--checkpoint", ckpt, "--seq-len", 2048, "--batch-size", 2, "--mem-budget", "80%", "--optimizer",
-        "sgd", "--state-recovery", "subtract", "--device", "cpu",
-    ])
+    seen = _invoke(
+        monkeypatch,
+        "planner",
+        "plan",
+        [
+            "plan",
+            "--checkpoint",
+            ckpt,
+            "--seq-len",
+            2048,
+            "--batch-size",
+            2,
+            "--mem-budget",
+            "80%",
+            "--optimizer",
+            "sgd",
+            "--state-recovery",
+            "subtract",
+            "--device",
+            "cpu",
+        ],
+    )
     assert seen["kwargs"] == dict(seq_len=2048, batch_size=2, mem_budget="80%", optimizer="sgd", recovery="subtract")
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import tiny_model
 
-from slimtune.checkpoint import save_checkpoint
+from slimtune.checkpoint import load_checkpoint, save_checkpoint
 from slimtune.errors import SlimtuneError
 from slimtune.model import PerformerLM
 from slimtune.optimizers import make_optimizer
@@ -129,3 +129,35 @@ def test_every_distinct_out_of_memory_fallback_is_reported(tmp_path, setup, monk
     )
     assert result.chunk_size == 4
     assert [w.split(";")[0] for w in warnings] == ["out of memory at chunk size 16", "out of memory at chunk size 8"]
+
+
+def test_a_run_resumed_under_another_thread_count_ends_bit_for_bit(tmp_path, setup):
+    """The last bits depend on the thread count (measured: 1 vs 2 threads differ by ~1e-8), so the run state
+    records it and a resumed run uses it, whatever this process chose."""
+    import torch
+
+    base, data = setup
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        whole = fit(base, data, tmp_path / "whole.safetensors", _options(tmp_path, run_dir=None, threads=2))
+        first = Trainer(PerformerLM.from_pretrained(base), data, _options(tmp_path, threads=2), chunk_size=8)
+        first.setup()
+        first.step()
+        first.save()
+        first.close()
+        warnings = []
+        resumed = fit(
+            base,
+            data,
+            tmp_path / "a.safetensors",
+            _options(tmp_path, resume=True, threads=1),
+            on_warning=warnings.append,
+        )
+        assert resumed.threads == 2 and any("using 2 CPU threads" in w for w in warnings)
+        assert resumed.losses == whole.losses
+        a, b = load_checkpoint(tmp_path / "a.safetensors"), load_checkpoint(tmp_path / "whole.safetensors")
+        for name, t in b.tensors.items():
+            assert torch.equal(a.tensors[name], t), name
+    finally:
+        torch.set_num_threads(before)

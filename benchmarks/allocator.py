@@ -1,0 +1,71 @@
+"""The allocator settings and the baseline (issue 15): a training step (SLiM or full backprop, then an adam
+update) with the CLI's glibc settings (mmap threshold 4 MB, torch huge pages) and with glibc's defaults (plain
+PyTorch, what a user's own script gets), each in a fresh process, quiet machine, the slimtune thread choice.
+Rounds alternate the two settings; the table shows the median of the rounds' medians, and min/max.
+
+    python benchmarks/allocator.py [--seq-len 8192] [--chunks 1024 256 64 16] [--steps 2] [--rounds 2]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+from _common import report
+from contention import STEP
+
+SETTINGS = {"CLI settings": "0", "glibc defaults": "1"}  # BENCH_DEFAULT_MALLOC
+
+
+def measure(default_malloc: str, chunk: int, seq_len: int, steps: int) -> list[float]:
+    env = os.environ | {"BENCH_DEFAULT_MALLOC": default_malloc}
+    proc = subprocess.run(
+        [sys.executable, "-c", STEP, "auto", str(chunk), str(seq_len), str(steps), "1e9"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["times"]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[1024, 256, 64, 16])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    methods = [("full backprop", args.seq_len)] + [(f"SLiM C={c}", c) for c in args.chunks]
+    medians = {(m, s): [] for m, _ in methods for s in SETTINGS}
+    for _ in range(args.rounds):
+        for label, chunk in methods:
+            for name, flag in SETTINGS.items():
+                times = measure(flag, chunk, args.seq_len, args.steps)
+                medians[(label, name)].append(statistics.median(times))
+                print(label, name, times, flush=True)
+    baseline = statistics.median(medians[("full backprop", "glibc defaults")])
+    rows = []
+    for label, _ in methods:
+        row = [label]
+        for name in SETTINGS:
+            m = medians[(label, name)]
+            row += [
+                f"{statistics.median(m):.3f} ({min(m):.3f}-{max(m):.3f})",
+                f"{statistics.median(m) / baseline:.2f}x",
+            ]
+        rows.append(row)
+    report(
+        "allocator",
+        ["method", "CLI settings s", "vs plain full", "glibc defaults s", "vs plain full"],
+        rows,
+        {"seq_len": args.seq_len, "medians": {f"{k[0]} | {k[1]}": v for k, v in medians.items()}},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""What a new user hit (issue 16), each through the command line as a user runs it: a saved run is never
+discarded by accident, pretrain saves and resumes like fit, the budget holds while evaluating, a non-byte
+vocabulary or a text file as checkpoint give one line, and logs get progress lines."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import tiny_model
+
+from slimtune.checkpoint import load_checkpoint, save_checkpoint
+from slimtune.cli import main
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    model = tiny_model("sqr", True, dtype=torch.float32, seed=3)
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    return path
+
+
+def _fit(ckpt, data_dir, out, *extra):
+    return [
+        "fit",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(data_dir / "ptb.test.txt"),
+        "--out",
+        str(out),
+        "--seq-len",
+        "32",
+        "--chunk-size",
+        "8",
+        "--device",
+        "cpu",
+        *map(str, extra),
+    ]
+
+
+def test_a_saved_run_is_never_restarted_by_accident(capsys, tmp_path, ckpt, data_dir):
+    out = tmp_path / "tuned.safetensors"
+    assert main(_fit(ckpt, data_dir, out, "--steps", 3)) == 0
+    metrics = (tmp_path / "tuned.safetensors.run" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(_fit(ckpt, data_dir, out, "--steps", 3)) == 2  # the same command again, without --resume
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "finished: 3 of 3 steps" in err and "--resume" in err and "--restart" in err
+    assert (tmp_path / "tuned.safetensors.run" / "metrics.jsonl").read_text() == metrics  # untouched
+    assert main(_fit(ckpt, data_dir, out, "--steps", 3, "--restart")) == 0
+    assert (tmp_path / "tuned.safetensors.run.old-1" / "metrics.jsonl").read_text() == metrics  # moved aside, kept
+    steps = [json.loads(line)["step"] for line in (tmp_path / "tuned.safetensors.run" / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3]
+
+
+def _wait_for_metrics(path, proc, lines=1, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and path.read_text().count("\n") >= lines:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {lines} metrics lines in {path}")
+
+
+def test_pretrain_saves_on_ctrl_c_and_resumes_to_the_same_weights(tmp_path, data_dir):
+    args = [
+        "pretrain",
+        "--recipe",
+        "small",
+        "--data",
+        str(data_dir / "ptb.test.txt"),
+        "--hidden-dim",
+        "32",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--steps",
+        "400",
+        "--save-every",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    out = tmp_path / "p.safetensors"
+    env = os.environ | {"SLIMTUNE_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slimtune", *args, "--out", str(out)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    _wait_for_metrics(tmp_path / "p.safetensors.run" / "metrics.jsonl", proc, lines=2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--resume" in err, err
+    assert (tmp_path / "p.safetensors.run" / "state.pt").is_file() and not out.exists()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "slimtune", *args, "--out", str(out), "--resume"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming the run in" in resumed.stderr and "stopped after step" in resumed.stderr
+    whole = tmp_path / "whole.safetensors"
+    straight = subprocess.run(
+        [sys.executable, "-m", "slimtune", *args, "--out", str(whole)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
+    assert straight.returncode == 0, straight.stderr
+    a, b = load_checkpoint(out).tensors, load_checkpoint(whole).tensors
+    for name, t in b.items():
+        assert torch.equal(a[name], t), name
+
+
+def test_held_out_evaluation_stays_inside_a_tight_budget(tmp_path, data_dir):
+    """The held-out bpc runs at the plan's C and batch: the measured peak (RSS of a fresh process) stays inside a
+    budget that full backprop does not fit, with an evaluation after every step."""
+    model = tiny_model("sqr", True, dtype=torch.float32, hidden_dim=64, ffn_dim=256, n_heads=4)
+    base = tmp_path / "base.safetensors"
+    save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "slimtune", *map(str, a), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
+
+    planned = run("plan", "--checkpoint", base, "--seq-len", 8192, "--device", "cpu")
+    candidates = json.loads(planned.stdout.splitlines()[-1])["candidates"]
+    by_size = {c["chunk_size"]: c["predicted_peak_bytes"] for c in candidates}
+    budget = (by_size[2048] + by_size[4096]) // 2
+    fitted = run(
+        "fit",
+        "--checkpoint",
+        base,
+        "--data",
+        data_dir / "ptb.test.txt",
+        "--out",
+        tmp_path / "t.safetensors",
+        "--seq-len",
+        8192,
+        "--steps",
+        2,
+        "--mem-budget",
+        budget,
+        "--eval-data",
+        data_dir / "ptb.valid.txt",
+        "--eval-every",
+        1,
+        "--device",
+        "cpu",
+    )
+    assert fitted.returncode == 0, fitted.stderr
+    result = json.loads(fitted.stdout.splitlines()[-1])
+    assert result["chunk_size"] < 8192 and result["metrics"]["bpc_bytes"] > 0
+    assert result["peak_memory_bytes"] <= budget, (result["peak_memory_bytes"], budget)
+
+
+def test_a_smaller_vocabulary_than_bytes_is_one_line_for_every_command(capsys, tmp_path, data_dir):
+    model = tiny_model("sqr", True, dtype=torch.float32, vocab_size=128)
+    path = tmp_path / "v128.safetensors"
+    save_checkpoint(path, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    utf8 = tmp_path / "utf8.txt"
+    utf8.write_text("Grüße aus Köln, naïve café " * 50)
+    for args in (
+        ["fit", "--checkpoint", path, "--data", utf8, "--out", tmp_path / "o.safetensors", "--seq-len", 16],
+        ["eval", "--checkpoint", path, "--data", utf8, "--seq-len", 16],
+        ["eval", "--checkpoint", path, "--data", utf8, "--seq-len", 16, "--adapt", "one-step", "--chunk-size", 4],
+        ["generate", "--checkpoint", path, "--prompt", "café"],
+    ):
+        code = main([str(a) for a in args])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "vocab" in err and "256" in err, (args, err)
+        assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "o.safetensors.run").exists()
+
+
+def test_a_text_file_as_checkpoint_is_not_a_checkpoint(capsys, tmp_path, data_dir):
+    code = main(["inspect", str(data_dir / "ptb.valid.txt")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "is not a checkpoint" in err and "--data" in err and len(err.splitlines()) == 1
+
+
+def test_logs_get_plain_progress_lines(tmp_path, ckpt, data_dir):
+    out = tmp_path / "t.safetensors"
+    env = os.environ | {"SLIMTUNE_PROGRESS_SECONDS": "0"}  # every step, so that a short run shows it
+    proc = subprocess.run(
+        [sys.executable, "-m", "slimtune", *_fit(ckpt, data_dir, out, "--steps", 3)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fit: ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert all("loss" in line and "tok/s" in line and "ETA" in line for line in lines)
+
+
+HF_LOAD = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits, sys.argv[3])
+print(type(model).__name__)
+"""
+
+
+@pytest.mark.parametrize("feature_type, on_gptln", [("sqr", True), ("elu+1", False)])
+def test_an_hf_export_loads_in_transformers_with_the_same_logits(tmp_path, feature_type, on_gptln):
+    pytest.importorskip("transformers", reason="transformers is a test extra: pip install -e '.[test]'")
+    from slimtune import PerformerLM
+
+    model = tiny_model(feature_type, on_gptln, dtype=torch.float32, seed=4)
+    src = tmp_path / "m.safetensors"
+    save_checkpoint(src, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    folder = PerformerLM.from_pretrained(src).save_pretrained(tmp_path / "hf", format="hf")
+    ids = torch.randint(0, 256, (2, 150), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    env = os.environ | {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}  # no network, no shared cache
+    run = subprocess.run(
+        [sys.executable, "-c", HF_LOAD, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "SLiMPerformerForCausalLM"
+    with torch.no_grad():
+        ours = PerformerLM.from_pretrained(folder)(ids)
+    theirs = torch.load(tmp_path / "logits.pt")
+    assert (theirs - ours).abs().max().item() <= 1e-4 * ours.abs().max().item()
