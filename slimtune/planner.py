@@ -46,7 +46,9 @@ from .units import format_size
 PROBE_SIZES = (256, 1024)
 HEADROOM = 0.05  # share of the budget the choice leaves free
 OPTIMIZER_STATE_COPIES = {"sgd": 0, "adam": 2, "adamw": 2}  # parameter-sized tensors each optimizer keeps
-SWEEP_SHARE = 0.35  # the forward sweep's cost relative to one chunk's forward + backward (about F / 3F)
+SLIM_TIME_SIZES = (16, 256)  # C of the SLiM timing probes (smaller for short L)
+SLIM_PROBE_CHUNKS = 4  # chunks per SLiM timing probe: the sweep, the recovery and the chained backward all run
+TIME_REPEATS = 5  # each timing probe runs this often; the fastest counts
 HEAP_THRESHOLD = MMAP_THRESHOLD  # blocks below this come from glibc's heap, at and above it from mmap
 # Resident bytes per tensor byte in heap-sized blocks at a training run's peak: glibc reuses freed blocks but
 # keeps and fragments them, more so over many chunks and steps. Calibrated, not measured per run: a single
@@ -74,14 +76,17 @@ class Probe:
     """Measured on the real model and device: one chunk's step holds base + per_token * C tensor bytes at its
     peak besides the gradients; the optimizer holds `optimizer_state` and its step peaks at `optimizer_peak`;
     on CPU the heap costs `heap_overhead` x the bytes it serves (sizes: the probe step's allocations at
-    `probe_tokens`); a chunk's step takes time_base + time_per_token * C seconds."""
+    `probe_tokens`). Time: full backprop over T tokens takes full_base + full_per_token * T seconds; one chunk of
+    a SLiM step (its share of the sweep, rebuild and backward) slim_base + slim_per_token * C."""
 
     base: float
     per_token: float
     optimizer_state: int
     optimizer_peak: int
-    time_base: float
-    time_per_token: float
+    full_base: float = 0.0
+    full_per_token: float = 0.0
+    slim_base: float = 0.0
+    slim_per_token: float = 0.0
     heap_overhead: float = 1.0
     probe_tokens: int = 1
     sizes: list = field(default_factory=list, repr=False)
@@ -172,14 +177,39 @@ def _windows(model: PerformerLM, batch_size: int, length: int) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (batch_size, length + 1), device=device)
 
 
-def _timed_step(model: PerformerLM, windows: torch.Tensor) -> float:
+def _timed_step(model: PerformerLM, windows: torch.Tensor, chunk_size: int | None = None) -> float:
+    """Seconds of one step over `windows` (full backprop, or SLiM at `chunk_size`): the fastest of TIME_REPEATS,
+    the figure least disturbed by whatever else the machine does."""
+    best = float("inf")
+    for _ in range(TIME_REPEATS):
+        model.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        slim_step(model, windows, chunk_size or windows.shape[1] - 1)
+        if windows.device.type == "cuda":
+            torch.cuda.synchronize(windows.device)
+        best = min(best, time.perf_counter() - started)
     model.zero_grad(set_to_none=True)
-    started = time.perf_counter()
-    slim_step(model, windows, windows.shape[1] - 1)
-    if windows.device.type == "cuda":
-        torch.cuda.synchronize(windows.device)
-    model.zero_grad(set_to_none=True)
-    return time.perf_counter() - started
+    return best
+
+
+def _line(x1: float, y1: float, x2: float, y2: float) -> tuple[float, float]:
+    """(intercept, slope) through two points, neither negative."""
+    slope = max(0.0, (y2 - y1) / (x2 - x1))
+    return max(0.0, y1 - slope * x1), slope
+
+
+def _time_slim(model: PerformerLM, work: Workload) -> tuple[float, float]:
+    """A SLiM chunk's seconds as intercept + slope x C, from SLiM steps of SLIM_PROBE_CHUNKS chunks at a small
+    and a mid-sized C: the intercept is the per-chunk overhead (many small ops) that dominates small C."""
+    small = max(1, min(SLIM_TIME_SIZES[0], work.seq_len // (4 * SLIM_PROBE_CHUNKS)))
+    large = min(SLIM_TIME_SIZES[1], work.seq_len // SLIM_PROBE_CHUNKS)
+    if large <= small:
+        return 0.0, 0.0
+    per_chunk = {}
+    for c in (small, large):
+        windows = _windows(model, work.batch_size, SLIM_PROBE_CHUNKS * c)
+        per_chunk[c] = _timed_step(model, windows, c) / SLIM_PROBE_CHUNKS
+    return _line(small, per_chunk[small], large, per_chunk[large])
 
 
 def _probe_optimizer(model: PerformerLM, optimizer: str) -> tuple[int, int]:
@@ -209,6 +239,7 @@ def probe(model: PerformerLM, work: Workload, room: float | None = None) -> Prob
     model.zero_grad(set_to_none=True)
     w1 = _windows(model, batch_size, c1)
     t1, m1 = _timed_step(model, w1), _tracked_step(model, w1)
+    slim_base, slim_per_token = _time_slim(model, work)
     c2 = min(PROBE_SIZES[1], seq_len)
     overhead = HEAP_OVERHEAD if w1.device.type == "cpu" else 1.0  # glibc's heap (CPU only)
     while room is not None and c2 > 2 * c1 and m1.peak * c2 / c1 * overhead > room:
@@ -216,17 +247,22 @@ def probe(model: PerformerLM, work: Workload, room: float | None = None) -> Prob
     w2 = _windows(model, batch_size, c2)
     t2, m2 = (_timed_step(model, w2), _tracked_step(model, w2)) if c2 > c1 else (t1, m1)
     if c2 > c1:
-        per_token, time_per_token = max(0.0, (m2.peak - m1.peak) / (c2 - c1)), max(0.0, (t2 - t1) / (c2 - c1))
+        per_token = max(0.0, (m2.peak - m1.peak) / (c2 - c1))
     else:
-        per_token, time_per_token = m1.peak / c1, t1 / c1
+        per_token = m1.peak / c1
+    # Full backprop's time as proportional to L, from the longest probe: a line through two short probes
+    # extrapolates its noise 8-16x (four plans spread 42 % that way, 0.87x-1.24x for one C).
+    full_base, full_per_token = 0.0, (t2 if c2 > c1 else t1) / max(c1, c2)
     state, opt_peak = _probe_optimizer(model, work.optimizer)
     return Probe(
         base=max(0.0, m1.peak - per_token * c1),
         per_token=per_token,
         optimizer_state=state,
         optimizer_peak=opt_peak,
-        time_base=max(0.0, t1 - time_per_token * c1),
-        time_per_token=time_per_token,
+        full_base=full_base,
+        full_per_token=full_per_token,
+        slim_base=slim_base,
+        slim_per_token=slim_per_token,
         heap_overhead=overhead,
         probe_tokens=c2,
         sizes=m2.sizes,
@@ -265,11 +301,13 @@ def predict(
 
 
 def relative_time(probe: Probe, seq_len: int, chunk_size: int) -> float:
-    full = probe.time_base + probe.time_per_token * seq_len
-    if chunk_size >= seq_len or full <= 0:
+    """Predicted SLiM step time at C over full backprop's: ceil(L / C) chunks' overhead plus L tokens' work,
+    against one pass over L tokens (both from the probe's timings)."""
+    full = probe.full_base + probe.full_per_token * seq_len
+    if chunk_size >= seq_len or full <= 0 or probe.slim_per_token <= 0:
         return 1.0
     n = math.ceil(seq_len / chunk_size)
-    return n * (probe.time_base + probe.time_per_token * chunk_size) * (1 + SWEEP_SHARE) / full
+    return (n * probe.slim_base + probe.slim_per_token * seq_len) / full
 
 
 def probe_room(model: PerformerLM, optimizer: Optimizer | str, usable: float, device: torch.device) -> float:

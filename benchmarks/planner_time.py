@@ -1,0 +1,90 @@
+"""The plan's time column against measured step times (issue 15): `slimtune plan --json` four times (fresh
+processes) for the d 256, 3-layer model at L = 8192, then each C's training step measured in a fresh process
+(contention.py's step: SLiM or full backprop and an adam update, the median of --steps after a warm-up).
+Goal: predicted relative time within 25 % of the measured one for C in {L, 1024, 256, 64, 16}, and the four
+plans agreeing within 10 %.
+
+    python benchmarks/planner_time.py [--seq-len 8192] [--plans 4] [--steps 3]
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+from _common import PAPER_CPU, make_checkpoint, report
+from contention import measure
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[1024, 256, 64, 16])
+    parser.add_argument("--plans", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    L = args.seq_len
+    ckpt = make_checkpoint(PAPER_CPU, "paper-cpu")
+    sizes = [L, *args.chunks]
+    predicted = {c: [] for c in sizes}
+    for _ in range(args.plans):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "slimtune",
+                "plan",
+                "--checkpoint",
+                str(ckpt),
+                "--seq-len",
+                str(L),
+                "--device",
+                "cpu",
+                "--mem-budget",
+                "20GB",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr)
+        by_size = {c["chunk_size"]: c["relative_time"] for c in json.loads(proc.stdout.splitlines()[-1])["candidates"]}
+        for c in sizes:
+            predicted[c].append(by_size[c])
+    seconds = {c: statistics.median(measure("auto", c, L, args.steps, 600)["times"]) for c in sizes}
+    rows, worst_error, worst_spread = [], 0.0, 0.0
+    for c in sizes:
+        measured = seconds[c] / seconds[L]
+        p = statistics.median(predicted[c])
+        error = p / measured - 1
+        spread = max(predicted[c]) / min(predicted[c]) - 1
+        worst_error, worst_spread = max(worst_error, abs(error)), max(worst_spread, spread)
+        rows.append(
+            [
+                f"{c}" + (" (full)" if c == L else ""),
+                f"{p:.2f}x",
+                f"{min(predicted[c]):.2f}-{max(predicted[c]):.2f}",
+                f"{seconds[c]:.3f}",
+                f"{measured:.2f}x",
+                f"{error:+.0%}",
+            ]
+        )
+    report(
+        "planner_time",
+        ["C", "predicted (median)", f"{args.plans} plans min-max", "measured s", "measured", "error"],
+        rows,
+        {
+            "seq_len": L,
+            "predicted": {str(c): v for c, v in predicted.items()},
+            "seconds": seconds,
+            "worst_error": worst_error,
+            "worst_spread": worst_spread,
+        },
+    )
+    print(f"worst error {worst_error:.0%} (goal 25 %), worst spread between plans {worst_spread:.0%} (goal 10 %)")
+
+
+if __name__ == "__main__":
+    main()
