@@ -66,7 +66,7 @@ def log_text(n_bytes: int, seed: int = 1) -> str:
 
 def run_demo(
     workdir: str | Path,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = lambda text: None,
     *,
     pretrain_steps: int = 300,
     fit_steps: int = 40,

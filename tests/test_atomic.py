@@ -85,3 +85,21 @@ def test_written_files_follow_the_umask(tmp_path):
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "folder" / "inner.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_exports_and_run_states_follow_the_umask(tmp_path):
+    """An exported checkpoint, an hf folder and a run state get 0644 / 0755 under umask 022, like other files."""
+    from slimtune.runs import RunFolder
+
+    model = tiny_model("sqr", True, dtype=torch.float32)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    previous = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "m.safetensors", tensors, model.config)
+        save_checkpoint(tmp_path / "hf", tensors, model.config, fmt="hf")
+        RunFolder(tmp_path / "run").save({"step": 1})
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "m.safetensors", tmp_path / "hf" / "model.safetensors", tmp_path / "run" / "state.pt"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o755
