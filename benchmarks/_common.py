@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +45,7 @@ def make_checkpoint(config: PerformerConfig, name: str, seed: int = 0) -> Path:
 def run_fit(checkpoint: Path, *args) -> dict:
     """`slimtune fit ... --json` in a fresh process (so its peak RSS is its own); returns the JSON."""
     out = OUT / "fit-out.safetensors"
+    shutil.rmtree(OUT / "fit-out.safetensors.run", ignore_errors=True)  # each call is a new run
     cmd = [
         sys.executable,
         "-m",

@@ -12,9 +12,9 @@ import sys
 import torch
 from _common import DATA, OUT, report
 
-from slimtune.checkpoint import build_model, load_checkpoint
 from slimtune.data import read_bytes
 from slimtune.evaluation import adapt_one_step
+from slimtune.model import PerformerLM
 
 
 def main():
@@ -42,10 +42,11 @@ def main():
             str(args.steps),
             "--device",
             "cpu",
+            "--restart",  # a run folder left by an earlier run of this script is moved aside
         ],
         check=True,
     )
-    model = build_model(load_checkpoint(ckpt))
+    model = PerformerLM.from_pretrained(ckpt)
     model.redraw_features(torch.Generator().manual_seed(0))
     data = read_bytes(DATA / "wikitext2.valid.txt")
     rows, results = [], {}

@@ -211,3 +211,18 @@ def test_probe_room_on_cuda_is_the_cards_own_room(monkeypatch, optimizer, state_
     # On CPU the process's RSS is what the job already holds.
     cpu_room = planner.probe_room(model, optimizer, 6 * GB, torch.device("cpu"))
     assert cpu_room == 6 * GB - 100 * GB - param_bytes - state_copies * param_bytes
+
+
+@pytest.mark.parametrize("optimizer_state, enough", [(3_300_000, False), (50_000_000, True)])
+def test_nothing_fits_names_the_gap_and_only_what_could_close_it(optimizer_state, enough):
+    """10 MB missing: saving 3.3 MB with sgd is mentioned but called not enough; saving 50 MB is not."""
+    from slimtune.planner import Probe, _nothing_fits
+
+    budget = 400_000_000
+    usable = budget * (1 - HEADROOM)
+    lines = {"runtime": 350_000_000, "optimizer": optimizer_state, "gradients": 1_000_000, "chunk": 0}
+    lines["total"] = int(usable + 10_000_000)
+    message = str(_nothing_fits(lines, Probe(0, 0, optimizer_state, optimizer_state), budget, 2 * budget))
+    assert "10.00 MB over" in message and "--optimizer sgd" in message
+    assert ("not enough on its own" in message) is (not enough)
+    assert f"at least {lines['total'] / (1 - HEADROOM) / 1e6:.2f} MB" in message
