@@ -435,21 +435,21 @@ def _check_data(data: torch.Tensor | None, options: FitOptions) -> None:
 
 def _check_run_folder(options: FitOptions, group: Group, on_warning: OnWarning | None) -> None:
     """A folder holding a saved run is continued (--resume) or moved aside (--restart), never overwritten by
-    accident."""
+    accident. Under torchrun rank 0 moves it and every rank waits for that."""
     if not options.run_dir or options.resume:
         return
     folder = RunFolder(options.run_dir)
-    if not folder.has_state():
+    if options.restart:
+        if group.main and folder.has_state():
+            aside = folder.move_aside()
+            (on_warning or _warn)(f"--restart: the previous run in {folder.path} was moved to {aside}")
+        barrier()
         return
-    if not options.restart:
+    if folder.has_state():
         raise SlimtuneError(
             f"run folder {folder.path} holds a saved run ({folder.summary()}): add --resume to continue it, or "
             "--restart to start over (the old folder is moved aside, not deleted)"
         )
-    if group.main:
-        aside = folder.move_aside()
-        (on_warning or _warn)(f"--restart: the previous run in {folder.path} was moved to {aside}")
-    barrier()
 
 
 def _warn(message: str) -> None:
