@@ -42,30 +42,20 @@ def make_checkpoint(config: PerformerConfig, name: str, seed: int = 0) -> Path:
     return path
 
 
-def run_fit(checkpoint: Path, *args) -> dict:
-    """`slimtune fit ... --json` in a fresh process (so its peak RSS is its own); returns the JSON."""
-    out = OUT / "fit-out.safetensors"
-    shutil.rmtree(OUT / "fit-out.safetensors.run", ignore_errors=True)  # each call is a new run
-    cmd = [
-        sys.executable,
-        "-m",
-        "slimtune",
-        "fit",
-        "--checkpoint",
-        str(checkpoint),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-        "--data",
-        str(DATA / "tinyshakespeare.txt"),
-        "--json",
-        *map(str, args),
-    ]
+def run_slimtune(command: str, *args) -> dict:
+    """`slimtune COMMAND ... --device cpu --json` in a fresh process (so its peak RSS is its own); its JSON."""
+    cmd = [sys.executable, "-m", "slimtune", command, "--device", "cpu", "--json", *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_fit(checkpoint: Path, *args) -> dict:
+    """`slimtune fit` of `checkpoint` on tinyshakespeare, a new run each call; returns its JSON."""
+    out = OUT / "fit-out.safetensors"
+    shutil.rmtree(OUT / "fit-out.safetensors.run", ignore_errors=True)  # each call is a new run
+    return run_slimtune("fit", "--checkpoint", checkpoint, "--out", out, "--data", DATA / "tinyshakespeare.txt", *args)
 
 
 def environment() -> dict:

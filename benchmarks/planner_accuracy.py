@@ -8,39 +8,15 @@ budget, that the next larger candidate would not fit, and how close the predicti
 """
 
 import json
-import subprocess
-import sys
 
-from _common import PAPER_CPU, make_checkpoint, report, run_fit
+from _common import PAPER_CPU, make_checkpoint, report, run_fit, run_slimtune
 
 L, BUDGET = 16384, "900MB"
 
 
 def main():
     ckpt = make_checkpoint(PAPER_CPU, "paper-cpu")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "slimtune",
-            "plan",
-            "--checkpoint",
-            str(ckpt),
-            "--seq-len",
-            str(L),
-            "--mem-budget",
-            BUDGET,
-            "--optimizer",
-            "adam",
-            "--device",
-            "cpu",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    plan = run_slimtune("plan", "--checkpoint", ckpt, "--seq-len", L, "--mem-budget", BUDGET, "--optimizer", "adam")
     predicted = {c["chunk_size"]: c["predicted_peak_bytes"] for c in plan["candidates"]}
     rows = []
     measured = {}

@@ -8,12 +8,9 @@ plans agreeing within 10 %.
 """
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 
-from _common import PAPER_CPU, make_checkpoint, report
+from _common import PAPER_CPU, make_checkpoint, report, run_slimtune
 from contention import measure
 
 
@@ -29,28 +26,8 @@ def main():
     sizes = [L, *args.chunks]
     predicted = {c: [] for c in sizes}
     for _ in range(args.plans):
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "slimtune",
-                "plan",
-                "--checkpoint",
-                str(ckpt),
-                "--seq-len",
-                str(L),
-                "--device",
-                "cpu",
-                "--mem-budget",
-                "20GB",
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr)
-        by_size = {c["chunk_size"]: c["relative_time"] for c in json.loads(proc.stdout.splitlines()[-1])["candidates"]}
+        plan = run_slimtune("plan", "--checkpoint", ckpt, "--seq-len", L, "--mem-budget", "20GB")
+        by_size = {c["chunk_size"]: c["relative_time"] for c in plan["candidates"]}
         for c in sizes:
             predicted[c].append(by_size[c])
     seconds = {c: statistics.median(measure("auto", c, L, args.steps, 600)["times"]) for c in sizes}

@@ -143,6 +143,11 @@ Restart = Annotated[
 ]
 
 
+def _run_folder(run_dir: Path | None, out: Path, save_every: int, resume: bool, restart: bool) -> dict:
+    """The run-folder options of fit and pretrain; the folder defaults to OUT.run."""
+    return dict(run_dir=str(run_dir or Path(f"{out}.run")), save_every=save_every, resume=resume, restart=restart)
+
+
 def _train(what: str, options, call):
     """Run a training library call with progress; on Ctrl-C or SIGTERM say where the saved state is and exit
     128 + the signal's number."""
@@ -385,12 +390,9 @@ def fit(
         clip_grad=clip_grad,
         accumulate=accumulate,
         eval_every=eval_every,
-        save_every=save_every,
-        resume=resume,
-        restart=restart,
         skip_nonfinite=skip_nonfinite,
-        run_dir=str(run_dir or Path(f"{target}.run")),
         threads=threads,
+        **_run_folder(run_dir, target, save_every, resume, restart),
     )
     ckpt = load_checkpoint(checkpoint, **_model_flags(n_heads, feature_type, layernorm))
     result = _train(
@@ -593,10 +595,7 @@ def pretrain(
         device=device,
         precision=precision,
         threads=threads,
-        run_dir=str(run_dir or Path(f"{out_path}.run")),
-        save_every=save_every,
-        resume=resume,
-        restart=restart,
+        **_run_folder(run_dir, out_path, save_every, resume, restart),
     )
     result = _train(
         "pretrain",

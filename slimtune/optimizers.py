@@ -6,7 +6,6 @@ import torch
 
 from .choices import Optimizer
 
-OPTIMIZERS = tuple(m.value for m in Optimizer)
 ADAMW_WEIGHT_DECAY = 0.01  # adamw's decay when none is given
 
 

@@ -32,9 +32,6 @@ from .deferred import WeightGradBatcher, use_batching
 from .errors import ConfigError
 from .model import PerformerLM
 
-RECOVERY_MODES = tuple(m.value for m in Recovery)
-PRECISIONS = {m.value: m.dtype for m in Precision}  # compute precision: None is the weights' own dtype
-
 # A chunk's start state of layer l, given that layer's key features and values over the chunk (which the
 # subtraction needs; the other strategies know the state already): (l, phi(k), v) -> [B, H, M, D + 1].
 StartStates = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]

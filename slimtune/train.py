@@ -158,6 +158,10 @@ class FitResult:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
 
 
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def _free_device_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -213,7 +217,7 @@ class Trainer:
         self.skipped = 0
         self.folder = RunFolder(options.run_dir) if options.run_dir else None
         self.writes = self.folder is not None and group.main  # only rank 0 writes; every rank reads
-        self._warn = on_warning or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3))
+        self._warn = on_warning or _warn
         self._warned: set[str] = set()
 
     # -- life cycle --------------------------------------------------------------------------------------------
@@ -450,10 +454,6 @@ def _check_run_folder(options: FitOptions, group: Group, on_warning: OnWarning |
             f"run folder {folder.path} holds a saved run ({folder.summary()}): add --resume to continue it, or "
             "--restart to start over (the old folder is moved aside, not deleted)"
         )
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _plan(model, options: FitOptions, group: Group) -> Plan:
