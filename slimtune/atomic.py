@@ -26,9 +26,8 @@ def _stage(name: str) -> None:
     """Called at each stage of a write ("written", "swapped"); tests replace it to kill the process there."""
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftovers from an earlier, failed write
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (True where the system cannot tell)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -53,8 +52,10 @@ def sweep(path: str | os.PathLike) -> None:
         return
     for stale in sorted(path.parent.glob(f".{path.name}.*-*")):
         kind, _, pid = stale.name[len(path.name) + 2 :].partition("-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+        if kind not in ("tmp", "old") or not pid.isdigit():
             continue
+        if int(pid) != os.getpid() and pid_alive(int(pid)):
+            continue  # a live writer's; this process's own are leftovers of an earlier, failed write
         if kind == "old" and not path.exists():
             os.replace(stale, path)
         else:

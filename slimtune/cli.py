@@ -858,11 +858,11 @@ def evaluate(
 
     _require("eval", checkpoint=checkpoint, data=data)
     _use_threads(threads)
-    C = parse_chunk_size(chunk_size, 1)
     tokens = read_bytes(data, min_length=2)
     model = PerformerLM.from_pretrained(checkpoint, device=device, **_model_flags(n_heads, feature_type, layernorm))
     fixed_features(model)  # FAVOR+: a fixed draw, so eval is repeatable
     L = seq_len or default_seq_len(model)
+    C = parse_chunk_size(chunk_size, max(1, L // 2))  # --adapt steps on each window's first half
     console = _console(as_json)
     if adapt is None:
         result = run_eval(model, tokens, seq_len=L, max_bytes=max_bytes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .data import check_vocabulary
 from .errors import ConfigError
 from .model import PerformerLM
 
@@ -38,21 +39,17 @@ def generate(
         prompt = prompt.encode()
     if not prompt:
         raise ConfigError("the prompt is empty: give at least one byte of text to continue")
-    if max(prompt) >= model.config.vocab_size:
-        raise ConfigError(
-            f"the prompt holds byte values up to {max(prompt)}, but the model's vocabulary has "
-            f"{model.config.vocab_size} ids: use a byte-level model (vocab_size 256) or a prompt "
-            f"whose bytes are all below {model.config.vocab_size}"
-        )
-    if seed is not None:
-        generator = torch.Generator().manual_seed(seed)
-        model.redraw_features(generator)
     if n_bytes < 0 or temperature < 0 or (top_k is not None and top_k < 1):
         raise ConfigError(
             f"need --bytes >= 0, --temperature >= 0 and --top-k >= 1, got {n_bytes}, {temperature}, {top_k}"
         )
+    prompt_ids = torch.tensor(list(prompt), dtype=torch.uint8)
+    check_vocabulary(prompt_ids, model.config.vocab_size, "the prompt")
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+        model.redraw_features(generator)
     device = next(model.parameters()).device
-    ids = torch.tensor(list(prompt), device=device)[None]
+    ids = prompt_ids.to(device=device, dtype=torch.long)[None]
     states = model.initial_states(1, dtype=torch.float64)
     for s in range(0, ids.shape[1], chunk_size):
         logits, states = model.forward_chunk(ids[:, s : s + chunk_size], s, states)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write, pid_alive
 from .errors import SlimtuneError
 
 try:  # POSIX; elsewhere the lock is a file created exclusively
@@ -44,16 +44,6 @@ RESUME_KEYS = (
     "world_size",
 )
 FLAGS = {"recovery": "--state-recovery", "world_size": "world_size"}  # else --NAME-WITH-DASHES
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 class RunFolder:
@@ -96,7 +86,7 @@ class RunFolder:
             except FileExistsError:
                 holder = path.read_text().strip() if path.exists() else ""
                 pid = holder.removeprefix("pid ")
-                if pid.isdigit() and _pid_alive(int(pid)):
+                if pid.isdigit() and pid_alive(int(pid)):
                     raise self._refuse(holder) from None
                 path.unlink(missing_ok=True)  # a dead process's lock
                 continue
