@@ -12,24 +12,23 @@ import sys
 import time
 from pathlib import Path
 
-# The CLI's process settings (see slimtune/memory.py); BENCH_DEFAULT_MALLOC=1 measures glibc's defaults instead.
-DEFAULT_MALLOC = os.environ.get("BENCH_DEFAULT_MALLOC") == "1"
-if not DEFAULT_MALLOC:
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by torch before its first allocation
+import torch
 
-import torch  # noqa: E402
+from slimtune.checkpoint import save_checkpoint
+from slimtune.memory import set_heap_policy
+from slimtune.model import PerformerConfig, PerformerLM
 
-from slimtune.checkpoint import save_checkpoint  # noqa: E402
-from slimtune.memory import limit_heap_retention  # noqa: E402
-from slimtune.model import PerformerConfig, PerformerLM  # noqa: E402
+# The heap policy of the process (slimtune/memory.py): BENCH_HEAP=tight (the CLI's start, the default), fast (what
+# a run picks when that fits its budget), or default (glibc's defaults untouched: a plain-PyTorch script).
+HEAP = os.environ.get("BENCH_HEAP", "tight")
+if HEAP != "default":
+    set_heap_policy(HEAP)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "benchmarks" / "out"
 PAPER_CPU = PerformerConfig(hidden_dim=256, n_layers=3, ffn_dim=1024, n_heads=4, feature_type="sqr")
 
-if not DEFAULT_MALLOC:
-    limit_heap_retention()
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
@@ -67,8 +66,8 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "command": ("BENCH_DEFAULT_MALLOC=1 " if DEFAULT_MALLOC else "") + " ".join(["python", *sys.argv]),
-        "malloc": "glibc defaults" if DEFAULT_MALLOC else "CLI settings (mmap threshold 4 MB, THP)",
+        "command": (f"BENCH_HEAP={HEAP} " if HEAP != "tight" else "") + " ".join(["python", *sys.argv]),
+        "heap": {"default": "glibc defaults", "tight": "mmap threshold 4 MB", "fast": "mmap threshold 32 MB"}[HEAP],
     }
 
 
@@ -82,6 +81,6 @@ def report(name: str, headers: list[str], rows: list[list], extra: dict) -> None
         print(line(r))
     OUT.mkdir(parents=True, exist_ok=True)
     payload = {"environment": environment(), "headers": headers, "rows": rows, **extra}
-    name += "-default-malloc" if DEFAULT_MALLOC else ""
+    name += f"-heap-{HEAP}" if HEAP != "tight" else ""
     (OUT / f"{name}.json").write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {OUT / (name + '.json')}")

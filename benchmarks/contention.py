@@ -9,6 +9,7 @@ median of --steps steps; a step slower than --cap seconds ends that configuratio
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -46,13 +47,16 @@ print(json.dumps({"threads": choice.count, "reason": choice.reason, "times": tim
 """
 
 
-def measure(policy: str, chunk: int, seq_len: int, steps: int, cap: float) -> dict:
+def measure(policy: str, chunk: int, seq_len: int, steps: int, cap: float, heap: str = "tight") -> dict:
+    """One configuration in a fresh process: `policy` "2 threads" or "auto" (slimtune's choice), the heap policy
+    `heap` (tight, fast, default: see _common.py)."""
     try:
         proc = subprocess.run(
             [sys.executable, "-c", STEP, policy, str(chunk), str(seq_len), str(steps), str(cap)],
             capture_output=True,
             text=True,
             timeout=3 * cap,  # one step that never ends is what a collapse looks like
+            env=os.environ | {"BENCH_HEAP": heap},
         )
     except subprocess.TimeoutExpired:
         return {"threads": 2 if policy == "2 threads" else None, "reason": "", "times": [], "capped": True}

@@ -458,6 +458,7 @@ def plan(
     Example: slimtune plan --checkpoint model.safetensors --seq-len 16384 --mem-budget 2GB
     """
     from .model import PerformerLM
+    from .planner import TIME_UNCERTAINTY
     from .planner import plan as run_plan
 
     _require("plan", checkpoint=checkpoint)
@@ -470,7 +471,15 @@ def plan(
         title=f"slimtune plan: L = {seq_len}, batch {batch_size}, {optimizer}, budget "
         f"{format_size(result.budget_bytes)} on {result.device}",
         caption=f"memory counts {result.memory_counts}; the runtime alone holds "
-        f"{format_size(result.breakdown['runtime'])}: no budget below it fits",
+        f"{format_size(result.breakdown['runtime'])}: no budget below it fits. Step time is relative to full "
+        f"backprop's, predicted {result.seconds_full:.2f} s here on {result.threads} CPU thread(s), within about {TIME_UNCERTAINTY:.0%} of measured "
+        "steps on a quiet machine"
+        + (
+            f". Heap: {result.heap} ('fast': glibc keeps freed blocks for reuse, when that fits the budget; "
+            "'tight': they leave at once, at the price of page faults)"
+            if result.heap
+            else ""
+        ),
     )
     for col in ("C", "predicted peak", "share of budget", "relative step time", ""):
         table.add_column(col, justify="right")
@@ -481,7 +490,7 @@ def plan(
             label,
             format_size(c.predicted_peak_bytes),
             f"{100 * c.share_of_budget:.0f}%",
-            f"{c.relative_time:.2f}x",
+            f"{c.relative_time:.2f}x" + (" (tight heap)" if c.heap == "tight" else ""),
             mark,
         )
     fixed = Table(title="predicted peak at the chosen C", show_header=False)
@@ -1083,10 +1092,9 @@ def _one_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: the one error boundary."""
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by torch's CPU allocator at its first use
-    from .memory import limit_heap_retention
+    from .memory import set_heap_policy
 
-    limit_heap_retention()  # resident memory then follows what the job holds (see memory.py)
+    set_heap_policy("tight")  # resident memory follows what the job holds; a run may then pick "fast" (memory.py)
     signal.signal(signal.SIGTERM, _interrupt)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports; errors still print below
         out.quiet = err.quiet = True

@@ -1,13 +1,23 @@
 """Measurement: what the process holds (resident memory, its peak, the tensor bytes it creates), glibc heap
 tuning, and telling an out-of-memory error from any other.
 
-On Linux the CLI fixes glibc's mmap threshold (`limit_heap_retention`) and asks torch for huge pages
-(THP_MEM_ALLOC_ENABLE=1), so that freed activations leave the process at once and resident memory follows the
-tensor bytes the job holds; planner.py says how the prediction accounts for the heap.
+Heap policy (glibc, CPU). Where a tensor's block lives decides both speed and resident memory. The CLI fixes
+glibc's mmap threshold, and the planner picks one of two settings per run (`set_heap_policy`):
+- "tight": blocks of 4 MB or more are mmap'ed and return to the OS when freed, so resident memory follows the
+  tensor bytes the job holds. Each large block is paid for again in page faults: full backprop at L = 8192
+  (d 256, 3 layers) took 0.96 s a step this way against 0.60 s with glibc's defaults, with a peak of 837 MB
+  against 1.1 GB (benchmarks/allocator.py).
+- "fast": blocks below 32 MB (glibc's own largest dynamic threshold) stay in the heap and are reused without
+  faults: plain-PyTorch speed, and a peak that holds the heap's free blocks too.
+A run uses "fast" when its predicted peak under that setting fits the budget, else "tight"; chunk-sized blocks
+of SLiM at C <= 512 (d 256) are below 4 MB and live in the heap either way. planner.py says how the prediction
+accounts for the heap. (Huge pages, THP_MEM_ALLOC_ENABLE=1, are not asked for: with the kernel's default
+"defrag=madvise" every huge-page fault may compact memory, and full backprop's step time varied 0.73-1.87 s.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import weakref
 
@@ -23,7 +33,8 @@ try:  # POSIX only; /proc or psutil stand in elsewhere
 except ImportError:  # pragma: no cover - Windows
     resource = None
 
-MMAP_THRESHOLD = 4 * 2**20  # with limit_heap_retention: blocks below this come from glibc's heap, larger from mmap
+HEAP_THRESHOLDS = {"tight": 4 * 2**20, "fast": 32 * 2**20}  # glibc's mmap threshold under each heap policy
+_heap_policy: str | None = None  # None: glibc's own dynamic threshold, untouched (a library user's process)
 
 
 def process_rss() -> int:
@@ -60,18 +71,38 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def limit_heap_retention(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Make glibc return freed blocks of `threshold` bytes or more to the OS at once (a fixed mmap threshold),
-    so that resident memory follows the large activations the job holds instead of the largest heap it ever
-    had: glibc otherwise raises its threshold to 32 MB as big blocks are freed, keeps them, and the RSS of a
-    run depends on its history. Smaller blocks stay in the heap, where reuse is fast (4 MB keeps SLiM's
-    chunk-sized tensors cheap; 128 kB made a C = 256 step twice as slow with page faults). Call it, and set
-    THP_MEM_ALLOC_ENABLE=1 for torch's huge-page allocations, before torch allocates. False where not glibc."""
+def set_heap_policy(policy: str) -> bool:
+    """Fix glibc's mmap threshold for `policy` ("tight" or "fast", see the module docstring): blocks of at least
+    that size are mmap'ed and leave the process when freed; smaller ones stay in the heap. Affects allocations
+    from now on. False where the C library is not glibc (nothing changes there)."""
+    global _heap_policy
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+        done = bool(ctypes.CDLL("libc.so.6").mallopt(-3, HEAP_THRESHOLDS[policy]))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
+    if done:
+        _heap_policy = policy
+    return done
+
+
+def heap_policy() -> str | None:
+    """The heap policy set in this process; None when glibc's defaults were left alone (or it is not glibc)."""
+    return _heap_policy
+
+
+@contextlib.contextmanager
+def heap_policy_during(policy: str):
+    """`policy` inside the block, the previous one after it; a no-op in a process whose heap is not managed
+    (a library user's own), where glibc's defaults already behave like "fast"."""
+    before = _heap_policy
+    if before is None or before == policy:
+        yield
+        return
+    set_heap_policy(policy)
+    try:
+        yield
+    finally:
+        set_heap_policy(before)
 
 
 def release_free_heap() -> bool:

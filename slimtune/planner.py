@@ -19,8 +19,15 @@ extrapolation. What the prediction is made of, line by line (see `predict`):
 - heap        calibrated: on CPU glibc's heap holds more than the tensors it serves (blocks below the mmap
               threshold are reused but kept, and fragment): HEAP_OVERHEAD x the share of a chunk's bytes that
               falls in heap-sized blocks at that C (the probe records every block's size; activations scale
-              with C, so at large C they move to mmap, which returns them exactly).
+              with C, so at large C they move to mmap, which returns them exactly). The threshold is the heap
+              policy's (memory.py): 4 MB "tight", 32 MB "fast". C is chosen under "tight"; a run then uses
+              "fast" (plain-PyTorch speed) when its peak under "fast" fits the budget too.
 The optimizer step's own peak (gradients + state + temporaries, counted) is compared with the backward's.
+
+Time (the plan's column, relative to full backprop over L with the "fast" heap): full backprop per token and
+SLiM's per-chunk overhead plus per-token work are timed on the model (the fastest of TIME_REPEATS, with the
+"fast" heap, so page faults do not add noise); page faults are then added from a measured cost per byte for
+the blocks the heap policy maps afresh (4 MB and up under "tight", 32 MB and up under "fast").
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from .choices import Optimizer, Recovery
 from .deferred import buffer_bytes, defers
 from .devices import cuda_context_bytes, resolve_budget
 from .errors import ConfigError, OutOfBudgetError
-from .memory import MMAP_THRESHOLD, TensorBytes, process_rss, release_free_heap
+from .memory import HEAP_THRESHOLDS, TensorBytes, heap_policy_during, process_rss, release_free_heap
 from .model import PerformerLM
 from .optimizers import make_optimizer
 from .slim import slim_step
@@ -49,7 +56,8 @@ OPTIMIZER_STATE_COPIES = {"sgd": 0, "adam": 2, "adamw": 2}  # parameter-sized te
 SLIM_TIME_SIZES = (16, 256)  # C of the SLiM timing probes (smaller for short L)
 SLIM_PROBE_CHUNKS = 4  # chunks per SLiM timing probe: the sweep, the recovery and the chained backward all run
 TIME_REPEATS = 5  # each timing probe runs this often; the fastest counts
-HEAP_THRESHOLD = MMAP_THRESHOLD  # blocks below this come from glibc's heap, at and above it from mmap
+TIME_UNCERTAINTY = 0.25  # the time column against measured steps (benchmarks/planner_time.py), stated in the plan
+FAULT_PROBE_BYTES = 64 * 2**20  # a block this large is mmap'ed under any heap policy: its first touch faults
 # Resident bytes per tensor byte in heap-sized blocks at a training run's peak: glibc reuses freed blocks but
 # keeps and fragments them, more so over many chunks and steps. Calibrated, not measured per run: a single
 # probe step from a trimmed heap shows only ~1.35, while runs show about 2 (benchmarks/planner_accuracy.py
@@ -77,7 +85,8 @@ class Probe:
     peak besides the gradients; the optimizer holds `optimizer_state` and its step peaks at `optimizer_peak`;
     on CPU the heap costs `heap_overhead` x the bytes it serves (sizes: the probe step's allocations at
     `probe_tokens`). Time: full backprop over T tokens takes full_base + full_per_token * T seconds; one chunk of
-    a SLiM step (its share of the sweep, rebuild and backward) slim_base + slim_per_token * C."""
+    a SLiM step (its share of the sweep, rebuild and backward) slim_base + slim_per_token * C, and a fresh page
+    `fault_per_byte` seconds per byte."""
 
     base: float
     per_token: float
@@ -87,21 +96,29 @@ class Probe:
     full_per_token: float = 0.0
     slim_base: float = 0.0
     slim_per_token: float = 0.0
+    fault_per_byte: float = 0.0
     heap_overhead: float = 1.0
     probe_tokens: int = 1
     sizes: list = field(default_factory=list, repr=False)
 
-    def heap_share(self, tokens: int) -> float:
-        """Share of a step's bytes in blocks below the mmap threshold, at `tokens` per chunk (activations
-        scale linearly with the chunk)."""
+    def heap_share(self, tokens: int, heap: str = "tight") -> float:
+        """Share of a step's bytes in blocks below the heap policy's mmap threshold, at `tokens` per chunk
+        (activations scale linearly with the chunk)."""
         total = sum(self.sizes)
         scale = tokens / self.probe_tokens
-        return sum(s for s in self.sizes if s * scale < HEAP_THRESHOLD) / total if total else 0.0
+        return sum(s for s in self.sizes if s * scale < HEAP_THRESHOLDS[heap]) / total if total else 0.0
 
-    def chunk_bytes(self, tokens: int) -> float:
+    def chunk_bytes(self, tokens: int, heap: str = "tight") -> float:
         """What a step at `tokens` per chunk adds to the device's memory."""
         tensors = self.base + self.per_token * tokens
-        return tensors * (1 + (self.heap_overhead - 1) * self.heap_share(tokens))
+        return tensors * (1 + (self.heap_overhead - 1) * self.heap_share(tokens, heap))
+
+    def fault_seconds(self, tokens: int, heap: str) -> float:
+        """Page faults of one chunk's step at `tokens` per chunk: the bytes it allocates in blocks the heap
+        policy maps afresh each time, at the measured cost of a fresh page."""
+        scale = tokens / self.probe_tokens
+        mapped = sum(s * scale for s in self.sizes if s * scale >= HEAP_THRESHOLDS[heap])
+        return self.fault_per_byte * mapped
 
 
 @dataclass
@@ -109,8 +126,9 @@ class Candidate:
     chunk_size: int
     predicted_peak_bytes: int
     share_of_budget: float
-    relative_time: float  # predicted step time / full backprop's
+    relative_time: float  # predicted step time / full backprop's (with the "fast" heap)
     fits: bool
+    heap: str = ""  # the heap policy this C would run with on CPU ("fast" when it fits, else "tight")
 
 
 @dataclass
@@ -129,6 +147,9 @@ class Plan:
     candidates: list[Candidate] = field(default_factory=list)
     batch_weight_grads: bool = False  # small C: weight gradients batched in buffers that fit the budget
     memory_counts: str = ""  # what the predicted peaks count on this device
+    heap: str = ""  # CPU: the heap policy the run uses (memory.py); "" on CUDA
+    seconds_full: float = 0.0  # predicted seconds of a full-backprop step over L (the time column's unit)
+    threads: int = 0  # CPU intra-op threads the timings ran with (a run with another count has other ratios)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -137,6 +158,8 @@ class Plan:
         lines = [
             f"plan: L = {self.seq_len}, batch {self.batch_size}, {self.optimizer}, budget "
             f"{format_size(self.budget_bytes)} on {self.device} ({self.memory_counts})",
+            f"time: x full backprop's step (predicted {self.seconds_full:.2f} s; measured ones came within "
+            f"{TIME_UNCERTAINTY:.0%})" + (f"; heap policy: {self.heap}" if self.heap else ""),
             f"{'C':>16}  {'predicted peak':>14}  {'of budget':>9}  {'time':>7}",
         ]
         for c in self.candidates:
@@ -179,17 +202,35 @@ def _windows(model: PerformerLM, batch_size: int, length: int) -> torch.Tensor:
 
 def _timed_step(model: PerformerLM, windows: torch.Tensor, chunk_size: int | None = None) -> float:
     """Seconds of one step over `windows` (full backprop, or SLiM at `chunk_size`): the fastest of TIME_REPEATS,
-    the figure least disturbed by whatever else the machine does."""
+    the figure least disturbed by whatever else the machine does; with the "fast" heap, so that page faults (added
+    by the model) do not add their noise."""
     best = float("inf")
-    for _ in range(TIME_REPEATS):
-        model.zero_grad(set_to_none=True)
-        started = time.perf_counter()
-        slim_step(model, windows, chunk_size or windows.shape[1] - 1)
-        if windows.device.type == "cuda":
-            torch.cuda.synchronize(windows.device)
-        best = min(best, time.perf_counter() - started)
+    with heap_policy_during("fast"):
+        for _ in range(TIME_REPEATS):
+            model.zero_grad(set_to_none=True)
+            started = time.perf_counter()
+            slim_step(model, windows, chunk_size or windows.shape[1] - 1)
+            if windows.device.type == "cuda":
+                torch.cuda.synchronize(windows.device)
+            best = min(best, time.perf_counter() - started)
     model.zero_grad(set_to_none=True)
     return best
+
+
+def _fault_per_byte() -> float:
+    """Seconds per byte of first touching freshly mapped memory (page faults, the kernel zeroing pages): a fill
+    of a new FAULT_PROBE_BYTES block less a second fill of the same block, the fastest of TIME_REPEATS."""
+    n = FAULT_PROBE_BYTES // 4
+    fresh = again = float("inf")
+    for _ in range(TIME_REPEATS):
+        started = time.perf_counter()
+        block = torch.empty(n)
+        block.fill_(1.0)
+        middle = time.perf_counter()
+        block.fill_(2.0)
+        fresh, again = min(fresh, middle - started), min(again, time.perf_counter() - middle)
+        del block
+    return max(0.0, fresh - again) / FAULT_PROBE_BYTES
 
 
 def _line(x1: float, y1: float, x2: float, y2: float) -> tuple[float, float]:
@@ -254,6 +295,7 @@ def probe(model: PerformerLM, work: Workload, room: float | None = None) -> Prob
     # extrapolates its noise 8-16x (four plans spread 42 % that way, 0.87x-1.24x for one C).
     full_base, full_per_token = 0.0, (t2 if c2 > c1 else t1) / max(c1, c2)
     state, opt_peak = _probe_optimizer(model, work.optimizer)
+    on_cpu = w1.device.type == "cpu"
     return Probe(
         base=max(0.0, m1.peak - per_token * c1),
         per_token=per_token,
@@ -263,6 +305,7 @@ def probe(model: PerformerLM, work: Workload, room: float | None = None) -> Prob
         full_per_token=full_per_token,
         slim_base=slim_base,
         slim_per_token=slim_per_token,
+        fault_per_byte=_fault_per_byte() if on_cpu else 0.0,
         heap_overhead=overhead,
         probe_tokens=c2,
         sizes=m2.sizes,
@@ -278,11 +321,18 @@ def _state_bytes(model: PerformerLM, work: Workload, chunk_size: int) -> int:
 
 
 def predict(
-    model: PerformerLM, probe: Probe, runtime: int, work: Workload, chunk_size: int, *, batching: bool = False
+    model: PerformerLM,
+    probe: Probe,
+    runtime: int,
+    work: Workload,
+    chunk_size: int,
+    *,
+    batching: bool = False,
+    heap: str = "tight",
 ) -> dict:
     """The predicted peak of a run with chunk size C, line by line (bytes); `batching`: with the weight-gradient
-    buffers of slimtune/deferred.py (computed, not probed)."""
-    chunk = probe.chunk_bytes(min(chunk_size, work.seq_len))
+    buffers of slimtune/deferred.py (computed, not probed); `heap`: the heap policy (CPU, memory.py)."""
+    chunk = probe.chunk_bytes(min(chunk_size, work.seq_len), heap)
     states = _state_bytes(model, work, chunk_size) if chunk_size < work.seq_len else 0
     grads = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = buffer_bytes(model) if batching else 0
@@ -300,14 +350,24 @@ def predict(
     return lines
 
 
-def relative_time(probe: Probe, seq_len: int, chunk_size: int) -> float:
-    """Predicted SLiM step time at C over full backprop's: ceil(L / C) chunks' overhead plus L tokens' work,
-    against one pass over L tokens (both from the probe's timings)."""
-    full = probe.full_base + probe.full_per_token * seq_len
-    if chunk_size >= seq_len or full <= 0 or probe.slim_per_token <= 0:
+def full_seconds(probe: Probe, seq_len: int, heap: str = "fast") -> float:
+    """Predicted seconds of a full-backprop step over L tokens with the heap policy `heap`."""
+    return probe.full_base + probe.full_per_token * seq_len + probe.fault_seconds(seq_len, heap)
+
+
+def relative_time(probe: Probe, seq_len: int, chunk_size: int, heap: str = "fast") -> float:
+    """Predicted step time at C with the heap policy `heap` over full backprop's with the "fast" heap: ceil(L / C)
+    chunks' overhead plus L tokens' work plus page faults, against one pass over L tokens."""
+    unit = full_seconds(probe, seq_len)
+    if unit <= 0:
+        return 1.0
+    if chunk_size >= seq_len:
+        return full_seconds(probe, seq_len, heap) / unit
+    if probe.slim_per_token <= 0:
         return 1.0
     n = math.ceil(seq_len / chunk_size)
-    return (n * probe.slim_base + probe.slim_per_token * seq_len) / full
+    work = n * probe.slim_base + probe.slim_per_token * seq_len
+    return (work + n * probe.fault_seconds(chunk_size, heap)) / unit
 
 
 def probe_room(model: PerformerLM, optimizer: Optimizer | str, usable: float, device: torch.device) -> float:
@@ -381,19 +441,31 @@ def plan_chunk_size(model: PerformerLM, work: Workload, budget: str | int | None
     # The probe steps stay inside the budget themselves: `fit --chunk-size auto` runs them in its own process.
     measured = probe(model, work, room=probe_room(model, work.optimizer, usable, device))
     runtime = _runtime_bytes(model)  # after the probes: the kernels' code and caches they loaded stay resident
-    peak = lambda c, batching=False: predict(model, measured, runtime, work, c, batching=batching)  # noqa: E731
-    chosen = choose(lambda c: peak(c)["total"] <= usable, L)
+
+    def peak(c, batching=False, heap="tight"):
+        return predict(model, measured, runtime, work, c, batching=batching, heap=heap)
+
+    chosen = choose(lambda c: peak(c)["total"] <= usable, L)  # "tight" holds the least
     if chosen is None:
         raise _nothing_fits(peak(1), measured, budget_bytes, available)
+
+    def heap_for(c, batching=False):  # CPU: "fast" (no page faults) when its peak fits too
+        if device.type != "cpu":
+            return ""
+        return "fast" if peak(c, batching, "fast")["total"] <= usable else "tight"
+
     sizes = sorted({2**k for k in range(int(math.log2(L)) + 1)} | {L, chosen})
     candidates = []
     for c in sizes:
-        total = peak(c)["total"]
-        candidates.append(Candidate(c, total, total / budget_bytes, relative_time(measured, L, c), total <= usable))
+        heap = heap_for(c)
+        total = peak(c, heap=heap or "tight")["total"]
+        time_ = relative_time(measured, L, c, heap or "fast")
+        candidates.append(Candidate(c, total, total / budget_bytes, time_, total <= usable, heap))
     # Small chunks run faster with batched weight gradients (slimtune/deferred.py), whose buffers take a fixed
     # amount: used when they fit beside the chosen C, never at the price of a smaller C.
     batching = defers(work.batch_size, chosen, L, None) and peak(chosen, True)["total"] <= usable
-    lines = peak(chosen, batching)
+    heap = heap_for(chosen, batching)
+    lines = peak(chosen, batching, heap or "tight")
     return Plan(
         chunk_size=chosen,
         budget_bytes=budget_bytes,
@@ -407,6 +479,9 @@ def plan_chunk_size(model: PerformerLM, work: Workload, budget: str | int | None
         candidates=candidates,
         batch_weight_grads=batching,
         memory_counts=memory_counts(device),
+        heap=heap,
+        seconds_full=full_seconds(measured, L),
+        threads=torch.get_num_threads(),
     )
 
 

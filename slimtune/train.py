@@ -37,7 +37,7 @@ from .distributed import (
 )
 from .errors import ConfigError, OutOfBudgetError, SlimtuneError
 from .evaluation import copy_accuracy, evaluate
-from .memory import is_out_of_memory, peak_memory_bytes
+from .memory import heap_policy, is_out_of_memory, peak_memory_bytes, set_heap_policy
 from .model import PerformerConfig, PerformerLM
 from .optimizers import default_weight_decay, make_optimizer
 from .planner import Plan, Workload, chunk_sizes, memory_counts, plan_chunk_size
@@ -233,8 +233,18 @@ class Trainer:
             self.folder.lock()
         if o.resume:
             self.restore()
+        self._choose_heap()
         broadcast_parameters(self.model)  # the same start on every rank (a no-op for one process)
         self._point = self._here()
+
+    def _choose_heap(self) -> None:
+        """The plan's heap policy on CPU ("fast" when its peak fits the budget, memory.py); without a plan "tight"
+        under a --mem-budget, else "fast". Only where the heap is managed (the CLI), never in a library user's
+        process. Placement only: results are the same under either."""
+        if heap_policy() is None or next(self.model.parameters()).device.type != "cpu":
+            return
+        fallback = "tight" if self.options.mem_budget is not None else "fast"
+        set_heap_policy((self.plan or {}).get("heap") or fallback)
 
     def close(self) -> None:
         if self.writes:

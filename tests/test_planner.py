@@ -14,7 +14,18 @@ from slimtune import devices, train
 from slimtune.checkpoint import load_checkpoint, save_checkpoint
 from slimtune.devices import resolve_budget
 from slimtune.errors import ConfigError, SlimtuneError
-from slimtune.planner import HEADROOM, Workload, choose, chunk_sizes, plan_chunk_size, predict, probe
+from slimtune.planner import (
+    HEADROOM,
+    Probe,
+    Workload,
+    choose,
+    chunk_sizes,
+    full_seconds,
+    plan_chunk_size,
+    predict,
+    probe,
+    relative_time,
+)
 from slimtune.units import parse_size
 
 
@@ -226,3 +237,41 @@ def test_nothing_fits_names_the_gap_and_only_what_could_close_it(optimizer_state
     assert "10.00 MB over" in message and "--optimizer sgd" in message
     assert ("not enough on its own" in message) is (not enough)
     assert f"at least {lines['total'] / (1 - HEADROOM) / 1e6:.2f} MB" in message
+
+
+def test_the_fast_heap_is_planned_only_where_its_peak_fits():
+    """C is chosen under the "tight" heap (the least resident memory); the run gets the "fast" heap (no page
+    faults) only when its peak under "fast", heap-sized blocks at HEAP_OVERHEAD, fits the budget too."""
+    model = tiny_model("sqr", True, dtype=torch.float32, hidden_dim=64, ffn_dim=256, n_heads=4)
+    loose = plan_chunk_size(model, Workload(4096, 1, "adam"), "95%")
+    assert loose.chunk_size == 4096 and loose.heap == "fast"
+    probe_ = tight_probe(model)
+    runtime = loose.breakdown["runtime"]
+    tight_peak = predict(model, probe_, runtime, Workload(4096), 4096, heap="tight")["total"]
+    fast_peak = predict(model, probe_, runtime, Workload(4096), 4096, heap="fast")["total"]
+    assert fast_peak > tight_peak + 8 * 2**20  # [4096, 256] fp32 blocks: mmap'ed under tight, heap under fast
+    between = plan_chunk_size(model, Workload(4096, 1, "adam"), int((tight_peak + fast_peak) / 2 / (1 - HEADROOM)))
+    assert between.chunk_size == 4096 and between.heap == "tight"
+    assert between.predicted_peak_bytes < fast_peak
+
+
+def test_time_model_adds_the_page_faults_of_the_heap_policy():
+    """The time column, from a probe with known numbers: chunks' overhead and tokens' work, plus page faults for
+    the blocks each heap policy maps afresh (4 MB and up under tight, 32 MB and up under fast), over full
+    backprop with the fast heap."""
+    mb = 2**20
+    p = Probe(
+        base=0, per_token=0, optimizer_state=0, optimizer_peak=0, full_per_token=1e-5, slim_base=1e-3,
+        slim_per_token=2e-5, fault_per_byte=1e-9, probe_tokens=1024, sizes=[8 * mb, mb],
+    )  # fmt: skip
+    L = 8192
+    full = 1e-5 * L  # at L the 8 MB block is 64 MB (mapped under both), the 1 MB block 8 MB (mapped under tight)
+    assert full_seconds(p, L, "fast") == pytest.approx(full + 64 * mb * 1e-9)
+    assert full_seconds(p, L, "tight") == pytest.approx(full + 72 * mb * 1e-9)
+    unit = full + 64 * mb * 1e-9
+    assert relative_time(p, L, L, "fast") == pytest.approx(1.0)
+    assert relative_time(p, L, L, "tight") == pytest.approx((full + 72 * mb * 1e-9) / unit)
+    work = 8 * 1e-3 + 2e-5 * L  # C = 1024: 8 chunks
+    assert relative_time(p, L, 1024, "fast") == pytest.approx(work / unit)
+    assert relative_time(p, L, 1024, "tight") == pytest.approx((work + 8 * 8 * mb * 1e-9) / unit)
+    assert relative_time(p, L, 256, "tight") == pytest.approx((32 * 1e-3 + 2e-5 * L) / unit)  # 2 MB: heap

@@ -161,3 +161,26 @@ def test_a_run_resumed_under_another_thread_count_ends_bit_for_bit(tmp_path, set
             assert torch.equal(a.tensors[name], t), name
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "plan_heap, budget, expected",
+    [("fast", "2GB", "fast"), ("tight", "2GB", "tight"), (None, None, "fast"), (None, "2GB", "tight")],
+)
+def test_the_run_takes_its_plans_heap_policy_where_the_heap_is_managed(
+    tmp_path, setup, monkeypatch, plan_heap, budget, expected
+):
+    """Under the CLI (a managed heap) a run switches to its plan's heap policy, or without a plan to "tight" under
+    a budget and "fast" without one; a library user's process (heap not managed) is never touched."""
+    from slimtune import memory, train
+
+    base, data = setup
+    chosen = []
+    monkeypatch.setattr(train, "set_heap_policy", chosen.append)
+    trainer = Trainer(PerformerLM.from_pretrained(base), data, _options(tmp_path, run_dir=None, mem_budget=budget))
+    trainer.plan = None if plan_heap is None else {"chunk_size": 8, "heap": plan_heap}
+    trainer.setup()
+    assert chosen == []  # not managed: the test process's own heap
+    monkeypatch.setattr(memory, "_heap_policy", "tight")
+    trainer.setup()
+    assert chosen == [expected]
