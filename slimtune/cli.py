@@ -438,6 +438,22 @@ def fit(
         _emit_json(result.to_json())
 
 
+def _plan_caption(result) -> str:
+    """What the plan's figures count and how far to trust them."""
+    where = f" on {result.threads} CPU thread(s)" if result.heap else ""
+    caption = (
+        f"memory counts {result.memory_counts}; the runtime alone holds {format_size(result.breakdown['runtime'])}: "
+        f"no budget below it fits. Step time is relative to full backprop's, predicted {result.seconds_full:.2f} s "
+        f"here{where}, within about {result.time_uncertainty:.0%} of measured steps on a quiet machine"
+    )
+    if result.heap:
+        caption += (
+            f". Heap: {result.heap} ('fast': glibc keeps freed blocks for reuse, used when that fits the budget; "
+            "'tight': they leave at once, at the price of page faults)"
+        )
+    return caption
+
+
 @app.command()
 def plan(
     checkpoint: Checkpoint = None,
@@ -458,7 +474,6 @@ def plan(
     Example: slimtune plan --checkpoint model.safetensors --seq-len 16384 --mem-budget 2GB
     """
     from .model import PerformerLM
-    from .planner import TIME_UNCERTAINTY
     from .planner import plan as run_plan
 
     _require("plan", checkpoint=checkpoint)
@@ -470,16 +485,7 @@ def plan(
     table = Table(
         title=f"slimtune plan: L = {seq_len}, batch {batch_size}, {optimizer}, budget "
         f"{format_size(result.budget_bytes)} on {result.device}",
-        caption=f"memory counts {result.memory_counts}; the runtime alone holds "
-        f"{format_size(result.breakdown['runtime'])}: no budget below it fits. Step time is relative to full "
-        f"backprop's, predicted {result.seconds_full:.2f} s here on {result.threads} CPU thread(s), within about {TIME_UNCERTAINTY:.0%} of measured "
-        "steps on a quiet machine"
-        + (
-            f". Heap: {result.heap} ('fast': glibc keeps freed blocks for reuse, when that fits the budget; "
-            "'tight': they leave at once, at the price of page faults)"
-            if result.heap
-            else ""
-        ),
+        caption=_plan_caption(result),
     )
     for col in ("C", "predicted peak", "share of budget", "relative step time", ""):
         table.add_column(col, justify="right")

@@ -42,7 +42,7 @@ from .choices import Optimizer, Recovery
 from .deferred import buffer_bytes, defers
 from .devices import cuda_context_bytes, resolve_budget
 from .errors import ConfigError, OutOfBudgetError
-from .memory import HEAP_THRESHOLDS, TensorBytes, heap_policy_during, process_rss, release_free_heap
+from .memory import HEAP_THRESHOLDS, TensorBytes, heap_policy, heap_policy_during, process_rss, release_free_heap
 from .model import PerformerLM
 from .optimizers import make_optimizer
 from .slim import slim_step
@@ -150,6 +150,7 @@ class Plan:
     heap: str = ""  # CPU: the heap policy the run uses (memory.py); "" on CUDA
     seconds_full: float = 0.0  # predicted seconds of a full-backprop step over L (the time column's unit)
     threads: int = 0  # CPU intra-op threads the timings ran with (a run with another count has other ratios)
+    time_uncertainty: float = TIME_UNCERTAINTY  # how far measured relative step times may lie from the column
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -159,7 +160,7 @@ class Plan:
             f"plan: L = {self.seq_len}, batch {self.batch_size}, {self.optimizer}, budget "
             f"{format_size(self.budget_bytes)} on {self.device} ({self.memory_counts})",
             f"time: x full backprop's step (predicted {self.seconds_full:.2f} s; measured ones came within "
-            f"{TIME_UNCERTAINTY:.0%})" + (f"; heap policy: {self.heap}" if self.heap else ""),
+            f"{self.time_uncertainty:.0%})" + (f"; heap policy: {self.heap}" if self.heap else ""),
             f"{'C':>16}  {'predicted peak':>14}  {'of budget':>9}  {'time':>7}",
         ]
         for c in self.candidates:
@@ -442,10 +443,14 @@ def plan_chunk_size(model: PerformerLM, work: Workload, budget: str | int | None
     measured = probe(model, work, room=probe_room(model, work.optimizer, usable, device))
     runtime = _runtime_bytes(model)  # after the probes: the kernels' code and caches they loaded stay resident
 
-    def peak(c, batching=False, heap="tight"):
+    # C is chosen under the heap policy that holds the least: "tight" where the process's heap is managed (the
+    # CLI); in a library user's process glibc's defaults stay, which keep blocks up to 32 MB like "fast".
+    least = "fast" if device.type == "cpu" and heap_policy() is None else "tight"
+
+    def peak(c, batching=False, heap=least):
         return predict(model, measured, runtime, work, c, batching=batching, heap=heap)
 
-    chosen = choose(lambda c: peak(c)["total"] <= usable, L)  # "tight" holds the least
+    chosen = choose(lambda c: peak(c)["total"] <= usable, L)
     if chosen is None:
         raise _nothing_fits(peak(1), measured, budget_bytes, available)
 

@@ -239,9 +239,12 @@ def test_nothing_fits_names_the_gap_and_only_what_could_close_it(optimizer_state
     assert f"at least {lines['total'] / (1 - HEADROOM) / 1e6:.2f} MB" in message
 
 
-def test_the_fast_heap_is_planned_only_where_its_peak_fits():
-    """C is chosen under the "tight" heap (the least resident memory); the run gets the "fast" heap (no page
-    faults) only when its peak under "fast", heap-sized blocks at HEAP_OVERHEAD, fits the budget too."""
+def test_the_fast_heap_is_planned_only_where_its_peak_fits(monkeypatch):
+    """Where the heap is managed (the CLI), C is chosen under the "tight" heap (the least resident memory); the
+    run gets the "fast" heap (no page faults) only when its peak under "fast", heap-sized blocks at HEAP_OVERHEAD,
+    fits the budget too. In a library user's process (glibc's defaults) C is chosen under "fast"."""
+    from slimtune import memory
+
     model = tiny_model("sqr", True, dtype=torch.float32, hidden_dim=64, ffn_dim=256, n_heads=4)
     loose = plan_chunk_size(model, Workload(4096, 1, "adam"), "95%")
     assert loose.chunk_size == 4096 and loose.heap == "fast"
@@ -250,7 +253,11 @@ def test_the_fast_heap_is_planned_only_where_its_peak_fits():
     tight_peak = predict(model, probe_, runtime, Workload(4096), 4096, heap="tight")["total"]
     fast_peak = predict(model, probe_, runtime, Workload(4096), 4096, heap="fast")["total"]
     assert fast_peak > tight_peak + 8 * 2**20  # [4096, 256] fp32 blocks: mmap'ed under tight, heap under fast
-    between = plan_chunk_size(model, Workload(4096, 1, "adam"), int((tight_peak + fast_peak) / 2 / (1 - HEADROOM)))
+    budget = int((tight_peak + fast_peak) / 2 / (1 - HEADROOM))
+    unmanaged = plan_chunk_size(model, Workload(4096, 1, "adam"), budget)
+    assert unmanaged.chunk_size < 4096 and unmanaged.heap == "fast"
+    monkeypatch.setattr(memory, "_heap_policy", "tight")  # as the CLI sets it (the allocator itself is untouched)
+    between = plan_chunk_size(model, Workload(4096, 1, "adam"), budget)
     assert between.chunk_size == 4096 and between.heap == "tight"
     assert between.predicted_peak_bytes < fast_peak
 
