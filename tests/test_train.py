@@ -177,6 +177,7 @@ def test_the_run_takes_its_plans_heap_policy_where_the_heap_is_managed(
     base, data = setup
     chosen = []
     monkeypatch.setattr(train, "set_heap_policy", chosen.append)
+    monkeypatch.setattr(memory, "_heap_policy", None)  # an in-process CLI test may have set it
     trainer = Trainer(PerformerLM.from_pretrained(base), data, _options(tmp_path, run_dir=None, mem_budget=budget))
     trainer.plan = None if plan_heap is None else {"chunk_size": 8, "heap": plan_heap}
     trainer.setup()
