@@ -142,6 +142,7 @@ def slim_step(
     recovery: Recovery | str = Recovery.SUBTRACT64,
     precision: Precision | str | torch.dtype | None = None,
     batch_weight_grads: bool | None = None,
+    between_chunks: Callable[[], None] | None = None,
 ) -> float:
     """Accumulate into each parameter's .grad the exact gradient of the mean next-token loss, and return the loss.
 
@@ -155,6 +156,7 @@ def slim_step(
             sweep and rebuild run under the same autocast, so recovery stays bit for bit. Default: fp32.
         batch_weight_grads: apply weight gradients a few hundred rows at a time (deferred.py; faster for small
             C, costs fixed buffers). None: whenever the chunks are small and there is no autocast.
+        between_chunks: called after each chunk of both sweeps (the Trainer adapts the CPU thread count there).
 
     Returns:
         The mean loss in nats per token. Gradients are added to .grad (zero them between optimizer steps).
@@ -181,6 +183,8 @@ def slim_step(
             if i > 0:
                 strategy.keep(states)
             states = model.advance(inputs[:, s : s + chunk_size], s, states)
+            if between_chunks:
+                between_chunks()
 
     # Reverse sweep, last chunk first. `states` holds the current chunk's end states (for the last chunk: its
     # start states, from the sweep). Small chunks hand their weight gradients to a batcher, which applies them a
@@ -211,4 +215,6 @@ def slim_step(
             # This chunk's start states are the previous chunk's end states; backward has freed the graph.
             states = [st.detach() for st in leaves]
             state_grads = [st.grad for st in leaves]
+            if between_chunks:
+                between_chunks()
     return total.item()

@@ -219,6 +219,7 @@ class Trainer:
         self.writes = self.folder is not None and group.main  # only rank 0 writes; every rank reads
         self._warn = on_warning or _warn
         self._warned: set[str] = set()
+        self._load: threads.LoadWatch | None = None  # set by setup() when the thread count was chosen
 
     # -- life cycle --------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -234,6 +235,8 @@ class Trainer:
         if o.resume:
             self.restore()
         self._choose_heap()
+        chosen = self.device.type == "cpu" and threads.requested(o.threads) is None
+        self._load = threads.LoadWatch() if chosen else None  # follows neighbours that come and go
         broadcast_parameters(self.model)  # the same start on every rank (a no-op for one process)
         self._point = self._here()
 
@@ -245,6 +248,16 @@ class Trainer:
             return
         fallback = "tight" if self.options.mem_budget is not None else "fast"
         set_heap_policy((self.plan or {}).get("heap") or fallback)
+
+    def _follow_load(self) -> None:
+        """Between steps and chunks: fewer CPU threads when another process took a core since the last reading,
+        more when the cores have been free again for two readings (threads.LoadWatch)."""
+        count = self._load.check(torch.get_num_threads()) if self._load else None
+        if count is None:
+            return
+        why = "another process is keeping a core busy" if count < torch.get_num_threads() else "the cores are free"
+        self._warn(f"{why}: {count} CPU thread(s) from step {self.completed + 1} on (--threads fixes the count)")
+        threads.apply(count)
 
     def close(self) -> None:
         if self.writes:
@@ -340,6 +353,7 @@ class Trainer:
                         recovery=o.recovery,
                         precision=o.precision,
                         batch_weight_grads=o.batch_weight_grads,
+                        between_chunks=self._follow_load if self._load else None,
                     )
                 if len(batches) > 1:
                     for p in self.model.parameters():
@@ -370,6 +384,7 @@ class Trainer:
         o = self.options
         if self.chunk_size is None:
             raise ConfigError("the trainer has no chunk size: pass chunk_size, or set trainer.chunk_size after setup")
+        self._follow_load()
         started = time.perf_counter()
         self._point = self._here()  # an interrupt inside this step resumes from before it, redrawing its data
         batches = [self._batch() for _ in range(o.accumulate)]

@@ -41,3 +41,72 @@ def test_a_busy_neighbour_is_measured():
     finally:
         neighbour.kill()
     assert 0.6 <= busy <= 2.5, busy
+
+
+class FakeClock:
+    """Stands in for threads._cpu_seconds: the test says how many cores others kept busy in each interval."""
+
+    def __init__(self):
+        self.machine = self.me = self.wall = 0.0
+
+    def __call__(self):
+        return self.machine, self.me, self.wall
+
+    def advance(self, seconds, others, mine=2.0):
+        self.wall += seconds
+        self.me += mine * seconds
+        self.machine += (mine + others) * seconds
+
+
+def test_load_watch_drops_threads_at_once_and_adds_them_after_two_quiet_checks(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(threads, "_cpu_seconds", clock)
+    monkeypatch.setattr(threads, "_now", lambda: clock.wall)
+    watch = threads.LoadWatch(cores=2)
+    clock.advance(1.0, others=0.0)
+    assert watch.check(2) is None  # quiet: stay
+    clock.advance(1.0, others=0.7)  # a neighbour got its share of a core
+    assert watch.check(2) == 1
+    clock.advance(1.0, others=1.0, mine=1.0)
+    assert watch.check(1) is None  # still there
+    clock.advance(1.0, others=0.0, mine=1.0)
+    assert watch.check(1) is None  # one quiet check is not enough
+    clock.advance(0.1, others=0.0, mine=1.0)
+    assert watch.check(1) is None  # too short to count: merged with the next
+    clock.advance(1.0, others=0.0, mine=1.0)
+    assert watch.check(1) == 2
+
+
+def test_a_run_follows_a_neighbour_that_starts_mid_run(monkeypatch, tmp_path, data_dir):
+    """The Trainer checks the load between steps when the count was chosen (not when given), applies the new
+    count, says so, and records it in the run state."""
+    import torch
+    from helpers import tiny_model
+
+    from slimtune.train import FitOptions, Trainer
+
+    monkeypatch.delenv(threads.ENV, raising=False)
+    clock = FakeClock()
+    monkeypatch.setattr(threads, "_cpu_seconds", clock)
+    monkeypatch.setattr(threads, "_now", lambda: clock.wall)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:20000]), dtype=torch.uint8)
+    before = torch.get_num_threads()
+    try:
+        for given, expected in ((None, [2, 1, 1]), (2, [2, 2, 2])):
+            torch.set_num_threads(2)
+            warnings = []
+            options = FitOptions(seq_len=32, steps=3, chunk_size=8, device="cpu", threads=given, run_dir=None)
+            trainer = Trainer(tiny_model(dtype=torch.float32), data, options, chunk_size=8, on_warning=warnings.append)
+            trainer.setup()
+            used = []
+            for others in (0.0, 0.9, 1.0):
+                clock.advance(1.0, others=others)
+                trainer.step()
+                used.append(torch.get_num_threads())
+            assert used == expected
+            assert bool(warnings) == (given is None)
+            if given is None:
+                assert "another process is keeping a core busy: 1 CPU thread(s) from step 2 on" in warnings[0]
+    finally:
+        torch.set_num_threads(before)
