@@ -80,7 +80,7 @@ def main():
             time.sleep(0.5 if busy else 0)
             for policy in ("2 threads", "auto"):
                 for label, chunk in methods:
-                    r = measure(policy, chunk, args.seq_len, args.steps, args.cap)
+                    r = measure(policy, chunk, args.seq_len, args.steps, args.cap, "fast")  # fit's heap, no budget
                     results[(label, policy, neighbour)] = r
                     print(label, policy, "busy" if neighbour else "quiet", r, flush=True)
         finally:

@@ -7,11 +7,13 @@ Three ways to get the same gradients are compared in one process:
   alternative: it keeps each layer's input for the whole sequence and recomputes one layer at a time.
 
 Time: the median of `steps` timed steps after `warmup` untimed ones; methods are interleaved round by round, so a
-drift of a shared machine hits all of them alike. A step is zero_grad, the gradients and, with an optimizer, its
-update. Memory is measured on one further step per method, alone: on CUDA the caching allocator's peak
-reservation plus the CUDA context (after empty_cache, so that one method's cache does not count for the next);
-on CPU the peak of tensor bytes the process holds (weights, gradients, optimizer state and everything the step
-allocates, counted as they are created and freed), which unlike RSS does not depend on what ran before.
+drift of a shared machine hits all of them alike. Under the CLI the timed steps run with the "fast" heap
+(memory.py): full backprop then runs as fast as in a plain PyTorch script, not slowed by page faults. A step is
+zero_grad, the gradients and, with an optimizer, its update. Memory is measured on one further step per method,
+alone: on CUDA the caching allocator's peak reservation plus the CUDA context (after empty_cache, so that one
+method's cache does not count for the next); on CPU the peak of tensor bytes the process holds (weights,
+gradients, optimizer state and everything the step allocates, counted as they are created and freed), which
+unlike RSS does not depend on what ran before.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import PerformerConfig
 from .devices import cuda_context_bytes, emulate_card, resolve_device
 from .errors import ConfigError
-from .memory import TensorBytes, is_out_of_memory
+from .memory import TensorBytes, heap_policy_during, is_out_of_memory
 from .model import PerformerLM
 from .optimizers import make_optimizer
 from .recipes import load_recipe
@@ -191,6 +193,32 @@ def _peak(runner: _Runner, method: Method, device: torch.device) -> int:
     return held + tracked.peak
 
 
+def _time_rounds(runner, live, rows, optimizers, optimizer, device, rounds, warmup, on_progress) -> None:
+    """Round by round, one timed step of every live method (interleaved, so a drift hits all alike)."""
+    model = runner.model
+    for r in range(rounds):
+        for m in live:
+            if rows[m].error:
+                continue
+            state = {k: v.clone() for k, v in model.state_dict().items()} if optimizer else None
+            try:
+                _sync(device)
+                started = time.perf_counter()
+                runner.step(m, optimizers[m])
+                _sync(device)
+                if r >= warmup:
+                    rows[m].times.append(time.perf_counter() - started)
+            except RuntimeError as error:
+                if not is_out_of_memory(error):
+                    raise
+                rows[m].error = "out of memory"
+            if state is not None:
+                model.load_state_dict(state)  # keep the weights the same for every method
+            model.zero_grad(set_to_none=True)
+            if on_progress:
+                on_progress()
+
+
 def run_bench(
     model: PerformerLM,
     windows: torch.Tensor,
@@ -225,27 +253,8 @@ def run_bench(
         if on_progress:
             on_progress()
     live = [m for m in methods if rows[m].error is None]
-    for r in range(warmup + steps):
-        for m in live:
-            if rows[m].error:
-                continue
-            state = {k: v.clone() for k, v in model.state_dict().items()} if optimizer else None
-            try:
-                _sync(device)
-                started = time.perf_counter()
-                runner.step(m, optimizers[m])
-                _sync(device)
-                if r >= warmup:
-                    rows[m].times.append(time.perf_counter() - started)
-            except RuntimeError as error:
-                if not is_out_of_memory(error):
-                    raise
-                rows[m].error = "out of memory"
-            if state is not None:
-                model.load_state_dict(state)  # keep the weights the same for every method
-            model.zero_grad(set_to_none=True)
-            if on_progress:
-                on_progress()
+    with heap_policy_during("fast"):  # timings without page faults: full backprop as plain PyTorch runs it
+        _time_rounds(runner, live, rows, optimizers, optimizer, device, warmup + steps, warmup, on_progress)
     for row in rows.values():
         if row.times and row.error is None:
             row.median_s, row.min_s, row.max_s = statistics.median(row.times), min(row.times), max(row.times)

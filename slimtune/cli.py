@@ -1038,7 +1038,11 @@ def env(as_json: Json = False):
     if info.nvml_error:
         table.add_row("note", info.nvml_error)
     table.add_row("--device auto", info.default_device)
-    table.add_row("CPU threads", f"{choice.count} ({choice.reason}; --threads or {threads.ENV} to set)")
+    table.add_row(
+        "CPU threads",
+        f"{choice.count} ({choice.reason}; followed during a run; --threads or {threads.ENV} fixes the count)",
+    )
+    table.add_row("CPU heap", "tight while planning; a run uses fast when its peak fits that way (see `plan`)")
     _console(as_json).print(table)
     if as_json:
         _emit_json(info.to_json() | {"threads": choice.count, "threads_reason": choice.reason})
