@@ -4,9 +4,9 @@ tuning, and telling an out-of-memory error from any other.
 Heap policy (glibc, CPU). Where a tensor's block lives decides both speed and resident memory. The CLI fixes
 glibc's mmap threshold, and the planner picks one of two settings per run (`set_heap_policy`):
 - "tight": blocks of 4 MB or more are mmap'ed and return to the OS when freed, so resident memory follows the
-  tensor bytes the job holds. Each large block is paid for again in page faults: full backprop at L = 8192
-  (d 256, 3 layers) took 0.96 s a step this way against 0.60 s with glibc's defaults, with a peak of 837 MB
-  against 1.1 GB (benchmarks/allocator.py).
+  tensor bytes the job holds. Each large block is paid for again in page faults: a full-backprop step with adam
+  at L = 8192 (d 256, 3 layers) took 1.12 s this way against 0.87 s with glibc's defaults (benchmarks/
+  allocator.py), with a peak of 837 MB against 1.1 GB (benchmarks/RESULTS.md).
 - "fast": blocks below 32 MB (glibc's own largest dynamic threshold) stay in the heap and are reused without
   faults: plain-PyTorch speed, and a peak that holds the heap's free blocks too.
 A run uses "fast" when its predicted peak under that setting fits the budget, else "tight"; chunk-sized blocks

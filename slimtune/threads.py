@@ -6,8 +6,8 @@ at C = 256, L = 8192 (d 256, 3 layers) on 2 cores, 0.84 s quiet with 2 threads, 
 while 1 thread took 1.29 s either way (benchmarks/RESULTS.md, "Threads and a busy neighbour"). Large GEMMs (full
 backprop) suffer much less. So the count is: `--threads` / SLIMTUNE_THREADS when given, else the cores this
 process may run on (its affinity) less those other processes keep busy, measured over a short interval, at
-least 1. Between steps a `LoadWatch` follows neighbours that start or stop during the run (unless the count was
-given). Results depend on the count in the last bits, so the run state records it and a resumed run starts on
+least 1. Between chunks and steps a `LoadWatch` follows neighbours that start or stop during the run (unless the
+count was given). Results depend on the count in the last bits, so the run state records it and a resumed run starts on
 the same count: it ends bit for bit where an uninterrupted run under the same load would.
 """
 
