@@ -1018,6 +1018,7 @@ def env(as_json: Json = False):
     """Show the devices slimtune can use and their memory (CPU via psutil, NVIDIA GPUs via NVML)."""
     from . import threads
     from .devices import detect_environment
+    from .memory import heap_policy
 
     info = detect_environment()
     choice = threads.choose()
@@ -1042,7 +1043,12 @@ def env(as_json: Json = False):
         "CPU threads",
         f"{choice.count} ({choice.reason}; followed during a run; --threads or {threads.ENV} fixes the count)",
     )
-    table.add_row("CPU heap", "tight while planning; a run uses fast when its peak fits that way (see `plan`)")
+    table.add_row(
+        "CPU heap",
+        "tight while planning; a run uses fast when its peak fits that way (see `plan`)"
+        if heap_policy() is not None
+        else "the C library's own (not glibc: no heap policy)",
+    )
     _console(as_json).print(table)
     if as_json:
         _emit_json(info.to_json() | {"threads": choice.count, "threads_reason": choice.reason})
