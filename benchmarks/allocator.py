@@ -8,30 +8,12 @@ table shows the median of the rounds' medians, min-max, and the ratio to plain-P
 """
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 
 from _common import report
-from contention import STEP
+from contention import measure
 
 SETTINGS = {"tight heap": "tight", "fast heap": "fast", "glibc defaults": "default"}  # BENCH_HEAP
-
-
-def measure(heap: str, chunk: int, seq_len: int, steps: int) -> list[float]:
-    env = os.environ | {"BENCH_HEAP": heap}
-    proc = subprocess.run(
-        [sys.executable, "-c", STEP, "auto", str(chunk), str(seq_len), str(steps), "1e9"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr)
-    return json.loads(proc.stdout.strip().splitlines()[-1])["times"]
 
 
 def main():
@@ -46,7 +28,7 @@ def main():
     for _ in range(args.rounds):
         for label, chunk in methods:
             for name, flag in SETTINGS.items():
-                times = measure(flag, chunk, args.seq_len, args.steps)
+                times = measure("auto", chunk, args.seq_len, args.steps, 300.0, flag)["times"]
                 medians[(label, name)].append(statistics.median(times))
                 print(label, name, times, flush=True)
     baseline = statistics.median(medians[("full backprop", "glibc defaults")])

@@ -193,32 +193,6 @@ def _peak(runner: _Runner, method: Method, device: torch.device) -> int:
     return held + tracked.peak
 
 
-def _time_rounds(runner, live, rows, optimizers, optimizer, device, rounds, warmup, on_progress) -> None:
-    """Round by round, one timed step of every live method (interleaved, so a drift hits all alike)."""
-    model = runner.model
-    for r in range(rounds):
-        for m in live:
-            if rows[m].error:
-                continue
-            state = {k: v.clone() for k, v in model.state_dict().items()} if optimizer else None
-            try:
-                _sync(device)
-                started = time.perf_counter()
-                runner.step(m, optimizers[m])
-                _sync(device)
-                if r >= warmup:
-                    rows[m].times.append(time.perf_counter() - started)
-            except RuntimeError as error:
-                if not is_out_of_memory(error):
-                    raise
-                rows[m].error = "out of memory"
-            if state is not None:
-                model.load_state_dict(state)  # keep the weights the same for every method
-            model.zero_grad(set_to_none=True)
-            if on_progress:
-                on_progress()
-
-
 def run_bench(
     model: PerformerLM,
     windows: torch.Tensor,
@@ -254,7 +228,27 @@ def run_bench(
             on_progress()
     live = [m for m in methods if rows[m].error is None]
     with heap_policy_during("fast"):  # timings without page faults: full backprop as plain PyTorch runs it
-        _time_rounds(runner, live, rows, optimizers, optimizer, device, warmup + steps, warmup, on_progress)
+        for r in range(warmup + steps):
+            for m in live:
+                if rows[m].error:
+                    continue
+                state = {k: v.clone() for k, v in model.state_dict().items()} if optimizer else None
+                try:
+                    _sync(device)
+                    started = time.perf_counter()
+                    runner.step(m, optimizers[m])
+                    _sync(device)
+                    if r >= warmup:
+                        rows[m].times.append(time.perf_counter() - started)
+                except RuntimeError as error:
+                    if not is_out_of_memory(error):
+                        raise
+                    rows[m].error = "out of memory"
+                if state is not None:
+                    model.load_state_dict(state)  # keep the weights the same for every method
+                model.zero_grad(set_to_none=True)
+                if on_progress:
+                    on_progress()
     for row in rows.values():
         if row.times and row.error is None:
             row.median_s, row.min_s, row.max_s = statistics.median(row.times), min(row.times), max(row.times)

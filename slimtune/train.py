@@ -244,7 +244,7 @@ class Trainer:
         """The plan's heap policy on CPU ("fast" when its peak fits the budget, memory.py); without a plan "tight"
         under a --mem-budget, else "fast". Only where the heap is managed (the CLI), never in a library user's
         process. Placement only: results are the same under either."""
-        if heap_policy() is None or next(self.model.parameters()).device.type != "cpu":
+        if heap_policy() is None or self.device.type != "cpu":
             return
         fallback = "tight" if self.options.mem_budget is not None else "fast"
         set_heap_policy((self.plan or {}).get("heap") or fallback)
