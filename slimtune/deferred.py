@@ -20,28 +20,20 @@ DEFER_ROWS = 256  # rows per batched weight-gradient product; chunks of B * C >=
 
 
 class DeferredLinear(nn.Linear):
-    """nn.Linear (same parameters, same state_dict) whose weight gradient can be batched over chunks."""
+    """nn.Linear (same parameters, same state_dict) whose weight gradient can be batched over chunks.
+
+    While a batcher is attached, the weight and bias enter the graph as constants, so backward computes only
+    dL/dx = g W, and a hook on the output hands (x, g) to the batcher's slot for this map."""
 
     batcher: WeightGradBatcher | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.batcher is None or not torch.is_grad_enabled() or not self.weight.requires_grad:
+        if self.batcher is None or not torch.is_grad_enabled() or not (self.weight.requires_grad and x.requires_grad):
             return super().forward(x)
-        return _LinearDeferredWeightGrad.apply(x, self.weight, self.bias, self.batcher.slot(self))
-
-
-class _LinearDeferredWeightGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, slot):
-        ctx.save_for_backward(x, weight)
-        ctx.slot = slot
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        ctx.slot.add(x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1]))
-        return grad @ weight if ctx.needs_input_grad[0] else None, None, None, None
+        y = F.linear(x, self.weight.detach(), None if self.bias is None else self.bias.detach())
+        slot = self.batcher.slot(self)
+        y.register_hook(lambda g: slot.add(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])))
+        return y
 
 
 class _Slot:
@@ -71,7 +63,7 @@ class _Slot:
             weight.grad = g.t() @ x
         else:
             weight.grad.addmm_(g.t(), x)
-        if bias is not None:
+        if bias is not None and bias.requires_grad:
             bias.grad = g.sum(0) if bias.grad is None else bias.grad.add_(g.sum(0))
 
     def flush(self) -> None:

@@ -193,6 +193,11 @@ class PerformerLM(nn.Module):
             fmt=ExportFormat.parse(format, "format"),
         )
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype."""
+        return self.output_logit_map.weight.dtype
+
     def initial_states(self, batch_size: int, *, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """Zero attention states, one [B, H, M, d_h + 1] per layer (last column: the normaliser z)."""
         c = self.config

@@ -119,18 +119,22 @@ def chunk_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tenso
 
 def _recompute(model: PerformerLM, ids, start: int, start_states: StartStates, *, first: bool = False):
     """Rebuild one chunk with autograd from its start states (given per layer by `start_states`).
-    Returns (logits, start states as leaves that receive gradients unless `first`, end states in the graph)."""
+
+    Returns (logits, start states as recovered, their copies in the weights' dtype as the graph's leaves, which
+    receive gradients unless `first`, end states in the graph). The graph holds the states in the weights' dtype
+    (fp32) even when they are carried in float64: the state gradients need no more than backprop's own fp32."""
     x = model.embed(ids, start)
-    starts, ends = [], []
+    exact, leaves, ends = [], [], []
     for index, layer in enumerate(model.layers):
         fq, fk, v = layer.features(x)
         with torch.no_grad():  # recovered or known: a constant of this chunk's graph
             state = start_states(index, fk, v)
-        start_state = state.detach().requires_grad_(not first)  # the first chunk's zeros need no gradient
-        x, end_state = layer.mix(x, fq, fk, v, start_state)
-        starts.append(start_state)
+        leaf = state.to(model.dtype).detach().requires_grad_(not first)  # the first chunk's zeros need no gradient
+        x, end_state = layer.mix(x, fq, fk, v, leaf)
+        exact.append(state)
+        leaves.append(leaf)
         ends.append(end_state)
-    return model.output_logit_map(x), starts, ends
+    return model.output_logit_map(x), exact, leaves, ends
 
 
 def slim_step(
@@ -202,7 +206,7 @@ def slim_step(
             else:
                 start_states = strategy.start_states(states)
             with mixed:
-                logits, leaves, end_states = _recompute(
+                logits, exact, leaves, end_states = _recompute(
                     model, inputs[:, s : s + chunk_size], s, start_states, first=i == 0
                 )
                 loss = chunk_loss(logits, targets[:, s : s + chunk_size], weights[:, s : s + chunk_size])
@@ -213,7 +217,7 @@ def slim_step(
                 torch.autograd.backward([loss, *end_states], [None, *state_grads])
             total += loss.detach()
             # This chunk's start states are the previous chunk's end states; backward has freed the graph.
-            states = [st.detach() for st in leaves]
+            states = exact
             state_grads = [st.grad for st in leaves]
             if between_chunks:
                 between_chunks()
