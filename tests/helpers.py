@@ -2,6 +2,7 @@
 
 import torch
 
+from slimtune.checkpoint import save_checkpoint
 from slimtune.model import PerformerConfig, PerformerLM
 
 
@@ -25,6 +26,12 @@ def tiny_model(feature_type="sqr", on_gptln=True, dtype=torch.float64, seed=0, *
     model = PerformerLM(PerformerConfig(feature_type=feature_type, on_gptln=on_gptln, **cfg)).to(dtype)
     model.redraw_features(torch.Generator().manual_seed(seed + 1))
     return model
+
+
+def save_model(path, model: PerformerLM):
+    """Write `model` as a contract checkpoint at `path`; returns the path."""
+    save_checkpoint(path, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    return path
 
 
 def projections(model: PerformerLM):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import save_model, tiny_model
 
 from slimtune.atomic import atomic_write, sweep
 from slimtune.checkpoint import load_checkpoint, save_checkpoint
@@ -41,7 +41,7 @@ save_checkpoint(folder, tensors, ckpt.config, fmt="hf")
 def _model_file(tmp_path):
     model = tiny_model("sqr", True, dtype=torch.float32)
     path = tmp_path / "src.safetensors"
-    save_checkpoint(path, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(path, model)
     return path
 
 

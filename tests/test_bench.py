@@ -5,10 +5,9 @@ import json
 import pytest
 import reference
 import torch
-from helpers import assert_close, projections, rel_err, tiny_model
+from helpers import assert_close, projections, rel_err, save_model, tiny_model
 
 from slimtune.bench import checkpointed_step
-from slimtune.checkpoint import save_checkpoint
 from slimtune.cli import main
 from slimtune.slim import slim_step
 
@@ -58,7 +57,7 @@ def test_bf16_slim_is_as_accurate_as_bf16_backprop(recovery):
 def ckpt(tmp_path):
     model = tiny_model("sqr", True, dtype=torch.float32, seed=3, hidden_dim=32, ffn_dim=64)
     path = tmp_path / "model.safetensors"
-    save_checkpoint(path, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(path, model)
     return path, model
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import reference
 import torch
-from helpers import assert_close, tiny_model
+from helpers import assert_close, save_model, tiny_model
 
-from slimtune.checkpoint import load_checkpoint, save_checkpoint
+from slimtune.checkpoint import load_checkpoint
 from slimtune.cli import main
 
 L = 96
@@ -20,7 +20,7 @@ L = 96
 def ckpt(tmp_path):
     model = tiny_model("sqr", True, dtype=torch.float32, seed=5)
     path = tmp_path / "model.safetensors"
-    save_checkpoint(path, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(path, model)
     return path
 
 

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_close, rel_err, tiny_model
+from helpers import assert_close, rel_err, save_model, tiny_model
 
-from slimtune.checkpoint import load_checkpoint, save_checkpoint
+from slimtune.checkpoint import load_checkpoint
 from slimtune.cli import main
 from slimtune.model import PerformerConfig, PerformerLM
 
@@ -38,7 +38,7 @@ def torchrun(cwd, *args):
 def base(tmp_path_factory):
     model = tiny_model("favor+", True, dtype=torch.float32, seed=3)
     path = tmp_path_factory.mktemp("ddp") / "base.safetensors"
-    save_checkpoint(path, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(path, model)
     return path
 
 

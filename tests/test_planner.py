@@ -6,12 +6,12 @@ import types
 
 import pytest
 import torch
-from helpers import assert_close, tiny_model
+from helpers import assert_close, save_model, tiny_model
 from hypothesis import given
 from hypothesis import strategies as st
 
 from slimtune import devices, train
-from slimtune.checkpoint import load_checkpoint, save_checkpoint
+from slimtune.checkpoint import load_checkpoint
 from slimtune.devices import resolve_budget
 from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.planner import (
@@ -150,7 +150,7 @@ def test_gpus_are_matched_by_uuid_and_mig_uses_its_own_memory(monkeypatch):
 def test_out_of_memory_retries_the_step_with_a_smaller_chunk(monkeypatch, tmp_path, data_dir):
     model = tiny_model("sqr", True, dtype=torch.float32)
     base = tmp_path / "base.safetensors"
-    save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(base, model)
     real_step = train.slim_step
     calls = []
 

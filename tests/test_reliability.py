@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import save_model, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slimtune.checkpoint import load_checkpoint, save_checkpoint
+from slimtune.checkpoint import load_checkpoint
 from slimtune.cli import main
 from slimtune.errors import SlimtuneError
 from slimtune.units import parse_size
@@ -32,7 +32,7 @@ CUDA = torch.cuda.is_available()
 def files(tmp_path, data_dir):
     model = tiny_model("sqr", True, dtype=torch.float32, seed=7)
     ckpt = tmp_path / "model.safetensors"
-    save_checkpoint(ckpt, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(ckpt, model)
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "short.txt").write_bytes(b"abcde")
     (tmp_path / "garbage.safetensors").write_bytes(os.urandom(300))
@@ -222,7 +222,7 @@ def test_size_parser_reads_every_written_size(number, unit):
 def valid_file(tmp_path_factory):
     model = tiny_model("sqr", True, dtype=torch.float32, seed=11)
     path = tmp_path_factory.mktemp("fuzz") / "valid.safetensors"
-    save_checkpoint(path, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(path, model)
     return path.read_bytes()
 
 

@@ -4,9 +4,9 @@ warning is shown."""
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import save_model, tiny_model
 
-from slimtune.checkpoint import load_checkpoint, save_checkpoint
+from slimtune.checkpoint import load_checkpoint
 from slimtune.errors import SlimtuneError
 from slimtune.model import PerformerLM
 from slimtune.optimizers import make_optimizer
@@ -17,7 +17,7 @@ from slimtune.train import FitOptions, Trainer, fit
 def setup(tmp_path, data_dir):
     model = tiny_model("sqr", True, dtype=torch.float32)
     base = tmp_path / "base.safetensors"
-    save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(base, model)
     data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:20000]), dtype=torch.uint8)
     return base, data
 

@@ -11,9 +11,9 @@ import time
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import save_model, tiny_model
 
-from slimtune.checkpoint import load_checkpoint, save_checkpoint
+from slimtune.checkpoint import load_checkpoint
 from slimtune.cli import main
 
 
@@ -21,7 +21,7 @@ from slimtune.cli import main
 def ckpt(tmp_path):
     model = tiny_model("sqr", True, dtype=torch.float32, seed=3)
     path = tmp_path / "model.safetensors"
-    save_checkpoint(path, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(path, model)
     return path
 
 
@@ -57,6 +57,12 @@ def test_a_saved_run_is_never_restarted_by_accident(capsys, tmp_path, ckpt, data
     assert (tmp_path / "tuned.safetensors.run.old-1" / "metrics.jsonl").read_text() == metrics  # moved aside, kept
     steps = [json.loads(line)["step"] for line in (tmp_path / "tuned.safetensors.run" / "metrics.jsonl").open()]
     assert steps == [1, 2, 3]
+
+
+def _slimtune(cwd, *args, env=None, timeout=600):
+    """`python -m slimtune ARGS` in a fresh process, run in `cwd`; its CompletedProcess (text output captured)."""
+    cmd = [sys.executable, "-m", "slimtune", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
 def _wait_for_metrics(path, proc, lines=1, timeout=120):
@@ -103,25 +109,11 @@ def test_pretrain_saves_on_ctrl_c_and_resumes_to_the_same_weights(tmp_path, data
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "--resume" in err, err
     assert (tmp_path / "p.safetensors.run" / "state.pt").is_file() and not out.exists()
-    resumed = subprocess.run(
-        [sys.executable, "-m", "slimtune", *args, "--out", str(out), "--resume"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=600,
-    )
+    resumed = _slimtune(tmp_path, *args, "--out", out, "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming the run in" in resumed.stderr and "stopped after step" in resumed.stderr
     whole = tmp_path / "whole.safetensors"
-    straight = subprocess.run(
-        [sys.executable, "-m", "slimtune", *args, "--out", str(whole)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=600,
-    )
+    straight = _slimtune(tmp_path, *args, "--out", whole, env=env)
     assert straight.returncode == 0, straight.stderr
     a, b = load_checkpoint(out).tensors, load_checkpoint(whole).tensors
     for name, t in b.items():
@@ -133,16 +125,10 @@ def test_held_out_evaluation_stays_inside_a_tight_budget(tmp_path, data_dir):
     budget that full backprop does not fit, with an evaluation after every step."""
     model = tiny_model("sqr", True, dtype=torch.float32, hidden_dim=64, ffn_dim=256, n_heads=4)
     base = tmp_path / "base.safetensors"
-    save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(base, model)
 
     def run(*a):
-        return subprocess.run(
-            [sys.executable, "-m", "slimtune", *map(str, a), "--json"],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            cwd=tmp_path,
-        )
+        return _slimtune(tmp_path, *a, "--json")
 
     planned = run("plan", "--checkpoint", base, "--seq-len", 8192, "--device", "cpu")
     candidates = json.loads(planned.stdout.splitlines()[-1])["candidates"]
@@ -178,7 +164,7 @@ def test_held_out_evaluation_stays_inside_a_tight_budget(tmp_path, data_dir):
 def test_a_smaller_vocabulary_than_bytes_is_one_line_for_every_command(capsys, tmp_path, data_dir):
     model = tiny_model("sqr", True, dtype=torch.float32, vocab_size=128)
     path = tmp_path / "v128.safetensors"
-    save_checkpoint(path, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(path, model)
     utf8 = tmp_path / "utf8.txt"
     utf8.write_text("Grüße aus Köln, naïve café " * 50)
     for args in (
@@ -202,14 +188,7 @@ def test_a_text_file_as_checkpoint_is_not_a_checkpoint(capsys, tmp_path, data_di
 def test_logs_get_plain_progress_lines(tmp_path, ckpt, data_dir):
     out = tmp_path / "t.safetensors"
     env = os.environ | {"SLIMTUNE_PROGRESS_SECONDS": "0"}  # every step, so that a short run shows it
-    proc = subprocess.run(
-        [sys.executable, "-m", "slimtune", *_fit(ckpt, data_dir, out, "--steps", 3)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=300,
-    )
+    proc = _slimtune(tmp_path, *_fit(ckpt, data_dir, out, "--steps", 3), env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("fit: ")]
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
@@ -234,7 +213,7 @@ def test_an_hf_export_loads_in_transformers_with_the_same_logits(tmp_path, featu
 
     model = tiny_model(feature_type, on_gptln, dtype=torch.float32, seed=4)
     src = tmp_path / "m.safetensors"
-    save_checkpoint(src, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(src, model)
     folder = PerformerLM.from_pretrained(src).save_pretrained(tmp_path / "hf", format="hf")
     ids = torch.randint(0, 256, (2, 150), generator=torch.Generator().manual_seed(0))
     torch.save(ids, tmp_path / "ids.pt")

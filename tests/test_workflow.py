@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import assert_close, tiny_model
+from helpers import assert_close, save_model, tiny_model
 
 from slimtune.evaluation import adapt_one_step
 from slimtune.generation import generate
@@ -33,12 +33,12 @@ def test_adaptation_with_slim_equals_full_backprop(data_dir):
 
 def test_slim_and_full_backprop_train_the_same_model(tmp_path, data_dir):
     """The paper's Figure 4 claim: 100 steps with SLiM at C = 64 and with full backprop, same start and seed."""
-    from slimtune.checkpoint import load_checkpoint, save_checkpoint
+    from slimtune.checkpoint import load_checkpoint
     from slimtune.train import FitOptions, fit
 
     model = tiny_model("sqr", True, dtype=torch.float32, hidden_dim=32, ffn_dim=64)
     base = tmp_path / "base.safetensors"
-    save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(base, model)
     data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()), dtype=torch.uint8)
     runs = {}
     for c in (64, 300):
@@ -57,12 +57,11 @@ def test_sixty_steps_lower_validation_bpc_by_one(capsys, tmp_path, data_dir):
     """From a random-init d = 64, 2-layer, 4-head checkpoint, 60 adam steps under --mem-budget 2GB."""
     import json
 
-    from slimtune.checkpoint import save_checkpoint
     from slimtune.cli import main
 
     model = tiny_model("sqr", True, dtype=torch.float32, hidden_dim=64, ffn_dim=256, n_heads=4)
     base, tuned = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
-    save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(base, model)
     bpc = {}
     assert (
         main(
@@ -112,12 +111,12 @@ def test_sixty_steps_lower_validation_bpc_by_one(capsys, tmp_path, data_dir):
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, data_dir):
-    from slimtune.checkpoint import load_checkpoint, save_checkpoint
+    from slimtune.checkpoint import load_checkpoint
     from slimtune.train import FitOptions, fit
 
     model = tiny_model("favor+", True, dtype=torch.float32)
     base = tmp_path / "base.safetensors"
-    save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(base, model)
     data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:100000]), dtype=torch.uint8)
 
     def options(run_dir, resume=False):
@@ -156,13 +155,13 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, data_dir):
 
 
 def test_resume_refuses_changed_settings(tmp_path, data_dir):
-    from slimtune.checkpoint import load_checkpoint, save_checkpoint
+    from slimtune.checkpoint import load_checkpoint
     from slimtune.errors import SlimtuneError
     from slimtune.train import FitOptions, fit
 
     model = tiny_model("sqr", True, dtype=torch.float32)
     base = tmp_path / "base.safetensors"
-    save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(base, model)
     data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:20000]), dtype=torch.uint8)
     fit(
         load_checkpoint(base),
@@ -182,13 +181,13 @@ def test_resume_refuses_changed_settings(tmp_path, data_dir):
 
 
 def test_nonfinite_loss_stops_or_skips(tmp_path, data_dir):
-    from slimtune.checkpoint import load_checkpoint, save_checkpoint
+    from slimtune.checkpoint import load_checkpoint
     from slimtune.errors import SlimtuneError
     from slimtune.train import FitOptions, fit
 
     model = tiny_model("sqr", True, dtype=torch.float32)
     base = tmp_path / "base.safetensors"
-    save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(base, model)
     data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:20000]), dtype=torch.uint8)
     blow_up = dict(
         seq_len=32, steps=3, chunk_size=8, optimizer="sgd", lr=1e30, device="cpu", run_dir=str(tmp_path / "run")
@@ -228,11 +227,9 @@ def test_signal_saves_the_run_and_exits_with_the_conventional_code(tmp_path, dat
     import sys
     import time
 
-    from slimtune.checkpoint import save_checkpoint
-
     model = tiny_model("sqr", True, dtype=torch.float32, hidden_dim=64, ffn_dim=256, n_heads=4)
     base = tmp_path / "base.safetensors"
-    save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(base, model)
     out = tmp_path / "o.safetensors"
     proc = subprocess.Popen(
         [
@@ -272,11 +269,11 @@ def test_signal_saves_the_run_and_exits_with_the_conventional_code(tmp_path, dat
 def test_interrupt_inside_a_step_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):
     """Ctrl-C in the middle of step 3 (after its data was drawn): the resumed run redraws that step."""
     from slimtune import train
-    from slimtune.checkpoint import load_checkpoint, save_checkpoint
+    from slimtune.checkpoint import load_checkpoint
 
     model = tiny_model("favor+", True, dtype=torch.float32)
     base = tmp_path / "base.safetensors"
-    save_checkpoint(base, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
+    save_model(base, model)
     data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:100000]), dtype=torch.uint8)
 
     def options(run, resume=False):
@@ -301,3 +298,4 @@ def test_interrupt_inside_a_step_resumes_to_the_same_weights(tmp_path, data_dir,
     assert resumed.losses == whole.losses
     for name, t in load_checkpoint(tmp_path / "b.safetensors").tensors.items():
         assert torch.equal(load_checkpoint(tmp_path / "a.safetensors").tensors[name], t), name
+
