@@ -8,9 +8,12 @@ original model loads unchanged (same names, shapes, dtypes and config), with the
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -401,19 +404,21 @@ class Trainer:
                     f"non-finite loss or gradient at step {step} (loss {loss}){where}: lower --lr, "
                     "add --clip-grad, or pass --skip-nonfinite to skip such steps; nothing was exported"
                 )
-            self.skipped += 1
+            with _signals_held():
+                self.skipped += 1
+                self.completed = step
+                self._point = self._here()
             self._warn(f"skipped step {step}: non-finite loss or gradient ({self.skipped} so far)")
-            self.completed = step
-            self._point = self._here()
             return {"step": step, "skipped": True}
         if o.clip_grad and not o.one_step:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip_grad)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.losses.append(loss)
-        self.completed = step
-        self._point = self._here()
+        with _signals_held():  # an interrupt here would save updated weights under the step before
+            self.optimizer.step()
+            self.scheduler.step()
+            self.losses.append(loss)
+            self.completed = step
+            self._point = self._here()
         metrics = {
             "step": step,
             "loss": loss,
@@ -446,6 +451,25 @@ class Trainer:
             if o.save_every and step % o.save_every == 0 and not self.done:
                 self.save()
         return metrics
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C (SIGINT) and SIGTERM that arrive inside the block take effect at its end, through the handlers that were
+    in place, so that what the block changes (a step's update and its count) is saved whole or not at all. Outside
+    the main thread, where Python runs no signal handlers, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {n: signal.signal(n, lambda number, frame: held.append(number)) for n in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def _check_data(data: torch.Tensor | None, options: FitOptions) -> None:

@@ -299,3 +299,38 @@ def test_interrupt_inside_a_step_resumes_to_the_same_weights(tmp_path, data_dir,
     for name, t in load_checkpoint(tmp_path / "b.safetensors").tensors.items():
         assert torch.equal(load_checkpoint(tmp_path / "a.safetensors").tensors[name], t), name
 
+
+def test_ctrl_c_during_the_weight_update_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):
+    """A real SIGINT that arrives while step 3 updates the weights (after the optimizer's update, before the step is
+    counted): the update and the step count are saved together, so the resumed run neither loses nor repeats it."""
+    import signal
+
+    from slimtune import train
+    from slimtune.checkpoint import load_checkpoint
+
+    base = save_model(tmp_path / "base.safetensors", tiny_model("sqr", True, dtype=torch.float32))
+    data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:100000]), dtype=torch.uint8)
+
+    def options(run, resume=False):
+        return train.FitOptions(
+            seq_len=48, batch_size=2, steps=5, chunk_size=16, lr=3e-3, device="cpu", run_dir=str(run), resume=resume
+        )
+
+    real, calls = torch.optim.Adam.step, []
+
+    def update_then_ctrl_c(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)  # Python raises KeyboardInterrupt at its next chance to
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", update_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(load_checkpoint(base), data, tmp_path / "a.safetensors", options(tmp_path / "run"))
+    monkeypatch.setattr(torch.optim.Adam, "step", real)
+    resumed = train.fit(load_checkpoint(base), data, tmp_path / "a.safetensors", options(tmp_path / "run", True))
+    whole = train.fit(load_checkpoint(base), data, tmp_path / "b.safetensors", options(tmp_path / "run2"))
+    assert resumed.first_step == 3 and resumed.losses == whole.losses
+    for name, t in load_checkpoint(tmp_path / "b.safetensors").tensors.items():
+        assert torch.equal(load_checkpoint(tmp_path / "a.safetensors").tensors[name], t), name
