@@ -127,9 +127,21 @@ def peak_memory_bytes(device: torch.device) -> int:
     return peak_rss()
 
 
+def _fresh_outputs(func, out) -> list:
+    """The outputs of `func` that may hold new storage: not those its schema declares as aliases of an input (views
+    such as a weight's transpose, in-place and out= results), whose storage existed before the op."""
+    returns = getattr(getattr(func, "_schema", None), "returns", None)
+    if returns is None:
+        return tree_flatten(out)[0]
+    parts = out if isinstance(out, (tuple, list)) and len(returns) > 1 else (out,)
+    fresh = [part for part, r in zip(parts, returns, strict=False) if r.alias_info is None]
+    return tree_flatten(fresh)[0]
+
+
 class TensorBytes(TorchDispatchMode):
     """Counts the bytes of tensor storages created while active, live and at peak. Deterministic, unlike RSS,
-    and the same on any device; tensors that existed before entering (the weights) are not counted."""
+    and the same on any device; tensors that existed before entering (the weights) are not counted, nor are views
+    of them (a weight's transpose in a linear map's forward is the weight's own storage)."""
 
     def __init__(self):
         super().__init__()
@@ -144,7 +156,7 @@ class TensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
+        for t in _fresh_outputs(func, out):
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
             storage = t.untyped_storage()

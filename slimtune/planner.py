@@ -57,7 +57,9 @@ SLIM_TIME_SIZES = (16, 256)  # C of the SLiM timing probes (smaller for short L)
 SLIM_PROBE_CHUNKS = 4  # chunks per SLiM timing probe: the sweep, the recovery and the chained backward all run
 TIME_REPEATS = 5  # each timing probe runs this often; the fastest counts
 TIME_UNCERTAINTY = 0.25  # the time column against measured steps (benchmarks/planner_time.py), stated in the plan
-FAULT_PROBE_BYTES = 64 * 2**20  # a block this large is mmap'ed under any heap policy: its first touch faults
+# A block this large is mmap'ed under any heap policy (glibc's dynamic threshold stops at 32 MB): its first touch
+# faults. The probe runs first, while the process holds only the runtime and the weights, and only where it fits.
+FAULT_PROBE_BYTES = 40 * 2**20
 # Resident bytes per tensor byte in heap-sized blocks at a training run's peak: glibc reuses freed blocks but
 # keeps and fragments them, more so over many chunks and steps. Calibrated, not measured per run: a single
 # probe step from a trimmed heap shows only ~1.35, while runs show about 2 (benchmarks/planner_accuracy.py
@@ -274,6 +276,9 @@ def probe(model: PerformerLM, work: Workload, room: float | None = None) -> Prob
     """Measure the model on its device. `room`: bytes the probe steps may add to what the process holds; the
     second probe is shortened (not below 2 x the first) so that its own peak stays inside it."""
     seq_len, batch_size = work.seq_len, work.batch_size
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    fits = room is None or room > FAULT_PROBE_BYTES
+    fault_per_byte = _fault_per_byte() if on_cpu and fits else 0.0
     c1 = min(PROBE_SIZES[0], seq_len)
     # Warm-up on SLiM's own path (sweep, recovery, chained backward): first use loads kernels' code, which stays.
     warm = _windows(model, batch_size, 3 * c1)
@@ -296,7 +301,6 @@ def probe(model: PerformerLM, work: Workload, room: float | None = None) -> Prob
     # extrapolates its noise 8-16x (four plans spread 42 % that way, 0.87x-1.24x for one C).
     full_base, full_per_token = 0.0, (t2 if c2 > c1 else t1) / max(c1, c2)
     state, opt_peak = _probe_optimizer(model, work.optimizer)
-    on_cpu = w1.device.type == "cpu"
     return Probe(
         base=max(0.0, m1.peak - per_token * c1),
         per_token=per_token,
@@ -306,7 +310,7 @@ def probe(model: PerformerLM, work: Workload, room: float | None = None) -> Prob
         full_per_token=full_per_token,
         slim_base=slim_base,
         slim_per_token=slim_per_token,
-        fault_per_byte=_fault_per_byte() if on_cpu else 0.0,
+        fault_per_byte=fault_per_byte,
         heap_overhead=overhead,
         probe_tokens=c2,
         sizes=m2.sizes,
