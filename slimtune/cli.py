@@ -1030,6 +1030,7 @@ def env(as_json: Json = False):
         f"{info.cpu_count} cores, {format_size(info.cpu_available_bytes)} available "
         f"of {format_size(info.cpu_total_bytes)}",
     )
+    table.add_row("CPU memory limit", info.cpu_limit)
     for gpu in info.gpus:
         table.add_row(
             f"cuda:{gpu.index}",

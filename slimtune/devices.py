@@ -1,5 +1,6 @@
 """Devices and their memory: which device to run on, what it has free, the budget a job may use on it, the CUDA
-context's share, an emulated small card; CPU memory from psutil, NVIDIA GPUs from NVML (`slimtune env`).
+context's share, an emulated small card; CPU memory from psutil and the process's memory cgroups (cgroups.py),
+NVIDIA GPUs from NVML (`slimtune env`).
 
 A budget covers everything the job holds on the device. On CPU that is the process's resident memory (RSS): the
 runtime (Python, torch, the loaded checkpoint), the weights, gradients, optimizer state, one chunk's activations,
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import psutil
 import torch
 
+from .cgroups import Limit, memory_limits, tightest
 from .errors import ConfigError
 from .units import format_size, parse_size
 
@@ -44,7 +46,8 @@ class Environment:
     cuda_usable: bool
     cpu_count: int
     cpu_total_bytes: int
-    cpu_available_bytes: int
+    cpu_available_bytes: int  # what a process may add: the least of the system's available and its cgroups' free
+    cpu_limit: str = ""  # where cpu_available_bytes comes from (a cgroup limit, or the system's available memory)
     gpus: list[GPU] = field(default_factory=list)
     nvml_error: str | None = None
     default_device: str = "cpu"
@@ -121,6 +124,7 @@ def nvml_other_processes_bytes(device: torch.device) -> int:
 
 def detect_environment() -> Environment:
     vm = psutil.virtual_memory()
+    host = host_memory()
     gpus, nvml_error = detect_gpus()
     return Environment(
         python=platform.python_version(),
@@ -129,7 +133,8 @@ def detect_environment() -> Environment:
         cuda_usable=torch.cuda.is_available(),
         cpu_count=psutil.cpu_count() or 1,
         cpu_total_bytes=vm.total,
-        cpu_available_bytes=vm.available,
+        cpu_available_bytes=host.free_bytes,
+        cpu_limit=host.source,
         gpus=gpus,
         nvml_error=nvml_error,
         default_device="cuda" if torch.cuda.is_available() else "cpu",
@@ -161,13 +166,42 @@ def cuda_context_bytes(device: torch.device) -> int:
     return max(0, total - free - torch.cuda.memory_reserved(device) - nvml_other_processes_bytes(device))
 
 
+@dataclass(frozen=True)
+class HostMemory:
+    """What a CPU process may add to its resident memory: the least of the system's available memory and what
+    the memory cgroups it runs in (a container's, a pod's, a systemd slice's; cgroups.py) leave free."""
+
+    free_bytes: int
+    system_available_bytes: int
+    limit: Limit | None  # the tightest cgroup limit, if any
+
+    @property
+    def source(self) -> str:
+        """Where the ceiling comes from, for `env` and `plan`."""
+        if self.limit is not None and self.limit.free < self.system_available_bytes:
+            return self.limit.describe()
+        return "the system's available memory" + (f"; {self.limit.describe()}" if self.limit else ", no cgroup limit")
+
+
+def host_memory() -> HostMemory:
+    limit = tightest(memory_limits())
+    system = psutil.virtual_memory().available
+    return HostMemory(min(system, limit.free) if limit else system, system, limit)
+
+
 def available_bytes(device: torch.device) -> int:
-    """What this job could hold in all: RSS plus the system's available memory (CPU), or the card's free
-    memory plus what this process already reserved (CUDA)."""
+    """What this job could hold in all: RSS plus what the process may still add (CPU: the least of the system's
+    available memory and its cgroups' free memory, `host_memory`), or the card's free memory plus what this
+    process already reserved (CUDA)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) + cuda_context_bytes(device)
-    return psutil.Process().memory_info().rss + psutil.virtual_memory().available
+    return psutil.Process().memory_info().rss + host_memory().free_bytes
+
+
+def available_source(device: torch.device) -> str:
+    """Where `available_bytes` comes from on `device`."""
+    return "the card's free memory" if device.type == "cuda" else host_memory().source
 
 
 def resolve_budget(budget: str | int | None, device: torch.device) -> tuple[int, int]:

@@ -32,6 +32,7 @@ the blocks the heap policy maps afresh (4 MB and up under "tight", 32 MB and up 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,7 +41,7 @@ import torch
 
 from .choices import Optimizer, Recovery
 from .deferred import buffer_bytes, defers
-from .devices import cuda_context_bytes, resolve_budget
+from .devices import available_source, cuda_context_bytes, resolve_budget
 from .errors import ConfigError, OutOfBudgetError
 from .memory import HEAP_THRESHOLDS, TensorBytes, heap_policy, heap_policy_during, process_rss, release_free_heap
 from .model import PerformerLM
@@ -140,6 +141,7 @@ class Plan:
     chunk_size: int  # C, the choice: L when full backprop fits
     budget_bytes: int
     available_bytes: int
+    available_source: str  # what limits available_bytes (a cgroup's limit, the system's memory, the card)
     device: str
     seq_len: int
     batch_size: int
@@ -272,9 +274,30 @@ def _probe_optimizer(model: PerformerLM, optimizer: str) -> tuple[int, int]:
     return state, max(peak, state)
 
 
+@contextlib.contextmanager
+def _some_feature_draw(model: PerformerLM):
+    """A FAVOR+ model without a draw (none is saved in a checkpoint) gets one for the probe steps, and loses it
+    after: the draw changes no shape, so no byte or second the probes measure."""
+    layers = list(model.layers)
+    missing = [layer.attention.projection is None for layer in layers]
+    if any(missing):
+        model.redraw_features(torch.Generator().manual_seed(0))
+    try:
+        yield
+    finally:
+        for layer, none in zip(layers, missing, strict=True):
+            if none:
+                layer.attention.projection = None
+
+
 def probe(model: PerformerLM, work: Workload, room: float | None = None) -> Probe:
     """Measure the model on its device. `room`: bytes the probe steps may add to what the process holds; the
     second probe is shortened (not below 2 x the first) so that its own peak stays inside it."""
+    with _some_feature_draw(model):
+        return _probe(model, work, room)
+
+
+def _probe(model: PerformerLM, work: Workload, room: float | None) -> Probe:
     seq_len, batch_size = work.seq_len, work.batch_size
     on_cpu = next(model.parameters()).device.type == "cpu"
     fits = room is None or room > FAULT_PROBE_BYTES
@@ -479,6 +502,7 @@ def plan_chunk_size(model: PerformerLM, work: Workload, budget: str | int | None
         chunk_size=chosen,
         budget_bytes=budget_bytes,
         available_bytes=available,
+        available_source=available_source(device),
         device=str(device),
         seq_len=L,
         batch_size=work.batch_size,

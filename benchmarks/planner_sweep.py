@@ -1,0 +1,238 @@
+"""The memory budget as a promise (issue 21): `slimtune fit --mem-budget B` on shapes drawn with a fixed seed, each
+in a fresh process, its measured peak (VmHWM, the kernel's high-water mark of resident memory) against the budget
+and against the plan's prediction.
+
+Drawn across d 64-1024, 1-8 layers, heads, d_ff, feature type, layer norm, batch 1-4, L 1k-64k, sgd/adam/adamw,
+fp32/bf16, with and without held-out evaluation, budgets from just above the runtime floor to several GB; the
+shapes whose step would take more than about a minute on 2 cores are redrawn. Each case runs 2 steps (the
+optimizer's state exists from the first, so the second is the run's steady peak).
+
+Goals: no case over its budget; prediction within 10 % of the measured peak; not timid: a chosen C below L either
+measures at least 80 % of the budget, or the next C on the planner's grid, forced, measures over the budget.
+
+    python benchmarks/planner_sweep.py                # the sweep (about 20 minutes on 2 cores)
+    python benchmarks/planner_sweep.py --cgroup       # the same cases, each inside a memory cgroup of its budget
+                                                      # and without --mem-budget (root, cgroup v1): none killed
+    python benchmarks/planner_sweep.py --cases 3      # the first cases only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from _common import DATA, OUT, make_checkpoint, report
+
+from slimtune.model import PerformerConfig
+from slimtune.planner import chunk_sizes
+
+SEED = 21
+STEPS = 2
+RUNTIME_FLOOR = 380e6  # about what the process holds before training (Python, torch, kernels): a budget's base
+MAX_WORK = 4e11  # 6 x parameters x tokens of one step, about half a minute on 2 cores: larger shapes are redrawn
+MB = 1e6
+
+
+def draw(rng: random.Random) -> dict:
+    """One case: a model shape, a workload and a budget above the runtime floor."""
+    while True:
+        d = rng.choice([64, 128, 256, 384, 512, 768, 1024])
+        heads = rng.choice([h for h in (1, 2, 4, 8, 16) if d % h == 0 and d // h >= 16])
+        case = {
+            "hidden_dim": d,
+            "n_layers": rng.randint(1, 8),
+            "ffn_dim": d * rng.choice([2, 4]),
+            "n_heads": heads,
+            "feature_type": rng.choice(["sqr", "relu", "elu+1", "favor+"]),
+            "layernorm": rng.choice(["post", "pre"]),
+            "batch_size": rng.randint(1, 4),
+            "seq_len": rng.choice([1024, 2048, 4096, 8192, 16384, 32768, 65536]),
+            "optimizer": rng.choice(["sgd", "adam", "adamw"]),
+            "precision": rng.choice(["fp32", "bf16"]),
+            "eval": rng.random() < 0.4,
+        }
+        params = case["n_layers"] * (3 * d * d + 2 * d * case["ffn_dim"]) + 256 * d
+        if 6 * params * case["batch_size"] * case["seq_len"] > MAX_WORK:
+            continue
+        fixed = params * 4 * (2 + {"sgd": 0, "adam": 2, "adamw": 2}[case["optimizer"]])  # weights, grads, state
+        floor = RUNTIME_FLOOR + fixed
+        case["budget_bytes"] = int(floor * 1.15 * (5000e6 / (floor * 1.15)) ** (rng.random() ** 2))
+        case["params"] = params
+        return case
+
+
+def _config(case: dict) -> PerformerConfig:
+    return PerformerConfig(
+        hidden_dim=case["hidden_dim"],
+        n_layers=case["n_layers"],
+        ffn_dim=case["ffn_dim"],
+        n_heads=case["n_heads"],
+        feature_type=case["feature_type"],
+        on_gptln=case["layernorm"] == "post",
+    )
+
+
+def _cgroup(limit: int) -> Path:
+    root = Path("/sys/fs/cgroup/memory")
+    folder = root / f"slimtune-sweep-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    (folder / "memory.limit_in_bytes").write_text(str(limit))
+    return folder
+
+
+def fit(case: dict, checkpoint: Path, *, budget: bool = True, chunk: int | None = None, cgroup: bool = False):
+    """One fresh `slimtune fit` process: (exit code, its JSON or None, stderr's last line, cgroup peak or None)."""
+    out = OUT / "sweep-out.safetensors"
+    shutil.rmtree(OUT / "sweep-out.safetensors.run", ignore_errors=True)  # each call is a new run
+    args = [
+        sys.executable, "-m", "slimtune", "fit", "--checkpoint", checkpoint, "--data", DATA / "tinyshakespeare.txt",
+        "--out", out, "--device", "cpu", "--json", "--steps", STEPS, "--seq-len", case["seq_len"],
+        "--batch-size", case["batch_size"], "--optimizer", case["optimizer"], "--precision", case["precision"],
+    ]  # fmt: skip
+    if budget:
+        args += ["--mem-budget", case["budget_bytes"]]
+    if chunk:
+        args += ["--chunk-size", chunk]
+    if case["eval"]:
+        args += ["--eval-data", DATA / "ptb.valid.txt", "--eval-every", 1]
+    args = [str(a) for a in args]
+    folder = _cgroup(case["budget_bytes"]) if cgroup else None
+    try:
+        if folder:  # join the cgroup, then become slimtune
+            args = ["sh", "-c", f'echo $$ > {folder}/cgroup.procs && exec "$@"', "sh", *args]
+        proc = subprocess.run(args, capture_output=True, text=True)
+        charged = int((folder / "memory.max_usage_in_bytes").read_text()) if folder else None
+    finally:
+        if folder:
+            folder.rmdir()
+        out.unlink(missing_ok=True)
+    last = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else None
+    error = (proc.stderr.strip().splitlines() or [""])[-1]
+    return proc.returncode, json.loads(last) if last else None, error, charged
+
+
+def _next_chunk(chosen: int, seq_len: int) -> int:
+    bigger = [c for c in chunk_sizes(seq_len) if c > chosen]
+    return bigger[0] if bigger else seq_len
+
+
+def _shape(case: dict) -> str:
+    return (
+        f"d{case['hidden_dim']} x{case['n_layers']} f{case['ffn_dim']} h{case['n_heads']} "
+        f"{case['feature_type']} {case['layernorm']}"
+    )
+
+
+def _work(case: dict) -> str:
+    return (
+        f"B{case['batch_size']} L{case['seq_len']} {case['optimizer']} {case['precision']}"
+        + (" eval" if case["eval"] else "")
+    )
+
+
+def sweep(cases: list[dict]) -> tuple[list, list]:
+    rows, records = [], []
+    for i, case in enumerate(cases, 1):
+        ckpt = make_checkpoint(_config(case), f"sweep-{i}")
+        code, result, error, _ = fit(case, ckpt)
+        record = dict(case, case=i, exit_code=code, error=error if code else "")
+        if code == 0:
+            plan = result["plan"]
+            peak, predicted, C = result["peak_memory_bytes"], plan["predicted_peak_bytes"], result["chunk_size"]
+            record |= {
+                "chunk_size": C,
+                "measured_peak_bytes": peak,
+                "predicted_peak_bytes": predicted,
+                "heap": plan["heap"],
+                "over_budget": peak > case["budget_bytes"],
+                "prediction_error": predicted / peak - 1,
+                "share_of_budget": peak / case["budget_bytes"],
+            }
+            next_peak = None
+            if C < case["seq_len"] and peak < 0.8 * case["budget_bytes"]:  # is the next C really over budget?
+                bigger = _next_chunk(C, case["seq_len"])
+                next_code, next_result, _, _ = fit(case, ckpt, budget=False, chunk=bigger)
+                next_peak = next_result["peak_memory_bytes"] if next_code == 0 else None
+                record |= {"next_chunk_size": bigger, "next_measured_peak_bytes": next_peak}
+            record["timid"] = bool(next_peak is not None and next_peak <= case["budget_bytes"])
+            verdict = "OVER" if record["over_budget"] else ("timid" if record["timid"] else "ok")
+            cells = [
+                f"{C}" + (" (L)" if C >= case["seq_len"] else ""),
+                f"{predicted / MB:.0f}",
+                f"{peak / MB:.0f}",
+                f"{record['prediction_error']:+.1%}",
+                f"{record['share_of_budget']:.0%}",
+                verdict,
+            ]
+        else:
+            cells = ["-", "-", "-", "-", "-", f"exit {code}: {error[:60]}"]
+        rows.append([i, _shape(case), _work(case), f"{case['budget_bytes'] / MB:.0f}", *cells])
+        records.append(record)
+        print(" | ".join(map(str, rows[-1])), flush=True)
+    return rows, records
+
+
+def sweep_in_cgroups(cases: list[dict]) -> tuple[list, list]:
+    rows, records = [], []
+    for i, case in enumerate(cases, 1):
+        ckpt = make_checkpoint(_config(case), f"sweep-{i}")
+        code, result, error, charged = fit(case, ckpt, budget=False, cgroup=True)
+        killed = code in (137, -9)
+        record = dict(case, case=i, exit_code=code, killed=killed, cgroup_peak_bytes=charged)
+        if result:
+            record |= {"chunk_size": result["chunk_size"], "measured_peak_bytes": result["peak_memory_bytes"]}
+        rows.append(
+            [
+                i,
+                _shape(case),
+                _work(case),
+                f"{case['budget_bytes'] / MB:.0f}",
+                result["chunk_size"] if result else "-",
+                f"{charged / MB:.0f}" if charged else "-",
+                "KILLED" if killed else ("ok" if code == 0 else f"exit {code}: {error[:60]}"),
+            ]
+        )
+        records.append(record)
+        print(" | ".join(map(str, rows[-1])), flush=True)
+    return rows, records
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", type=int, default=24, help="how many of the drawn cases to run (default 24)")
+    parser.add_argument("--cgroup", action="store_true", help="run each case inside a memory cgroup of its budget")
+    args = parser.parse_args()
+    rng = random.Random(SEED)
+    cases = [draw(rng) for _ in range(args.cases)]
+    if args.cgroup:
+        if os.geteuid() != 0 or not Path("/sys/fs/cgroup/memory/cgroup.procs").exists():
+            sys.exit("--cgroup needs root and a cgroup v1 memory hierarchy at /sys/fs/cgroup/memory")
+        rows, records = sweep_in_cgroups(cases)
+        headers = ["#", "model", "workload", "limit MB", "C", "cgroup peak MB", "result"]
+        summary = {"cases": len(records), "killed": sum(r["killed"] for r in records)}
+        report("planner_sweep-cgroup", headers, rows, summary | {"records": records})
+    else:
+        rows, records = sweep(cases)
+        headers = ["#", "model", "workload", "budget MB", "C", "predicted MB", "peak MB", "error", "of budget", ""]
+        ran = [r for r in records if r["exit_code"] == 0]
+        summary = {
+            "cases": len(records),
+            "ran": len(ran),
+            "over_budget": sum(r["over_budget"] for r in ran),
+            "timid": sum(r["timid"] for r in ran),
+            "worst_prediction_error": max((abs(r["prediction_error"]) for r in ran), default=None),
+            "within_10_percent": sum(abs(r["prediction_error"]) <= 0.10 for r in ran),
+        }
+        report("planner_sweep", headers, rows, summary | {"records": records})
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
