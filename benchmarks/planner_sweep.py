@@ -131,9 +131,8 @@ def _shape(case: dict) -> str:
 
 
 def _work(case: dict) -> str:
-    return (
-        f"B{case['batch_size']} L{case['seq_len']} {case['optimizer']} {case['precision']}"
-        + (" eval" if case["eval"] else "")
+    return f"B{case['batch_size']} L{case['seq_len']} {case['optimizer']} {case['precision']}" + (
+        " eval" if case["eval"] else ""
     )
 
 

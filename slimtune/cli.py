@@ -414,7 +414,11 @@ def fit(
     for key, value in (
         ("device", result.device),
         ("seq len / batch", f"{result.seq_len} / {result.batch_size}"),
-        ("chunk size C", f"{result.chunk_size}" + (" (auto)" if plan else "")),
+        (
+            "chunk size C",
+            f"{result.chunk_size}"
+            + ((" (auto)" if options.chunk_size is None else " (fits the budget)") if plan else ""),
+        ),
         ("resumed from step", str(result.first_step) if result.first_step else "-"),
         ("budget", format_size(plan["budget_bytes"]) if plan else "-"),
         ("predicted peak", format_size(plan["predicted_peak_bytes"]) if plan else "-"),
@@ -442,9 +446,10 @@ def _plan_caption(result) -> str:
     """What the plan's figures count and how far to trust them."""
     where = f" on {result.threads} CPU thread(s)" if result.heap else ""
     caption = (
-        f"memory counts {result.memory_counts}; the runtime alone holds {format_size(result.breakdown['runtime'])}: "
-        f"no budget below it fits. Step time is relative to full backprop's, predicted {result.seconds_full:.2f} s "
-        f"here{where}, within about {result.time_uncertainty:.0%} of measured steps on a quiet machine"
+        f"Memory counts {result.memory_counts}; available {format_size(result.available_bytes)}, from "
+        f"{result.available_source}. The runtime alone holds {format_size(result.breakdown['runtime'])}: no budget "
+        f"below it fits. Step time is relative to full backprop's (1.00x: predicted {result.seconds_full:.2f} s "
+        f"here{where}), within about {result.time_uncertainty:.0%} of measured steps on a quiet machine"
     )
     if result.heap:
         caption += (
@@ -463,6 +468,7 @@ def plan(
     optimizer: OptimizerOpt = Optimizer.ADAM,
     device: Device = "auto",
     recovery: RecoveryOpt = Recovery.SUBTRACT64,
+    precision: PrecisionOpt = Precision.FP32,
     n_heads: NHeads = None,
     feature_type: FeatureType = None,
     layernorm: LayerNormOpt = None,
@@ -480,23 +486,29 @@ def plan(
     _use_threads(threads)
     model = PerformerLM.from_pretrained(checkpoint, device=device, **_model_flags(n_heads, feature_type, layernorm))
     result = run_plan(
-        model, seq_len=seq_len, batch_size=batch_size, mem_budget=mem_budget, optimizer=optimizer, recovery=recovery
+        model,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        mem_budget=mem_budget,
+        optimizer=optimizer,
+        recovery=recovery,
+        precision=precision,
     )
     table = Table(
-        title=f"slimtune plan: L = {seq_len}, batch {batch_size}, {optimizer}, budget "
+        title=f"slimtune plan: L {seq_len}, batch {batch_size}, {optimizer}, budget "
         f"{format_size(result.budget_bytes)} on {result.device}",
         caption=_plan_caption(result),
     )
-    for col in ("C", "predicted peak", "share of budget", "relative step time", ""):
+    for col in ("C", "predicted peak", "of budget", "step time", "heap", ""):
         table.add_column(col, justify="right")
     for c in result.candidates:
-        mark = "<- chosen" if c.chunk_size == result.chunk_size else ("" if c.fits else "does not fit")
-        label = f"{c.chunk_size}" + (" (full backprop)" if c.chunk_size >= seq_len else "")
+        mark = "<- chosen" if c.chunk_size == result.chunk_size else ("" if c.fits else "over")
         table.add_row(
-            label,
+            f"{c.chunk_size}" + (" (full)" if c.chunk_size >= seq_len else ""),
             format_size(c.predicted_peak_bytes),
             f"{100 * c.share_of_budget:.0f}%",
-            f"{c.relative_time:.2f}x" + (" (tight heap)" if c.heap == "tight" else ""),
+            f"{c.relative_time:.2f}x",
+            c.heap or "-",
             mark,
         )
     fixed = Table(title="predicted peak at the chosen C", show_header=False)

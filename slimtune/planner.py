@@ -24,10 +24,11 @@ extrapolation. What the prediction is made of, line by line (see `predict`):
               "fast" (plain-PyTorch speed) when its peak under "fast" fits the budget too.
 The optimizer step's own peak (gradients + state + temporaries, counted) is compared with the backward's.
 
-Time (the plan's column, relative to full backprop over L with the "fast" heap): full backprop per token and
-SLiM's per-chunk overhead plus per-token work are timed on the model (the fastest of TIME_REPEATS, with the
-"fast" heap, so page faults do not add noise); page faults are then added from a measured cost per byte for
-the blocks the heap policy maps afresh (4 MB and up under "tight", 32 MB and up under "fast").
+Time (the plan's column, relative to full backprop over L with the heap it would run with, so full backprop is
+1.00x): full backprop per token and SLiM's per-chunk overhead plus per-token work are timed on the model (the
+fastest of TIME_REPEATS, with the "fast" heap, so page faults do not add noise); page faults are then added from
+a measured cost per byte for the blocks the heap policy maps afresh (4 MB and up under "tight", 32 MB and up
+under "fast").
 """
 
 from __future__ import annotations
@@ -39,14 +40,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .choices import Optimizer, Recovery
+from .choices import Optimizer, Precision, Recovery
 from .deferred import buffer_bytes, defers
 from .devices import available_source, cuda_context_bytes, resolve_budget
 from .errors import ConfigError, OutOfBudgetError
 from .memory import HEAP_THRESHOLDS, TensorBytes, heap_policy, heap_policy_during, process_rss, release_free_heap
 from .model import PerformerLM
 from .optimizers import make_optimizer
-from .slim import slim_step
+from .slim import compute_dtype, slim_step
 from .units import format_size
 
 # Chunk sizes of the two probe steps. Below ~256 tokens a step's peak is not yet linear in C (fixed-size
@@ -76,10 +77,12 @@ class Workload:
     batch_size: int = 1  # windows per step
     optimizer: Optimizer = Optimizer.ADAM  # its state counts in the peak
     recovery: Recovery = Recovery.SUBTRACT64  # "store" keeps L / C start states
+    precision: Precision = Precision.FP32  # bf16 autocast: other activations, and the weights' bf16 copies
 
     def __post_init__(self):
         object.__setattr__(self, "optimizer", Optimizer.parse(self.optimizer, "optimizer"))
         object.__setattr__(self, "recovery", Recovery.parse(self.recovery, "state recovery"))
+        object.__setattr__(self, "precision", Precision.parse(self.precision, "precision"))
 
 
 @dataclass
@@ -129,7 +132,7 @@ class Candidate:
     chunk_size: int
     predicted_peak_bytes: int
     share_of_budget: float
-    relative_time: float  # predicted step time / full backprop's (with the "fast" heap)
+    relative_time: float  # predicted step time / full backprop's (with the heap full backprop would run with)
     fits: bool
     heap: str = ""  # the heap policy this C would run with on CPU ("fast" when it fits, else "tight")
 
@@ -152,7 +155,7 @@ class Plan:
     batch_weight_grads: bool = False  # small C: weight gradients batched in buffers that fit the budget
     memory_counts: str = ""  # what the predicted peaks count on this device
     heap: str = ""  # CPU: the heap policy the run uses (memory.py); "" on CUDA
-    seconds_full: float = 0.0  # predicted seconds of a full-backprop step over L (the time column's unit)
+    seconds_full: float = 0.0  # predicted seconds of a full-backprop step over L, its own heap (the time unit)
     threads: int = 0  # CPU intra-op threads the timings ran with (a run with another count has other ratios)
     time_uncertainty: float = TIME_UNCERTAINTY  # how far measured relative step times may lie from the column
 
@@ -190,12 +193,12 @@ def _tracked(fn) -> TensorBytes:
     return tracked
 
 
-def _tracked_step(model: PerformerLM, windows: torch.Tensor) -> TensorBytes:
+def _tracked_step(model: PerformerLM, windows: torch.Tensor, precision: Precision) -> TensorBytes:
     """Counted bytes of a full-backprop step over `windows`, with the gradients allocated beforehand: their size
     is known exactly, and the step's own peak is then its activations, which are linear in the chunk."""
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    tracked = _tracked(lambda: slim_step(model, windows, windows.shape[1] - 1))
+    tracked = _tracked(lambda: slim_step(model, windows, windows.shape[1] - 1, precision=precision))
     model.zero_grad(set_to_none=True)
     return tracked
 
@@ -205,7 +208,9 @@ def _windows(model: PerformerLM, batch_size: int, length: int) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (batch_size, length + 1), device=device)
 
 
-def _timed_step(model: PerformerLM, windows: torch.Tensor, chunk_size: int | None = None) -> float:
+def _timed_step(
+    model: PerformerLM, windows: torch.Tensor, precision: Precision, chunk_size: int | None = None
+) -> float:
     """Seconds of one step over `windows` (full backprop, or SLiM at `chunk_size`): the fastest of TIME_REPEATS,
     the figure least disturbed by whatever else the machine does; with the "fast" heap, so that page faults (added
     by the model) do not add their noise."""
@@ -214,7 +219,7 @@ def _timed_step(model: PerformerLM, windows: torch.Tensor, chunk_size: int | Non
         for _ in range(TIME_REPEATS):
             model.zero_grad(set_to_none=True)
             started = time.perf_counter()
-            slim_step(model, windows, chunk_size or windows.shape[1] - 1)
+            slim_step(model, windows, chunk_size or windows.shape[1] - 1, precision=precision)
             if windows.device.type == "cuda":
                 torch.cuda.synchronize(windows.device)
             best = min(best, time.perf_counter() - started)
@@ -254,7 +259,7 @@ def _time_slim(model: PerformerLM, work: Workload) -> tuple[float, float]:
     per_chunk = {}
     for c in (small, large):
         windows = _windows(model, work.batch_size, SLIM_PROBE_CHUNKS * c)
-        per_chunk[c] = _timed_step(model, windows, c) / SLIM_PROBE_CHUNKS
+        per_chunk[c] = _timed_step(model, windows, work.precision, c) / SLIM_PROBE_CHUNKS
     return _line(small, per_chunk[small], large, per_chunk[large])
 
 
@@ -305,17 +310,17 @@ def _probe(model: PerformerLM, work: Workload, room: float | None) -> Probe:
     c1 = min(PROBE_SIZES[0], seq_len)
     # Warm-up on SLiM's own path (sweep, recovery, chained backward): first use loads kernels' code, which stays.
     warm = _windows(model, batch_size, 3 * c1)
-    slim_step(model, warm, c1)
+    slim_step(model, warm, c1, precision=work.precision)
     model.zero_grad(set_to_none=True)
     w1 = _windows(model, batch_size, c1)
-    t1, m1 = _timed_step(model, w1), _tracked_step(model, w1)
+    t1, m1 = _timed_step(model, w1, work.precision), _tracked_step(model, w1, work.precision)
     slim_base, slim_per_token = _time_slim(model, work)
     c2 = min(PROBE_SIZES[1], seq_len)
     overhead = HEAP_OVERHEAD if w1.device.type == "cpu" else 1.0  # glibc's heap (CPU only)
     while room is not None and c2 > 2 * c1 and m1.peak * c2 / c1 * overhead > room:
         c2 //= 2
     w2 = _windows(model, batch_size, c2)
-    t2, m2 = (_timed_step(model, w2), _tracked_step(model, w2)) if c2 > c1 else (t1, m1)
+    t2, m2 = (_timed_step(model, w2, work.precision), _tracked_step(model, w2, work.precision)) if c2 > c1 else (t1, m1)
     if c2 > c1:
         per_token = max(0.0, (m2.peak - m1.peak) / (c2 - c1))
     else:
@@ -364,8 +369,6 @@ def predict(
     states = _state_bytes(model, work, chunk_size) if chunk_size < work.seq_len else 0
     grads = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = buffer_bytes(model) if batching else 0
-    # Backward of a chunk (optimizer state already there from step 2 on), or the optimizer step (gradients there).
-    training = max(probe.optimizer_state + grads + chunk + states + buffers, grads + probe.optimizer_peak)
     lines = {
         "runtime": runtime,
         "gradients": grads,
@@ -374,7 +377,11 @@ def predict(
         "states": states,
         "gradient batching": buffers,
     }
-    lines["total"] = int(runtime + training)
+    # The peak is the backward of a chunk (optimizer state already there from step 2 on), or the optimizer step
+    # (gradients there) where its temporaries exceed a chunk's: then they stand in the chunk's place.
+    backward = probe.optimizer_state + grads + int(chunk) + states + buffers
+    lines["optimizer step"] = max(0, grads + probe.optimizer_peak - backward)
+    lines["total"] = sum(lines.values())
     return lines
 
 
@@ -383,14 +390,13 @@ def full_seconds(probe: Probe, seq_len: int, heap: str = "fast") -> float:
     return probe.full_base + probe.full_per_token * seq_len + probe.fault_seconds(seq_len, heap)
 
 
-def relative_time(probe: Probe, seq_len: int, chunk_size: int, heap: str = "fast") -> float:
-    """Predicted step time at C with the heap policy `heap` over full backprop's with the "fast" heap: ceil(L / C)
-    chunks' overhead plus L tokens' work plus page faults, against one pass over L tokens."""
-    unit = full_seconds(probe, seq_len)
-    if unit <= 0:
+def relative_time(probe: Probe, seq_len: int, chunk_size: int, heap: str = "fast", full_heap: str = "fast") -> float:
+    """Predicted step time at C with the heap policy `heap` over full backprop's with its own heap `full_heap` (so
+    full backprop is 1.00x): ceil(L / C) chunks' overhead plus L tokens' work plus page faults, against one pass
+    over L tokens."""
+    unit = full_seconds(probe, seq_len, full_heap)
+    if unit <= 0 or chunk_size >= seq_len:
         return 1.0
-    if chunk_size >= seq_len:
-        return full_seconds(probe, seq_len, heap) / unit
     if probe.slim_per_token <= 0:
         return 1.0
     n = math.ceil(seq_len / chunk_size)
@@ -439,7 +445,13 @@ def choose(fits, seq_len: int) -> int | None:
     return next((c for c in reversed(chunk_sizes(seq_len)) if fits(c)), None)
 
 
-def _nothing_fits(lines: dict, probe_: Probe, budget_bytes: int, available: int) -> OutOfBudgetError:
+def _terms(lines: dict) -> str:
+    """The breakdown as a sum that adds up: "runtime 350 MB + ... = total"."""
+    parts = [f"{name} {format_size(size)}" for name, size in lines.items() if name != "total" and size]
+    return " + ".join(parts) + f" = {format_size(lines['total'])}"
+
+
+def _nothing_fits(lines: dict, probe_: Probe, work: Workload, budget_bytes: int, available: int) -> OutOfBudgetError:
     """What is missing at C = 1, and only the changes that could close the gap."""
     usable = budget_bytes * (1 - HEADROOM)
     missing = lines["total"] - usable
@@ -447,21 +459,29 @@ def _nothing_fits(lines: dict, probe_: Probe, budget_bytes: int, available: int)
     if probe_.optimizer_state:
         enough = "" if probe_.optimizer_state >= missing else ", not enough on its own"
         hints.append(f"--optimizer sgd (saves {format_size(probe_.optimizer_state)}{enough})")
-    hints.append("a smaller --batch-size or --seq-len (saves little: the fixed costs above stay)")
+    if work.batch_size > 1:
+        hints.append("a smaller --batch-size (saves little: the fixed costs above stay)")
     hints.append(
         f"a larger --mem-budget (at least {format_size(lines['total'] / (1 - HEADROOM))}; "
         f"available: {format_size(available)})"
     )
     return OutOfBudgetError(
-        f"budget {format_size(budget_bytes)} (less {HEADROOM:.0%} headroom) cannot fit even C = 1: runtime "
-        f"{format_size(lines['runtime'])} + optimizer state {format_size(lines['optimizer'])} + gradients "
-        f"{format_size(lines['gradients'])} + chunk {format_size(lines['chunk'])} = {format_size(lines['total'])}, "
-        f"{format_size(missing)} over; try {'; or '.join(hints)}"
+        f"budget {format_size(budget_bytes)} (less {HEADROOM:.0%} headroom) cannot fit even C = 1: "
+        f"{_terms(lines)}, {format_size(missing)} over; try {'; or '.join(hints)}"
     )
 
 
-def plan_chunk_size(model: PerformerLM, work: Workload, budget: str | int | None) -> Plan:
-    """Probe the model, predict each candidate's peak, and pick the largest C that fits the budget."""
+def _forced_over(forced: int, lines: dict, chosen: int | None, budget_bytes: int) -> OutOfBudgetError:
+    fits = f"the largest C that fits is {chosen}" if chosen else "no C fits it"
+    return OutOfBudgetError(
+        f"chunk size {forced} is predicted to need {_terms(lines)}, over the budget {format_size(budget_bytes)} "
+        f"(less {HEADROOM:.0%} headroom): {fits}; or drop the budget (--mem-budget) to force C = {forced}"
+    )
+
+
+def plan_chunk_size(model: PerformerLM, work: Workload, budget: str | int | None, *, forced: int | None = None) -> Plan:
+    """Probe the model, predict each candidate's peak, and pick the largest C that fits the budget; with `forced`,
+    check that C instead (OutOfBudgetError naming the largest C that fits when it does not)."""
     device = next(model.parameters()).device
     L = work.seq_len
     budget_bytes, available = resolve_budget(budget, device)
@@ -478,8 +498,13 @@ def plan_chunk_size(model: PerformerLM, work: Workload, budget: str | int | None
         return predict(model, measured, runtime, work, c, batching=batching, heap=heap)
 
     chosen = choose(lambda c: peak(c)["total"] <= usable, L)
+    if forced is not None:
+        forced = min(forced, L)
+        if peak(forced)["total"] > usable:
+            raise _forced_over(forced, peak(forced), chosen, budget_bytes)
+        chosen = forced
     if chosen is None:
-        raise _nothing_fits(peak(1), measured, budget_bytes, available)
+        raise _nothing_fits(peak(1), measured, work, budget_bytes, available)
 
     def heap_for(c, batching=False):  # CPU: "fast" (no page faults) when its peak fits too
         if device.type != "cpu":
@@ -487,15 +512,18 @@ def plan_chunk_size(model: PerformerLM, work: Workload, budget: str | int | None
         return "fast" if peak(c, batching, "fast")["total"] <= usable else "tight"
 
     sizes = sorted({2**k for k in range(int(math.log2(L)) + 1)} | {L, chosen})
+    full_heap = heap_for(L) or "fast"
     candidates = []
     for c in sizes:
         heap = heap_for(c)
         total = peak(c, heap=heap or "tight")["total"]
-        time_ = relative_time(measured, L, c, heap or "fast")
+        time_ = relative_time(measured, L, c, heap or "fast", full_heap)
         candidates.append(Candidate(c, total, total / budget_bytes, time_, total <= usable, heap))
     # Small chunks run faster with batched weight gradients (slimtune/deferred.py), whose buffers take a fixed
     # amount: used when they fit beside the chosen C, never at the price of a smaller C.
-    batching = defers(work.batch_size, chosen, L, None) and peak(chosen, True)["total"] <= usable
+    batching = (
+        defers(work.batch_size, chosen, L, compute_dtype(work.precision)) and peak(chosen, True)["total"] <= usable
+    )
     heap = heap_for(chosen, batching)
     lines = peak(chosen, batching, heap or "tight")
     return Plan(
@@ -513,7 +541,7 @@ def plan_chunk_size(model: PerformerLM, work: Workload, budget: str | int | None
         batch_weight_grads=batching,
         memory_counts=memory_counts(device),
         heap=heap,
-        seconds_full=full_seconds(measured, L),
+        seconds_full=full_seconds(measured, L, full_heap),
         threads=torch.get_num_threads(),
     )
 
@@ -526,6 +554,7 @@ def plan(
     mem_budget: str | int | None = None,
     optimizer: Optimizer | str = Optimizer.ADAM,
     recovery: Recovery | str = Recovery.SUBTRACT64,
+    precision: Precision | str = Precision.FP32,
 ) -> Plan:
     """Pick the largest chunk size C whose training step fits the memory budget on the model's device.
 
@@ -534,7 +563,8 @@ def plan(
         seq_len: L, tokens per window; batch_size: windows per step.
         mem_budget: everything the job may hold: bytes, "2GB", "1.5GiB", "80%" of the free memory; None: the
             free memory less 10 %.
-        optimizer: "sgd", "adam" or "adamw" (its state counts); recovery: the SLiM state recovery.
+        optimizer: "sgd", "adam" or "adamw" (its state counts); recovery: the SLiM state recovery; precision:
+            "fp32" or "bf16" (autocast), as the run will use.
 
     Returns:
         Plan: `chunk_size` (L when full backprop fits), `predicted_peak_bytes`, `candidates`; print() shows a table.
@@ -550,4 +580,4 @@ def plan(
         raise ConfigError(f"seq_len must be a positive integer, got {seq_len!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return plan_chunk_size(model, Workload(seq_len, batch_size, optimizer, recovery), mem_budget)
+    return plan_chunk_size(model, Workload(seq_len, batch_size, optimizer, recovery, precision), mem_budget)

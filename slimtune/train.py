@@ -150,7 +150,7 @@ class FitResult:
     device: str
     out: str
     seconds: float
-    plan: dict | None = None  # the planner's choice when chunk size was auto
+    plan: dict | None = None  # the planner's choice (C auto), or its check of a given C against a given budget
     metrics: dict = field(default_factory=dict)  # task metrics, e.g. copy_accuracy
     first_step: int = 0  # steps already done when this process started (a resumed run)
     threads: int = 1  # CPU intra-op threads the run used
@@ -509,9 +509,9 @@ def _plan(model, options: FitOptions, group: Group) -> Plan:
     """The planner's choice on this rank's device; under torchrun every rank then takes the smallest C any rank
     can afford, so that a rank whose budget fits nothing stops them all with its reason."""
     device = next(model.parameters()).device
-    work = Workload(options.seq_len, options.batch_size, options.optimizer, options.recovery)
+    work = Workload(options.seq_len, options.batch_size, options.optimizer, options.recovery, options.precision)
     try:
-        plan = plan_chunk_size(model, work, options.mem_budget)
+        plan = plan_chunk_size(model, work, options.mem_budget, forced=options.chunk_size)
     except SlimtuneError:
         agree_min(0, device)
         raise
@@ -540,10 +540,12 @@ def _train(
     trainer = Trainer(
         model, data, options, chunk_size=options.chunk_size, eval_data=eval_data, group=group, on_warning=on_warning
     )
-    if trainer.chunk_size is None and not options.resume:  # auto: plan before anything is written
+    # Plan before anything is written: C auto, or a given C checked against a given budget.
+    if (trainer.chunk_size is None or options.mem_budget is not None) and not options.resume:
         plan = _plan(model, options, group)
         trainer.chunk_size, trainer.plan = plan.chunk_size, plan.to_json()
-        trainer.options = replace(trainer.options, batch_weight_grads=plan.batch_weight_grads)
+        if options.batch_weight_grads is None:
+            trainer.options = replace(trainer.options, batch_weight_grads=plan.batch_weight_grads)
     trainer.setup()  # a resumed run restores its C (and plan) from the saved state
     started = time.perf_counter()
     try:

@@ -120,12 +120,14 @@ def test_fit_without_a_budget_finishes_inside_a_real_cgroup_limit(tmp_path):
     if folder is None:
         pytest.skip("cannot make a memory cgroup here (needs root and a writable cgroup v1 memory hierarchy)")
     try:
-        ckpt = save_model(tmp_path / "m.safetensors", tiny_model(dtype=torch.float32, hidden_dim=128, n_layers=2, ffn_dim=512))
+        ckpt = save_model(
+            tmp_path / "m.safetensors", tiny_model(dtype=torch.float32, hidden_dim=128, n_layers=2, ffn_dim=512)
+        )
         cmd = [
             sys.executable, "-m", "slimtune", "fit", "--checkpoint", str(ckpt), "--data", str(DATA),
             "--out", str(tmp_path / "o.safetensors"), "--seq-len", "65536", "--steps", "1", "--device", "cpu", "--json",
         ]  # fmt: skip
-        join = f"echo $$ > {folder}/cgroup.procs && exec \"$@\""
+        join = f'echo $$ > {folder}/cgroup.procs && exec "$@"'
         proc = subprocess.run(["sh", "-c", join, "sh", *cmd], capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
         result = json.loads(proc.stdout.strip().splitlines()[-1])
