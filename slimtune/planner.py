@@ -44,7 +44,15 @@ from .choices import Optimizer, Precision, Recovery
 from .deferred import buffer_bytes, defers
 from .devices import available_source, cuda_context_bytes, resolve_budget
 from .errors import ConfigError, OutOfBudgetError
-from .memory import HEAP_THRESHOLDS, TensorBytes, heap_policy, heap_policy_during, process_rss, release_free_heap
+from .memory import (
+    HEAP_THRESHOLDS,
+    TensorBytes,
+    heap_policy,
+    heap_policy_during,
+    peak_rss,
+    process_rss,
+    release_free_heap,
+)
 from .model import PerformerLM
 from .optimizers import make_optimizer
 from .slim import compute_dtype, slim_step
@@ -67,6 +75,9 @@ FAULT_PROBE_BYTES = 40 * 2**20
 # probe step from a trimmed heap shows only ~1.35, while runs show about 2 (benchmarks/planner_accuracy.py
 # for d = 256, and the demo's d = 64 model, where every block is heap-sized).
 HEAP_OVERHEAD = 2.0
+# The same for full backprop (one pass per step, no chunks whose temporaries interleave with the states): about
+# the single probe's figure (d 128, 8 layers, batch 4, L 1024, bf16: 1.38; benchmarks/planner_sweep.py case 5).
+HEAP_OVERHEAD_ONE_PASS = 1.4
 
 
 @dataclass(frozen=True)
@@ -114,10 +125,11 @@ class Probe:
         scale = tokens / self.probe_tokens
         return sum(s for s in self.sizes if s * scale < HEAP_THRESHOLDS[heap]) / total if total else 0.0
 
-    def chunk_bytes(self, tokens: int, heap: str = "tight") -> float:
-        """What a step at `tokens` per chunk adds to the device's memory."""
+    def chunk_bytes(self, tokens: int, heap: str = "tight", one_pass: bool = False) -> float:
+        """What a step at `tokens` per chunk adds to the device's memory; `one_pass`: full backprop."""
         tensors = self.base + self.per_token * tokens
-        return tensors * (1 + (self.heap_overhead - 1) * self.heap_share(tokens, heap))
+        overhead = min(self.heap_overhead, HEAP_OVERHEAD_ONE_PASS) if one_pass else self.heap_overhead
+        return tensors * (1 + (overhead - 1) * self.heap_share(tokens, heap))
 
     def fault_seconds(self, tokens: int, heap: str) -> float:
         """Page faults of one chunk's step at `tokens` per chunk: the bytes it allocates in blocks the heap
@@ -362,10 +374,12 @@ def predict(
     *,
     batching: bool = False,
     heap: str = "tight",
+    reached: int = 0,
 ) -> dict:
-    """The predicted peak of a run with chunk size C, line by line (bytes); `batching`: with the weight-gradient
-    buffers of slimtune/deferred.py (computed, not probed); `heap`: the heap policy (CPU, memory.py)."""
-    chunk = probe.chunk_bytes(min(chunk_size, work.seq_len), heap)
+    """The predicted peak of a run with chunk size C, line by line (bytes), the lines adding up to "total";
+    `batching`: with the weight-gradient buffers of slimtune/deferred.py (computed, not probed); `heap`: the heap
+    policy (CPU, memory.py); `reached`: the peak the process has already had (the probes'), a floor."""
+    chunk = probe.chunk_bytes(min(chunk_size, work.seq_len), heap, one_pass=chunk_size >= work.seq_len)
     states = _state_bytes(model, work, chunk_size) if chunk_size < work.seq_len else 0
     grads = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = buffer_bytes(model) if batching else 0
@@ -381,6 +395,7 @@ def predict(
     # (gradients there) where its temporaries exceed a chunk's: then they stand in the chunk's place.
     backward = probe.optimizer_state + grads + int(chunk) + states + buffers
     lines["optimizer step"] = max(0, grads + probe.optimizer_peak - backward)
+    lines["planning"] = max(0, reached - sum(lines.values()))  # the probes' own peak, where it is the higher
     lines["total"] = sum(lines.values())
     return lines
 
@@ -488,6 +503,10 @@ def plan_chunk_size(model: PerformerLM, work: Workload, budget: str | int | None
     usable = budget_bytes * (1 - HEADROOM)  # what the prediction misses (heap fragmentation) gets the rest
     # The probe steps stay inside the budget themselves: `fit --chunk-size auto` runs them in its own process.
     measured = probe(model, work, room=probe_room(model, work.optimizer, usable, device))
+    # What the process has already held at its peak (loading, the probes under the fast heap): measured, and a
+    # floor under every prediction of this process's peak. CPU only (on CUDA the probes' blocks stay reserved in
+    # the caching allocator and count in the chunk line).
+    reached = peak_rss() if device.type == "cpu" else 0
     runtime = _runtime_bytes(model)  # after the probes: the kernels' code and caches they loaded stay resident
 
     # C is chosen under the heap policy that holds the least: "tight" where the process's heap is managed (the
@@ -495,7 +514,7 @@ def plan_chunk_size(model: PerformerLM, work: Workload, budget: str | int | None
     least = "fast" if device.type == "cpu" and heap_policy() is None else "tight"
 
     def peak(c, batching=False, heap=least):
-        return predict(model, measured, runtime, work, c, batching=batching, heap=heap)
+        return predict(model, measured, runtime, work, c, batching=batching, heap=heap, reached=reached)
 
     chosen = choose(lambda c: peak(c)["total"] <= usable, L)
     if forced is not None:
