@@ -48,7 +48,6 @@ from .memory import (
     HEAP_THRESHOLDS,
     TensorBytes,
     heap_policy,
-    heap_policy_during,
     peak_rss,
     process_rss,
     release_free_heap,
@@ -70,14 +69,17 @@ TIME_UNCERTAINTY = 0.25  # the time column against measured steps (benchmarks/pl
 # A block this large is mmap'ed under any heap policy (glibc's dynamic threshold stops at 32 MB): its first touch
 # faults. The probe runs first, while the process holds only the runtime and the weights, and only where it fits.
 FAULT_PROBE_BYTES = 40 * 2**20
-# Resident bytes per tensor byte in heap-sized blocks at a training run's peak: glibc reuses freed blocks but
-# keeps and fragments them, more so over many chunks and steps. Calibrated, not measured per run: a single
-# probe step from a trimmed heap shows only ~1.35, while runs show about 2 (benchmarks/planner_accuracy.py
-# for d = 256, and the demo's d = 64 model, where every block is heap-sized).
+# Resident bytes per tensor byte at a training run's peak, by where glibc puts the block (memory.py):
+# - heap-sized blocks (below the policy's mmap threshold): glibc reuses freed blocks but keeps and fragments them,
+#   more so over many chunks and steps. A single probe step from a trimmed heap shows ~1.35, runs 1.8-2.4
+#   (benchmarks/planner_sweep.py; d = 256, d = 384 bf16, d = 512 one pass).
+# - blocks above it: mmap'ed and returned when freed, but not all of them: a request that a free chunk of the
+#   heap can serve (coalesced from freed smaller blocks) is served there and stays resident. Runs at large C, where
+#   nearly every byte is in such blocks, hold 1.03-1.19x their tensor bytes (d 256, 3 layers, C = 6144; the
+#   higher figure after the planner's probes, whose heap the run inherits).
+# Calibrated on those runs, not measured per run.
 HEAP_OVERHEAD = 2.0
-# The same for full backprop (one pass per step, no chunks whose temporaries interleave with the states): about
-# the single probe's figure (d 128, 8 layers, batch 4, L 1024, bf16: 1.38; benchmarks/planner_sweep.py case 5).
-HEAP_OVERHEAD_ONE_PASS = 1.4
+MAPPED_OVERHEAD = 1.2
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ class Workload:
 class Probe:
     """Measured on the real model and device: one chunk's step holds base + per_token * C tensor bytes at its
     peak besides the gradients; the optimizer holds `optimizer_state` and its step peaks at `optimizer_peak`;
-    on CPU the heap costs `heap_overhead` x the bytes it serves (sizes: the probe step's allocations at
+    on CPU the heap costs `heap_overhead` x the bytes it serves, larger blocks `mapped_overhead` x theirs (sizes:
+    the probe step's allocations at
     `probe_tokens`). Time: full backprop over T tokens takes full_base + full_per_token * T seconds; one chunk of
     a SLiM step (its share of the sweep, rebuild and backward) slim_base + slim_per_token * C, and a fresh page
     `fault_per_byte` seconds per byte."""
@@ -115,6 +118,7 @@ class Probe:
     slim_per_token: float = 0.0
     fault_per_byte: float = 0.0
     heap_overhead: float = 1.0
+    mapped_overhead: float = 1.0
     probe_tokens: int = 1
     sizes: list = field(default_factory=list, repr=False)
 
@@ -125,11 +129,11 @@ class Probe:
         scale = tokens / self.probe_tokens
         return sum(s for s in self.sizes if s * scale < HEAP_THRESHOLDS[heap]) / total if total else 0.0
 
-    def chunk_bytes(self, tokens: int, heap: str = "tight", one_pass: bool = False) -> float:
-        """What a step at `tokens` per chunk adds to the device's memory; `one_pass`: full backprop."""
+    def chunk_bytes(self, tokens: int, heap: str = "tight") -> float:
+        """What a step at `tokens` per chunk adds to the device's memory."""
         tensors = self.base + self.per_token * tokens
-        overhead = min(self.heap_overhead, HEAP_OVERHEAD_ONE_PASS) if one_pass else self.heap_overhead
-        return tensors * (1 + (overhead - 1) * self.heap_share(tokens, heap))
+        share = self.heap_share(tokens, heap)
+        return tensors * (self.heap_overhead * share + self.mapped_overhead * (1 - share))
 
     def fault_seconds(self, tokens: int, heap: str) -> float:
         """Page faults of one chunk's step at `tokens` per chunk: the bytes it allocates in blocks the heap
@@ -224,17 +228,18 @@ def _timed_step(
     model: PerformerLM, windows: torch.Tensor, precision: Precision, chunk_size: int | None = None
 ) -> float:
     """Seconds of one step over `windows` (full backprop, or SLiM at `chunk_size`): the fastest of TIME_REPEATS,
-    the figure least disturbed by whatever else the machine does; with the "fast" heap, so that page faults (added
-    by the model) do not add their noise."""
+    the figure least disturbed by whatever else the machine does. Under the process's own heap policy: timing under
+    "fast" here would leave free blocks of up to 32 MB in the heap, which the run would then be served from and keep
+    resident (a d 1024 step held 1.62x its tensor bytes after such probes, 1.04x without). The page faults this
+    includes are taken out again by the time model (`_probe`)."""
     best = float("inf")
-    with heap_policy_during("fast"):
-        for _ in range(TIME_REPEATS):
-            model.zero_grad(set_to_none=True)
-            started = time.perf_counter()
-            slim_step(model, windows, chunk_size or windows.shape[1] - 1, precision=precision)
-            if windows.device.type == "cuda":
-                torch.cuda.synchronize(windows.device)
-            best = min(best, time.perf_counter() - started)
+    for _ in range(TIME_REPEATS):
+        model.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        slim_step(model, windows, chunk_size or windows.shape[1] - 1, precision=precision)
+        if windows.device.type == "cuda":
+            torch.cuda.synchronize(windows.device)
+        best = min(best, time.perf_counter() - started)
     model.zero_grad(set_to_none=True)
     return best
 
@@ -261,9 +266,10 @@ def _line(x1: float, y1: float, x2: float, y2: float) -> tuple[float, float]:
     return max(0.0, y1 - slope * x1), slope
 
 
-def _time_slim(model: PerformerLM, work: Workload) -> tuple[float, float]:
+def _time_slim(model: PerformerLM, work: Workload, faults) -> tuple[float, float]:
     """A SLiM chunk's seconds as intercept + slope x C, from SLiM steps of SLIM_PROBE_CHUNKS chunks at a small
-    and a mid-sized C: the intercept is the per-chunk overhead (many small ops) that dominates small C."""
+    and a mid-sized C, less `faults(C)`, a chunk's page faults: the intercept is the per-chunk overhead (many small
+    ops) that dominates small C."""
     small = max(1, min(SLIM_TIME_SIZES[0], work.seq_len // (4 * SLIM_PROBE_CHUNKS)))
     large = min(SLIM_TIME_SIZES[1], work.seq_len // SLIM_PROBE_CHUNKS)
     if large <= small:
@@ -271,7 +277,7 @@ def _time_slim(model: PerformerLM, work: Workload) -> tuple[float, float]:
     per_chunk = {}
     for c in (small, large):
         windows = _windows(model, work.batch_size, SLIM_PROBE_CHUNKS * c)
-        per_chunk[c] = _timed_step(model, windows, work.precision, c) / SLIM_PROBE_CHUNKS
+        per_chunk[c] = max(0.0, _timed_step(model, windows, work.precision, c) / SLIM_PROBE_CHUNKS - faults(c))
     return _line(small, per_chunk[small], large, per_chunk[large])
 
 
@@ -326,9 +332,8 @@ def _probe(model: PerformerLM, work: Workload, room: float | None) -> Probe:
     model.zero_grad(set_to_none=True)
     w1 = _windows(model, batch_size, c1)
     t1, m1 = _timed_step(model, w1, work.precision), _tracked_step(model, w1, work.precision)
-    slim_base, slim_per_token = _time_slim(model, work)
     c2 = min(PROBE_SIZES[1], seq_len)
-    overhead = HEAP_OVERHEAD if w1.device.type == "cpu" else 1.0  # glibc's heap (CPU only)
+    overhead = HEAP_OVERHEAD if on_cpu else 1.0
     while room is not None and c2 > 2 * c1 and m1.peak * c2 / c1 * overhead > room:
         c2 //= 2
     w2 = _windows(model, batch_size, c2)
@@ -337,24 +342,27 @@ def _probe(model: PerformerLM, work: Workload, room: float | None) -> Probe:
         per_token = max(0.0, (m2.peak - m1.peak) / (c2 - c1))
     else:
         per_token = m1.peak / c1
-    # Full backprop's time as proportional to L, from the longest probe: a line through two short probes
-    # extrapolates its noise 8-16x (four plans spread 42 % that way, 0.87x-1.24x for one C).
-    full_base, full_per_token = 0.0, (t2 if c2 > c1 else t1) / max(c1, c2)
     state, opt_peak = _probe_optimizer(model, work.optimizer)
-    return Probe(
+    measured = Probe(
         base=max(0.0, m1.peak - per_token * c1),
         per_token=per_token,
         optimizer_state=state,
         optimizer_peak=opt_peak,
-        full_base=full_base,
-        full_per_token=full_per_token,
-        slim_base=slim_base,
-        slim_per_token=slim_per_token,
         fault_per_byte=fault_per_byte,
         heap_overhead=overhead,
+        mapped_overhead=MAPPED_OVERHEAD if on_cpu else 1.0,
         probe_tokens=c2,
         sizes=m2.sizes,
     )
+    # The timings ran under the process's heap policy (glibc's defaults behave like "fast"): their page faults,
+    # which the time model adds per policy, are taken out.
+    policy = (heap_policy() or "fast") if on_cpu else "fast"
+    measured.slim_base, measured.slim_per_token = _time_slim(model, work, lambda c: measured.fault_seconds(c, policy))
+    # Full backprop's time as proportional to L, from the longest probe: a line through two short probes
+    # extrapolates its noise 8-16x (four plans spread 42 % that way, 0.87x-1.24x for one C).
+    longest, seconds = max(c1, c2), t2 if c2 > c1 else t1
+    measured.full_per_token = max(0.0, seconds - measured.fault_seconds(longest, policy)) / longest
+    return measured
 
 
 def _state_bytes(model: PerformerLM, work: Workload, chunk_size: int) -> int:
@@ -379,7 +387,7 @@ def predict(
     """The predicted peak of a run with chunk size C, line by line (bytes), the lines adding up to "total";
     `batching`: with the weight-gradient buffers of slimtune/deferred.py (computed, not probed); `heap`: the heap
     policy (CPU, memory.py); `reached`: the peak the process has already had (the probes'), a floor."""
-    chunk = probe.chunk_bytes(min(chunk_size, work.seq_len), heap, one_pass=chunk_size >= work.seq_len)
+    chunk = probe.chunk_bytes(min(chunk_size, work.seq_len), heap)
     states = _state_bytes(model, work, chunk_size) if chunk_size < work.seq_len else 0
     grads = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = buffer_bytes(model) if batching else 0
@@ -395,7 +403,9 @@ def predict(
     # (gradients there) where its temporaries exceed a chunk's: then they stand in the chunk's place.
     backward = probe.optimizer_state + grads + int(chunk) + states + buffers
     lines["optimizer step"] = max(0, grads + probe.optimizer_peak - backward)
-    lines["planning"] = max(0, reached - sum(lines.values()))  # the probes' own peak, where it is the higher
+    # The probes' own peak where it is the higher: the process has held it already (inside the budget, as the
+    # probes are sized to stay), so it is no prediction and the choice of C does not charge it.
+    lines["planning"] = max(0, reached - sum(lines.values()))
     lines["total"] = sum(lines.values())
     return lines
 
@@ -460,6 +470,12 @@ def choose(fits, seq_len: int) -> int | None:
     return next((c for c in reversed(chunk_sizes(seq_len)) if fits(c)), None)
 
 
+def _training(lines: dict) -> dict:
+    """The breakdown less the probes' peak (the "planning" line): what the budget's usable share must hold."""
+    kept = {name: size for name, size in lines.items() if name not in ("planning", "total")}
+    return kept | {"total": sum(kept.values())}
+
+
 def _terms(lines: dict) -> str:
     """The breakdown as a sum that adds up: "runtime 350 MB + ... = total"."""
     parts = [f"{name} {format_size(size)}" for name, size in lines.items() if name != "total" and size]
@@ -468,6 +484,7 @@ def _terms(lines: dict) -> str:
 
 def _nothing_fits(lines: dict, probe_: Probe, work: Workload, budget_bytes: int, available: int) -> OutOfBudgetError:
     """What is missing at C = 1, and only the changes that could close the gap."""
+    lines = _training(lines)
     usable = budget_bytes * (1 - HEADROOM)
     missing = lines["total"] - usable
     hints = []
@@ -489,8 +506,9 @@ def _nothing_fits(lines: dict, probe_: Probe, work: Workload, budget_bytes: int,
 def _forced_over(forced: int, lines: dict, chosen: int | None, budget_bytes: int) -> OutOfBudgetError:
     fits = f"the largest C that fits is {chosen}" if chosen else "no C fits it"
     return OutOfBudgetError(
-        f"chunk size {forced} is predicted to need {_terms(lines)}, over the budget {format_size(budget_bytes)} "
-        f"(less {HEADROOM:.0%} headroom): {fits}; or drop the budget (--mem-budget) to force C = {forced}"
+        f"chunk size {forced} is predicted to need {_terms(_training(lines))}, over the budget "
+        f"{format_size(budget_bytes)} (less {HEADROOM:.0%} headroom): {fits}; or drop the budget (--mem-budget) "
+        f"to force C = {forced}"
     )
 
 
@@ -516,10 +534,13 @@ def plan_chunk_size(model: PerformerLM, work: Workload, budget: str | int | None
     def peak(c, batching=False, heap=least):
         return predict(model, measured, runtime, work, c, batching=batching, heap=heap, reached=reached)
 
-    chosen = choose(lambda c: peak(c)["total"] <= usable, L)
+    def fits(lines):  # the training's prediction inside the usable budget; the probes' peak is a fact, not judged
+        return lines["total"] - lines["planning"] <= usable
+
+    chosen = choose(lambda c: fits(peak(c)), L)
     if forced is not None:
         forced = min(forced, L)
-        if peak(forced)["total"] > usable:
+        if not fits(peak(forced)):
             raise _forced_over(forced, peak(forced), chosen, budget_bytes)
         chosen = forced
     if chosen is None:
@@ -528,21 +549,19 @@ def plan_chunk_size(model: PerformerLM, work: Workload, budget: str | int | None
     def heap_for(c, batching=False):  # CPU: "fast" (no page faults) when its peak fits too
         if device.type != "cpu":
             return ""
-        return "fast" if peak(c, batching, "fast")["total"] <= usable else "tight"
+        return "fast" if fits(peak(c, batching, "fast")) else "tight"
 
     sizes = sorted({2**k for k in range(int(math.log2(L)) + 1)} | {L, chosen})
     full_heap = heap_for(L) or "fast"
     candidates = []
     for c in sizes:
         heap = heap_for(c)
-        total = peak(c, heap=heap or "tight")["total"]
+        lines = peak(c, heap=heap or "tight")
         time_ = relative_time(measured, L, c, heap or "fast", full_heap)
-        candidates.append(Candidate(c, total, total / budget_bytes, time_, total <= usable, heap))
+        candidates.append(Candidate(c, lines["total"], lines["total"] / budget_bytes, time_, fits(lines), heap))
     # Small chunks run faster with batched weight gradients (slimtune/deferred.py), whose buffers take a fixed
     # amount: used when they fit beside the chosen C, never at the price of a smaller C.
-    batching = (
-        defers(work.batch_size, chosen, L, compute_dtype(work.precision)) and peak(chosen, True)["total"] <= usable
-    )
+    batching = defers(work.batch_size, chosen, L, compute_dtype(work.precision)) and fits(peak(chosen, True))
     heap = heap_for(chosen, batching)
     lines = peak(chosen, batching, heap or "tight")
     return Plan(

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_model, tiny_model
 
 from slimtune.cgroups import memory_limits, tightest
-from tests.helpers import save_model, tiny_model
 
 MB = 10**6
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def _write(folder: Path, **files) -> None:
@@ -113,7 +112,7 @@ def _own_cgroup(limit: int) -> Path | None:
     return folder
 
 
-def test_fit_without_a_budget_finishes_inside_a_real_cgroup_limit(tmp_path):
+def test_fit_without_a_budget_finishes_inside_a_real_cgroup_limit(tmp_path, data_dir):
     """The default budget is the cgroup's, not the host's: fit picks a C below L and the kernel never kills it."""
     limit = 600 * MB
     folder = _own_cgroup(limit)
@@ -123,8 +122,9 @@ def test_fit_without_a_budget_finishes_inside_a_real_cgroup_limit(tmp_path):
         ckpt = save_model(
             tmp_path / "m.safetensors", tiny_model(dtype=torch.float32, hidden_dim=128, n_layers=2, ffn_dim=512)
         )
+        data = data_dir / "tinyshakespeare.txt"
         cmd = [
-            sys.executable, "-m", "slimtune", "fit", "--checkpoint", str(ckpt), "--data", str(DATA),
+            sys.executable, "-m", "slimtune", "fit", "--checkpoint", str(ckpt), "--data", str(data),
             "--out", str(tmp_path / "o.safetensors"), "--seq-len", "65536", "--steps", "1", "--device", "cpu", "--json",
         ]  # fmt: skip
         join = f'echo $$ > {folder}/cgroup.procs && exec "$@"'

@@ -233,10 +233,25 @@ def test_nothing_fits_names_the_gap_and_only_what_could_close_it(optimizer_state
     usable = budget * (1 - HEADROOM)
     lines = {"runtime": 350_000_000, "optimizer": optimizer_state, "gradients": 1_000_000, "chunk": 0}
     lines["total"] = int(usable + 10_000_000)
-    message = str(_nothing_fits(lines, Probe(0, 0, optimizer_state, optimizer_state), budget, 2 * budget))
+    probe_ = Probe(0, 0, optimizer_state, optimizer_state)
+    message = str(_nothing_fits(lines, probe_, Workload(4096, 1), budget, 2 * budget))
     assert "10.00 MB over" in message and "--optimizer sgd" in message
     assert ("not enough on its own" in message) is (not enough)
     assert f"at least {lines['total'] / (1 - HEADROOM) / 1e6:.2f} MB" in message
+    assert "--batch-size" not in message  # batch 1: nothing to make smaller
+    assert "--batch-size" in str(_nothing_fits(lines, probe_, Workload(4096, 2), budget, 2 * budget))
+
+
+def test_the_out_of_budget_message_adds_up():
+    """Every term of the predicted peak is named, and the named terms sum to the total the message states."""
+    model = tiny_model("sqr", True, dtype=torch.float32, hidden_dim=64, ffn_dim=256, n_heads=4)
+    with pytest.raises(SlimtuneError) as caught:
+        plan_chunk_size(model, Workload(65536, 2, "adam"), 10**6)
+    message = str(caught.value)
+    terms, total = message.split(": ", 1)[1].split(",")[0].split(" = ")
+    sizes = [parse_size(term.rsplit(" ", 2)[-2] + term.rsplit(" ", 1)[-1]) for term in terms.split(" + ")]
+    assert "states" in terms  # 2 x 64k windows and the attention states: not hidden
+    assert sum(sizes) == pytest.approx(parse_size(total.replace(" ", "")), rel=1e-3)
 
 
 def test_the_fast_heap_is_planned_only_where_its_peak_fits(monkeypatch):
