@@ -32,7 +32,7 @@ from .choices import (
     Schedule,
     Task,
 )
-from .errors import ConfigError, SlimtuneError
+from .errors import ConfigError, DataError, SlimtuneError
 from .units import format_size
 
 app = typer.Typer(
@@ -459,11 +459,27 @@ def _plan_caption(result) -> str:
     return caption
 
 
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as e:
+        raise DataError(f"--data {path}: cannot read it ({e.strerror}); pass an existing file") from None
+
+
 @app.command()
 def plan(
     checkpoint: Checkpoint = None,
     seq_len: SeqLen = 1024,
     mem_budget: Budget = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--data",
+            help="The data files the run will read (training and held-out; repeat the flag): fit holds them "
+            "resident, so their sizes count.",
+            show_default=False,
+        ),
+    ] = None,
     batch_size: BatchSize = 1,
     optimizer: OptimizerOpt = Optimizer.ADAM,
     device: Device = "auto",
@@ -493,6 +509,7 @@ def plan(
         optimizer=optimizer,
         recovery=recovery,
         precision=precision,
+        data_bytes=sum(_file_size(path) for path in data or ()),
     )
     table = Table(
         title=f"slimtune plan: L {seq_len}, batch {batch_size}, {optimizer}, budget "

@@ -78,7 +78,7 @@ FAULT_PROBE_BYTES = 40 * 2**20
 #   nearly every byte is in such blocks, hold 1.03-1.19x their tensor bytes (d 256, 3 layers, C = 6144; the
 #   higher figure after the planner's probes, whose heap the run inherits).
 # Calibrated on those runs, not measured per run.
-HEAP_OVERHEAD = 2.0
+HEAP_OVERHEAD = 2.5
 MAPPED_OVERHEAD = 1.2
 
 
@@ -91,6 +91,7 @@ class Workload:
     optimizer: Optimizer = Optimizer.ADAM  # its state counts in the peak
     recovery: Recovery = Recovery.SUBTRACT64  # "store" keeps L / C start states
     precision: Precision = Precision.FP32  # bf16 autocast: other activations, and the weights' bf16 copies
+    data_bytes: int = 0  # the training and held-out files: fit maps them and reads them through, so they stay resident
 
     def __post_init__(self):
         object.__setattr__(self, "optimizer", Optimizer.parse(self.optimizer, "optimizer"))
@@ -393,6 +394,7 @@ def predict(
     buffers = buffer_bytes(model) if batching else 0
     lines = {
         "runtime": runtime,
+        "data": work.data_bytes,
         "gradients": grads,
         "optimizer": probe.optimizer_state,
         "chunk": int(chunk),
@@ -442,13 +444,14 @@ def probe_room(model: PerformerLM, optimizer: Optimizer | str, usable: float, de
     return usable - held - params - state
 
 
-def _runtime_bytes(model: PerformerLM) -> int:
-    """Measured before training: the process's RSS (CPU, weights included), or context + allocated (CUDA)."""
+def _runtime_bytes(model: PerformerLM, resident_data: int = 0) -> int:
+    """Measured before training: the process's RSS (CPU, weights included) less the data it already holds (a line
+    of its own, so that `plan`, which does not read the data, measures the same), or context + allocated (CUDA)."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         return cuda_context_bytes(device) + torch.cuda.memory_allocated(device)
     release_free_heap()  # the probes' freed activations would otherwise stay resident and count as runtime
-    return process_rss()
+    return process_rss() - resident_data
 
 
 def chunk_sizes(seq_len: int) -> list[int]:
@@ -512,9 +515,17 @@ def _forced_over(forced: int, lines: dict, chosen: int | None, budget_bytes: int
     )
 
 
-def plan_chunk_size(model: PerformerLM, work: Workload, budget: str | int | None, *, forced: int | None = None) -> Plan:
+def plan_chunk_size(
+    model: PerformerLM,
+    work: Workload,
+    budget: str | int | None,
+    *,
+    forced: int | None = None,
+    resident_data: int = 0,
+) -> Plan:
     """Probe the model, predict each candidate's peak, and pick the largest C that fits the budget; with `forced`,
-    check that C instead (OutOfBudgetError naming the largest C that fits when it does not)."""
+    check that C instead (OutOfBudgetError naming the largest C that fits when it does not). `resident_data`: how
+    much of `work.data_bytes` the process already holds (fit has read its data; plan has not)."""
     device = next(model.parameters()).device
     L = work.seq_len
     budget_bytes, available = resolve_budget(budget, device)
@@ -525,7 +536,9 @@ def plan_chunk_size(model: PerformerLM, work: Workload, budget: str | int | None
     # floor under every prediction of this process's peak. CPU only (on CUDA the probes' blocks stay reserved in
     # the caching allocator and count in the chunk line).
     reached = peak_rss() if device.type == "cpu" else 0
-    runtime = _runtime_bytes(model)  # after the probes: the kernels' code and caches they loaded stay resident
+    runtime = _runtime_bytes(
+        model, resident_data if device.type == "cpu" else 0
+    )  # after the probes: the kernels' code and caches they loaded stay resident
 
     # C is chosen under the heap policy that holds the least: "tight" where the process's heap is managed (the
     # CLI); in a library user's process glibc's defaults stay, which keep blocks up to 32 MB like "fast".
@@ -593,6 +606,7 @@ def plan(
     optimizer: Optimizer | str = Optimizer.ADAM,
     recovery: Recovery | str = Recovery.SUBTRACT64,
     precision: Precision | str = Precision.FP32,
+    data_bytes: int = 0,
 ) -> Plan:
     """Pick the largest chunk size C whose training step fits the memory budget on the model's device.
 
@@ -602,7 +616,8 @@ def plan(
         mem_budget: everything the job may hold: bytes, "2GB", "1.5GiB", "80%" of the free memory; None: the
             free memory less 10 %.
         optimizer: "sgd", "adam" or "adamw" (its state counts); recovery: the SLiM state recovery; precision:
-            "fp32" or "bf16" (autocast), as the run will use.
+            "fp32" or "bf16" (autocast), as the run will use; data_bytes: the sizes of the data files a run will
+            read (fit holds them resident).
 
     Returns:
         Plan: `chunk_size` (L when full backprop fits), `predicted_peak_bytes`, `candidates`; print() shows a table.
@@ -618,4 +633,5 @@ def plan(
         raise ConfigError(f"seq_len must be a positive integer, got {seq_len!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return plan_chunk_size(model, Workload(seq_len, batch_size, optimizer, recovery, precision), mem_budget)
+    work = Workload(seq_len, batch_size, optimizer, recovery, precision, data_bytes)
+    return plan_chunk_size(model, work, mem_budget)

@@ -505,13 +505,21 @@ def _check_run_folder(options: FitOptions, group: Group, on_warning: OnWarning |
         )
 
 
-def _plan(model, options: FitOptions, group: Group) -> Plan:
+def _held_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes of the storages behind `tensors`, each counted once (a held-out split is a view of the same file)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+    return sum(storages.values())
+
+
+def _plan(model, options: FitOptions, group: Group, data_bytes: int = 0) -> Plan:
     """The planner's choice on this rank's device; under torchrun every rank then takes the smallest C any rank
     can afford, so that a rank whose budget fits nothing stops them all with its reason."""
     device = next(model.parameters()).device
-    work = Workload(options.seq_len, options.batch_size, options.optimizer, options.recovery, options.precision)
+    work = Workload(
+        options.seq_len, options.batch_size, options.optimizer, options.recovery, options.precision, data_bytes
+    )
     try:
-        plan = plan_chunk_size(model, work, options.mem_budget, forced=options.chunk_size)
+        plan = plan_chunk_size(model, work, options.mem_budget, forced=options.chunk_size, resident_data=data_bytes)
     except SlimtuneError:
         agree_min(0, device)
         raise
@@ -542,7 +550,7 @@ def _train(
     )
     # Plan before anything is written: C auto, or a given C checked against a given budget.
     if (trainer.chunk_size is None or options.mem_budget is not None) and not options.resume:
-        plan = _plan(model, options, group)
+        plan = _plan(model, options, group, _held_bytes(data, eval_data))
         trainer.chunk_size, trainer.plan = plan.chunk_size, plan.to_json()
         if options.batch_weight_grads is None:
             trainer.options = replace(trainer.options, batch_weight_grads=plan.batch_weight_grads)

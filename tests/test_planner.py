@@ -231,8 +231,9 @@ def test_nothing_fits_names_the_gap_and_only_what_could_close_it(optimizer_state
 
     budget = 400_000_000
     usable = budget * (1 - HEADROOM)
-    lines = {"runtime": 350_000_000, "optimizer": optimizer_state, "gradients": 1_000_000, "chunk": 0}
-    lines["total"] = int(usable + 10_000_000)
+    lines = {"runtime": 350_000_000, "optimizer": optimizer_state, "gradients": 1_000_000}
+    lines["chunk"] = int(usable + 10_000_000) - sum(lines.values())  # the lines add up to 10 MB over
+    lines["total"] = sum(lines.values())
     probe_ = Probe(0, 0, optimizer_state, optimizer_state)
     message = str(_nothing_fits(lines, probe_, Workload(4096, 1), budget, 2 * budget))
     assert "10.00 MB over" in message and "--optimizer sgd" in message
