@@ -6,29 +6,35 @@ powers of two up to 256 and, from 256 on, numbers with three significant binary 
 fits, `plan_chunk_size` raises OutOfBudgetError with the breakdown and what to change.
 
 Two probe steps on the real model and device, at C = 256 and C = 1024 (or L when shorter, and shorter still
-when the budget leaves no room for them), count the tensor bytes a chunk's step holds at its peak
-(memory.TensorBytes: deterministic, so `plan` and `fit` agree). Activations grow linearly in C, so the rest is
-extrapolation. What the prediction is made of, line by line (see `predict`):
-- runtime     measured: RSS after the probe steps (Python, torch, kernels' code and caches, the weights) on CPU;
-              the CUDA context plus the allocated weights on CUDA.
+when the budget leaves no room for them: two tiny steps size them), count the tensor bytes a chunk's step holds at
+its peak (memory.TensorBytes: deterministic, so `plan` and `fit` agree; views and in-place results are not new
+bytes). Activations grow linearly in C, so the rest is extrapolation. The prediction, line by line (`predict`);
+the lines add up to the total:
+- runtime     measured: RSS after the probe steps (Python, torch, kernels' code and caches, the weights) less the
+              data already read, on CPU; the CUDA context plus the allocated weights on CUDA.
+- data        computed: the data files a run reads (fit maps them and reads them through; `plan --data`).
 - gradients   computed: one per parameter, in the parameters' dtype.
 - optimizer   measured: the optimizer's state, from one probe step with zero gradients and lr 0.
 - chunk       measured: the tensor bytes one step holds at its peak besides the gradients (activations and
-              temporaries), counted at two chunk sizes and extrapolated linearly in C.
+              temporaries), counted at two chunk sizes, extrapolated linearly in C, and charged what the CPU's
+              allocator holds for them, calibrated: HEAP_OVERHEAD (HEAP_OVERHEAD_ONE_PASS for full backprop) x
+              the bytes in blocks below the heap policy's mmap threshold at that C (the probe records every
+              block's size; activations scale with C, so at large C they move to mmap), MAPPED_OVERHEAD x the
+              rest. The threshold is the heap policy's (memory.py): 4 MB "tight", 32 MB "fast". C is chosen under
+              "tight"; a run then uses "fast" (plain-PyTorch speed) when its peak under "fast" fits the budget too.
 - states      computed: per-layer attention states, their copies and gradients, and the token windows.
-- heap        calibrated: on CPU glibc's heap holds more than the tensors it serves (blocks below the mmap
-              threshold are reused but kept, and fragment): HEAP_OVERHEAD x the share of a chunk's bytes that
-              falls in heap-sized blocks at that C (the probe records every block's size; activations scale
-              with C, so at large C they move to mmap, which returns them exactly). The threshold is the heap
-              policy's (memory.py): 4 MB "tight", 32 MB "fast". C is chosen under "tight"; a run then uses
-              "fast" (plain-PyTorch speed) when its peak under "fast" fits the budget too.
-The optimizer step's own peak (gradients + state + temporaries, counted) is compared with the backward's.
+- gradient batching  computed: the weight-gradient buffers of small chunks (deferred.py), where used.
+- optimizer step     measured: where the optimizer step's own peak (gradients + state + temporaries, counted)
+              exceeds the backward's, the difference.
+- planning    measured: where the process's peak so far (loading the checkpoint, the probes) exceeds the rest,
+              the difference. The process has held it already, so the choice of C does not charge it.
+C fits when the lines but planning add up to at most the budget less HEADROOM.
 
 Time (the plan's column, relative to full backprop over L with the heap it would run with, so full backprop is
 1.00x): full backprop per token and SLiM's per-chunk overhead plus per-token work are timed on the model (the
-fastest of TIME_REPEATS, with the "fast" heap, so page faults do not add noise); page faults are then added from
-a measured cost per byte for the blocks the heap policy maps afresh (4 MB and up under "tight", 32 MB and up
-under "fast").
+fastest of TIME_REPEATS, under the process's own heap policy, less the page faults that policy costs); page
+faults are then added from a measured cost per byte for the blocks each heap policy maps afresh (4 MB and up
+under "tight", 32 MB and up under "fast").
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from .units import format_size
 # Chunk sizes of the two probe steps. Below ~256 tokens a step's peak is not yet linear in C (fixed-size
 # temporaries dominate), so both probes sit above that.
 PROBE_SIZES = (256, 1024)
+TINY_PROBE_SIZES = (16, 64)  # the warm-up's chunk, and the two steps that size the probes where the room is small
 HEADROOM = 0.05  # share of the budget the choice leaves free
 OPTIMIZER_STATE_COPIES = {"sgd": 0, "adam": 2, "adamw": 2}  # parameter-sized tensors each optimizer keeps
 SLIM_TIME_SIZES = (16, 256)  # C of the SLiM timing probes (smaller for short L)
@@ -69,16 +76,18 @@ TIME_UNCERTAINTY = 0.25  # the time column against measured steps (benchmarks/pl
 # A block this large is mmap'ed under any heap policy (glibc's dynamic threshold stops at 32 MB): its first touch
 # faults. The probe runs first, while the process holds only the runtime and the weights, and only where it fits.
 FAULT_PROBE_BYTES = 40 * 2**20
-# Resident bytes per tensor byte at a training run's peak, by where glibc puts the block (memory.py):
-# - heap-sized blocks (below the policy's mmap threshold): glibc reuses freed blocks but keeps and fragments them,
-#   more so over many chunks and steps. A single probe step from a trimmed heap shows ~1.35, runs 1.8-2.4
-#   (benchmarks/planner_sweep.py; d = 256, d = 384 bf16, d = 512 one pass).
+# Resident bytes per tensor byte at a training run's peak, by where glibc puts the block (memory.py). Calibrated on
+# the 24 shapes of benchmarks/planner_sweep.py (d 64-1024, 1-8 layers, fp32/bf16, with and without evaluation),
+# not measured per run:
+# - heap-sized blocks (below the policy's mmap threshold): glibc reuses freed blocks but keeps and fragments them.
+#   SLiM's chunked steps, whose chunk temporaries interleave with the carried states over many chunks and steps,
+#   held 1.9-3.0x their tensor bytes there (2.5 puts the sweep's chunked cases within -8 % .. +7 %); full backprop,
+#   one pass per step, 1.4-1.6x. (A single probe step from a trimmed heap shows ~1.35.)
 # - blocks above it: mmap'ed and returned when freed, but not all of them: a request that a free chunk of the
 #   heap can serve (coalesced from freed smaller blocks) is served there and stays resident. Runs at large C, where
-#   nearly every byte is in such blocks, hold 1.03-1.19x their tensor bytes (d 256, 3 layers, C = 6144; the
-#   higher figure after the planner's probes, whose heap the run inherits).
-# Calibrated on those runs, not measured per run.
+#   nearly every byte is in such blocks, held 1.03-1.19x their tensor bytes.
 HEAP_OVERHEAD = 2.5
+HEAP_OVERHEAD_ONE_PASS = 1.6
 MAPPED_OVERHEAD = 1.2
 
 
@@ -130,11 +139,13 @@ class Probe:
         scale = tokens / self.probe_tokens
         return sum(s for s in self.sizes if s * scale < HEAP_THRESHOLDS[heap]) / total if total else 0.0
 
-    def chunk_bytes(self, tokens: int, heap: str = "tight") -> float:
-        """What a step at `tokens` per chunk adds to the device's memory."""
+    def chunk_bytes(self, tokens: int, heap: str = "tight", one_pass: bool = False) -> float:
+        """What a step at `tokens` per chunk adds to the device's memory; `one_pass`: full backprop, whose heap
+        fragments less (no chunks whose temporaries interleave with the carried states)."""
         tensors = self.base + self.per_token * tokens
         share = self.heap_share(tokens, heap)
-        return tensors * (self.heap_overhead * share + self.mapped_overhead * (1 - share))
+        heap_overhead = min(self.heap_overhead, HEAP_OVERHEAD_ONE_PASS) if one_pass else self.heap_overhead
+        return tensors * (heap_overhead * share + self.mapped_overhead * (1 - share))
 
     def fault_seconds(self, tokens: int, heap: str) -> float:
         """Page faults of one chunk's step at `tokens` per chunk: the bytes it allocates in blocks the heap
@@ -267,12 +278,12 @@ def _line(x1: float, y1: float, x2: float, y2: float) -> tuple[float, float]:
     return max(0.0, y1 - slope * x1), slope
 
 
-def _time_slim(model: PerformerLM, work: Workload, faults) -> tuple[float, float]:
+def _time_slim(model: PerformerLM, work: Workload, faults, largest: int) -> tuple[float, float]:
     """A SLiM chunk's seconds as intercept + slope x C, from SLiM steps of SLIM_PROBE_CHUNKS chunks at a small
-    and a mid-sized C, less `faults(C)`, a chunk's page faults: the intercept is the per-chunk overhead (many small
-    ops) that dominates small C."""
+    and a mid-sized C (at most `largest`, the memory probes' size), less `faults(C)`, a chunk's page faults: the
+    intercept is the per-chunk overhead (many small ops) that dominates small C."""
     small = max(1, min(SLIM_TIME_SIZES[0], work.seq_len // (4 * SLIM_PROBE_CHUNKS)))
-    large = min(SLIM_TIME_SIZES[1], work.seq_len // SLIM_PROBE_CHUNKS)
+    large = min(SLIM_TIME_SIZES[1], work.seq_len // SLIM_PROBE_CHUNKS, largest)
     if large <= small:
         return 0.0, 0.0
     per_chunk = {}
@@ -314,29 +325,49 @@ def _some_feature_draw(model: PerformerLM):
                 layer.attention.projection = None
 
 
-def probe(model: PerformerLM, work: Workload, room: float | None = None) -> Probe:
-    """Measure the model on its device. `room`: bytes the probe steps may add to what the process holds; the
-    second probe is shortened (not below 2 x the first) so that its own peak stays inside it."""
+def probe(model: PerformerLM, work: Workload, room=None) -> Probe:
+    """Measure the model on its device. `room`: a function that says how many bytes the probe steps may add to
+    what the process holds now (None: no limit); it is read after a tiny warm-up, which loads the kernels' code,
+    and every probe step is then sized to fit it."""
     with _some_feature_draw(model):
         return _probe(model, work, room)
 
 
-def _probe(model: PerformerLM, work: Workload, room: float | None) -> Probe:
+def _probe_sizes(model: PerformerLM, work: Workload, room: float | None, overhead: float) -> tuple[int, int]:
+    """The probe steps' chunk sizes (c1, c2), PROBE_SIZES where the room allows, else halved until a line through
+    two tiny steps (16 and 64 tokens) times the heap's overhead fits (c1 not below 16, c2 not below 2 x c1)."""
+    seq_len = work.seq_len
+    c1, c2 = min(PROBE_SIZES[0], seq_len), min(PROBE_SIZES[1], seq_len)
+    if room is None:
+        return c1, c2
+    tiny = [min(t, seq_len) for t in TINY_PROBE_SIZES]
+    peaks = [_tracked_step(model, _windows(model, work.batch_size, t), work.precision).peak for t in tiny]
+    base, slope = _line(tiny[0], peaks[0], tiny[1], peaks[1]) if tiny[1] > tiny[0] else (peaks[0], 0.0)
+
+    def fits(c):
+        return (base + slope * c) * overhead <= room
+
+    while c1 > tiny[0] and not fits(c1):
+        c1 //= 2
+    while c2 > 2 * c1 and not fits(c2):
+        c2 //= 2
+    return c1, max(c1, min(c2, seq_len))
+
+
+def _probe(model: PerformerLM, work: Workload, room) -> Probe:
     seq_len, batch_size = work.seq_len, work.batch_size
     on_cpu = next(model.parameters()).device.type == "cpu"
-    fits = room is None or room > FAULT_PROBE_BYTES
-    fault_per_byte = _fault_per_byte() if on_cpu and fits else 0.0
-    c1 = min(PROBE_SIZES[0], seq_len)
-    # Warm-up on SLiM's own path (sweep, recovery, chained backward): first use loads kernels' code, which stays.
-    warm = _windows(model, batch_size, 3 * c1)
-    slim_step(model, warm, c1, precision=work.precision)
+    overhead = HEAP_OVERHEAD if on_cpu else 1.0
+    # Warm-up on SLiM's own path (sweep, recovery, chained backward) at a tiny chunk: first use loads kernels'
+    # code, which stays and counts in what the process holds before the room is read.
+    c0 = min(TINY_PROBE_SIZES[0], seq_len)
+    slim_step(model, _windows(model, batch_size, 3 * c0), c0, precision=work.precision)
     model.zero_grad(set_to_none=True)
+    left = room() if room is not None else None
+    fault_per_byte = _fault_per_byte() if on_cpu and (left is None or left > FAULT_PROBE_BYTES) else 0.0
+    c1, c2 = _probe_sizes(model, work, left, overhead)
     w1 = _windows(model, batch_size, c1)
     t1, m1 = _timed_step(model, w1, work.precision), _tracked_step(model, w1, work.precision)
-    c2 = min(PROBE_SIZES[1], seq_len)
-    overhead = HEAP_OVERHEAD if on_cpu else 1.0
-    while room is not None and c2 > 2 * c1 and m1.peak * c2 / c1 * overhead > room:
-        c2 //= 2
     w2 = _windows(model, batch_size, c2)
     t2, m2 = (_timed_step(model, w2, work.precision), _tracked_step(model, w2, work.precision)) if c2 > c1 else (t1, m1)
     if c2 > c1:
@@ -358,7 +389,9 @@ def _probe(model: PerformerLM, work: Workload, room: float | None) -> Probe:
     # The timings ran under the process's heap policy (glibc's defaults behave like "fast"): their page faults,
     # which the time model adds per policy, are taken out.
     policy = (heap_policy() or "fast") if on_cpu else "fast"
-    measured.slim_base, measured.slim_per_token = _time_slim(model, work, lambda c: measured.fault_seconds(c, policy))
+    measured.slim_base, measured.slim_per_token = _time_slim(
+        model, work, lambda c: measured.fault_seconds(c, policy), c1
+    )
     # Full backprop's time as proportional to L, from the longest probe: a line through two short probes
     # extrapolates its noise 8-16x (four plans spread 42 % that way, 0.87x-1.24x for one C).
     longest, seconds = max(c1, c2), t2 if c2 > c1 else t1
@@ -388,7 +421,7 @@ def predict(
     """The predicted peak of a run with chunk size C, line by line (bytes), the lines adding up to "total";
     `batching`: with the weight-gradient buffers of slimtune/deferred.py (computed, not probed); `heap`: the heap
     policy (CPU, memory.py); `reached`: the peak the process has already had (the probes'), a floor."""
-    chunk = probe.chunk_bytes(min(chunk_size, work.seq_len), heap)
+    chunk = probe.chunk_bytes(min(chunk_size, work.seq_len), heap, one_pass=chunk_size >= work.seq_len)
     states = _state_bytes(model, work, chunk_size) if chunk_size < work.seq_len else 0
     grads = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = buffer_bytes(model) if batching else 0
@@ -531,7 +564,7 @@ def plan_chunk_size(
     budget_bytes, available = resolve_budget(budget, device)
     usable = budget_bytes * (1 - HEADROOM)  # what the prediction misses (heap fragmentation) gets the rest
     # The probe steps stay inside the budget themselves: `fit --chunk-size auto` runs them in its own process.
-    measured = probe(model, work, room=probe_room(model, work.optimizer, usable, device))
+    measured = probe(model, work, room=lambda: probe_room(model, work.optimizer, usable, device))
     # What the process has already held at its peak (loading, the probes under the fast heap): measured, and a
     # floor under every prediction of this process's peak. CPU only (on CUDA the probes' blocks stay reserved in
     # the caching allocator and count in the chunk line).

@@ -271,7 +271,7 @@ def test_the_fast_heap_is_planned_only_where_its_peak_fits(monkeypatch):
     fast_peak = predict(model, probe_, runtime, Workload(4096), 4096, heap="fast")["total"]
     assert fast_peak > tight_peak + 8 * 2**20  # [4096, 256] fp32 blocks: mmap'ed under tight, heap under fast
     budget = int((tight_peak + fast_peak) / 2 / (1 - HEADROOM))
-    monkeypatch.setattr(planner, "_runtime_bytes", lambda model: runtime)  # RSS drifts by MB between plans
+    monkeypatch.setattr(planner, "_runtime_bytes", lambda model, data=0: runtime)  # RSS drifts by MB between plans
     unmanaged = plan_chunk_size(model, Workload(4096, 1, "adam"), budget)
     assert unmanaged.chunk_size < 4096 and unmanaged.heap == "fast"
     monkeypatch.setattr(memory, "_heap_policy", "tight")  # as the CLI sets it (the allocator itself is untouched)
