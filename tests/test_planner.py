@@ -78,8 +78,8 @@ def test_budget_percent_and_cap():
 
 def test_chunk_sizes_rule():
     sizes = chunk_sizes(16384)
-    assert sizes[:9] == [1, 2, 4, 8, 16, 32, 64, 128, 256]
-    for c in sizes[8:]:
+    assert sizes[:10] == [1, 2, 4, 8, 16, 32, 64, 128, 192, 256]
+    for c in sizes[7:]:
         assert c % 64 == 0 and bin(c).rstrip("0").count("1") + bin(c).rstrip("0").count("0") - 1 <= 3
     assert max(sizes) < 16384 and 14336 in sizes
 
@@ -166,7 +166,7 @@ def test_out_of_memory_retries_the_step_with_a_smaller_chunk(monkeypatch, tmp_pa
     data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:20000]), dtype=torch.uint8)
     options = train.FitOptions(seq_len=300, steps=3, chunk_size=300, optimizer="sgd", lr=0.1, device="cpu")
     result = train.fit(load_checkpoint(base), data, tmp_path / "a.safetensors", options, on_warning=warnings.append)
-    assert result.chunk_size == 64 and calls[:4] == [300, 256, 128, 64] and len(warnings) == 3  # one per fallback
+    assert result.chunk_size == 64 and calls[:5] == [300, 256, 192, 128, 64] and len(warnings) == 4  # one per fallback
     monkeypatch.setattr(train, "slim_step", real_step)
     options.chunk_size = 300
     plain = train.fit(load_checkpoint(base), data, tmp_path / "b.safetensors", options)
