@@ -516,7 +516,7 @@ def plan(
         f"{format_size(result.budget_bytes)} on {result.device}",
         caption=_plan_caption(result),
     )
-    for col in ("C", "predicted peak", "of budget", "step time", "heap", ""):
+    for col in ("C", "predicted peak", "of budget", f"time ±{result.time_uncertainty:.0%}", "heap", ""):
         table.add_column(col, justify="right")
     for c in result.candidates:
         mark = "<- chosen" if c.chunk_size == result.chunk_size else ("" if c.fits else "over")
