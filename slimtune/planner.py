@@ -2,8 +2,8 @@
 
 Rounding rule for C: C = L (ordinary backprop) when that fits; otherwise the largest C below L that fits among
 powers of two up to 128, then 192, and from 256 on numbers with three significant binary digits (256, 320, 384,
-448, 512, 640, 768, 896, 1024, 1280, ...): from 128 on multiples of the 64-token attention block, 12-50 % apart. If not even C = 1
-fits, `plan_chunk_size` raises OutOfBudgetError with the breakdown and what to change.
+448, 512, 640, 768, 896, 1024, 1280, ...): from 128 on multiples of the 64-token attention block, 12-50 % apart.
+If not even C = 1 fits, `plan_chunk_size` raises OutOfBudgetError with the breakdown and what to change.
 
 Two probe steps on the real model and device, at C = 256 and C = 1024 (or L when shorter, and shorter still
 when the budget leaves no room for them: two tiny steps size them), count the tensor bytes a chunk's step holds at
