@@ -58,20 +58,43 @@ def _kernel_peak_rss() -> int:
     return getattr(psutil.Process().memory_info(), "peak_wset", process_rss())  # Windows: the peak working set
 
 
+_carried_peak = 0  # the peak before the last new_peak_window(), still part of peak_rss()
+
+
 def peak_rss() -> int:
     """The process's peak resident memory since it started or since reset_peak_rss(), in bytes."""
-    return _kernel_peak_rss()
+    return max(_carried_peak, _kernel_peak_rss())
 
 
-def reset_peak_rss() -> bool:
-    """Restart the kernel's peak-RSS counter (Linux /proc/self/clear_refs), so that the next job in this process
-    reports its own peak. False where the kernel does not allow it."""
+def _clear_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         return True
     except OSError:
         return False
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (Linux /proc/self/clear_refs), so that the next job in this process
+    reports its own peak. False where the kernel does not allow it."""
+    global _carried_peak
+    _carried_peak = 0
+    return _clear_peak()
+
+
+def new_peak_window() -> bool:
+    """Start a window whose own peak `window_peak_rss()` reads (the planner's probes), without losing the peak
+    before it from `peak_rss()`. False where the kernel does not allow it (the window then reaches back to the
+    process's start)."""
+    global _carried_peak
+    _carried_peak = max(_carried_peak, _kernel_peak_rss())
+    return _clear_peak()
+
+
+def window_peak_rss() -> int:
+    """The peak resident memory since new_peak_window() (or since reset_peak_rss(), or the start)."""
+    return _kernel_peak_rss()
 
 
 def set_heap_policy(policy: str) -> bool:

@@ -26,7 +26,7 @@ the lines add up to the total:
 - gradient batching  computed: the weight-gradient buffers of small chunks (deferred.py), where used.
 - optimizer step     measured: where the optimizer step's own peak (gradients + state + temporaries, counted)
               exceeds the backward's, the difference.
-- planning    measured: where the process's peak so far (loading the checkpoint, the probes) exceeds the rest,
+- planning    measured: where the process's peak while probing exceeds the rest,
               the difference. The process has held it already, so the choice of C does not charge it.
 C fits when the lines but planning add up to at most the budget less HEADROOM.
 
@@ -54,9 +54,10 @@ from .memory import (
     HEAP_THRESHOLDS,
     TensorBytes,
     heap_policy,
-    peak_rss,
+    new_peak_window,
     process_rss,
     release_free_heap,
+    window_peak_rss,
 )
 from .model import PerformerLM
 from .optimizers import make_optimizer
@@ -570,11 +571,13 @@ def plan_chunk_size(
     budget_bytes, available = resolve_budget(budget, device)
     usable = budget_bytes * (1 - HEADROOM)  # what the prediction misses (heap fragmentation) gets the rest
     # The probe steps stay inside the budget themselves: `fit --chunk-size auto` runs them in its own process.
+    windowed = device.type == "cpu" and new_peak_window()  # the probes' own peak, not the process's earlier ones
     measured = probe(model, work, room=lambda: probe_room(model, work.optimizer, usable, device))
-    # What the process has already held at its peak (loading, the probes under the fast heap): measured, and a
-    # floor under every prediction of this process's peak. CPU only (on CUDA the probes' blocks stay reserved in
-    # the caching allocator and count in the chunk line).
-    reached = peak_rss() if device.type == "cpu" else 0
+    # What the process held at its peak while probing: measured, and a floor under every prediction of the run's
+    # peak. CPU only (on CUDA the probes' blocks stay reserved in the caching allocator and count in the chunk
+    # line), and only where the kernel's counter could be restarted (else it would hold a library user's earlier
+    # peaks).
+    reached = window_peak_rss() if windowed else 0
     runtime = _runtime_bytes(
         model, resident_data if device.type == "cpu" else 0
     )  # after the probes: the kernels' code and caches they loaded stay resident

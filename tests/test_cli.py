@@ -357,11 +357,26 @@ def test_plan_flags_reach_the_planner(monkeypatch, ckpt):
             "sgd",
             "--state-recovery",
             "subtract",
+            "--precision",
+            "bf16",
+            "--data",
+            ckpt,
+            "--data",
+            ckpt,
             "--device",
             "cpu",
         ],
     )
-    assert seen["kwargs"] == dict(seq_len=2048, batch_size=2, mem_budget="80%", optimizer="sgd", recovery="subtract")
+    size = Path(ckpt).stat().st_size
+    assert seen["kwargs"] == dict(
+        seq_len=2048,
+        batch_size=2,
+        mem_budget="80%",
+        optimizer="sgd",
+        recovery="subtract",
+        precision="bf16",
+        data_bytes=2 * size,  # each --data file's size
+    )
 
 
 def test_bad_files_exit_2(capsys, tmp_path, ckpt, data_dir):
