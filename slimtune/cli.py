@@ -449,7 +449,7 @@ def _plan_caption(result) -> str:
         f"Memory counts {result.memory_counts}; available {format_size(result.available_bytes)}, from "
         f"{result.available_source}. The runtime alone holds {format_size(result.breakdown['runtime'])}: no budget "
         f"below it fits. Step time is relative to full backprop's (1.00x: predicted {result.seconds_full:.2f} s "
-        f"here{where}), within about {result.time_uncertainty:.0%} of measured steps on a quiet machine"
+        f"here{where}), within about {result.time_uncertainty:.0%} of measured steps"
     )
     if result.heap:
         caption += (
