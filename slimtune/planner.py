@@ -77,7 +77,8 @@ TIME_REPEATS = 5  # each timing probe runs this often; the fastest counts
 # (2026-11-24), 27-34 % in the runs of 2026-12-01 on a noisy one.
 TIME_UNCERTAINTY = 0.35
 # A block this large is mmap'ed under any heap policy (glibc's dynamic threshold stops at 32 MB): its first touch
-# faults. The probe runs first, while the process holds only the runtime and the weights, and only where it fits.
+# faults. The probe runs right after a tiny warm-up, while the process holds little more than the runtime and the
+# weights, and only where it fits.
 FAULT_PROBE_BYTES = 40 * 2**20
 # Resident bytes per tensor byte at a training run's peak, by where glibc puts the block (memory.py). Calibrated on
 # the 24 shapes of benchmarks/planner_sweep.py (d 64-1024, 1-8 layers, fp32/bf16, with and without evaluation),
@@ -117,10 +118,9 @@ class Probe:
     """Measured on the real model and device: one chunk's step holds base + per_token * C tensor bytes at its
     peak besides the gradients; the optimizer holds `optimizer_state` and its step peaks at `optimizer_peak`;
     on CPU the heap costs `heap_overhead` x the bytes it serves, larger blocks `mapped_overhead` x theirs (sizes:
-    the probe step's allocations at
-    `probe_tokens`). Time: full backprop over T tokens takes full_base + full_per_token * T seconds; one chunk of
-    a SLiM step (its share of the sweep, rebuild and backward) slim_base + slim_per_token * C, and a fresh page
-    `fault_per_byte` seconds per byte."""
+    the probe step's allocations at `probe_tokens`). Time: full backprop over T tokens takes full_base +
+    full_per_token * T seconds; one chunk of a SLiM step (its share of the sweep, rebuild and backward)
+    slim_base + slim_per_token * C, and a fresh page `fault_per_byte` seconds per byte."""
 
     base: float
     per_token: float
@@ -584,9 +584,8 @@ def plan_chunk_size(
     # line), and only where the kernel's counter could be restarted (else it would hold a library user's earlier
     # peaks).
     reached = window_peak_rss() if windowed else 0
-    runtime = _runtime_bytes(
-        model, resident_data if device.type == "cpu" else 0
-    )  # after the probes: the kernels' code and caches they loaded stay resident
+    # After the probes: the kernels' code and caches they loaded stay resident.
+    runtime = _runtime_bytes(model, resident_data)
 
     # C is chosen under the heap policy that holds the least: "tight" where the process's heap is managed (the
     # CLI); in a library user's process glibc's defaults stay, which keep blocks up to 32 MB like "fast".
@@ -596,7 +595,7 @@ def plan_chunk_size(
         return predict(model, measured, runtime, work, c, batching=batching, heap=heap, reached=reached)
 
     def fits(lines):  # the training's prediction inside the usable budget; the probes' peak is a fact, not judged
-        return lines["total"] - lines["planning"] <= usable
+        return _training(lines)["total"] <= usable
 
     chosen = choose(lambda c: fits(peak(c)), L)
     if forced is not None:
