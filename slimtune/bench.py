@@ -91,7 +91,10 @@ def setup(
     randomly initialised with `seed`), and seeded random windows. L: `seq_len`, else the recipe's, else 1024.
     `emulate_memory` caps a CUDA process at a smaller card's memory before anything is allocated."""
     if sum(x is not None for x in (checkpoint, recipe, config)) != 1:
-        raise ConfigError("give exactly one of --checkpoint FILE or --recipe NAME (see `slimtune recipes`)")
+        raise ConfigError(
+            "give exactly one of checkpoint (a file) or recipe (a name, see `slimtune recipes`)",
+            params=("checkpoint", "recipe"),
+        )
     dev = resolve_device(device)
     if emulate_memory is not None:
         emulate_card(emulate_memory, dev)
@@ -124,10 +127,23 @@ def checkpointed_step(model: PerformerLM, windows: torch.Tensor, precision: torc
     return loss.item()
 
 
+def chunk_list(value: str) -> list[int]:
+    """'1024,256,64' (commas or spaces) as [1024, 256, 64]."""
+    try:
+        found = [int(v) for v in str(value).replace(",", " ").split()]
+    except ValueError:
+        found = []
+    if not found or min(found) < 1:
+        raise ConfigError(
+            f"chunks must be integers >= 1 separated by commas, e.g. 1024,256,64,16; got {value!r}", params=("chunks",)
+        )
+    return found
+
+
 def methods_for(seq_len: int, chunk_sizes: list[int], *, full: bool = True, checkpointed: bool = True) -> list[Method]:
     bad = [c for c in chunk_sizes if c < 1]
     if bad:
-        raise ConfigError(f"chunk sizes must be integers >= 1, got {bad[0]}: pass e.g. --chunks 1024,256,64,16")
+        raise ConfigError(f"chunk sizes must be integers >= 1, got {bad[0]}: pass e.g. 1024,256,64,16")
     found = [Method("SLiM", c) for c in dict.fromkeys(chunk_sizes) if c < seq_len]
     if full:
         found.insert(0, Method(FULL, seq_len))
@@ -208,7 +224,7 @@ def run_bench(
     """Measure every method on `windows` [B, L + 1]; see the module docstring. A method that runs out of memory
     gets a row with `error` set instead of figures, and the others go on."""
     if steps < 1 or warmup < 0:
-        raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+        raise ConfigError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}", params=("steps", "warmup"))
     device = windows.device
     runner = _Runner(model, windows, optimizer, compute_dtype(precision), recovery)
     rows = {m: Row(m.label, m.chunk_size) for m in methods}
@@ -264,14 +280,39 @@ def rows_json(rows: list[Row]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
+def bench_json(run: Setup, rows: list[Row], *, batch_size: int, precision, optimizer) -> dict:
+    """What `slimtune bench --json` prints: the model, the settings, the machine and every row."""
+    device = run.windows.device
+    cuda = device.type == "cuda"
+    return {
+        "model": run.name,
+        "config": run.model.config.to_dict(),
+        "seq_len": run.seq_len,
+        "batch_size": batch_size,
+        "precision": str(precision),
+        "optimizer": str(optimizer),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "memory_counts": "CUDA reserved + context" if cuda else "tensor bytes",
+        "memory_note": "CUDA allocator peak reservation + context"
+        if cuda
+        else "peak tensor bytes held (weights, gradients, optimizer state, activations); not resident memory, "
+        "which `plan` and `fit` report",
+        "torch": torch.__version__,
+        "rows": rows_json(rows),
+    }
+
+
 def check_plot_path(path) -> None:
     """Fail before any measuring when the plot cannot be drawn."""
     if path is None:
         return
     if importlib.util.find_spec("matplotlib") is None:
-        raise ConfigError("--plot needs matplotlib: pip install 'slimtune[plot]' (or pip install matplotlib)")
+        raise ConfigError(
+            "plot needs matplotlib: pip install 'slimtune[plot]' (or pip install matplotlib)", params=("plot",)
+        )
     if Path(path).suffix.lower() != ".png":
-        raise ConfigError(f"--plot must name a .png file, got {path}")
+        raise ConfigError(f"plot must name a .png file, got {path}", params=("plot",))
 
 
 def plot(rows: list[Row], path, title: str) -> None:

@@ -31,12 +31,9 @@ CONTRACT_KEYS = ("vocab_size", "hidden_dim", "n_layers", "ffn_dim", "n_heads", "
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 HF_WEIGHTS = "model.safetensors"  # the weights file inside a --format hf folder
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# What each unknown setting is called on the command line, for error messages.
-FLAGS = {
-    "n_heads": "--n-heads N",
-    "feature_type": "--feature-type sqr|relu|elu+1|abs|favor+",
-    "on_gptln": "--layernorm post|pre",
-}
+# The parameter (of load_checkpoint) that gives each setting a checkpoint may lack, and what it takes.
+GIVEN_BY = {"n_heads": "n_heads", "feature_type": "feature_type", "on_gptln": "layernorm"}
+TAKES = {"n_heads": "N", "feature_type": "sqr|relu|elu+1|abs|favor+", "on_gptln": "post|pre"}
 
 
 def expected_shapes(config: PerformerConfig) -> dict[str, tuple[int, ...]]:
@@ -112,7 +109,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     if path.is_file() and _looks_like_text(path):
         raise CheckpointError(
             f"{path} is not a checkpoint: it holds text. Pass the model file (.safetensors, or a torch.save "
-            "state dict .pt/.pth/.bin); text goes to --data"
+            "state dict .pt/.pth/.bin); text goes to data",
+            params=("data",),
         )
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -168,16 +166,21 @@ def _config(saved: dict | None, tensors, path: Path, overrides: dict) -> tuple[P
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if saved is None:
         values = _infer_sizes(tensors, path) | overrides
-        missing = [FLAGS[k] for k in ("n_heads", "feature_type", "on_gptln") if k not in values]
+        missing = [k for k in ("n_heads", "feature_type", "on_gptln") if k not in values]
         if missing:
-            raise CheckpointError(f"{path} has no slimtune_config metadata: pass {' and '.join(missing)}")
+            wanted = " and ".join(f"{GIVEN_BY[k]} {TAKES[k]}" for k in missing)
+            raise CheckpointError(
+                f"{path} has no slimtune_config metadata: pass {wanted}", params=[GIVEN_BY[k] for k in missing]
+            )
         extra = {}
     else:
         values = dict(saved)
         for key, value in overrides.items():
             if key in values and values[key] != value:
                 raise CheckpointError(
-                    f"{path} says {key} = {values[key]!r} but {FLAGS[key].split()[0]} gives {value!r}: drop the flag"
+                    f"{path} says {key} = {values[key]!r} but {GIVEN_BY[key]} gives {value!r}: leave {GIVEN_BY[key]} "
+                    "out",
+                    params=(GIVEN_BY[key],),
                 )
         extra = {k: v for k, v in saved.items() if k not in CONTRACT_KEYS}
     try:
@@ -200,7 +203,7 @@ def validate_tensors(tensors: dict[str, torch.Tensor], config: PerformerConfig, 
         if unexpected:
             parts.append(f"unexpected {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
         raise CheckpointError(
-            f"{path} does not match its config ({'; '.join(parts)}): check --n-layers/sizes or the file"
+            f"{path} does not match its config ({'; '.join(parts)}): check the layer count and sizes, or the file"
         )
     wrong = [
         f"{n} expected {list(s)} found {list(tensors[n].shape)}"
@@ -233,7 +236,7 @@ def load_checkpoint(
     _check_readable(path)
     if path.is_dir():  # a --format hf folder
         path = path / HF_WEIGHTS
-    on_gptln = None if layernorm is None else LayerNorm.parse(layernorm, "--layernorm").on_gptln
+    on_gptln = None if layernorm is None else LayerNorm.parse(layernorm, "layernorm").on_gptln
     overrides = dict(n_heads=n_heads, feature_type=feature_type, on_gptln=on_gptln)
     if path.suffix.lower() in TORCH_SUFFIXES:
         tensors, metadata = _read_torch(path), {}
@@ -277,19 +280,23 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike, fmt: s
     """Refuse an output that would overwrite an input or cannot be written. Nothing is created here: a missing
     folder is made when the checkpoint is saved."""
     out = Path(out)
-    fmt = ExportFormat.parse(fmt, "--format")
+    fmt = ExportFormat.parse(fmt, "format")
     for src in inputs:
         if src is not None and (same_file(out, src) or (fmt == "hf" and same_file(out / HF_WEIGHTS, src))):
-            raise CheckpointError(f"output {out} is the same file as input {src}: choose another --out path")
+            raise CheckpointError(
+                f"output {out} is the same file as input {src}: choose another out path", params=("out",)
+            )
     if fmt == "safetensors" and out.is_dir():
         raise CheckpointError(f"output {out} is a directory: give a file name such as {out / 'tuned.safetensors'}")
     if fmt == "hf" and out.exists() and not out.is_dir():
-        raise CheckpointError(f"--format hf writes a folder, but {out} is a file: choose another --out")
+        raise CheckpointError(
+            f"format hf writes a folder, but {out} is a file: choose another out", params=("format", "out")
+        )
     existing = out.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise CheckpointError(f"cannot write under {existing}: choose another --out")
+        raise CheckpointError(f"cannot write under {existing}: choose another out", params=("out",))
     return out
 
 
@@ -335,7 +342,7 @@ def save_checkpoint(
     """Write a contract checkpoint atomically (a temporary file in the destination folder, fsync, rename), so a
     crash leaves the previous file or the new one, never half of one. fmt "hf" writes a folder with
     model.safetensors and config.json instead."""
-    path, fmt = Path(path), ExportFormat.parse(fmt, "--format")
+    path, fmt = Path(path), ExportFormat.parse(fmt, "format")
     full_config = config.to_dict() | (extra_config or {})
     metadata = {"format": "pt", "slimtune_config": json.dumps(full_config), "slimtune_version": __version__}
     if provenance:
@@ -347,14 +354,13 @@ def save_checkpoint(
             _write_safetensors(path, tensors, metadata)
     except OSError as e:
         raise CheckpointError(
-            f"cannot write {path} ({e.strerror or e}): free some space or choose another --out"
+            f"cannot write {path} ({e.strerror or e}): free some space or choose another out", params=("out",)
         ) from None
     return path
 
 
 def describe(checkpoint: Checkpoint) -> dict:
-    """What `slimtune inspect` shows: config, size, dtypes, the fixed memory cost of fine-tuning, provenance."""
-    n = checkpoint.parameters
+    """What `slimtune inspect` shows of the file alone: config, size, dtypes, provenance, tensors."""
     provenance = {}
     for key, value in checkpoint.metadata.items():
         try:
@@ -368,11 +374,9 @@ def describe(checkpoint: Checkpoint) -> dict:
     return {
         "path": str(checkpoint.path),
         "config": checkpoint.config.to_dict() | checkpoint.extra_config,
-        "parameters": n,
+        "parameters": checkpoint.parameters,
         "dtypes": checkpoint.dtypes,
         "file_bytes": checkpoint.path.stat().st_size,
-        # fp32 training: weights + gradients (8 bytes per parameter), plus Adam's two moments (8 more)
-        "fine_tuning_bytes": {"sgd": 8 * n, "adam": 16 * n},
         "provenance": provenance,
         "tensors": {
             name: (list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in checkpoint.tensors.items()
@@ -380,17 +384,30 @@ def describe(checkpoint: Checkpoint) -> dict:
     }
 
 
+def inspect_checkpoint(path: str | os.PathLike, **model_flags) -> dict:
+    """`describe` and the fixed memory cost of fine-tuning it with each optimizer in fp32: weights, gradients
+    and the optimizer's state, measured on the model (planner.measure_optimizer, as the planner measures it)."""
+    from .model import PerformerLM  # here: model.py reads checkpoints through this module
+    from .planner import measure_optimizer
+
+    checkpoint = load_checkpoint(path, **model_flags)
+    model = PerformerLM.from_checkpoint(checkpoint, device="cpu", dtype=torch.float32)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    costs = {name: 2 * weights + measure_optimizer(model, name)[0] for name in ("sgd", "adam", "adamw")}
+    return describe(checkpoint) | {"fine_tuning_bytes": costs}
+
+
 def default_out(checkpoint: str | os.PathLike, fmt: str = "safetensors") -> Path:
     """Where `fit` writes when no --out is given: NAME-tuned.safetensors beside the input (NAME-tuned-2, -3, ...
     when that exists), so that nothing is ever overwritten."""
     src = Path(checkpoint)
     stem = src.stem if src.is_file() or src.suffix else src.name
-    suffix = ".safetensors" if ExportFormat.parse(fmt, "--format") == ExportFormat.SAFETENSORS else ""
+    suffix = ".safetensors" if ExportFormat.parse(fmt, "format") == ExportFormat.SAFETENSORS else ""
     for n in range(1, 10_000):
         out = src.with_name(f"{stem}-tuned{'' if n == 1 else f'-{n}'}{suffix}")
         if not out.exists():
             return out
-    raise CheckpointError(f"no free output name beside {src}: pass --out")
+    raise CheckpointError(f"no free output name beside {src}: give out", params=("out",))
 
 
 def convert(
@@ -405,7 +422,7 @@ def convert(
 ) -> Checkpoint:
     """Write any accepted checkpoint (e.g. the reference code's torch.save state dict) as a contract checkpoint,
     bit for bit in each tensor's dtype unless `dtype` casts. Returns the source checkpoint."""
-    cast = ExportDtype.parse(dtype, "--dtype").dtype
+    cast = ExportDtype.parse(dtype, "dtype").dtype
     target = check_output_path(out, src, fmt=fmt)
     ckpt = load_checkpoint(src, n_heads=n_heads, feature_type=feature_type, layernorm=layernorm)
     tensors = {name: t.to(cast or t.dtype) for name, t in ckpt.tensors.items()}

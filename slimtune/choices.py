@@ -1,4 +1,5 @@
-"""The named choices of the library and the command line (optimizer, precision, state recovery, ...).
+"""The named choices of the library and the command line (optimizer, precision, state recovery, ...). No torch
+here: the command line reads this module for its --help.
 
 Each is a `str` enum: members compare, hash and print as their values (`Optimizer.ADAM == "adam"`), so options
 read from a recipe, a saved run or a caller's string work unchanged, and typer lists and validates them on the
@@ -8,8 +9,6 @@ command line. `Choice.parse` turns a string into a member or raises ConfigError 
 from __future__ import annotations
 
 from enum import Enum
-
-import torch
 
 from .errors import ConfigError
 
@@ -25,12 +24,13 @@ class Choice(str, Enum):
 
     @classmethod
     def parse(cls, value, what: str):
-        """`value` as a member of this choice; ConfigError naming `what` and the allowed values otherwise."""
+        """`value` as a member of this choice; ConfigError naming the parameter `what` and the allowed values
+        otherwise."""
         try:
             return cls(value)
         except ValueError:
             allowed = ", ".join(m.value for m in cls)
-            raise ConfigError(f"{what} must be one of {allowed}, got {value!r}") from None
+            raise ConfigError(f"{what} must be one of {allowed}, got {value!r}", params=(what,)) from None
 
 
 class Optimizer(Choice):
@@ -51,8 +51,10 @@ class Precision(Choice):
     BF16 = "bf16"  # autocast: bf16 matmuls; fp32 weights, gradients, states and loss
 
     @property
-    def dtype(self) -> torch.dtype | None:
-        """The autocast dtype; None: the weights' own dtype, no autocast."""
+    def dtype(self):
+        """The autocast torch.dtype; None: the weights' own dtype, no autocast."""
+        import torch  # here, not at the top: the command line's --help reads this module and must not load torch
+
         return torch.bfloat16 if self is Precision.BF16 else None
 
 
@@ -88,8 +90,15 @@ class ExportDtype(Choice):
     BF16 = "bf16"
 
     @property
-    def dtype(self) -> torch.dtype | None:
+    def dtype(self):
+        import torch
+
         return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(self.value)
+
+
+class Heap(Choice):
+    MANAGED = "managed"  # slimtune sets glibc's thresholds: "tight" while planning, then the plan's (memory.py)
+    SYSTEM = "system"  # glibc's own dynamic threshold, untouched
 
 
 class Task(Choice):

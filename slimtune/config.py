@@ -3,10 +3,31 @@ checkpoint's `slimtune_config` metadata."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 
 from .errors import ConfigError
-from .features import feature_dim
+
+ELEMENTWISE_NAMES = ("sqr", "relu", "elu+1", "abs")  # phi applied elementwise (features.py); M = d_h
+_FAVOR = re.compile(r"^favor\+(?:_(\d+))?$")
+
+
+def favor_multiplier(feature_type: str) -> int | None:
+    """N for `favor+_N` (1 for `favor+`), None for an elementwise map; raises ConfigError if unknown."""
+    if feature_type in ELEMENTWISE_NAMES:
+        return None
+    match = _FAVOR.match(feature_type)
+    if match is None or (match.group(1) is not None and int(match.group(1)) < 1):
+        raise ConfigError(
+            f"unknown feature type {feature_type!r}: use one of sqr, relu, elu+1, abs, favor+, favor+_N (N >= 1)"
+        )
+    return int(match.group(1) or 1)
+
+
+def feature_dim(feature_type: str, head_dim: int) -> int:
+    """M, the number of features per head."""
+    multiplier = favor_multiplier(feature_type)
+    return head_dim if multiplier is None else multiplier * head_dim
 
 
 @dataclass(frozen=True)

@@ -13,27 +13,55 @@ import torch
 from .errors import DataError
 
 
-def read_bytes(path: str | os.PathLike, *, min_length: int = 2, what: str = "--data") -> torch.Tensor:
-    """The file's bytes as a uint8 tensor [N], memory-mapped so large files are not copied into RAM."""
+def checkpoint_kind(path: str | os.PathLike) -> str | None:
+    """ "safetensors", "zip" (torch.save) or "pickle" (an older torch.save) when the file's first bytes say it is a
+    checkpoint rather than text; None otherwise."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    size = Path(path).stat().st_size
+    if len(head) >= 10 and head[8:10] in (b'{"', b"{ ") and int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"  # an 8-byte little-endian header length, then the JSON header
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    return None
+
+
+def read_bytes(path: str | os.PathLike, *, min_length: int = 2, what: str = "data") -> torch.Tensor:
+    """The file's bytes as a uint8 tensor [N], memory-mapped so large files are not copied into RAM. `what`:
+    the parameter the path came from, named in errors. A file that is recognisably a checkpoint is refused."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{what} file {path} does not exist: check the path")
+        raise DataError(f"{what} file {path} does not exist: check the path", params=(what,))
     if path.is_dir():
-        raise DataError(f"{what} {path} is a directory: pass a text file")
+        raise DataError(f"{what} {path} is a directory: pass a text file", params=(what,))
     size = path.stat().st_size
     if size == 0:
-        raise DataError(f"{what} file {path} is empty: pass a file with text in it")
+        raise DataError(f"{what} file {path} is empty: pass a file with text in it", params=(what,))
     if size < min_length:
         raise DataError(
-            f"{what} file {path} has {size} bytes but needs at least {min_length}: pass more text or lower --seq-len"
+            f"{what} file {path} has {size} bytes but needs at least {min_length}: pass more text or lower seq_len",
+            params=(what, "seq_len"),
+        )
+    try:
+        kind = checkpoint_kind(path)
+    except OSError as e:
+        raise DataError(
+            f"cannot read {what} file {path} ({e.strerror or e}): check its permissions", params=(what,)
+        ) from None
+    if kind is not None:
+        raise DataError(
+            f"{what} file {path} is a {kind} checkpoint, not text: give it as checkpoint, and a text file as {what}",
+            params=(what, "checkpoint"),
         )
     try:
         return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {what} file {path} ({e}): check its permissions") from None
+        raise DataError(f"cannot read {what} file {path} ({e}): check its permissions", params=(what,)) from None
 
 
-def check_vocabulary(data: torch.Tensor, vocab_size: int, what: str = "--data") -> None:
+def check_vocabulary(data: torch.Tensor, vocab_size: int, what: str = "data") -> None:
     """Byte data holds ids 0..255: a model whose vocabulary is smaller cannot read the bytes beyond it."""
     if vocab_size >= 256 or data.numel() == 0:
         return
@@ -41,7 +69,8 @@ def check_vocabulary(data: torch.Tensor, vocab_size: int, what: str = "--data") 
     if top >= vocab_size:
         raise DataError(
             f"{what} holds byte values up to {top}, but the model's vocabulary has only {vocab_size} ids: a "
-            f"byte-level model needs vocab_size 256; or pass data whose bytes are all below {vocab_size}"
+            f"byte-level model needs vocab_size 256; or pass data whose bytes are all below {vocab_size}",
+            params=(what,),
         )
 
 
@@ -51,7 +80,8 @@ def first_windows(data: torch.Tensor, batch_size: int, seq_len: int) -> torch.Te
     if data.numel() < need:
         raise DataError(
             f"data has {data.numel()} bytes; batch {batch_size} x seq len {seq_len} needs {need}: "
-            "lower --seq-len or --batch-size, or pass more text"
+            "lower seq_len or batch_size, or pass more text",
+            params=("seq_len", "batch_size"),
         )
     rows = [data[b * seq_len : b * seq_len + seq_len + 1] for b in range(batch_size)]
     return torch.stack([r.to(torch.int64) for r in rows])
@@ -60,7 +90,9 @@ def first_windows(data: torch.Tensor, batch_size: int, seq_len: int) -> torch.Te
 def random_windows(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
     """batch_size windows of seq_len + 1 bytes at seeded random offsets. [B, L + 1], int64."""
     if data.numel() < seq_len + 1:
-        raise DataError(f"data has {data.numel()} bytes, fewer than seq len + 1 = {seq_len + 1}: lower --seq-len")
+        raise DataError(
+            f"data has {data.numel()} bytes, fewer than seq_len + 1 = {seq_len + 1}: lower seq_len", params=("seq_len",)
+        )
     offsets = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=generator)
     return torch.stack([data[o : o + seq_len + 1].to(torch.int64) for o in offsets.tolist()])
 
@@ -88,10 +120,13 @@ def copy_windows(
 def split_held_out(data: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(training bytes, held-out bytes): the last `fraction` of the file is held out for evaluation."""
     if not 0 < fraction < 1:
-        raise DataError(f"--eval-fraction must lie strictly between 0 and 1, got {fraction}")
+        raise DataError(f"eval_fraction must lie strictly between 0 and 1, got {fraction}", params=("eval_fraction",))
     cut = int(data.numel() * (1 - fraction))
     if cut < 2 or data.numel() - cut < 2:
-        raise DataError(f"--eval-fraction {fraction} leaves too little data on one side of {data.numel()} bytes")
+        raise DataError(
+            f"eval_fraction {fraction} leaves too little data on one side of {data.numel()} bytes",
+            params=("eval_fraction",),
+        )
     return data[:cut], data[cut:]
 
 

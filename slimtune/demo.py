@@ -90,7 +90,14 @@ def run_demo(
         read_bytes(corpus),
         base,
         FitOptions(
-            seq_len=256, batch_size=8, steps=pretrain_steps, optimizer="adam", lr=3e-3, device="cpu", threads=threads
+            seq_len=256,
+            batch_size=8,
+            steps=pretrain_steps,
+            optimizer="adam",
+            lr=3e-3,
+            device="cpu",
+            threads=threads,
+            run_dir=None,
         ),
         data_path=corpus,
     )
@@ -102,7 +109,7 @@ def run_demo(
 
     seq_len = 8192
     model = PerformerLM.from_pretrained(base)
-    unconstrained = plan_chunk_size(model, Workload(seq_len, 1, "adam"), None)
+    unconstrained = plan_chunk_size(model, Workload(seq_len, 1, "adam"), None, heap="managed")  # as fit's
     by_size = {c.chunk_size: c.predicted_peak_bytes for c in unconstrained.candidates}
     # Emulate a small device: a budget between the predicted peaks at C = L/4 and C = L/2.
     budget = (by_size[seq_len // 4] + by_size[seq_len // 2]) // 2
@@ -128,6 +135,7 @@ def run_demo(
             mem_budget=budget,
             device="cpu",
             threads=threads,
+            run_dir=None,
         ),
         data_path=document,
     )

@@ -151,12 +151,16 @@ def resolve_device(name: str | torch.device) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: no usable CUDA device here; use --device cpu (or auto)")
+            raise ConfigError(
+                f"device {name}: no usable CUDA device here; use device=cpu (or auto)", params=("device",)
+            )
         device = torch.device(name)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0..")
+            raise ConfigError(
+                f"device {name}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0..", params=("device",)
+            )
         return device
-    raise ConfigError(f"--device must be auto, cpu or cuda, got {name!r}")
+    raise ConfigError(f"device must be auto, cpu or cuda, got {name!r}", params=("device",))
 
 
 def cuda_context_bytes(device: torch.device) -> int:
@@ -214,9 +218,11 @@ def resolve_budget(budget: str | int | None, device: torch.device) -> tuple[int,
         try:
             share = float(budget.strip()[:-1])
         except ValueError:
-            raise ConfigError(f"cannot read budget {budget!r}: write a size (2GB) or a percentage (80%)") from None
+            raise ConfigError(
+                f"cannot read mem_budget {budget!r}: write a size (2GB) or a percentage (80%)", params=("mem_budget",)
+            ) from None
         if not 0 < share <= 100:
-            raise ConfigError(f"budget {budget!r} must be a percentage in (0, 100]")
+            raise ConfigError(f"mem_budget {budget!r} must be a percentage in (0, 100]", params=("mem_budget",))
         return int(available * share / 100), available
     return min(parse_size(budget), available), available
 
@@ -227,7 +233,8 @@ def emulate_card(size: str | int, device: torch.device) -> int:
     process already holds, as the context takes its share of a real small card too. Returns the allocator cap."""
     if device.type != "cuda":
         raise ConfigError(
-            f"--emulate-memory caps a CUDA card, but the device is {device}: drop it or use --device cuda"
+            f"emulate_memory caps a CUDA card, but the device is {device}: drop it or use device=cuda",
+            params=("emulate_memory", "device"),
         )
     wanted = parse_size(size)
     torch.zeros(1, device=device)  # creates the context, so that its size can be read
@@ -235,8 +242,9 @@ def emulate_card(size: str | int, device: torch.device) -> int:
     cap = wanted - cuda_context_bytes(device)
     if cap <= 0 or wanted >= total:
         raise ConfigError(
-            f"--emulate-memory {size} must lie between the CUDA context "
-            f"({format_size(cuda_context_bytes(device))}) and the card's {format_size(total)}"
+            f"emulate_memory {size} must lie between the CUDA context "
+            f"({format_size(cuda_context_bytes(device))}) and the card's {format_size(total)}",
+            params=("emulate_memory",),
         )
     torch.cuda.set_per_process_memory_fraction(cap / total, device)
     return cap

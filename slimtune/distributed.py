@@ -67,7 +67,7 @@ def rank_device(device: torch.device, group: Group) -> torch.device:
         if group.local_rank >= torch.cuda.device_count():
             raise ConfigError(
                 f"LOCAL_RANK {group.local_rank} but only {torch.cuda.device_count()} GPU(s) here: "
-                "use --nproc_per_node at most the number of GPUs"
+                "start torchrun with at most one process per GPU (its nproc_per_node)"
             )
         torch.cuda.set_device(group.local_rank)
         return torch.device("cuda", group.local_rank)

@@ -13,8 +13,11 @@ import torch.nn.functional as F
 from .data import check_vocabulary, copy_windows, read_bytes
 from .errors import ConfigError
 from .model import PerformerLM
+from .options import DataOptions, chunk_request, default_of
 from .planner import Workload, plan_chunk_size
 from .slim import slim_step
+
+DEFAULT_SEQ_LEN = default_of(DataOptions, "seq_len")  # fit's default L: a base and its fine-tune score alike
 
 
 @dataclass
@@ -43,14 +46,16 @@ def position_nll(model: PerformerLM, windows: torch.Tensor, chunk_size: int) -> 
     return torch.cat(parts, dim=1)
 
 
-def default_seq_len(model: PerformerLM) -> int:
-    """The L a checkpoint was trained at (its slimtune_config seq_len), else 1024."""
-    return int(model.source.extra_config.get("seq_len", 1024)) if model.source is not None else 1024
-
-
 def fixed_features(model: PerformerLM, seed: int = 0) -> None:
     """FAVOR+ models: a seeded draw, so that scoring and sampling are repeatable (a no-op for other maps)."""
     model.redraw_features(torch.Generator().manual_seed(seed))
+
+
+def _needs_draw(model: PerformerLM) -> bool:
+    """A FAVOR+ model that has no feature draw yet (a freshly loaded one)."""
+    return any(getattr(layer.attention, "projection", 0) is None for layer in model.layers) and (
+        model.config.feature_type.startswith("favor+")
+    )
 
 
 def evaluate(
@@ -61,15 +66,18 @@ def evaluate(
     chunk_size: int = 1024,
     batch_size: int = 8,
     max_bytes: int | None = None,
+    feature_seed: int = 0,
     on_progress=None,
 ) -> EvalResult:
     """Bits per character of `model` on bytes.
 
     Args:
-        model: the model (FAVOR+ models use their current draw; see `fixed_features`).
+        model: the model. A FAVOR+ model uses its current draw; one without a draw (freshly loaded) gets the
+            seeded draw `feature_seed`, so that scoring it is repeatable.
         data: a text file's path, or its bytes as a uint8 tensor [N].
         seq_len: predictions per sequence; the data is cut into consecutive sequences, each starting from
-            position 0 with fresh states, the last, shorter one included. Default: the checkpoint's seq_len.
+            position 0 with fresh states, the last, shorter one included. Default: DEFAULT_SEQ_LEN (1024, fit's),
+            whatever L the checkpoint was trained at, so that two checkpoints are scored alike.
         chunk_size: tokens run at a time (memory does not grow with seq_len).
         max_bytes: score only the first N bytes.
 
@@ -81,12 +89,16 @@ def evaluate(
     """
     if not isinstance(data, torch.Tensor):
         data = read_bytes(data, min_length=2)
-    seq_len = seq_len or default_seq_len(model)
+    seq_len = seq_len or DEFAULT_SEQ_LEN
     if seq_len < 1 or chunk_size < 1:
-        raise ConfigError(f"--seq-len and chunk size must be >= 1, got {seq_len} and {chunk_size}")
+        raise ConfigError(
+            f"seq_len and chunk_size must be >= 1, got {seq_len} and {chunk_size}", params=("seq_len", "chunk_size")
+        )
     n = data.numel() if max_bytes is None else min(data.numel(), max_bytes)
     if n < 2:
-        raise ConfigError("eval needs at least 2 bytes of data")
+        raise ConfigError("eval needs at least 2 bytes of data", params=("max_bytes",))
+    if _needs_draw(model):
+        fixed_features(model, feature_seed)
     check_vocabulary(data[:n], model.config.vocab_size)
     device = next(model.parameters()).device
     starts = list(range(0, n - 1, seq_len))
@@ -145,22 +157,30 @@ def adapt_one_step(
     model: PerformerLM,
     data: torch.Tensor,
     *,
-    seq_len: int,
+    seq_len: int = DEFAULT_SEQ_LEN,
     windows: int = 8,
     lr: float = 0.01,
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = "auto",
     mem_budget: int | str | None = None,
     seed: int = 0,
     on_progress=None,
 ) -> AdaptResult:
     """The paper's on-device protocol: for `windows` windows of seq_len + 1 bytes at seeded random offsets, the
-    bpc of the second half before and after one plain-SGD step on the first half's loss (computed with SLiM at
-    `chunk_size`; None: the largest C that fits `mem_budget`), each window starting again from the original
-    weights."""
+    bpc of the second half before and after one plain-SGD step on the first half's loss, each window starting
+    again from the original weights. The step runs SLiM at `chunk_size` over the first half: an integer,
+    "full" (ordinary backprop), or "auto"/None (the largest C that fits `mem_budget`, counting the copy of the
+    weights this keeps to start each window from)."""
     if seq_len < 4 or data.numel() < seq_len + 1:
-        raise ConfigError(f"--adapt one-step needs seq len >= 4 and at least seq len + 1 = {seq_len + 1} bytes of data")
+        raise ConfigError(
+            f"one-step adaptation needs seq_len >= 4 and at least seq_len + 1 = {seq_len + 1} bytes of data",
+            params=("seq_len",),
+        )
+    half_len = max(1, seq_len // 2)
+    chunk_size = chunk_request(chunk_size, half_len)
     if chunk_size is None:
-        chunk_size = plan_chunk_size(model, Workload(max(1, seq_len // 2), 1, "sgd"), mem_budget).chunk_size
+        copy = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        work = Workload(half_len, 1, "sgd", copies_bytes=copy)
+        chunk_size = plan_chunk_size(model, work, mem_budget).chunk_size
     check_vocabulary(data, model.config.vocab_size)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device

@@ -8,11 +8,10 @@ shared by every chunk of that step, which SLiM needs for its gradients to be exa
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 
+from .config import ELEMENTWISE_NAMES, favor_multiplier, feature_dim  # noqa: F401 (re-exported)
 from .errors import ConfigError
 
 ELEMENTWISE = {
@@ -21,26 +20,8 @@ ELEMENTWISE = {
     "elu+1": lambda x: F.elu(x) + 1.0,
     "abs": torch.abs,
 }
-_FAVOR = re.compile(r"^favor\+(?:_(\d+))?$")
 FEATURE_TYPES = (*ELEMENTWISE, "favor+", "favor+_N")
-
-
-def favor_multiplier(feature_type: str) -> int | None:
-    """N for `favor+_N` (1 for `favor+`), None for an elementwise map; raises ConfigError if unknown."""
-    if feature_type in ELEMENTWISE:
-        return None
-    match = _FAVOR.match(feature_type)
-    if match is None or (match.group(1) is not None and int(match.group(1)) < 1):
-        raise ConfigError(
-            f"unknown feature type {feature_type!r}: use one of sqr, relu, elu+1, abs, favor+, favor+_N (N >= 1)"
-        )
-    return int(match.group(1) or 1)
-
-
-def feature_dim(feature_type: str, head_dim: int) -> int:
-    """M, the number of features per head."""
-    multiplier = favor_multiplier(feature_type)
-    return head_dim if multiplier is None else multiplier * head_dim
+assert tuple(ELEMENTWISE) == ELEMENTWISE_NAMES
 
 
 def draw_orthogonal_features(

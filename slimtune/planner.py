@@ -46,14 +46,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .choices import Optimizer, Precision, Recovery
+from .choices import Heap, Optimizer, Precision, Recovery
 from .deferred import buffer_bytes, defers
 from .devices import available_source, cuda_context_bytes, resolve_budget
 from .errors import ConfigError, OutOfBudgetError
 from .memory import (
     HEAP_THRESHOLDS,
     TensorBytes,
-    heap_policy,
+    heap_policy_during,
     new_peak_window,
     process_rss,
     release_free_heap,
@@ -69,7 +69,6 @@ from .units import format_size
 PROBE_SIZES = (256, 1024)
 TINY_PROBE_SIZES = (16, 64)  # the warm-up's chunk, and the two steps that size the probes where the room is small
 HEADROOM = 0.05  # share of the budget the choice leaves free
-OPTIMIZER_STATE_COPIES = {"sgd": 0, "adam": 2, "adamw": 2}  # parameter-sized tensors each optimizer keeps
 SLIM_TIME_SIZES = (16, 256)  # C of the SLiM timing probes (smaller for short L)
 SLIM_PROBE_CHUNKS = 4  # chunks per SLiM timing probe: the sweep, the recovery and the chained backward all run
 TIME_REPEATS = 5  # each timing probe runs this often; the fastest counts
@@ -106,6 +105,7 @@ class Workload:
     recovery: Recovery = Recovery.SUBTRACT64  # "store" keeps L / C start states
     precision: Precision = Precision.FP32  # bf16 autocast: other activations, and the weights' bf16 copies
     data_bytes: int = 0  # the training and held-out files: fit maps them and reads them through, so they stay resident
+    copies_bytes: int = 0  # held besides: the one-step adaptation's copy of the weights, torchrun's all-reduce buffer
 
     def __post_init__(self):
         object.__setattr__(self, "optimizer", Optimizer.parse(self.optimizer, "optimizer"))
@@ -301,9 +301,10 @@ def _time_slim(model: PerformerLM, work: Workload, faults, largest: int) -> tupl
     return _line(small, per_chunk[small], large, per_chunk[large])
 
 
-def _probe_optimizer(model: PerformerLM, optimizer: str) -> tuple[int, int]:
+def measure_optimizer(model: PerformerLM, optimizer: str) -> tuple[int, int]:
     """(state bytes, peak bytes of a step incl. its state): one step with zero gradients and lr 0, which
-    creates the optimizer's state but changes no weight."""
+    creates the optimizer's state but changes no weight. The one source of what an optimizer holds: the planner
+    and `inspect` use it."""
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -333,12 +334,13 @@ def _some_feature_draw(model: PerformerLM):
                 layer.attention.projection = None
 
 
-def probe(model: PerformerLM, work: Workload, room=None) -> Probe:
+def probe(model: PerformerLM, work: Workload, room=None, *, heap: str = "fast", optimizer=None) -> Probe:
     """Measure the model on its device. `room`: a function that says how many bytes the probe steps may add to
     what the process holds now (None: no limit); it is read after a tiny warm-up, which loads the kernels' code,
-    and every probe step is then sized to fit it."""
+    and every probe step is then sized to fit it. `heap`: the heap policy the probes run under ("fast" for
+    glibc's own, which behaves like it); `optimizer`: its measure_optimizer() figures, when already taken."""
     with _some_feature_draw(model):
-        return _probe(model, work, room)
+        return _probe(model, work, room, heap, optimizer or measure_optimizer(model, work.optimizer))
 
 
 def _probe_sizes(model: PerformerLM, work: Workload, room: float | None, overhead: float) -> tuple[int, int]:
@@ -365,7 +367,7 @@ def _probe_sizes(model: PerformerLM, work: Workload, room: float | None, overhea
     return c1, max(c1, min(c2, seq_len))
 
 
-def _probe(model: PerformerLM, work: Workload, room) -> Probe:
+def _probe(model: PerformerLM, work: Workload, room, policy: str, optimizer: tuple[int, int]) -> Probe:
     seq_len, batch_size = work.seq_len, work.batch_size
     on_cpu = next(model.parameters()).device.type == "cpu"
     overhead = HEAP_OVERHEAD if on_cpu else 1.0
@@ -385,7 +387,7 @@ def _probe(model: PerformerLM, work: Workload, room) -> Probe:
         per_token = max(0.0, (m2.peak - m1.peak) / (c2 - c1))
     else:
         per_token = m1.peak / c1
-    state, opt_peak = _probe_optimizer(model, work.optimizer)
+    state, opt_peak = optimizer
     measured = Probe(
         base=max(0.0, m1.peak - per_token * c1),
         per_token=per_token,
@@ -397,9 +399,9 @@ def _probe(model: PerformerLM, work: Workload, room) -> Probe:
         probe_tokens=c2,
         sizes=m2.sizes,
     )
-    # The timings ran under the process's heap policy (glibc's defaults behave like "fast"): their page faults,
-    # which the time model adds per policy, are taken out.
-    policy = (heap_policy() or "fast") if on_cpu else "fast"
+    # The timings ran under the heap policy `policy`: their page faults, which the time model adds per policy,
+    # are taken out.
+    policy = policy if on_cpu else "fast"
     measured.slim_base, measured.slim_per_token = _time_slim(
         model, work, lambda c: measured.fault_seconds(c, policy), c1
     )
@@ -444,10 +446,11 @@ def predict(
         "chunk": int(chunk),
         "states": states,
         "gradient batching": buffers,
+        "copies": work.copies_bytes,
     }
     # The peak is the backward of a chunk (optimizer state already there from step 2 on), or the optimizer step
     # (gradients there) where its temporaries exceed a chunk's: then they stand in the chunk's place.
-    backward = probe.optimizer_state + grads + int(chunk) + states + buffers
+    backward = probe.optimizer_state + grads + int(chunk) + states + buffers + work.copies_bytes
     lines["optimizer step"] = max(0, grads + probe.optimizer_peak - backward)
     # The probes' own peak where it is the higher: the process has held it already (inside the budget, as the
     # probes are sized to stay), so it is no prediction and the choice of C does not charge it.
@@ -475,12 +478,12 @@ def relative_time(probe: Probe, seq_len: int, chunk_size: int, heap: str = "fast
     return (work + n * probe.fault_seconds(chunk_size, heap)) / unit
 
 
-def probe_room(model: PerformerLM, optimizer: Optimizer | str, usable: float, device: torch.device) -> float:
+def probe_room(model: PerformerLM, optimizer_state: int, usable: float, device: torch.device) -> float:
     """Bytes the probe steps may add on the model's own device: the usable budget less what the device already
     holds for this job (CPU: the process's RSS, weights included; CUDA: the context and the allocated weights),
-    less the gradients the probe allocates and the optimizer state a run adds later."""
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    state = params * OPTIMIZER_STATE_COPIES[optimizer]
+    less the gradients the probe allocates and the optimizer state (measured) a run adds later."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    state = optimizer_state
     if device.type == "cuda":
         held = cuda_context_bytes(device) + torch.cuda.memory_allocated(device)
     else:
@@ -539,16 +542,17 @@ def _nothing_fits(lines: dict, probe_: Probe, work: Workload, budget_bytes: int,
     hints = []
     if probe_.optimizer_state:
         enough = "" if probe_.optimizer_state >= missing else ", not enough on its own"
-        hints.append(f"--optimizer sgd (saves {format_size(probe_.optimizer_state)}{enough})")
+        hints.append(f"optimizer=sgd (saves {format_size(probe_.optimizer_state)}{enough})")
     if work.batch_size > 1:
-        hints.append("a smaller --batch-size (saves little: the fixed costs above stay)")
+        hints.append("a smaller batch_size (saves little: the fixed costs above stay)")
     hints.append(
-        f"a larger --mem-budget (at least {format_size(lines['total'] / (1 - HEADROOM))}; "
+        f"a larger mem_budget (at least {format_size(lines['total'] / (1 - HEADROOM))}; "
         f"available: {format_size(available)})"
     )
     return OutOfBudgetError(
         f"budget {format_size(budget_bytes)} (less {HEADROOM:.0%} headroom) cannot fit even C = 1: "
-        f"{_terms(lines)}, {format_size(missing)} over; try {'; or '.join(hints)}"
+        f"{_terms(lines)}, {format_size(missing)} over; try {'; or '.join(hints)}",
+        params=("optimizer", "batch_size", "mem_budget"),
     )
 
 
@@ -556,8 +560,9 @@ def _forced_over(forced: int, lines: dict, chosen: int | None, budget_bytes: int
     fits = f"the largest C that fits is {chosen}" if chosen else "no C fits it"
     return OutOfBudgetError(
         f"chunk size {forced} is predicted to need {_terms(_training(lines))}, over the budget "
-        f"{format_size(budget_bytes)} (less {HEADROOM:.0%} headroom): {fits}; or drop the budget (--mem-budget) "
-        f"to force C = {forced}"
+        f"{format_size(budget_bytes)} (less {HEADROOM:.0%} headroom): {fits}; or drop the budget (mem_budget) "
+        f"to force C = {forced}",
+        params=("mem_budget",),
     )
 
 
@@ -568,17 +573,25 @@ def plan_chunk_size(
     *,
     forced: int | None = None,
     resident_data: int = 0,
+    heap: Heap | str = Heap.SYSTEM,
 ) -> Plan:
     """Probe the model, predict each candidate's peak, and pick the largest C that fits the budget; with `forced`,
     check that C instead (OutOfBudgetError naming the largest C that fits when it does not). `resident_data`: how
-    much of `work.data_bytes` the process already holds (fit has read its data; plan has not)."""
+    much of `work.data_bytes` the process already holds (fit has read its data; plan has not). `heap` "managed"
+    (CPU): the probes run under the "tight" heap policy and the plan picks the run's ("fast" when it fits, else
+    "tight"), as `fit` then sets it; "system": glibc's own, which keeps blocks up to 32 MB like "fast"."""
     device = next(model.parameters()).device
     L = work.seq_len
     budget_bytes, available = resolve_budget(budget, device)
     usable = budget_bytes * (1 - HEADROOM)  # what the prediction misses (heap fragmentation) gets the rest
     # The probe steps stay inside the budget themselves: `fit --chunk-size auto` runs them in its own process.
+    managed = device.type == "cpu" and Heap.parse(heap, "heap") == Heap.MANAGED
+    least = "tight" if managed else "fast"  # the policy C is chosen under: the one that holds the least
     windowed = device.type == "cpu" and new_peak_window()  # the probes' own peak, not the process's earlier ones
-    measured = probe(model, work, room=lambda: probe_room(model, work.optimizer, usable, device))
+    with heap_policy_during("tight" if managed else None):
+        optimizer = measure_optimizer(model, work.optimizer)
+        room = lambda: probe_room(model, optimizer[0], usable, device)  # noqa: E731
+        measured = probe(model, work, room=room, heap=least, optimizer=optimizer)
     # What the process held at its peak while probing: measured, and a floor under every prediction of the run's
     # peak. CPU only (on CUDA the probes' blocks stay reserved in the caching allocator and count in the chunk
     # line), and only where the kernel's counter could be restarted (else it would hold a library user's earlier
@@ -586,10 +599,6 @@ def plan_chunk_size(
     reached = window_peak_rss() if windowed else 0
     # After the probes: the kernels' code and caches they loaded stay resident.
     runtime = _runtime_bytes(model, resident_data)
-
-    # C is chosen under the heap policy that holds the least: "tight" where the process's heap is managed (the
-    # CLI); in a library user's process glibc's defaults stay, which keep blocks up to 32 MB like "fast".
-    least = "fast" if device.type == "cpu" and heap_policy() is None else "tight"
 
     def peak(c, batching=False, heap=least):
         return predict(model, measured, runtime, work, c, batching=batching, heap=heap, reached=reached)
@@ -606,8 +615,8 @@ def plan_chunk_size(
     if chosen is None:
         raise _nothing_fits(peak(1), measured, work, budget_bytes, available)
 
-    def heap_for(c, batching=False):  # CPU: "fast" (no page faults) when its peak fits too
-        if device.type != "cpu":
+    def heap_for(c, batching=False):  # managed heap: "fast" (no page faults) when its peak fits too
+        if not managed:
             return ""
         return "fast" if fits(peak(c, batching, "fast")) else "tight"
 
@@ -616,14 +625,14 @@ def plan_chunk_size(
     candidates = []
     for c in sizes:
         heap = heap_for(c)
-        lines = peak(c, heap=heap or "tight")
+        lines = peak(c, heap=heap or least)
         time_ = relative_time(measured, L, c, heap or "fast", full_heap)
         candidates.append(Candidate(c, lines["total"], lines["total"] / budget_bytes, time_, fits(lines), heap))
     # Small chunks run faster with batched weight gradients (slimtune/deferred.py), whose buffers take a fixed
     # amount: used when they fit beside the chosen C, never at the price of a smaller C.
     batching = defers(work.batch_size, chosen, L, compute_dtype(work.precision)) and fits(peak(chosen, True))
     heap = heap_for(chosen, batching)
-    lines = peak(chosen, batching, heap or "tight")
+    lines = peak(chosen, batching, heap or least)
     bigger = next((c for c in chunk_sizes(L) + [L] if c > chosen), None)
     return Plan(
         chunk_size=chosen,
@@ -657,6 +666,7 @@ def plan(
     recovery: Recovery | str = Recovery.SUBTRACT64,
     precision: Precision | str = Precision.FP32,
     data_bytes: int = 0,
+    heap: Heap | str = Heap.SYSTEM,
 ) -> Plan:
     """Pick the largest chunk size C whose training step fits the memory budget on the model's device.
 
@@ -667,7 +677,8 @@ def plan(
             free memory less 10 %.
         optimizer: "sgd", "adam" or "adamw" (its state counts); recovery: the SLiM state recovery; precision:
             "fp32" or "bf16" (autocast), as the run will use; data_bytes: the sizes of the data files a run will
-            read (fit holds them resident).
+            read (fit holds them resident); heap: "system" (glibc's own, as in your process) or "managed" (as
+            `slimtune.fit` sets it, see plan_chunk_size).
 
     Returns:
         Plan: `chunk_size` (L when full backprop fits), `predicted_peak_bytes`, `candidates`; print() shows a table.
@@ -680,8 +691,8 @@ def plan(
         loss = slimtune.slim_step(model, windows, chunk_size=plan.chunk_size)
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ConfigError(f"seq_len must be a positive integer, got {seq_len!r}")
+        raise ConfigError(f"seq_len must be a positive integer, got {seq_len!r}", params=("seq_len",))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}", params=("batch_size",))
     work = Workload(seq_len, batch_size, optimizer, recovery, precision, data_bytes)
-    return plan_chunk_size(model, work, mem_budget)
+    return plan_chunk_size(model, work, mem_budget, heap=heap)

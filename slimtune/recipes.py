@@ -13,6 +13,7 @@ from pathlib import Path
 from .choices import LayerNorm
 from .config import PerformerConfig
 from .errors import ConfigError
+from .options import chunk_request
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -20,14 +21,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TRAIN_KEYS = {"task", "copy_symbols", "seq_len", "batch_size", "steps", "optimizer", "lr", "chunk_size"}
-MODEL_DEFAULTS = {
-    "vocab_size": 256,
-    "hidden_dim": 128,
-    "n_layers": 2,
-    "n_heads": 2,
-    "feature_type": "sqr",
-    "on_gptln": True,
-}  # ffn_dim: 4 x hidden_dim
+DEFAULT_RECIPE = "small"  # the model and training of `pretrain` without a recipe
+# [train] keys a recipe leaves out
 TRAIN_DEFAULTS = {
     "task": "text",
     "seq_len": 256,
@@ -104,37 +99,23 @@ def list_recipes() -> list[Recipe]:
     return found
 
 
-def parse_chunk_size(value: str | int | None, seq_len: int) -> int | None:
-    """'full' -> L (ordinary backprop), 'auto' or None -> None (the planner picks), else an integer >= 1."""
-    if value is None or value == "auto":
-        return None
-    if value == "full":
-        return seq_len
-    try:
-        size = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--chunk-size must be full, auto or an integer >= 1, got {value!r}") from None
-    if size < 1 or isinstance(value, bool):
-        raise ConfigError(f"--chunk-size must be full, auto or an integer >= 1, got {value!r}")
-    return size
-
-
 def resolve(
     recipe: str | Path | None, model: dict | None = None, train: dict | None = None
 ) -> tuple[PerformerConfig, dict]:
-    """The model config and the training settings of a run: the defaults, then the recipe's values, then the
-    overrides that are not None. `model` takes PerformerConfig fields and `layernorm` ("post"/"pre"); without
-    a given ffn_dim, a changed hidden_dim (or no recipe) means ffn_dim = 4 x hidden_dim. `train` takes the
+    """The model config and the training settings of a run: the recipe's values (the small recipe when none is
+    given; TRAIN_DEFAULTS for [train] keys it leaves out), then the overrides that are not None. `model` takes
+    PerformerConfig fields and `layernorm` ("post"/"pre"); without a given ffn_dim, a changed hidden_dim means
+    ffn_dim = 4 x hidden_dim. `train` takes the
     recipe's [train] keys; chunk_size comes back as an integer (L for "full") or None (auto)."""
-    base = load_recipe(recipe) if recipe else None
+    base = load_recipe(recipe or DEFAULT_RECIPE)
     model = {k: v for k, v in (model or {}).items() if v is not None}
     train = {k: v for k, v in (train or {}).items() if v is not None}
-    values = base.model.to_dict() if base else dict(MODEL_DEFAULTS)
+    values = base.model.to_dict()
     if "layernorm" in model:
-        values["on_gptln"] = LayerNorm.parse(model.pop("layernorm"), "--layernorm").on_gptln
-    if "ffn_dim" not in model and (base is None or "hidden_dim" in model):
+        values["on_gptln"] = LayerNorm.parse(model.pop("layernorm"), "layernorm").on_gptln
+    if "ffn_dim" not in model and "hidden_dim" in model:
         values["ffn_dim"] = 4 * model.get("hidden_dim", values["hidden_dim"])
     config = PerformerConfig.from_dict(values | model)
-    settings = TRAIN_DEFAULTS | (base.train if base else {}) | train
-    settings["chunk_size"] = parse_chunk_size(settings["chunk_size"], settings["seq_len"])
+    settings = TRAIN_DEFAULTS | base.train | train
+    settings["chunk_size"] = chunk_request(settings["chunk_size"], settings["seq_len"])
     return config, settings

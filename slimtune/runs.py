@@ -1,6 +1,6 @@
 """A run folder: metrics as JSON lines and the resumable state of a training run (weights, optimizer, schedule,
-step, random-number states and data position, chunk size), written atomically; and a lock, so that two runs
-never write one folder."""
+step, random-number states and data position, the run plan), written atomically; and a lock, so that two runs
+never write one folder. Which settings a resumed run must share is declared with the options (options.py)."""
 
 from __future__ import annotations
 
@@ -21,29 +21,6 @@ except ImportError:  # pragma: no cover - Windows
 STATE = "state.pt"
 METRICS = "metrics.jsonl"
 LOCK = "lock"
-# Settings a resumed run must share with the run it continues, or it would not be the same run: everything that
-# changes the data, the gradients or the update.
-RESUME_KEYS = (
-    "seq_len",
-    "batch_size",
-    "steps",
-    "one_step",
-    "optimizer",
-    "lr",
-    "weight_decay",
-    "schedule",
-    "warmup",
-    "clip_grad",
-    "accumulate",
-    "seed",
-    "task",
-    "copy_symbols",
-    "recovery",
-    "precision",
-    "skip_nonfinite",
-    "world_size",
-)
-FLAGS = {"recovery": "--state-recovery", "world_size": "world_size"}  # else --NAME-WITH-DASHES
 
 
 class RunFolder:
@@ -54,11 +31,15 @@ class RunFolder:
     def _refuse(self, holder: str) -> SlimtuneError:
         return SlimtuneError(
             f"run folder {self.path} is in use by {holder or 'another process'}: wait for that run, "
-            "or pass another --run-dir"
+            "or give another run_dir",
+            params=("run_dir",),
         )
 
     def lock(self) -> None:
-        """Hold the folder for this process until release(): a second run on it is refused."""
+        """Hold the folder for this process until release(): a second run on it is refused. Taken before any other
+        work on the folder (the check for a saved run included); a no-op when already held."""
+        if self._lock is not None:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         if fcntl is None:
             self._lock_portable()
@@ -125,11 +106,15 @@ class RunFolder:
         return f"finished: {step} of {total} steps" if step >= total else f"stopped after step {step} of {total}"
 
     def move_aside(self) -> Path:
-        """Rename the folder to PATH.old-N (the first free N), keeping everything in it; returns the new name."""
+        """Move what the folder holds to PATH.old-N (the first free N), keeping everything; the folder itself and
+        its lock stay, so the run that holds it keeps holding it. Returns the new name."""
         n = 1
         while (aside := self.path.with_name(f"{self.path.name}.old-{n}")).exists():
             n += 1
-        os.replace(self.path, aside)
+        aside.mkdir()
+        for entry in self.path.iterdir():
+            if entry.name != LOCK:
+                os.replace(entry, aside / entry.name)
         return aside
 
     def save(self, state: dict) -> None:
@@ -142,21 +127,16 @@ class RunFolder:
                 f"cannot save the run state in {self.path} ({e.strerror or e}): free some space"
             ) from None
 
-    def load(self, settings: dict) -> dict:
-        """The saved state, checked against this run's settings."""
+    def load(self) -> dict:
+        """The saved state (the caller checks it against its settings)."""
         path = self.path / STATE
         if not path.is_file():
-            raise SlimtuneError(f"nothing to resume in {self.path}: no {STATE} there; run without --resume")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise SlimtuneError(f"cannot read {path} ({str(e).splitlines()[0][:120]}): run without --resume") from None
-        saved = state["settings"]
-        changed = [k for k in RESUME_KEYS if k in saved and saved.get(k) != settings.get(k)]
-        if changed:
-            was = ", ".join(
-                f"{FLAGS.get(k, '--' + k.replace('_', '-'))} {saved.get(k)!r} (now {settings.get(k)!r})"
-                for k in changed
+            raise SlimtuneError(
+                f"nothing to resume in {self.path}: no {STATE} there; run without resume", params=("resume",)
             )
-            raise SlimtuneError(f"the run in {self.path} was started with {was}: resume with the same settings")
-        return state
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SlimtuneError(
+                f"cannot read {path} ({str(e).splitlines()[0][:120]}): run without resume", params=("resume",)
+            ) from None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, Notice
 
 ENV = "SLIMTUNE_THREADS"
 SAMPLE_SECONDS = 0.25  # how long the load of other processes is measured
@@ -80,9 +80,11 @@ def requested(value: int | str | None = None) -> int | None:
     try:
         count = int(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"threads must be a positive integer, got {value!r} (--threads or {ENV})") from None
+        raise ConfigError(
+            f"threads must be a positive integer, got {value!r} (threads or {ENV})", params=("threads",)
+        ) from None
     if count < 1:
-        raise ConfigError(f"threads must be a positive integer, got {count} (--threads or {ENV})")
+        raise ConfigError(f"threads must be a positive integer, got {count} (threads or {ENV})", params=("threads",))
     return count
 
 
@@ -91,8 +93,8 @@ def choose(value: int | str | None = None) -> ThreadChoice:
     cores = usable_cores()
     count = requested(value)
     if count is not None:
-        source = "--threads" if value is not None else ENV
-        return ThreadChoice(count, f"{source} {count}", cores, float("nan"))
+        source = "threads" if value is not None else ENV
+        return ThreadChoice(count, Notice(f"{source} {count}", params=("threads",)), cores, float("nan"))
     if cores == 1:
         return ThreadChoice(1, "one usable core", cores, 0.0)
     busy = busy_cores()

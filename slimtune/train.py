@@ -1,9 +1,10 @@
 """Fine-tuning and pretraining: a `Trainer` takes optimizer steps with the SLiM step and keeps a resumable run;
-`fit` and `pretrain` wrap it with the planner and the export.
+`fit` and `pretrain` wrap it with the run folder, the run plan and the export.
 
-`fit` is the library function behind `slimtune fit`: it loads the checkpoint, picks C (the planner, unless given
-or resumed), runs the steps (one, as in the paper's on-device experiment, or many), and writes weights that the
-original model loads unchanged (same names, shapes, dtypes and config), with the run's provenance.
+`fit` is the library function behind `slimtune fit`: it loads the checkpoint, takes the run folder's lock, decides
+the run (runplan.py: C planned unless given or resumed), runs the steps (one, as in the paper's on-device
+experiment, or many), and writes weights that the original model loads unchanged (same names, shapes, dtypes
+and config), with the run's provenance.
 """
 
 from __future__ import annotations
@@ -24,117 +25,25 @@ import torch
 
 from . import threads
 from .checkpoint import Checkpoint, check_output_path, file_sha256, load_checkpoint
-from .choices import Choice, ExportDtype, ExportFormat, Optimizer, Precision, Recovery, Schedule, Task
+from .choices import Schedule, Task
 from .data import check_vocabulary, copy_windows, first_windows, random_windows, read_bytes, split_held_out
 from .devices import resolve_device
-from .distributed import (
-    Group,
-    agree_min,
-    average_gradients,
-    barrier,
-    broadcast_parameters,
-    join,
-    launched,
-    mean,
-    rank_device,
-)
-from .errors import ConfigError, OutOfBudgetError, SlimtuneError
+from .distributed import Group, average_gradients, barrier, broadcast_parameters, join, launched, mean, rank_device
+from .errors import ConfigError, Interrupted, Notice, OutOfBudgetError, SlimtuneError
 from .evaluation import copy_accuracy, evaluate
-from .memory import heap_policy, is_out_of_memory, peak_memory_bytes, set_heap_policy
+from .memory import heap_policy_during, is_out_of_memory, peak_memory_bytes
 from .model import PerformerConfig, PerformerLM
-from .optimizers import default_weight_decay, make_optimizer
-from .planner import Plan, Workload, chunk_sizes, memory_counts, plan_chunk_size
+from .optimizers import make_optimizer
+from .options import FitOptions
+from .planner import chunk_sizes, memory_counts
+from .runplan import RunPlan, after_out_of_memory, fixed, resolve_run
 from .runs import RunFolder
 from .slim import slim_step
 
+__all__ = ["FitOptions", "FitResult", "Trainer", "fit", "pretrain"]
+
 OnStep = Callable[[int, dict], None]  # (completed steps, that step's metrics)
 OnWarning = Callable[[str], None]
-
-
-@dataclass
-class FitOptions:
-    seq_len: int = 1024  # L, bytes per window (each window holds L + 1 bytes)
-    batch_size: int = 1  # windows per step
-    steps: int = 1  # optimizer steps
-    one_step: bool = False  # the contract's one step on the first batch: rows b*L.., no shuffling
-    optimizer: Optimizer = Optimizer.ADAM  # sgd (plain, no momentum), adam or adamw
-    lr: float = 1e-3  # learning rate
-    weight_decay: float | None = None  # on weight matrices only; None: 0.01 for adamw, else 0; always 0 with one_step
-    chunk_size: int | None = None  # C; None picks the largest that fits mem_budget
-    mem_budget: int | str | None = None  # what the run may hold (bytes, "2GB", "80%"); None: what is free
-    seed: int = 0  # data order and FAVOR+ draws
-    device: str = "auto"  # auto, cpu or cuda
-    recovery: Recovery = Recovery.SUBTRACT64  # how SLiM recovers chunk start states (see slim.py)
-    precision: Precision = Precision.FP32  # compute precision: fp32, or bf16 autocast
-    batch_weight_grads: bool | None = None  # small C: batch weight gradients (deferred.py); None: whenever C is small
-    schedule: Schedule = Schedule.CONSTANT  # learning rate: constant, or cosine decay to 0 after the warmup
-    warmup: int = 0  # steps of linear warmup
-    clip_grad: float | None = None  # clip the gradients' global norm to this (opt-in; never with one_step)
-    accumulate: int = 1  # batches whose gradients are summed into one optimizer step
-    eval_every: int = 0  # with eval data: bpc every N steps (0: only at the end)
-    eval_bytes: int | None = 100_000  # bytes of the held-out data each evaluation scores (None: all of it)
-    run_dir: str | None = None  # metrics.jsonl and resumable state; None: no run folder
-    save_every: int = 100  # resumable state every N steps (and on interrupt), with a run folder
-    resume: bool = False  # continue the run saved in run_dir
-    restart: bool = False  # start over although run_dir holds a saved run (which is moved aside, not deleted)
-    skip_nonfinite: bool = False  # skip (and count) a step whose loss or gradients are not finite, instead of stopping
-    threads: int | None = None  # CPU intra-op threads; None: SLIMTUNE_THREADS, else the free cores (threads.py)
-    task: Task = Task.TEXT  # text: windows of the data file; copy: the synthetic copying task (pretrain only)
-    copy_symbols: int = 16  # copy task: size of the symbol alphabet
-    dtype: ExportDtype = ExportDtype.AUTO  # export dtype: auto keeps each tensor's input dtype; fp32, fp16 or bf16
-    format: ExportFormat = ExportFormat.SAFETENSORS  # one .safetensors file, or hf: a folder with config.json
-
-    def __post_init__(self):
-        for name, choice, flag in (
-            ("optimizer", Optimizer, "--optimizer"),
-            ("recovery", Recovery, "--state-recovery"),
-            ("precision", Precision, "--precision"),
-            ("schedule", Schedule, "--schedule"),
-            ("task", Task, "task"),
-            ("dtype", ExportDtype, "--dtype"),
-            ("format", ExportFormat, "--format"),
-        ):
-            setattr(self, name, choice.parse(getattr(self, name), flag))
-
-    def validate(self) -> None:
-        """Numbers in range (the named choices are checked when the options are made)."""
-        for name in ("seq_len", "batch_size", "steps", "accumulate"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.chunk_size is not None and (isinstance(self.chunk_size, bool) or self.chunk_size < 1):
-            raise ConfigError(f"--chunk-size must be 'auto' or an integer >= 1, got {self.chunk_size}")
-        if not (self.lr > 0 and self.lr < float("inf")):
-            raise ConfigError(f"--lr must be a positive finite number, got {self.lr}")
-        if self.weight_decay is not None and not 0 <= self.weight_decay < float("inf"):
-            raise ConfigError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
-        for name in ("warmup", "eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.clip_grad is not None and not self.clip_grad > 0:
-            raise ConfigError(f"--clip-grad must be a positive number, got {self.clip_grad}")
-        if self.threads is not None:
-            threads.requested(self.threads)
-        if self.resume and self.restart:
-            raise ConfigError("--resume continues the saved run and --restart starts over: give one of them")
-        if self.resume and not self.run_dir:
-            raise ConfigError("--resume needs the run folder of the run to continue: pass --run-dir")
-
-    @property
-    def total_steps(self) -> int:
-        return 1 if self.one_step else self.steps
-
-    def settings(self, world: int) -> dict:
-        """What the run state records, as plain values (torch.load with weights_only reads them back)."""
-        plain = {f.name: getattr(self, f.name) for f in fields(self)}
-        plain = {k: v.value if isinstance(v, Choice) else v for k, v in plain.items()}
-        return plain | {"weight_decay": self.effective_weight_decay, "world_size": world}
-
-    @property
-    def effective_weight_decay(self) -> float:
-        if self.one_step:
-            return 0.0
-        return default_weight_decay(self.optimizer) if self.weight_decay is None else self.weight_decay
 
 
 @dataclass
@@ -149,12 +58,14 @@ class FitResult:
     peak_memory_bytes: int
     device: str
     out: str
-    seconds: float
+    seconds: float  # the whole call: loading, planning, the steps and the export
     plan: dict | None = None  # the planner's choice (C auto), or its check of a given C against a given budget
     metrics: dict = field(default_factory=dict)  # task metrics, e.g. copy_accuracy
     first_step: int = 0  # steps already done when this process started (a resumed run)
     threads: int = 1  # CPU intra-op threads the run used
     memory_counts: str = ""  # what peak_memory_bytes counts on this device
+    run: dict = field(default_factory=dict)  # the run plan (runplan.RunPlan), as decided before the first step
+    run_dir: str | None = None
     model: PerformerLM | None = field(default=None, repr=False, compare=False)  # the trained model, in memory
 
     def to_json(self) -> dict:
@@ -163,12 +74,6 @@ class FitResult:
 
 def _warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _free_device_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _finite(model, loss: float) -> bool:
@@ -194,9 +99,10 @@ def _lr_factor(options: FitOptions):
 class Trainer:
     """One training run, in the manner of torchtune's recipes: `setup()`, then `step()` until `done`, `close()`.
 
-    `save(point)` writes the resumable state (weights, optimizer, schedule, step, random-number states, C) to the
-    run folder, `restore()` reads it back; with `options.resume`, setup() restores. The chunk size is given, or
-    restored, or set by the caller after setup (the planner's choice) before the first step.
+    It consumes a run plan (runplan.py; or, for a caller of its own, a given `chunk_size`, from which the rest of
+    the plan is derived). `save(point)` writes the resumable state (weights, optimizer, schedule, step,
+    random-number states, the run plan) to the run folder, `restore(saved)` reads it back; with
+    `options.resume`, setup() restores.
     """
 
     def __init__(
@@ -205,52 +111,53 @@ class Trainer:
         data: torch.Tensor | None,
         options: FitOptions,
         *,
+        run: RunPlan | None = None,
         chunk_size: int | None = None,
         eval_data: torch.Tensor | None = None,
         group: Group = Group(),
         on_warning: OnWarning | None = None,
+        folder: RunFolder | None = None,
     ):
         self.model, self.data, self.options, self.eval_data, self.group = model, data, options, eval_data, group
-        self.chunk_size = chunk_size
-        self.plan: dict | None = None
+        if run is None and chunk_size is not None:
+            run = fixed(model, options, chunk_size, world=group.world)
+        self.run = run  # None only until a resumed run's plan is restored
         self.device = next(model.parameters()).device
         self.losses: list[float] = []
         self.completed = 0  # optimizer steps done (skipped ones included)
         self.first_step = 0
         self.skipped = 0
-        self.folder = RunFolder(options.run_dir) if options.run_dir else None
+        self.folder = folder or (RunFolder(options.run_dir) if options.run_dir else None)
         self.writes = self.folder is not None and group.main  # only rank 0 writes; every rank reads
         self._warn = on_warning or _warn
         self._warned: set[str] = set()
         self._load: threads.LoadWatch | None = None  # set by setup() when the thread count was chosen
 
+    @property
+    def chunk_size(self) -> int | None:
+        return self.run.chunk_size if self.run else None
+
     # -- life cycle --------------------------------------------------------------------------------------------
-    def setup(self) -> None:
-        """Optimizer, schedule, random numbers; the run folder's lock; the saved state with options.resume."""
+    def setup(self, saved: dict | None = None) -> None:
+        """Optimizer, schedule, random numbers; the run folder's lock; the saved state (`saved`, or with
+        options.resume the folder's)."""
         o = self.options
         self.generator = torch.Generator().manual_seed(o.seed)
         self.optimizer = make_optimizer(o.optimizer, self.model, o.lr, o.effective_weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(o))
-        if o.resume and not self.folder.has_state():
-            raise SlimtuneError(f"nothing to resume in {self.folder.path}: no saved state there; run without --resume")
         if self.writes:
             self.folder.lock()
-        if o.resume:
-            self.restore()
-        self._choose_heap()
+        if saved is None and o.resume:
+            saved = self.folder.load()
+            check_resume(saved, o, self.group.world, self.folder.path)
+        if saved is not None:
+            self.restore(saved)
+        if self.run is None:
+            raise ConfigError("the trainer has no chunk size: pass chunk_size or a run plan", params=("chunk_size",))
         chosen = self.device.type == "cpu" and threads.requested(o.threads) is None
         self._load = threads.LoadWatch() if chosen else None  # follows neighbours that come and go
         broadcast_parameters(self.model)  # the same start on every rank (a no-op for one process)
         self._point = self._here()
-
-    def _choose_heap(self) -> None:
-        """The plan's heap policy on CPU ("fast" when its peak fits the budget, memory.py); without a plan "tight"
-        under a --mem-budget, else "fast". Only where the heap is managed (the CLI), never in a library user's
-        process. Placement only: results are the same under either."""
-        if heap_policy() is None or self.device.type != "cpu":
-            return
-        fallback = "tight" if self.options.mem_budget is not None else "fast"
-        set_heap_policy((self.plan or {}).get("heap") or fallback)
 
     def _follow_load(self) -> None:
         """Between steps and chunks: fewer CPU threads when another process took a core since the last reading,
@@ -259,7 +166,12 @@ class Trainer:
         if count is None:
             return
         why = "another process is keeping a core busy" if count < torch.get_num_threads() else "the cores are free"
-        self._warn(f"{why}: {count} CPU thread(s) from step {self.completed + 1} on (--threads fixes the count)")
+        self._warn(
+            Notice(
+                f"{why}: {count} CPU thread(s) from step {self.completed + 1} on (threads fixes the count)",
+                params=("threads",),
+            )
+        )
         threads.apply(count)
 
     def close(self) -> None:
@@ -275,20 +187,19 @@ class Trainer:
         """Where a resumed run would start now: completed steps and the random-number states for the next."""
         return self.completed, (self.generator.get_state(), torch.get_rng_state())
 
-    def save(self, point=None) -> None:
-        """The state at `point` (default: after the last completed step). Rank 0 with a run folder only."""
+    def save(self, point=None) -> int | None:
+        """The state at `point` (default: after the last completed step); returns its step, or None when this
+        process writes no run folder (no run_dir, or a torchrun rank other than 0)."""
         if not self.writes:
-            return
+            return None
         step, (generator, rng) = point or self._point
         self.folder.save(
             {
                 "step": step,
-                "chunk_size": self.chunk_size,
+                "run": self.run.to_json(),
                 "losses": self.losses,
                 "skipped": self.skipped,
-                "plan": self.plan,
-                "batch_weight_grads": self.options.batch_weight_grads,
-                "settings": self.options.settings(self.group.world),
+                "settings": self.options.resume_settings(),
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
@@ -297,25 +208,24 @@ class Trainer:
                 "threads": torch.get_num_threads(),  # the last bits depend on it: a resumed run uses the same
             }
         )
+        return step
 
-    def restore(self) -> None:
-        saved = self.folder.load(self.options.settings(self.group.world))
+    def restore(self, saved: dict) -> None:
+        """Weights, optimizer, schedule, random numbers and the run plan of a saved state, as a unit."""
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.generator.set_state(saved["generator"])
         torch.set_rng_state(saved["torch_rng"])
         self.completed = self.first_step = saved["step"]
-        self.chunk_size, self.losses = saved["chunk_size"], list(saved["losses"])
-        self.skipped, self.plan = saved.get("skipped", 0), saved.get("plan")
-        if "threads" in saved and saved["threads"] != torch.get_num_threads():
+        self.losses, self.skipped = list(saved["losses"]), saved.get("skipped", 0)
+        self.run = replace(RunPlan.from_json(saved["run"]), chunk_source="resumed")
+        if saved["threads"] != torch.get_num_threads():
             self._warn(
                 f"using {saved['threads']} CPU threads, as the run being resumed did (its results depend on "
                 f"the count in the last bits); this machine chose {torch.get_num_threads()}"
             )
             threads.apply(saved["threads"])
-        if "batch_weight_grads" in saved:  # the same summation order as the run it continues: bit for bit
-            self.options = replace(self.options, batch_weight_grads=saved["batch_weight_grads"])
 
     # -- one step ----------------------------------------------------------------------------------------------
     def _warn_once(self, message: str) -> None:
@@ -338,55 +248,60 @@ class Trainer:
         mine = slice(g.rank * o.batch_size, (g.rank + 1) * o.batch_size)
         return windows[mine], None if mask is None else mask[mine]
 
+    def _slim_steps(self, batches) -> float:
+        """The mean gradient over `batches` in .grad (from zero), and the mean loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for windows, mask in batches:
+            total += slim_step(
+                self.model,
+                windows.to(self.device),
+                self.run.chunk_size,
+                None if mask is None else mask.to(self.device),
+                recovery=self.options.recovery,
+                precision=self.options.precision,
+                batch_weight_grads=self.run.batch_weight_grads,
+                between_chunks=self._follow_load if self._load else None,
+            )
+        if len(batches) > 1:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad /= len(batches)
+        return total / len(batches)
+
     def _gradients(self, batches) -> float:
-        """Fill .grad with the mean gradient over `batches` and return the mean loss. On running out of memory
-        anyway (another process took memory, fragmentation), redo the whole step from zeroed gradients with the
-        next smaller C, so that no step is ever taken on incomplete gradients."""
-        o = self.options
+        """_slim_steps; on running out of memory anyway (another process took memory, fragmentation), the whole
+        step again from zeroed gradients with the next smaller C, so that no step is taken on incomplete
+        gradients."""
         while True:
-            self.optimizer.zero_grad(set_to_none=True)
             try:
-                total = 0.0
-                for windows, mask in batches:
-                    total += slim_step(
-                        self.model,
-                        windows.to(self.device),
-                        self.chunk_size,
-                        None if mask is None else mask.to(self.device),
-                        recovery=o.recovery,
-                        precision=o.precision,
-                        batch_weight_grads=o.batch_weight_grads,
-                        between_chunks=self._follow_load if self._load else None,
-                    )
-                if len(batches) > 1:
-                    for p in self.model.parameters():
-                        if p.grad is not None:
-                            p.grad /= len(batches)
-                return total / len(batches)
+                return self._slim_steps(batches)
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 if not is_out_of_memory(e):
                     raise
             # Outside the except block: the traceback no longer pins the failed step's tensors.
             self.optimizer.zero_grad(set_to_none=True)
-            _free_device_memory(self.device)
-            smaller = [c for c in chunk_sizes(o.seq_len) if c < min(self.chunk_size, o.seq_len)]
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            L = self.options.seq_len
+            smaller = [c for c in chunk_sizes(L) if c < min(self.run.chunk_size, L)]
             if not smaller:
                 raise OutOfBudgetError(
-                    "out of memory even at chunk size 1: free memory on the device, or use a "
-                    "smaller --batch-size, --seq-len or model"
+                    "out of memory even at chunk size 1: free memory on the device, or use a smaller batch_size, "
+                    "seq_len or model",
+                    params=("batch_size", "seq_len"),
                 )
             self._warn_once(
-                f"out of memory at chunk size {self.chunk_size}; retrying this step with chunk size {smaller[-1]}"
+                f"out of memory at chunk size {self.run.chunk_size}; retrying this step with chunk size {smaller[-1]}"
             )
-            self.chunk_size = smaller[-1]
+            self.run = after_out_of_memory(self.run, smaller[-1])
 
     def step(self) -> dict:
         """One optimizer step: `accumulate` batches, one FAVOR+ draw, the SLiM steps, the all-reduce (torchrun),
         optional clipping, the update and the schedule. Returns the step's metrics ({"skipped": True, ...} for a
         skipped non-finite step); a non-finite step without skip_nonfinite saves the state before it and raises."""
         o = self.options
-        if self.chunk_size is None:
-            raise ConfigError("the trainer has no chunk size: pass chunk_size, or set trainer.chunk_size after setup")
         self._follow_load()
         started = time.perf_counter()
         self._point = self._here()  # an interrupt inside this step resumes from before it, redrawing its data
@@ -397,19 +312,7 @@ class Trainer:
         loss = mean(loss, self.device)
         step = self.completed + 1
         if not _finite(self.model, loss):
-            if not o.skip_nonfinite:
-                self.save()  # the weights are still those of the last good step
-                where = f"; the last good state is in {o.run_dir}" if self.writes else ""
-                raise SlimtuneError(
-                    f"non-finite loss or gradient at step {step} (loss {loss}){where}: lower --lr, "
-                    "add --clip-grad, or pass --skip-nonfinite to skip such steps; nothing was exported"
-                )
-            with _signals_held():
-                self.skipped += 1
-                self.completed = step
-                self._point = self._here()
-            self._warn(f"skipped step {step}: non-finite loss or gradient ({self.skipped} so far)")
-            return {"step": step, "skipped": True}
+            return self._skip(step, loss)
         if o.clip_grad and not o.one_step:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip_grad)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -419,38 +322,59 @@ class Trainer:
             self.losses.append(loss)
             self.completed = step
             self._point = self._here()
+        tokens = self.group.world * o.accumulate * o.batch_size * o.seq_len
         metrics = {
             "step": step,
             "loss": loss,
             "lr": lr,
-            "chunk_size": self.chunk_size,
-            "tokens_per_s": self.group.world
-            * o.accumulate
-            * o.batch_size
-            * o.seq_len
-            / (time.perf_counter() - started),
+            "chunk_size": self.run.chunk_size,
+            "tokens_per_s": tokens / (time.perf_counter() - started),
             "peak_memory_bytes": peak_memory_bytes(self.device),
         }
-        if (
-            self.group.main
-            and self.eval_data is not None
-            and ((o.eval_every and step % o.eval_every == 0) or step == o.total_steps)
-        ):
-            # At the run's C and batch, without gradients: inside what a training chunk holds, so inside the plan.
-            scored = evaluate(
-                self.model,
-                self.eval_data,
-                seq_len=o.seq_len,
-                max_bytes=o.eval_bytes,
-                chunk_size=self.chunk_size,
-                batch_size=o.batch_size,
+        metrics |= self._evaluate(step)
+        self._record(step, metrics)
+        return metrics
+
+    def _skip(self, step: int, loss: float) -> dict:
+        """A step with a non-finite loss or gradient: counted and skipped with skip_nonfinite, else the state
+        before it saved and an error."""
+        if not self.options.skip_nonfinite:
+            self.save()  # the weights are still those of the last good step
+            where = f"; the last good state is in {self.folder.path}" if self.writes else ""
+            raise SlimtuneError(
+                f"non-finite loss or gradient at step {step} (loss {loss}){where}: lower lr, give clip_grad, or "
+                "turn on skip_nonfinite to skip such steps; nothing was exported",
+                params=("lr", "clip_grad", "skip_nonfinite"),
             )
-            metrics["bpc"], metrics["bpc_bytes"] = scored.bpc, scored.predicted_bytes
+        with _signals_held():
+            self.skipped += 1
+            self.completed = step
+            self._point = self._here()
+        self._warn(f"skipped step {step}: non-finite loss or gradient ({self.skipped} so far)")
+        return {"step": step, "skipped": True}
+
+    def _evaluate(self, step: int) -> dict:
+        """Held-out bpc every eval_every steps and after the last. At the run's C and batch, without gradients:
+        inside what a training chunk holds, so inside the plan."""
+        o = self.options
+        due = (o.eval_every and step % o.eval_every == 0) or step == o.total_steps
+        if not (self.group.main and self.eval_data is not None and due):
+            return {}
+        scored = evaluate(
+            self.model,
+            self.eval_data,
+            seq_len=o.seq_len,
+            max_bytes=o.eval_bytes,
+            chunk_size=self.run.chunk_size,
+            batch_size=o.batch_size,
+        )
+        return {"bpc": scored.bpc, "bpc_bytes": scored.predicted_bytes}
+
+    def _record(self, step: int, metrics: dict) -> None:
         if self.writes:
             self.folder.log(metrics)
-            if o.save_every and step % o.save_every == 0 and not self.done:
+            if self.options.save_every and step % self.options.save_every == 0 and not self.done:
                 self.save()
-        return metrics
 
 
 @contextlib.contextmanager
@@ -472,37 +396,89 @@ def _signals_held():
             signal.raise_signal(held[0])
 
 
+def check_resume(saved: dict, options: FitOptions, world: int, where) -> None:
+    """Refuse to continue a saved run with other settings (those declared `resume` in options.py), with another
+    number of processes, or with more steps where the schedule depends on their number."""
+    was, now = saved["settings"], options.resume_settings()
+    changed = [k for k in now if k in was and was[k] != now[k] and k != "steps"]
+    saved_world = saved["run"]["world_size"]
+    if changed or saved_world != world:
+        what = [f"{k} {was[k]!r} (now {now[k]!r})" for k in changed]
+        what += [f"{saved_world} process(es) (now {world})"] if saved_world != world else []
+        raise SlimtuneError(
+            f"the run in {where} was started with {', '.join(what)}: resume with the same settings", params=changed
+        )
+    steps, done = options.total_steps, saved["step"]
+    if was.get("steps") == now["steps"]:
+        return
+    if steps < done:
+        raise SlimtuneError(
+            f"the run in {where} has done {done} steps: steps must be at least {done} to resume it, got {steps}",
+            params=("steps",),
+        )
+    why = None
+    if options.one_step:
+        why = "a one_step run has exactly one step"
+    elif options.schedule != Schedule.CONSTANT:
+        why = f"its {options.schedule} schedule was laid out over {was['steps']} steps"
+    elif done < options.warmup:
+        why = f"its warmup of {options.warmup} steps is not done ({done} steps)"
+    if why:
+        raise SlimtuneError(
+            f"the run in {where} cannot change steps from {was['steps']} to {steps}: {why}; resume with "
+            f"steps={was['steps']}, or start over with restart",
+            params=("steps", "restart"),
+        )
+
+
 def _check_data(data: torch.Tensor | None, options: FitOptions) -> None:
     """Fail on data too short for the windows before any work starts."""
     if options.task == Task.COPY:
         return
     if data is None:
-        raise SlimtuneError("--data is required for a text task: pass a text file")
+        raise SlimtuneError("data is required for a text task: pass a text file", params=("data",))
     if options.one_step:
         first_windows(data, options.batch_size * launched().world, options.seq_len)
     elif data.numel() < options.seq_len + 1:
         raise SlimtuneError(
-            f"data has {data.numel()} bytes, fewer than seq len + 1 = {options.seq_len + 1}: lower --seq-len"
+            f"data has {data.numel()} bytes, fewer than seq_len + 1 = {options.seq_len + 1}: lower seq_len",
+            params=("seq_len",),
         )
 
 
-def _check_run_folder(options: FitOptions, group: Group, on_warning: OnWarning | None) -> None:
-    """A folder holding a saved run is continued (--resume) or moved aside (--restart), never overwritten by
-    accident. Under torchrun rank 0 moves it and every rank waits for that."""
-    if not options.run_dir or options.resume:
-        return
+def _open_folder(options: FitOptions, group: Group, warn: OnWarning) -> tuple[RunFolder | None, dict | None]:
+    """The run folder, held before any other work (rank 0 takes its lock), and its saved state when resuming. A
+    folder holding a saved run is continued (resume) or moved aside (restart), never overwritten by accident.
+    Under torchrun rank 0 moves it and every rank waits for that."""
+    if not options.run_dir:
+        return None, None
     folder = RunFolder(options.run_dir)
-    if options.restart:
-        if group.main and folder.has_state():
-            aside = folder.move_aside()
-            (on_warning or _warn)(f"--restart: the previous run in {folder.path} was moved to {aside}")
-        barrier()
-        return
-    if folder.has_state():
-        raise SlimtuneError(
-            f"run folder {folder.path} holds a saved run ({folder.summary()}): add --resume to continue it, or "
-            "--restart to start over (the old folder is moved aside, not deleted)"
-        )
+    if group.main:
+        folder.lock()
+    try:
+        if options.resume:
+            saved = folder.load()
+            check_resume(saved, options, group.world, folder.path)
+            return folder, saved
+        if options.restart:
+            if group.main and folder.has_state():
+                warn(
+                    Notice(
+                        f"restart: the previous run in {folder.path} was moved to {folder.move_aside()}",
+                        params=("restart",),
+                    )
+                )
+            barrier()
+        elif folder.has_state():
+            raise SlimtuneError(
+                f"run folder {folder.path} holds a saved run ({folder.summary()}): add resume to continue it, or "
+                "restart to start over (the old run is moved aside, not deleted)",
+                params=("resume", "restart"),
+            )
+    except BaseException:
+        folder.release()
+        raise
+    return folder, None
 
 
 def _held_bytes(*tensors: torch.Tensor | None) -> int:
@@ -511,110 +487,71 @@ def _held_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(storages.values())
 
 
-def _plan(model, options: FitOptions, group: Group, data_bytes: int = 0) -> Plan:
-    """The planner's choice on this rank's device; under torchrun every rank then takes the smallest C any rank
-    can afford, so that a rank whose budget fits nothing stops them all with its reason."""
-    device = next(model.parameters()).device
-    work = Workload(
-        options.seq_len, options.batch_size, options.optimizer, options.recovery, options.precision, data_bytes
-    )
-    try:
-        plan = plan_chunk_size(model, work, options.mem_budget, forced=options.chunk_size, resident_data=data_bytes)
-    except SlimtuneError:
-        agree_min(0, device)
-        raise
-    chunk_size = agree_min(plan.chunk_size, device)
-    if chunk_size == 0:
-        raise OutOfBudgetError("another rank's --mem-budget fits no chunk size (see its message): give it more memory")
-    if chunk_size != plan.chunk_size:
-        plan.chunk_size = chunk_size
-        plan.batch_weight_grads = False  # the buffers were sized against this rank's own C
-    return plan
-
-
-def _train(
-    model,
-    data,
-    out,
-    options: FitOptions,
-    on_step: OnStep | None,
-    on_warning: OnWarning | None,
-    eval_data=None,
-    group: Group = Group(),
-) -> FitResult:
-    """Run the steps (planning C first when it is auto and the run is not resumed), and report them; saves the
-    run state at the end and on an interrupt. The export is the caller's."""
-    _check_run_folder(options, group, on_warning)
-    trainer = Trainer(
-        model, data, options, chunk_size=options.chunk_size, eval_data=eval_data, group=group, on_warning=on_warning
-    )
-    # Plan before anything is written: C auto, or a given C checked against a given budget.
-    if (trainer.chunk_size is None or options.mem_budget is not None) and not options.resume:
-        plan = _plan(model, options, group, _held_bytes(data, eval_data))
-        trainer.chunk_size, trainer.plan = plan.chunk_size, plan.to_json()
-        if options.batch_weight_grads is None:
-            trainer.options = replace(trainer.options, batch_weight_grads=plan.batch_weight_grads)
-    trainer.setup()  # a resumed run restores its C (and plan) from the saved state
-    started = time.perf_counter()
-    try:
-        metrics = {}
+def _run_steps(trainer: Trainer, on_step: OnStep | None) -> dict:
+    """Steps until done, under the run plan's heap policy; the state saved at the end. Returns the last metrics."""
+    metrics = {}
+    with heap_policy_during(trainer.run.heap or None):
         while not trainer.done:
             metrics = trainer.step()
-            if on_step and group.main and not metrics.get("skipped"):
+            if on_step and trainer.group.main and not metrics.get("skipped"):
                 on_step(trainer.completed, metrics)
-        trainer.save()
+    trainer.save()
+    return metrics
+
+
+def _train(model, data, out, options: FitOptions, on_step, on_warning, eval_data=None, group=Group(), started=0.0):
+    """Take the run folder, decide the run (unless resumed), run the steps and report them. On Ctrl-C or SIGTERM
+    the state is saved where there is one and Interrupted says so. The export is the caller's."""
+    warn = on_warning or _warn
+    folder, saved = _open_folder(options, group, warn)
+    trainer = None
+    try:
+        run = None if saved else resolve_run(model, options, group, data_bytes=_held_bytes(data, eval_data))
+        trainer = Trainer(
+            model, data, options, run=run, eval_data=eval_data, group=group, on_warning=warn, folder=folder
+        )
+        trainer.setup(saved)
+        metrics = _run_steps(trainer, on_step)
     except KeyboardInterrupt:
-        trainer.save()
-        raise
+        step = trainer.save() if trainer is not None and trainer.run is not None else None
+        raise Interrupted(options.run_dir, step) from None
     finally:
-        trainer.close()
+        if folder is not None and group.main:
+            folder.release()
     if not trainer.losses:
         raise SlimtuneError(
-            "every step had a non-finite loss or gradient: lower --lr or add --clip-grad; nothing was exported"
+            "every step had a non-finite loss or gradient: lower lr or give clip_grad; nothing was exported",
+            params=("lr", "clip_grad"),
         )
-    device = next(model.parameters()).device
     last = {k: v for k, v in metrics.items() if k in ("bpc", "bpc_bytes")} | (
         {"skipped_steps": trainer.skipped} if trainer.skipped else {}
     )
     return FitResult(
-        chunk_size=trainer.chunk_size,
+        chunk_size=trainer.run.chunk_size,
         seq_len=options.seq_len,
         batch_size=options.batch_size,
         steps=len(trainer.losses),
         loss=trainer.losses[0],
         final_loss=trainer.losses[-1],
         losses=trainer.losses,
-        peak_memory_bytes=peak_memory_bytes(device),
-        device=str(device),
+        peak_memory_bytes=peak_memory_bytes(trainer.device),
+        device=str(trainer.device),
         out=str(out),
         seconds=time.perf_counter() - started,
-        plan=trainer.plan,
+        plan=trainer.run.planner,
         metrics=last,
         first_step=trainer.first_step,
         threads=torch.get_num_threads(),
-        memory_counts=memory_counts(device),
+        memory_counts=memory_counts(trainer.device),
+        run=trainer.run.to_json(),
+        run_dir=options.run_dir,
         model=model,
     )
 
 
 def _provenance(result: FitResult, options: FitOptions, data_path) -> dict:
-    """What was run, for the exported checkpoint's metadata."""
-    provenance = {
-        "task": str(options.task),
-        "steps": result.steps,
-        "one_step": options.one_step,
-        "optimizer": str(options.optimizer),
-        "lr": options.lr,
-        "weight_decay": options.effective_weight_decay,
-        "schedule": str(options.schedule),
-        "chunk_size": result.chunk_size,
-        "seq_len": options.seq_len,
-        "batch_size": options.batch_size,
-        "accumulate": options.accumulate,
-        "seed": options.seed,
-        "state_recovery": str(options.recovery),
-        **result.metrics,
-    }
+    """What was run, for the exported checkpoint's metadata: the options declared `record`, and what the run did."""
+    provenance = options.recorded() | {"steps": result.steps, "chunk_size": result.chunk_size, **result.metrics}
     if data_path is not None:
         provenance |= {"data": Path(data_path).name, "data_sha256": file_sha256(data_path)}
     return provenance
@@ -631,13 +568,23 @@ def _start(data, options: FitOptions) -> tuple[torch.device, Group]:
     return rank_device(device, group), group
 
 
-def _options(options: FitOptions | None, overrides: dict) -> FitOptions:
+def run_folder_path(run_dir: str | os.PathLike | None, out: str | os.PathLike) -> str | None:
+    """The run folder of a run writing `out`: run_dir "auto" is OUT.run; None: no run folder."""
+    return f"{out}.run" if str(run_dir) == "auto" else (str(run_dir) if run_dir else None)
+
+
+def _options(options: FitOptions | None, overrides: dict, out) -> FitOptions:
+    """The options of a call, checked, with run_dir "auto" made OUT.run (as on the command line)."""
     try:
         options = replace(options, **overrides) if options is not None else FitOptions(**overrides)
     except TypeError as e:
         raise ConfigError(f"unknown fit option ({e}): see slimtune.FitOptions for the names") from None
-    options.validate()
-    return options
+    options.check()
+    if options.resume and not options.run_dir:
+        raise ConfigError(
+            "resume needs the run folder of the run to continue: give run_dir", params=("resume", "run_dir")
+        )
+    return replace(options, run_dir=run_folder_path(options.run_dir, out))
 
 
 def fit(
@@ -660,6 +607,7 @@ def fit(
         data: a text file's path, or its bytes as a uint8 tensor [N].
         out: where to write the fine-tuned checkpoint (never an input).
         options: a FitOptions; keyword `overrides` (seq_len=, steps=, mem_budget=, ...) replace its fields.
+            run_dir defaults to OUT.run, as on the command line (run_dir=None: no run folder).
         data_path: the data file, for provenance, when `data` is a tensor.
         eval_data: held-out bytes (or a path), scored in bpc every options.eval_every steps and at the end.
         eval_fraction: instead of eval_data, hold out this last share of `data` (e.g. 0.05).
@@ -667,34 +615,35 @@ def fit(
         on_warning: called with each warning (default: warnings.warn).
 
     Returns:
-        FitResult: C, losses, measured peak, the plan (when C was auto), and the trained model.
+        FitResult: C, losses, measured peak, the plan (when C was auto), the run plan, and the trained model.
 
     Raises:
         SlimtuneError (ConfigError, CheckpointError, DataError, OutOfBudgetError): bad input, found before
-        anything is written.
+        anything is written. Interrupted (a KeyboardInterrupt) on Ctrl-C or SIGTERM, saying what was saved.
 
     Example:
         result = slimtune.fit("model.safetensors", "my.txt", "tuned.safetensors", mem_budget="2GB", steps=100)
     """
-    options = _options(options, overrides)
+    started = time.perf_counter()
+    options = _options(options, overrides, out)
     if not isinstance(data, torch.Tensor):
         data_path = data_path or data
         data = read_bytes(data, min_length=2)
     if eval_data is not None and not isinstance(eval_data, torch.Tensor):
-        eval_data = read_bytes(eval_data, min_length=2, what="--eval-data")
+        eval_data = read_bytes(eval_data, min_length=2, what="eval_data")
     if eval_fraction is not None:
         if eval_data is not None:
-            raise ConfigError("give either --eval-data or --eval-fraction, not both")
+            raise ConfigError("give either eval_data or eval_fraction, not both", params=("eval_data", "eval_fraction"))
         data, eval_data = split_held_out(data, eval_fraction)
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = load_checkpoint(checkpoint)
     check_vocabulary(data, checkpoint.config.vocab_size)
     if eval_data is not None:
-        check_vocabulary(eval_data, checkpoint.config.vocab_size, "--eval-data")
+        check_vocabulary(eval_data, checkpoint.config.vocab_size, "eval_data")
     out = check_output_path(out, checkpoint.path, data_path, fmt=options.format)
     device, group = _start(data, options)
     model = PerformerLM.from_checkpoint(checkpoint, device=device)  # holds the weights: one copy in memory
-    result = _train(model, data, out, options, on_step, on_warning, eval_data, group)
+    result = _train(model, data, out, options, on_step, on_warning, eval_data, group, started)
     if group.main:
         model.save_pretrained(
             out,
@@ -704,6 +653,7 @@ def fit(
             extra_config={"seq_len": options.seq_len},
         )
     barrier()  # the other ranks wait until rank 0 has exported
+    result.seconds = time.perf_counter() - started
     return result
 
 
@@ -720,14 +670,15 @@ def pretrain(
 ) -> FitResult:
     """Train a model from random initialisation (the server side) and write a contract checkpoint. `data`: a
     text file's path or its bytes (None for the copy task); the rest as for `fit`."""
-    options = _options(options, overrides)
+    started = time.perf_counter()
+    options = _options(options, overrides, out)
     if data is not None and not isinstance(data, torch.Tensor):
         data_path = data_path or data
         data = read_bytes(data, min_length=2)
     out = check_output_path(out, data_path, fmt=options.format)
     device, group = _start(data, options)
     model = PerformerLM(config).to(device)
-    result = _train(model, data, out, options, on_step, on_warning, group=group)
+    result = _train(model, data, out, options, on_step, on_warning, group=group, started=started)
     if group.main:
         if options.task == Task.COPY:
             generator = torch.Generator().manual_seed(options.seed + 1)  # held-out sequences, not the training ones
@@ -740,4 +691,5 @@ def pretrain(
             metadata={"pretrained": True, "world_size": group.world} | _provenance(result, options, data_path),
         )
     barrier()
+    result.seconds = time.perf_counter() - started
     return result

@@ -1,0 +1,88 @@
+"""The command line's options, made from their one declaration (options.py): `params(...)` turns the fields a
+command has into typer parameters, `command(...)` gives a command body those parameters as one namespace, and
+`cli_message(error)` shows the Python parameters a library message names as the flags the user typed. No torch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from dataclasses import fields
+from types import SimpleNamespace
+from typing import Annotated
+
+import typer
+
+from . import options as declarations
+from .options import flag_for
+
+
+def params(group: type, *names: str, **overrides: dict) -> list[inspect.Parameter]:
+    """Typer parameters for `names` of `group` (default: every field of it that has a flag), in that order.
+    `overrides[name]` may change a command's `default`, `help`, `type` or make it an `argument`; the flag, the
+    bounds and whether a resume must match it stay those of the declaration."""
+    hints = typing.get_type_hints(group, globalns=vars(declarations))
+    by_name = {f.name: f for f in fields(group)}
+    chosen = names or [f.name for f in fields(group) if f.metadata["flag"].flag]
+    found = []
+    for name in chosen:
+        f, over = by_name[name], overrides.get(name, {})
+        spec = f.metadata["flag"]
+        hint = over.get("type", spec.cli_type or hints[name])
+        help_ = over.get("help", spec.help)
+        if over.get("argument"):
+            info = typer.Argument(help=help_, show_default=False)
+            found.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[hint, info]))
+            continue
+        bounds = {"min": spec.min} if spec.min is not None and _numeric(hint) else {}
+        names_ = f"{spec.flag}/{spec.secondary}" if spec.secondary else spec.flag
+        info = typer.Option(names_, help=help_, show_default=over.get("show_default", spec.show_default), **bounds)
+        default = over.get("default", f.default)
+        found.append(
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[hint, info])
+        )
+    return found
+
+
+def _numeric(hint) -> bool:
+    return hint in (int, float) or any(a in (int, float) for a in typing.get_args(hint))
+
+
+def command(app: typer.Typer, *groups: list[inspect.Parameter], name: str | None = None):
+    """Register `body(args)` as a command whose options are `groups` (lists from `params`); `args` holds every
+    option by its Python name."""
+    signature = [p for group in groups for p in group]
+
+    def register(body):
+        def run(**values):
+            return body(SimpleNamespace(**values))
+
+        run.__signature__ = inspect.Signature(signature)
+        run.__annotations__ = {p.name: p.annotation for p in signature}
+        run.__name__, run.__doc__ = body.__name__, body.__doc__
+        app.command(name=name or body.__name__.strip("_"))(run)
+        return body
+
+    return register
+
+
+def pick(cls, args: SimpleNamespace, **extra):
+    """`cls` made from the options in `args` that are its fields, and `extra`."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**(values | extra))
+
+
+def flagged(text: str, names: typing.Iterable[str]) -> str:
+    """`text` with each of the Python parameter `names` it mentions shown as its flag (seq_len -> --seq-len)."""
+    for name in names:
+        flag = flag_for(name)
+        if flag != name:
+            text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", flag, text)
+    return text
+
+
+def cli_message(error: BaseException | str) -> str:
+    """A library error's or warning's message in the command line's words, on one line."""
+    text = " ".join(str(error).split())
+    return flagged(text, getattr(error, "params", ()))

@@ -1,0 +1,134 @@
+"""The plan of a run: everything derived from the options and the machine, decided once before the first step.
+
+`resolve_run` makes it (the planner's chunk size, weight-gradient batching and heap policy; the thread count; the
+trainable parameters; the weight and compute dtypes; the world size). The Trainer consumes it, `fit --json` and
+`plan --json` report it, and the run state saves and restores it as a unit, so a resumed run continues with the
+decisions the run it continues made. No lower layer re-decides any of it; the one change during a run is the
+out-of-memory fallback to a smaller C, which replaces the plan's chunk size and says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from .choices import Heap, Precision
+from .deferred import defers
+from .distributed import Group, agree_min
+from .errors import OutOfBudgetError, SlimtuneError
+from .options import FitOptions, chunk_request
+from .planner import Workload, plan_chunk_size
+
+# Where the chunk size came from: the planner's choice, a given C it checked against a given budget, a given C,
+# or the run being resumed.
+SOURCES = ("planned", "checked", "given", "resumed")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    chunk_size: int  # C
+    chunk_source: str  # one of SOURCES (", then out of memory" added when the fallback took a smaller C)
+    batch_weight_grads: bool  # weight gradients batched over small chunks (deferred.py)
+    heap: str  # CPU heap policy of the steps: "fast" or "tight" (managed), "" (glibc's own, or CUDA)
+    threads: int  # CPU intra-op threads at the start (threads.LoadWatch may follow the load from there)
+    device: str
+    world_size: int  # processes of a torchrun group (1: one process)
+    weight_dtype: str  # the weights' dtype, e.g. "float32"
+    compute_dtype: str  # "float32", or "bfloat16" under autocast
+    trainable_parameters: int  # elements of the parameters that receive gradients
+    frozen_parameters: int  # elements of those that do not
+    planner: dict | None = None  # the planner's Plan (C auto, or a given C checked against a budget)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict) -> RunPlan:
+        return cls(**values)
+
+
+def _parameters(model) -> tuple[int, int]:
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return trainable, sum(p.numel() for p in params) - trainable
+
+
+def fixed(model, options: FitOptions, chunk_size: int, *, world: int = 1, source: str = "given", planner=None):
+    """The run plan where C is known (given, or chosen by the planner): the rest is derived here."""
+    device = next(model.parameters()).device
+    on_cpu_managed = device.type == "cpu" and options.heap == Heap.MANAGED
+    precision = Precision.parse(options.precision, "precision")
+    chunk_size = min(chunk_size, options.seq_len)
+    if options.batch_weight_grads is not None:
+        batching = bool(options.batch_weight_grads)
+    elif planner is not None:
+        batching = bool(planner["batch_weight_grads"])
+    else:
+        batching = defers(options.batch_size, chunk_size, options.seq_len, precision.dtype)
+    heap = ((planner or {}).get("heap") or "fast") if on_cpu_managed else ""
+    trainable, frozen = _parameters(model)
+    return RunPlan(
+        chunk_size=chunk_size,
+        chunk_source=source,
+        batch_weight_grads=batching,
+        heap=heap,
+        threads=torch.get_num_threads(),
+        device=str(device),
+        world_size=world,
+        weight_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        compute_dtype=str(precision.dtype or next(model.parameters()).dtype).removeprefix("torch."),
+        trainable_parameters=trainable,
+        frozen_parameters=frozen,
+        planner=planner,
+    )
+
+
+def resolve_run(model, options: FitOptions, group: Group = Group(), *, data_bytes: int = 0) -> RunPlan:
+    """Decide the run: C is planned when it is auto, and checked when it is given with a budget (OutOfBudgetError
+    when it does not fit); under torchrun every rank takes the smallest C any rank can afford."""
+    given = chunk_request(options.chunk_size, options.seq_len)
+    if given is not None and options.mem_budget is None:
+        return fixed(model, options, given, world=group.world, source="given")
+    device = next(model.parameters()).device
+    copies = _copies_bytes(model, group)
+    work = Workload(
+        options.seq_len,
+        options.batch_size,
+        options.optimizer,
+        options.recovery,
+        options.precision,
+        data_bytes,
+        copies_bytes=copies,
+    )
+    try:
+        plan = plan_chunk_size(
+            model, work, options.mem_budget, forced=given, resident_data=data_bytes, heap=options.heap
+        )
+    except SlimtuneError:
+        agree_min(0, device)
+        raise
+    chunk_size = agree_min(plan.chunk_size, device)
+    if chunk_size == 0:
+        raise OutOfBudgetError(
+            "another rank's mem_budget fits no chunk size (see its message): give it more memory",
+            params=("mem_budget",),
+        )
+    planner = plan.to_json()
+    if chunk_size != plan.chunk_size:  # the batching buffers were sized against this rank's own C
+        planner |= {"chunk_size": chunk_size, "batch_weight_grads": False}
+    source = "planned" if given is None else "checked"
+    return fixed(model, options, chunk_size, world=group.world, source=source, planner=planner)
+
+
+def _copies_bytes(model, group: Group) -> int:
+    """What a run holds besides weights, gradients, optimizer state and a chunk: under torchrun the all-reduce's
+    flat buffer of every gradient (distributed.average_gradients)."""
+    if group.world <= 1:
+        return 0
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def after_out_of_memory(run: RunPlan, chunk_size: int) -> RunPlan:
+    """The plan with the smaller C the Trainer falls back to when a step ran out of memory anyway."""
+    return replace(run, chunk_size=chunk_size, chunk_source=f"{run.chunk_source}, then out of memory")
