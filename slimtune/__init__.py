@@ -28,12 +28,14 @@ _EXPORTS = {
     "CheckpointError": "errors",
     "DataError": "errors",
     "OutOfBudgetError": "errors",
+    "Interrupted": "errors",
     "PerformerConfig": "config",
     "PerformerLM": "model",
     "Plan": "planner",
     "plan": "planner",
     "slim_step": "slim",
-    "FitOptions": "train",
+    "FitOptions": "options",
+    "RunPlan": "runplan",
     "FitResult": "train",
     "Trainer": "train",
     "fit": "train",
@@ -51,12 +53,14 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "OutOfBudgetError",
+    "Interrupted",
     "PerformerConfig",
     "PerformerLM",
     "Plan",
     "plan",
     "slim_step",
     "FitOptions",
+    "RunPlan",
     "FitResult",
     "Trainer",
     "fit",
@@ -85,10 +89,12 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from . import data
     from .config import PerformerConfig
-    from .errors import CheckpointError, ConfigError, DataError, OutOfBudgetError, SlimtuneError
+    from .errors import CheckpointError, ConfigError, DataError, Interrupted, OutOfBudgetError, SlimtuneError
     from .evaluation import EvalResult, adapt_one_step, evaluate
     from .generation import generate
     from .model import PerformerLM
     from .planner import Plan, plan
     from .slim import slim_step
-    from .train import FitOptions, FitResult, Trainer, fit, pretrain
+    from .options import FitOptions
+    from .runplan import RunPlan
+    from .train import FitResult, Trainer, fit, pretrain

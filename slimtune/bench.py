@@ -107,6 +107,8 @@ def setup(
         name = f"recipe {base.path.stem}" if base else "model"
         default_len = int(base.train.get("seq_len", 1024)) if base else 1024
     length = seq_len or default_len
+    if length < 2:
+        raise ConfigError(f"seq_len must be at least 2 for a bench, got {length}", params=("seq_len",))
     model.redraw_features(torch.Generator().manual_seed(seed))
     generator = torch.Generator().manual_seed(seed)
     windows = torch.randint(0, model.config.vocab_size, (batch_size, length + 1), generator=generator).to(dev)

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .choices import ExportDtype, Heap
+from .choices import BenchOptimizer, ExportDtype, Heap
 from .cli_options import cli_message, command, params, pick
 from .errors import ConfigError, DataError, Interrupted, SlimtuneError
 from .options import (
@@ -480,7 +480,15 @@ def pretrain(a):
         steps={"default": 3, "help": "Timed steps per method; the table shows their median."},
         warmup={"default": 1, "help": "Untimed steps per method first."},
     ),
-    params(BenchOptions, "bench_optimizer"),
+    params(
+        Optimization,
+        "optimizer",
+        optimizer={
+            "type": BenchOptimizer,
+            "default": BenchOptimizer.NONE,
+            "help": "none (gradients only), sgd, adam or adamw: its update and state count in time and memory.",
+        },
+    ),
     params(SlimStep, "precision"),
     params(Runtime, "device"),
     params(SlimStep, "recovery"),
@@ -512,7 +520,7 @@ def bench(a):
     methods = methods_for(run.seq_len, sizes, full=a.full, checkpointed=a.checkpointing)
     title = (
         f"slimtune bench: {run.name}, L = {run.seq_len}, batch {a.batch_size}, {a.precision}, optimizer "
-        f"{a.bench_optimizer}, {run.windows.device}"
+        f"{a.optimizer}, {run.windows.device}"
     )
     total = len(methods) * (1 + a.warmup + a.steps)
     with _Reporter("bench", total, transient=True) as progress:
@@ -524,11 +532,11 @@ def bench(a):
             steps=a.steps,
             warmup=a.warmup,
             precision=a.precision,
-            optimizer=None if a.bench_optimizer == "none" else a.bench_optimizer.value,
+            optimizer=None if a.optimizer == BenchOptimizer.NONE else a.optimizer.value,
             recovery=a.recovery,
             on_progress=lambda: progress.update(next(done)),
         )
-    report = bench_json(run, rows, batch_size=a.batch_size, precision=a.precision, optimizer=a.bench_optimizer)
+    report = bench_json(run, rows, batch_size=a.batch_size, precision=a.precision, optimizer=a.optimizer)
     table = Table(title=title)
     table.add_column("method", no_wrap=True)
     for col in ("s/step (median)", "time vs full", "peak memory", "memory vs full"):

@@ -52,7 +52,7 @@ def read_bytes(path: str | os.PathLike, *, min_length: int = 2, what: str = "dat
         ) from None
     if kind is not None:
         raise DataError(
-            f"{what} file {path} is a {kind} checkpoint, not text: give it as checkpoint, and a text file as {what}",
+            f"{what} file {path} is a model file ({kind}), not text: give it as checkpoint, and a text file as {what}",
             params=(what, "checkpoint"),
         )
     try:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from .choices import (
     Adapt,
-    BenchOptimizer,
     Choice,
     ExportDtype,
     ExportFormat,
@@ -346,6 +345,7 @@ class FitOptions(Runtime, ExportOptions, RunFolderOptions, SlimStep, Optimizatio
 
     def check(self) -> None:
         super().check()
+        chunk_request(self.chunk_size, self.seq_len)
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)):
             raise ConfigError(f"threads must be a positive integer, got {self.threads!r}", params=("threads",))
         if self.resume and self.restart:
@@ -373,7 +373,7 @@ class FitOptions(Runtime, ExportOptions, RunFolderOptions, SlimStep, Optimizatio
         return super().recorded() | {"weight_decay": self.effective_weight_decay}
 
 
-TRAINING_GROUPS = (DataOptions, Optimization, SlimStep, RunFolderOptions, ExportOptions, Runtime)
+TRAINING_GROUPS = tuple(c for c in reversed(FitOptions.__mro__[1:]) if issubclass(c, Options) and c is not Options)
 
 
 @dataclass(frozen=True)
@@ -401,11 +401,6 @@ class GenerateOptions(Options):
 class BenchOptions(Options):
     chunks: str = option(
         "1024,256,64,16", "--chunks", "SLiM chunk sizes to measure, comma-separated; sizes >= L are skipped."
-    )
-    bench_optimizer: BenchOptimizer = option(
-        BenchOptimizer.NONE,
-        "--optimizer",
-        "none (gradients only), sgd, adam or adamw: its update and state count in time and memory.",
     )
     full: bool = option(True, "--full", "Measure full backprop (the reference for the ratios).", secondary="--no-full")
     checkpointing: bool = option(

@@ -4,6 +4,7 @@ never write one folder. Which settings a resumed run must share is declared with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -27,6 +28,7 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock = None
+        self._made = False  # lock() created the folder
 
     def _refuse(self, holder: str) -> SlimtuneError:
         return SlimtuneError(
@@ -40,6 +42,7 @@ class RunFolder:
         work on the folder (the check for a saved run included); a no-op when already held."""
         if self._lock is not None:
             return
+        self._made = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         if fcntl is None:
             self._lock_portable()
@@ -78,14 +81,22 @@ class RunFolder:
         raise self._refuse("")
 
     def release(self) -> None:
+        """Let go of the folder; one this process made and left holding nothing but its lock is removed, so that a
+        run refused before its first step leaves nothing behind."""
         if self._lock is None:
             return
+        empty = self._made and [p.name for p in self.path.iterdir()] == [LOCK]
+        if empty:
+            (self.path / LOCK).unlink(missing_ok=True)
         if fcntl is None:
             Path(self._lock).unlink(missing_ok=True)
         else:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
         self._lock = None
+        if empty:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
 
     def log(self, record: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

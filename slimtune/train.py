@@ -404,7 +404,7 @@ def check_resume(saved: dict, options: FitOptions, world: int, where) -> None:
     saved_world = saved["run"]["world_size"]
     if changed or saved_world != world:
         what = [f"{k} {was[k]!r} (now {now[k]!r})" for k in changed]
-        what += [f"{saved_world} process(es) (now {world})"] if saved_world != world else []
+        what += [f"world_size {saved_world} (now {world}), torchrun's process count"] if saved_world != world else []
         raise SlimtuneError(
             f"the run in {where} was started with {', '.join(what)}: resume with the same settings", params=changed
         )

@@ -289,7 +289,7 @@ def test_fit_flags_become_the_options_the_library_gets(monkeypatch, tmp_path, ck
         optimizer="adamw",
         lr=0.02,
         weight_decay=0.1,
-        chunk_size=300,
+        chunk_size="full",  # the library reads it (L = 300)
         mem_budget="2GB",
         schedule="cosine",
         warmup=2,
@@ -376,6 +376,7 @@ def test_plan_flags_reach_the_planner(monkeypatch, ckpt):
         recovery="subtract",
         precision="bf16",
         data_bytes=2 * size,  # each --data file's size
+        heap="managed",  # as fit, whose run it predicts, manages the heap
     )
 
 
@@ -460,3 +461,93 @@ def test_held_out_fraction_reports_bpc(capsys, tmp_path, ckpt, data_dir):
             bad,
         )
         assert code == 2 and "--eval-fraction" in stderr and not (tmp_path / "x.safetensors").exists()
+
+
+# -- the run flow as a user meets it -----------------------------------------------------------------------------------
+
+
+def test_ctrl_c_before_the_first_save_says_nothing_was_saved(capsys, tmp_path, ckpt, data_dir, monkeypatch):
+    """Interrupted while planning, there is no run state: the message says so instead of pointing to --resume."""
+    from slimtune import planner
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(planner, "resolve_budget", interrupted)
+    out = tmp_path / "x.safetensors"
+    args = ["fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--out", out, "--seq-len", 64]
+    code, _, stderr = run(capsys, *args, "--mem-budget", "2GB", "--device", "cpu")
+    assert code == 130 and "nothing was saved" in stderr and "--resume" not in stderr, stderr
+    assert not out.exists() and not Path(f"{out}.run").exists()
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "zip", "pickle"])
+def test_a_checkpoint_given_as_data_is_refused(capsys, tmp_path, ckpt, kind):
+    """`--data model.safetensors` (or a torch.save file) would train on the weights' bytes: refused, exit 2."""
+    if kind == "safetensors":
+        data = ckpt
+    else:
+        data = tmp_path / f"weights-{kind}.pt"
+        torch.save({"w": torch.zeros(64)}, data, _use_new_zipfile_serialization=kind == "zip")
+    out = tmp_path / "x.safetensors"
+    code, _, stderr = run(capsys, "fit", "--checkpoint", ckpt, "--data", data, "--out", out, "--device", "cpu")
+    line = stderr.strip()
+    assert code == 2 and len(line.splitlines()) == 1 and f"model file ({kind})" in line and "--checkpoint" in line
+    assert not out.exists() and not Path(f"{out}.run").exists()
+
+
+def test_eval_scores_every_checkpoint_at_one_default_length_and_says_which(capsys, tmp_path, data_dir):
+    """A base saved at L 64 and a fine-tune saved at L 512 are scored at the same L by default, printed beside
+    the bpc."""
+    seen = []
+    for name, seq_len in (("base", 64), ("tuned", 512)):
+        path = tmp_path / f"{name}.safetensors"
+        tiny_model("sqr", True, dtype=torch.float32).save_pretrained(path, extra_config={"seq_len": seq_len})
+        code, stdout, stderr = run(
+            capsys,
+            "eval",
+            "--checkpoint",
+            path,
+            "--data",
+            data_dir / "ptb.test.txt",
+            "--json",
+            "--max-bytes",
+            3000,
+            "--device",
+            "cpu",
+        )
+        assert code == 0
+        seen.append((last_json(stdout)["seq_len"], "at seq len 1024" in stderr))
+    assert seen == [(1024, True), (1024, True)]
+
+
+def test_pretrain_says_one_step_and_the_time_of_the_whole_run(capsys, tmp_path, data_dir):
+    out = tmp_path / "p.safetensors"
+    args = ["pretrain", "--data", data_dir / "ptb.test.txt", "--out", out, "--steps", 1, "--seq-len", 32]
+    code, stdout, _ = run(capsys, *args, "--hidden-dim", 16, "--n-heads", 2, "--batch-size", 2, "--device", "cpu")
+    assert code == 0 and stdout.startswith("1 step, ") and "1 steps" not in stdout
+
+
+def test_resume_with_other_settings_names_the_flags(capsys, tmp_path, ckpt, data_dir):
+    """The library names the parameter (recovery); the command line shows the flag the user typed."""
+    out = tmp_path / "x.safetensors"
+    args = [
+        "fit",
+        "--checkpoint",
+        ckpt,
+        "--data",
+        data_dir / "ptb.test.txt",
+        "--out",
+        out,
+        "--seq-len",
+        32,
+        "--chunk-size",
+        8,
+        "--device",
+        "cpu",
+    ]
+    assert run(capsys, *args)[0] == 0
+    code, _, stderr = run(capsys, *args, "--resume", "--state-recovery", "store")
+    assert code == 2 and "started with --state-recovery 'subtract64' (now 'store')" in stderr, stderr
+    code, _, stderr = run(capsys, *args)
+    assert code == 2 and "add --resume to continue it, or --restart" in stderr, stderr

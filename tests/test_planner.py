@@ -1,6 +1,7 @@
 """Budgets, the planner's rounding rule and prediction, device mapping (NVML mocked), and the out-of-memory
 fallback (injected)."""
 
+import dataclasses
 import sys
 import types
 
@@ -18,6 +19,8 @@ from slimtune.planner import (
     HEADROOM,
     Probe,
     Workload,
+    _tracked_step,
+    _windows,
     choose,
     chunk_sizes,
     full_seconds,
@@ -106,12 +109,15 @@ def test_prediction_grows_and_the_choice_fits():
     tight = plan_chunk_size(model, Workload(4096, 1, "adam"), (by_size[256] + by_size[4096]) // 2)
     usable = tight.budget_bytes * (1 - HEADROOM)
     assert 64 <= tight.chunk_size < 4096
-    assert tight.predicted_peak_bytes <= usable
+    # The probe's line through two measured steps, checked against a third step at the chosen C, counted apart.
+    probe_ = tight_probe(model)
+    held = _tracked_step(model, _windows(model, 1, tight.chunk_size), "fp32").peak
+    assert abs(probe_.base + probe_.per_token * tight.chunk_size - held) <= 0.15 * held
     larger = [c for c in chunk_sizes(4096) + [4096] if c > tight.chunk_size][0]
     assert (
         predict(model, tight_probe(model), tight.breakdown["runtime"], Workload(4096), larger)["total"] > usable * 0.98
     )
-    with pytest.raises(SlimtuneError, match="cannot fit even C = 1.*--optimizer sgd"):
+    with pytest.raises(SlimtuneError, match="cannot fit even C = 1.*optimizer=sgd"):
         plan_chunk_size(model, Workload(4096, 1, "adam"), 10**6)
 
 
@@ -168,7 +174,7 @@ def test_out_of_memory_retries_the_step_with_a_smaller_chunk(monkeypatch, tmp_pa
     result = train.fit(load_checkpoint(base), data, tmp_path / "a.safetensors", options, on_warning=warnings.append)
     assert result.chunk_size == 64 and calls[:5] == [300, 256, 192, 128, 64] and len(warnings) == 4  # one per fallback
     monkeypatch.setattr(train, "slim_step", real_step)
-    options.chunk_size = 300
+    options = dataclasses.replace(options, chunk_size=300)
     plain = train.fit(load_checkpoint(base), data, tmp_path / "b.safetensors", options)
     for name, t in load_checkpoint(tmp_path / "b.safetensors").tensors.items():
         assert_close(load_checkpoint(tmp_path / "a.safetensors").tensors[name], t, 1e-5, name)
@@ -216,11 +222,13 @@ def test_probe_room_on_cuda_is_the_cards_own_room(monkeypatch, optimizer, state_
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: GB // 2)  # the weights
     monkeypatch.setattr(devices, "nvml_other_processes_bytes", lambda device: GB // 4)  # another process's share
     monkeypatch.setattr(planner, "process_rss", lambda: 100 * GB)
-    room = planner.probe_room(model, optimizer, 6 * GB, torch.device("cuda", 0))
+    state = planner.measure_optimizer(model, optimizer)[0]
+    assert state == state_copies * param_bytes  # measured: adam keeps two parameter-sized moments, sgd none
+    room = planner.probe_room(model, state, 6 * GB, torch.device("cuda", 0))
     context = 8 * GB - 5 * GB - 2 * GB - GB // 4  # used on the card, less the allocator's and the other process's
     assert room == 6 * GB - context - GB // 2 - param_bytes - state_copies * param_bytes
     # On CPU the process's RSS is what the job already holds.
-    cpu_room = planner.probe_room(model, optimizer, 6 * GB, torch.device("cpu"))
+    cpu_room = planner.probe_room(model, state, 6 * GB, torch.device("cpu"))
     assert cpu_room == 6 * GB - 100 * GB - param_bytes - state_copies * param_bytes
 
 
@@ -236,11 +244,11 @@ def test_nothing_fits_names_the_gap_and_only_what_could_close_it(optimizer_state
     lines["total"] = sum(lines.values())
     probe_ = Probe(0, 0, optimizer_state, optimizer_state)
     message = str(_nothing_fits(lines, probe_, Workload(4096, 1), budget, 2 * budget))
-    assert "10.00 MB over" in message and "--optimizer sgd" in message
+    assert "10.00 MB over" in message and "optimizer=sgd" in message
     assert ("not enough on its own" in message) is (not enough)
     assert f"at least {lines['total'] / (1 - HEADROOM) / 1e6:.2f} MB" in message
-    assert "--batch-size" not in message  # batch 1: nothing to make smaller
-    assert "--batch-size" in str(_nothing_fits(lines, probe_, Workload(4096, 2), budget, 2 * budget))
+    assert "batch_size" not in message  # batch 1: nothing to make smaller
+    assert "batch_size" in str(_nothing_fits(lines, probe_, Workload(4096, 2), budget, 2 * budget))
 
 
 def test_the_out_of_budget_message_adds_up():
@@ -256,14 +264,14 @@ def test_the_out_of_budget_message_adds_up():
 
 
 def test_the_fast_heap_is_planned_only_where_its_peak_fits(monkeypatch):
-    """Where the heap is managed (the CLI), C is chosen under the "tight" heap (the least resident memory); the
-    run gets the "fast" heap (no page faults) only when its peak under "fast", heap-sized blocks at HEAP_OVERHEAD,
-    fits the budget too. In a library user's process (glibc's defaults) C is chosen under "fast"."""
-    from slimtune import memory, planner
+    """Where the heap is managed (fit's default), C is chosen under the "tight" heap (the least resident memory);
+    the run gets the "fast" heap (no page faults) only when its peak under "fast", heap-sized blocks at
+    HEAP_OVERHEAD, fits the budget too. With glibc's own heap ("system") C is chosen under "fast" and the plan
+    names no policy (the run leaves the heap alone)."""
+    from slimtune import planner
 
-    monkeypatch.setattr(memory, "_heap_policy", None)  # a library user's process (an in-process CLI test sets it)
     model = tiny_model("sqr", True, dtype=torch.float32, hidden_dim=64, ffn_dim=256, n_heads=4)
-    loose = plan_chunk_size(model, Workload(4096, 1, "adam"), "95%")
+    loose = plan_chunk_size(model, Workload(4096, 1, "adam"), "95%", heap="managed")
     assert loose.chunk_size == 4096 and loose.heap == "fast"
     probe_ = tight_probe(model)
     runtime = loose.breakdown["runtime"]
@@ -272,10 +280,9 @@ def test_the_fast_heap_is_planned_only_where_its_peak_fits(monkeypatch):
     assert fast_peak > tight_peak + 8 * 2**20  # [4096, 256] fp32 blocks: mmap'ed under tight, heap under fast
     budget = int((tight_peak + fast_peak) / 2 / (1 - HEADROOM))
     monkeypatch.setattr(planner, "_runtime_bytes", lambda model, data=0: runtime)  # RSS drifts by MB between plans
-    unmanaged = plan_chunk_size(model, Workload(4096, 1, "adam"), budget)
-    assert unmanaged.chunk_size < 4096 and unmanaged.heap == "fast"
-    monkeypatch.setattr(memory, "_heap_policy", "tight")  # as the CLI sets it (the allocator itself is untouched)
-    between = plan_chunk_size(model, Workload(4096, 1, "adam"), budget)
+    unmanaged = plan_chunk_size(model, Workload(4096, 1, "adam"), budget, heap="system")
+    assert unmanaged.chunk_size < 4096 and unmanaged.heap == ""
+    between = plan_chunk_size(model, Workload(4096, 1, "adam"), budget, heap="managed")
     assert between.chunk_size == 4096 and between.heap == "tight"
     assert between.predicted_peak_bytes < fast_peak
 

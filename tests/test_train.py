@@ -62,11 +62,12 @@ def test_trainer_interrupted_in_process_resumes_bit_for_bit(tmp_path, setup):
 
 
 def test_a_resumed_auto_run_does_not_plan_again(tmp_path, setup, monkeypatch):
-    from slimtune import train
 
     base, data = setup
     fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, chunk_size=None, steps=2, mem_budget="2GB"))
-    monkeypatch.setattr(train, "plan_chunk_size", lambda *a, **k: pytest.fail("planned again on resume"))
+    from slimtune import runplan
+
+    monkeypatch.setattr(runplan, "plan_chunk_size", lambda *a, **k: pytest.fail("planned again on resume"))
     result = fit(
         base,
         data,
@@ -77,21 +78,23 @@ def test_a_resumed_auto_run_does_not_plan_again(tmp_path, setup, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "change, flag",
+    "change, name",
     [
-        (dict(clip_grad=1.0), "--clip-grad"),
-        (dict(recovery="store"), "--state-recovery"),
-        (dict(skip_nonfinite=True), "--skip-nonfinite"),
-        (dict(precision="bf16"), "--precision"),
-        (dict(weight_decay=0.1, optimizer="adamw"), "--optimizer"),
-        (dict(one_step=True), "--one-step"),
+        (dict(clip_grad=1.0), "clip_grad"),
+        (dict(recovery="store"), "recovery"),
+        (dict(skip_nonfinite=True), "skip_nonfinite"),
+        (dict(precision="bf16"), "precision"),
+        (dict(weight_decay=0.1, optimizer="adamw"), "optimizer"),
+        (dict(one_step=True), "one_step"),
     ],
 )
-def test_resume_refuses_each_setting_that_changes_the_weights(tmp_path, setup, change, flag):
+def test_resume_refuses_each_setting_that_changes_the_weights(tmp_path, setup, change, name):
+    """The message names the Python parameter (the CLI shows it as its flag, tests/test_cli.py)."""
     base, data = setup
     fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, steps=2))
-    with pytest.raises(SlimtuneError, match=f"started with {flag} "):
+    with pytest.raises(SlimtuneError, match=f"started with {name} ") as caught:
         fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, steps=2, resume=True, **change))
+    assert name in caught.value.params
 
 
 def test_weight_decay_spares_layernorm_and_biases():
@@ -164,24 +167,90 @@ def test_a_run_resumed_under_another_thread_count_ends_bit_for_bit(tmp_path, set
 
 
 @pytest.mark.parametrize(
-    "plan_heap, budget, expected",
-    [("fast", "2GB", "fast"), ("tight", "2GB", "tight"), (None, None, "fast"), (None, "2GB", "tight")],
+    "heap, planner, expected",
+    [
+        ("managed", {"heap": "fast", "batch_weight_grads": False}, "fast"),
+        ("managed", {"heap": "tight", "batch_weight_grads": False}, "tight"),
+        ("managed", None, "fast"),
+        ("system", {"heap": "fast", "batch_weight_grads": False}, None),
+    ],
 )
-def test_the_run_takes_its_plans_heap_policy_where_the_heap_is_managed(
-    tmp_path, setup, monkeypatch, plan_heap, budget, expected
-):
-    """Under the CLI (a managed heap) a run switches to its plan's heap policy, or without a plan to "tight" under
-    a budget and "fast" without one; a library user's process (heap not managed) is never touched."""
-    from slimtune import memory, train
+def test_the_steps_run_under_the_run_plans_heap_policy(tmp_path, setup, monkeypatch, heap, planner, expected):
+    """A managed heap (fit's default) runs the steps under the plan's policy, "fast" without a plan; heap="system"
+    never touches glibc's. The policy is set in one place, around the steps, and restored after them."""
+    from slimtune import runplan, train
 
     base, data = setup
-    chosen = []
-    monkeypatch.setattr(train, "set_heap_policy", chosen.append)
-    monkeypatch.setattr(memory, "_heap_policy", None)  # an in-process CLI test may have set it
-    trainer = Trainer(PerformerLM.from_pretrained(base), data, _options(tmp_path, run_dir=None, mem_budget=budget))
-    trainer.plan = None if plan_heap is None else {"chunk_size": 8, "heap": plan_heap}
+    model = PerformerLM.from_pretrained(base)
+    options = _options(tmp_path, run_dir=None, heap=heap)
+    run = runplan.fixed(model, options, 8, planner=planner)
+    assert run.heap == (expected or "")
+    entered = []
+    real = train.heap_policy_during
+    monkeypatch.setattr(train, "heap_policy_during", lambda policy: entered.append(policy) or real(None))
+    trainer = Trainer(model, data, options, run=run)
     trainer.setup()
-    assert chosen == []  # not managed: the test process's own heap
-    monkeypatch.setattr(memory, "_heap_policy", "tight")
-    trainer.setup()
-    assert chosen == [expected]
+    train._run_steps(trainer, None)
+    assert entered == [expected] and trainer.completed == options.steps
+
+
+# -- the run flow: the run folder's lock first, extending a finished run, the whole call timed -------------------------
+
+
+def test_a_held_run_folder_is_refused_before_any_planning(tmp_path, setup, monkeypatch):
+    """A second run on a folder in use stops at once: before the planner probes anything (a run that finished
+    while a second one planned was overwritten by it, with its metrics written twice)."""
+    from slimtune import planner
+    from slimtune.runs import RunFolder
+
+    base, data = setup
+    holder = RunFolder(tmp_path / "run")
+    holder.lock()  # another run (flock: a second open of the lock file conflicts even in one process)
+    monkeypatch.setattr(planner, "resolve_budget", lambda *a: pytest.fail("planned before taking the lock"))
+    try:
+        with pytest.raises(SlimtuneError, match="in use"):
+            fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, chunk_size=None, mem_budget="2GB"))
+    finally:
+        holder.release()
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_a_finished_constant_run_extends_bit_for_bit(tmp_path, setup):
+    """--resume with more steps after a finished run (constant schedule, warmup done) continues it: 3 then 5 steps
+    end where 5 steps in one go end."""
+    base, data = setup
+    whole = fit(base, data, tmp_path / "whole.safetensors", _options(tmp_path, run_dir=None, steps=5, warmup=2))
+    fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, steps=3, warmup=2))
+    longer = fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, steps=5, warmup=2, resume=True))
+    assert longer.first_step == 3 and longer.losses == whole.losses
+    a, b = load_checkpoint(tmp_path / "a.safetensors"), load_checkpoint(tmp_path / "whole.safetensors")
+    for name, t in b.tensors.items():
+        assert torch.equal(a.tensors[name], t), name
+
+
+@pytest.mark.parametrize(
+    "first, again, reason",
+    [
+        (dict(schedule="cosine"), dict(schedule="cosine"), "cosine schedule"),
+        (dict(warmup=5), dict(warmup=5), "warmup of 5 steps is not done"),
+        (dict(), dict(steps=2), "steps must be at least 3"),
+    ],
+)
+def test_a_run_is_not_extended_where_its_schedule_forbids(tmp_path, setup, first, again, reason):
+    base, data = setup
+    fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, steps=3, **first))
+    with pytest.raises(SlimtuneError, match=reason) as caught:
+        fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, **({"steps": 6} | again), resume=True))
+    assert "steps" in caught.value.params
+
+
+def test_the_result_times_the_whole_call(tmp_path, setup):
+    """FitResult.seconds covers loading, planning and the export, as the progress line's elapsed time does (it
+    once counted the steps alone: "elapsed 41 s" beside a summary of 10.8 s)."""
+    import time
+
+    base, data = setup
+    started = time.perf_counter()
+    result = fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, run_dir=None, steps=1, threads=None))
+    wall = time.perf_counter() - started
+    assert 0.9 * wall <= result.seconds <= wall
