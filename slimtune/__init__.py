@@ -93,8 +93,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .evaluation import EvalResult, adapt_one_step, evaluate
     from .generation import generate
     from .model import PerformerLM
-    from .planner import Plan, plan
-    from .slim import slim_step
     from .options import FitOptions
+    from .planner import Plan, plan
     from .runplan import RunPlan
+    from .slim import slim_step
     from .train import FitResult, Trainer, fit, pretrain
