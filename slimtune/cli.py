@@ -7,18 +7,13 @@ on stderr naming the flags, exit code 2. The library is imported inside the comm
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from . import __version__
 from .choices import BenchOptimizer, ExportDtype, Heap
@@ -41,7 +36,22 @@ from .options import (
     SlimStep,
     flag_for,
 )
-from .units import format_size
+from .render import (
+    Reporter,
+    bench_table,
+    console,
+    emit_json,
+    env_table,
+    err,
+    fit_table,
+    inspect_tables,
+    out,
+    plan_tables,
+    plural,
+    recipes_table,
+    step_info,
+    warning,
+)
 
 app = typer.Typer(
     name="slimtune",
@@ -50,8 +60,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-err = Console(stderr=True)
-out = Console()
 
 MODEL = params(ModelSource)
 MODEL_FLAGS = params(ModelSource, "n_heads", "feature_type", "layernorm")
@@ -85,78 +93,6 @@ def _use_threads(value: int | None = None) -> None:
     threads.apply(threads.choose(value).count)
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-class _Reporter:
-    """Progress of a long job: a rich bar in a terminal; elsewhere (a log, CI, nohup) a plain line on stderr
-    every `every` seconds, with the step, its figures and the time left. `started`: when the job began (the
-    library call's own clock), so that the elapsed time agrees with what the call reports."""
-
-    def __init__(self, what: str, total: int, *, transient: bool = False):
-        self.what, self.total = what, total
-        self.every = float(os.environ.get("SLIMTUNE_PROGRESS_SECONDS", 10))  # seconds between plain lines
-        self.started = self.last = time.monotonic()
-        self.bar = None
-        if err.is_terminal:
-            self.bar = Progress(
-                TextColumn(f"[bold]{what}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=err,
-                transient=transient,
-            )
-
-    def __enter__(self):
-        if self.bar:
-            self.bar.__enter__()
-            self.task = self.bar.add_task(self.what, total=self.total, info="")
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.__exit__(*exc)
-
-    def update(self, done: int, info: str = "") -> None:
-        if self.bar:
-            self.bar.update(self.task, completed=done, info=info)
-            return
-        now = time.monotonic()
-        if now - self.last < self.every:  # a short job prints nothing; a long one a line every `every` seconds
-            return
-        self.last = now
-        elapsed = now - self.started
-        eta = elapsed / done * (self.total - done) if done else float("nan")
-        print(
-            f"{self.what}: {done}/{self.total}  {info}  elapsed {elapsed:.0f} s, ETA {eta:.0f} s",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
-def _step_info(m: dict) -> str:
-    info = f"loss {m['loss']:.4f}"
-    if "bpc" in m:
-        info += f"  bpc {m['bpc']:.3f}"
-    return info + (f"  {m['tokens_per_s']:,.0f} tok/s  C {m['chunk_size']}  peak {format_size(m['peak_memory_bytes'])}")
-
-
-def _warning(message: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] {cli_message(message)}", highlight=False)
-
-
-def _emit_json(obj: dict) -> None:
-    print(json.dumps(obj, default=str))
-
-
-def _console(as_json: bool) -> Console:
-    return err if as_json else out
-
-
 def _train(what: str, options: FitOptions, call):
     """Run a training library call with progress; on Ctrl-C or SIGTERM say what was saved (the library says) and
     exit 128 + the signal's number."""
@@ -165,9 +101,9 @@ def _train(what: str, options: FitOptions, call):
     folder = RunFolder(options.run_dir) if options.run_dir else None
     if options.resume and folder is not None and folder.has_state():
         err.print(f"resuming the run in {folder.path} ({folder.summary()})")
-    with _Reporter(what, options.total_steps) as progress:
+    with Reporter(what, options.total_steps) as progress:
         try:
-            return call(lambda step, m: progress.update(step, _step_info(m)))
+            return call(lambda step, m: progress.update(step, step_info(m)))
         except Interrupted as e:
             if e.saved_step is None:
                 said = "nothing was saved (the run had not started its steps): run the same command again"
@@ -243,64 +179,12 @@ def fit(a):
             eval_data=a.eval_data,
             eval_fraction=a.eval_fraction,
             on_step=on_step,
-            on_warning=_warning,
+            on_warning=warning,
         ),
     )
-    _fit_summary(result, a.json)
+    console(a.json).print(fit_table(result))
     if a.json:
-        _emit_json(result.to_json())
-
-
-CHUNK_SOURCE = {"planned": " (auto)", "checked": " (fits the budget)", "given": "", "resumed": " (resumed)"}
-
-
-def _fit_summary(result, as_json: bool) -> None:
-    plan, run = result.plan, result.run
-    source = run["chunk_source"]
-    table = Table(title="slimtune fit", show_header=False)
-    for key, value in (
-        ("device", result.device),
-        ("seq len / batch", f"{result.seq_len} / {result.batch_size}"),
-        ("chunk size C", f"{result.chunk_size}{CHUNK_SOURCE.get(source, f' ({source})')}"),
-        ("resumed from step", str(result.first_step) if result.first_step else "-"),
-        ("budget", format_size(plan["budget_bytes"]) if plan else "-"),
-        ("predicted peak", format_size(plan["predicted_peak_bytes"]) if plan else "-"),
-        ("measured peak", f"{format_size(result.peak_memory_bytes)} ({result.memory_counts})"),
-        ("steps", str(result.steps)),
-        ("loss first -> last", f"{result.loss:.4f} -> {result.final_loss:.4f} nats/byte"),
-        (
-            "held-out bpc",
-            f"{result.metrics['bpc']:.4f} over {result.metrics['bpc_bytes']:,} bytes (seq len {result.seq_len})"
-            if "bpc" in result.metrics
-            else "-",
-        ),
-        ("CPU threads", str(result.threads) if result.device == "cpu" else "-"),
-        ("run folder", str(result.run_dir)),
-        ("time", f"{result.seconds:.2f} s"),
-        ("written", result.out),
-    ):
-        table.add_row(key, value)
-    _console(as_json).print(table)
-
-
-# -- plan ------------------------------------------------------------------------------------------------------------
-
-
-def _plan_caption(result) -> str:
-    """What the plan's figures count and how far to trust them."""
-    where = f" on {result.threads} CPU thread(s)" if result.heap else ""
-    caption = (
-        f"Memory counts {result.memory_counts}; available {format_size(result.available_bytes)}, from "
-        f"{result.available_source}. The runtime alone holds {format_size(result.breakdown['runtime'])}: no budget "
-        f"below it fits. Step time is relative to full backprop's (1.00x: predicted {result.seconds_full:.2f} s "
-        f"here{where}), within about {result.time_uncertainty:.0%} of measured steps"
-    )
-    if result.heap:
-        caption += (
-            f". Heap: {result.heap} ('fast': glibc keeps freed blocks for reuse, used when that fits the budget; "
-            "'tight': they leave at once, at the price of page faults)"
-        )
-    return caption
+        emit_json(result.to_json())
 
 
 def _file_size(path: Path) -> int:
@@ -352,31 +236,10 @@ def plan(a):
         data_bytes=sum(_file_size(path) for path in a.data or ()),
         heap=Heap.MANAGED,
     )
-    table = Table(
-        title=f"slimtune plan: L {a.seq_len}, batch {a.batch_size}, {a.optimizer}, budget "
-        f"{format_size(result.budget_bytes)} on {result.device}",
-        caption=_plan_caption(result),
-    )
-    for col in ("C", "predicted peak", "of budget", f"time ±{result.time_uncertainty:.0%}", "heap", ""):
-        table.add_column(col, justify="right")
-    for c in result.candidates:
-        mark = "<- chosen" if c.chunk_size == result.chunk_size else ("" if c.fits else "over")
-        table.add_row(
-            f"{c.chunk_size}" + (" (full)" if c.chunk_size >= a.seq_len else ""),
-            format_size(c.predicted_peak_bytes),
-            f"{100 * c.share_of_budget:.0f}%",
-            f"{c.relative_time:.2f}x",
-            c.heap or "-",
-            mark,
-        )
-    fixed = Table(title="predicted peak at the chosen C", show_header=False)
-    for key, value in result.breakdown.items():
-        fixed.add_row(key, format_size(value))
-    console = _console(a.json)
-    console.print(table)
-    console.print(fixed)
+    for table in plan_tables(result, a.seq_len, a.batch_size, a.optimizer):
+        console(a.json).print(table)
     if a.json:
-        _emit_json(result.to_json())
+        emit_json(result.to_json())
 
 
 # -- pretrain --------------------------------------------------------------------------------------------------------
@@ -444,17 +307,17 @@ def pretrain(a):
     result = _train(
         "pretrain",
         options,
-        lambda on_step: run_pretrain(config, a.data, a.out, options, on_step=on_step, on_warning=_warning),
+        lambda on_step: run_pretrain(config, a.data, a.out, options, on_step=on_step, on_warning=warning),
     )
     summary = (
-        f"{_plural(result.steps, 'step')}, loss {result.loss:.4f} -> {result.final_loss:.4f}, C = "
+        f"{plural(result.steps, 'step')}, loss {result.loss:.4f} -> {result.final_loss:.4f}, C = "
         f"{result.chunk_size}, {result.seconds:.1f} s -> {result.out}"
     )
     for key, value in result.metrics.items():
         summary += f"; {key} {value:.4f}"
-    _console(a.json).print(summary)
+    console(a.json).print(summary)
     if a.json:
-        _emit_json(result.to_json())
+        emit_json(result.to_json())
 
 
 # -- bench -----------------------------------------------------------------------------------------------------------
@@ -523,7 +386,7 @@ def bench(a):
         f"{a.optimizer}, {run.windows.device}"
     )
     total = len(methods) * (1 + a.warmup + a.steps)
-    with _Reporter("bench", total, transient=True) as progress:
+    with Reporter("bench", total, transient=True) as progress:
         done = iter(range(1, total + 1))
         rows = run_bench(
             run.model,
@@ -537,26 +400,13 @@ def bench(a):
             on_progress=lambda: progress.update(next(done)),
         )
     report = bench_json(run, rows, batch_size=a.batch_size, precision=a.precision, optimizer=a.optimizer)
-    table = Table(title=title)
-    table.add_column("method", no_wrap=True)
-    for col in ("s/step (median)", "time vs full", "peak memory", "memory vs full"):
-        table.add_column(col, justify="right")
-    ratio = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
-    for r in rows:
-        if r.error:
-            table.add_row(r.method, r.error, "", "", "")
-            continue
-        table.add_row(
-            r.method, f"{r.median_s:.3f}", ratio(r.vs_full_time), format_size(r.peak_bytes), ratio(r.vs_full_memory)
-        )
-    console = _console(a.json)
-    console.print(table)
-    console.print(f"peak memory: {report['memory_note']}")
+    console(a.json).print(bench_table(rows, title))
+    console(a.json).print(f"peak memory: {report['memory_note']}")
     if a.plot is not None:
         plot(rows, a.plot, title)
-        console.print(f"plot -> {a.plot}")
+        console(a.json).print(f"plot -> {a.plot}")
     if a.json:
-        _emit_json(report)
+        emit_json(report)
 
 
 # -- recipes, eval, generate, inspect, convert, env, demo ------------------------------------------------------------
@@ -568,18 +418,9 @@ def recipes(a):
     from .recipes import list_recipes
 
     found = list_recipes()
-    table = Table("recipe", "model", "L", "description")
-    for r in found:
-        m = r.model
-        table.add_row(
-            r.path.stem,
-            f"d {m.hidden_dim}, {m.n_layers} layers, {m.n_heads} heads, {m.feature_type}",
-            str(r.train.get("seq_len", "-")),
-            r.description,
-        )
-    _console(a.json).print(table)
+    console(a.json).print(recipes_table(found))
     if a.json:
-        _emit_json(
+        emit_json(
             [
                 {
                     "name": r.path.stem,
@@ -630,12 +471,12 @@ def evaluate(a):
     _use_threads(a.threads)
     tokens = read_bytes(a.data, min_length=2)
     model = PerformerLM.from_pretrained(a.checkpoint, device=a.device, **pick(ModelSource, a).model_flags())
-    console = _console(a.json)
+    show = console(a.json)
     if a.adapt is None:
         result = run_eval(model, tokens, seq_len=a.seq_len, max_bytes=a.max_bytes)
-        console.print(f"bpc {result.bpc:.4f} at seq len {result.seq_len} over {result.predicted_bytes:,} bytes")
+        show.print(f"bpc {result.bpc:.4f} at seq len {result.seq_len} over {result.predicted_bytes:,} bytes")
     else:
-        with _Reporter("adapt", a.windows) as progress:
+        with Reporter("adapt", a.windows) as progress:
             result = adapt_one_step(
                 model,
                 tokens,
@@ -647,13 +488,13 @@ def evaluate(a):
                 seed=a.seed,
                 on_progress=lambda done, total: progress.update(done),
             )
-        console.print(
+        show.print(
             f"one-step adaptation over {a.windows} windows at seq len {a.seq_len}, SGD lr {a.lr}, C = "
             f"{result.chunk_size}: second-half bpc {result.bpc_before:.4f} -> {result.bpc_after:.4f} "
             f"({result.difference:+.4f})"
         )
     if a.json:
-        _emit_json(result.to_json())
+        emit_json(result.to_json())
 
 
 @command(app, MODEL, params(GenerateOptions), _seed("generate"), params(Runtime, "device", "threads"), JSON)
@@ -670,7 +511,7 @@ def generate(a):
     model = PerformerLM.from_pretrained(a.checkpoint, device=a.device, **pick(ModelSource, a).model_flags())
     text = run_generate(model, a.prompt, a.n_bytes, temperature=a.temperature, top_k=a.top_k, seed=a.seed)
     if a.json:
-        _emit_json({"prompt": a.prompt, "text": text.decode("utf-8", errors="replace"), "bytes": len(text)})
+        emit_json({"prompt": a.prompt, "text": text.decode("utf-8", errors="replace"), "bytes": len(text)})
     else:
         sys.stdout.write(a.prompt + text.decode("utf-8", errors="replace") + "\n")
 
@@ -693,25 +534,10 @@ def inspect(a):
     from .checkpoint import inspect_checkpoint
 
     info = inspect_checkpoint(a.checkpoint, **pick(ModelSource, a).model_flags())
-    console = _console(a.json)
-    table = Table(title=str(a.checkpoint), show_header=False)
-    for key, value in info["config"].items():
-        table.add_row(key, str(value))
-    table.add_row("parameters", f"{info['parameters']:,}")
-    table.add_row("dtypes", ", ".join(info["dtypes"]))
-    table.add_row("file size", format_size(info["file_bytes"]))
-    for name, cost in info["fine_tuning_bytes"].items():
-        table.add_row(f"fixed cost, {name}", f"{format_size(cost)} (weights + gradients + optimizer state, measured)")
-    for key, value in info["provenance"].items():
-        table.add_row(key, str(value))
-    console.print(table)
-    if a.tensors:
-        listing = Table("tensor", "shape", "dtype", title="tensors")
-        for name, (shape, dtype) in info["tensors"].items():
-            listing.add_row(name, str(shape), dtype)
-        console.print(listing)
+    for table in inspect_tables(info, str(a.checkpoint), a.tensors):
+        console(a.json).print(table)
     if a.json:
-        _emit_json(info)
+        emit_json(info)
 
 
 @command(
@@ -748,33 +574,9 @@ def env(a):
 
     info = detect_environment()
     choice = threads.choose()
-    table = Table(title="slimtune env", show_header=False)
-    table.add_row("python / torch / CUDA", f"{info.python} / {info.torch} / {info.cuda_version or '-'}")
-    table.add_row("CUDA usable", str(info.cuda_usable))
-    table.add_row(
-        "CPU",
-        f"{info.cpu_count} cores, {format_size(info.cpu_available_bytes)} available "
-        f"of {format_size(info.cpu_total_bytes)}",
-    )
-    table.add_row("CPU memory limit", info.cpu_limit)
-    for gpu in info.gpus:
-        table.add_row(
-            f"cuda:{gpu.index}",
-            f"{gpu.name}{' (MIG)' if gpu.mig else ''}, {format_size(gpu.free_bytes)} free "
-            f"of {format_size(gpu.total_bytes)}",
-        )
-    if info.nvml_error:
-        table.add_row("note", info.nvml_error)
-    table.add_row("--device auto", info.default_device)
-    table.add_row(
-        "CPU threads",
-        f"{choice.count} ({cli_message(choice.reason)}; followed during a run; --threads or {threads.ENV} fixes "
-        "the count)",
-    )
-    table.add_row("CPU heap", "fit and pretrain: tight while planning, then fast when the run's peak fits that way")
-    _console(a.json).print(table)
+    console(a.json).print(env_table(info, choice, threads.ENV))
     if a.json:
-        _emit_json(info.to_json() | {"threads": choice.count, "threads_reason": choice.reason})
+        emit_json(info.to_json() | {"threads": choice.count, "threads_reason": choice.reason})
 
 
 @command(app, params(Output, "workdir"), params(Runtime, "threads"), JSON)
@@ -786,10 +588,10 @@ def demo(a):
     """
     from .demo import run_demo
 
-    console = _console(a.json)
-    result = run_demo(a.workdir, say=lambda text: console.print(text), threads=a.threads)
+    show = console(a.json)
+    result = run_demo(a.workdir, say=lambda text: show.print(text), threads=a.threads)
     if a.json:
-        _emit_json(result)
+        emit_json(result)
 
 
 # -- the error boundary ----------------------------------------------------------------------------------------------
