@@ -221,6 +221,7 @@ def plan(a):
     """
     from .model import PerformerLM
     from .planner import plan as run_plan
+    from .runplan import fixed
 
     _require("plan", checkpoint=a.checkpoint)
     _use_threads(a.threads)
@@ -239,7 +240,8 @@ def plan(a):
     for table in plan_tables(result, a.seq_len, a.batch_size, a.optimizer):
         console(a.json).print(table)
     if a.json:
-        emit_json(result.to_json())
+        run = fixed(model, pick(FitOptions, a), result.chunk_size, source="planned", planner=result.to_json())
+        emit_json(result.to_json() | {"run": {k: v for k, v in run.to_json().items() if k != "planner"}})
 
 
 # -- pretrain --------------------------------------------------------------------------------------------------------

@@ -196,7 +196,8 @@ class Trainer:
         self.folder.save(
             {
                 "step": step,
-                "run": self.run.to_json(),
+                # The thread count now: the last bits depend on it, and a resumed run starts on the same.
+                "run": replace(self.run, threads=torch.get_num_threads()).to_json(),
                 "losses": self.losses,
                 "skipped": self.skipped,
                 "settings": self.options.resume_settings(),
@@ -205,7 +206,6 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "generator": generator,
                 "torch_rng": rng,
-                "threads": torch.get_num_threads(),  # the last bits depend on it: a resumed run uses the same
             }
         )
         return step
@@ -220,12 +220,12 @@ class Trainer:
         self.completed = self.first_step = saved["step"]
         self.losses, self.skipped = list(saved["losses"]), saved.get("skipped", 0)
         self.run = replace(RunPlan.from_json(saved["run"]), chunk_source="resumed")
-        if saved["threads"] != torch.get_num_threads():
+        if self.run.threads != torch.get_num_threads():
             self._warn(
-                f"using {saved['threads']} CPU threads, as the run being resumed did (its results depend on "
+                f"using {self.run.threads} CPU threads, as the run being resumed did (its results depend on "
                 f"the count in the last bits); this machine chose {torch.get_num_threads()}"
             )
-            threads.apply(saved["threads"])
+            threads.apply(self.run.threads)
 
     # -- one step ----------------------------------------------------------------------------------------------
     def _warn_once(self, message: str) -> None:
@@ -543,7 +543,7 @@ def _train(model, data, out, options: FitOptions, on_step, on_warning, eval_data
         first_step=trainer.first_step,
         threads=torch.get_num_threads(),
         memory_counts=memory_counts(trainer.device),
-        run=trainer.run.to_json(),
+        run={k: v for k, v in trainer.run.to_json().items() if k != "planner"},  # the planner's: `plan`
         run_dir=options.run_dir,
         model=model,
     )
