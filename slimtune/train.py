@@ -127,6 +127,11 @@ class Trainer:
         self.completed = 0  # optimizer steps done (skipped ones included)
         self.first_step = 0
         self.skipped = 0
+        if folder is None and options.run_dir == "auto":
+            raise ConfigError(
+                "run_dir 'auto' (OUT.run) is for fit and pretrain, which know OUT: give the Trainer a path, or None",
+                params=("run_dir",),
+            )
         self.folder = folder or (RunFolder(options.run_dir) if options.run_dir else None)
         self.writes = self.folder is not None and group.main  # only rank 0 writes; every rank reads
         self._warn = on_warning or _warn
@@ -399,6 +404,12 @@ def _signals_held():
 def check_resume(saved: dict, options: FitOptions, world: int, where) -> None:
     """Refuse to continue a saved run with other settings (those declared `resume` in options.py), with another
     number of processes, or with more steps where the schedule depends on their number."""
+    if "run" not in saved:
+        raise SlimtuneError(
+            f"the run state in {where} was saved by an older slimtune, without a run plan: start over with restart "
+            "(the old run is moved aside, not deleted)",
+            params=("restart",),
+        )
     was, now = saved["settings"], options.resume_settings()
     changed = [k for k in now if k in was and was[k] != now[k] and k != "steps"]
     saved_world = saved["run"]["world_size"]
