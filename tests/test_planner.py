@@ -308,3 +308,32 @@ def test_time_model_adds_the_page_faults_of_the_heap_policy():
     assert relative_time(p, L, 1024, "fast") == pytest.approx(work / unit)
     assert relative_time(p, L, 1024, "tight") == pytest.approx((work + 8 * 8 * mb * 1e-9) / unit)
     assert relative_time(p, L, 256, "tight") == pytest.approx((32 * 1e-3 + 2e-5 * L) / unit)  # 2 MB: heap
+
+
+def test_the_plan_counts_the_copies_a_run_holds(monkeypatch, data_dir):
+    """What a run holds besides weights, gradients, state and a chunk is charged: the one-step adaptation's copy
+    of the weights (it restores them for each window) and torchrun's flat all-reduce buffer of the gradients."""
+    from slimtune import evaluation, runplan
+    from slimtune.distributed import Group
+    from slimtune.options import FitOptions
+
+    model = tiny_model("sqr", True, dtype=torch.float32)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    seen = []
+
+    def recording(model_, work, budget, **kw):
+        seen.append(work)
+        return plan_chunk_size(model_, work, budget, **kw)
+
+    monkeypatch.setattr(evaluation, "plan_chunk_size", recording)
+    data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:4000]), dtype=torch.uint8)
+    evaluation.adapt_one_step(model, data, seq_len=64, windows=1, mem_budget="2GB")
+    assert seen[0].copies_bytes == weights
+    monkeypatch.setattr(runplan, "plan_chunk_size", recording)
+    monkeypatch.setattr(runplan, "agree_min", lambda c, device: c)  # no process group in this test
+    runplan.resolve_run(model, FitOptions(seq_len=64, mem_budget="2GB", device="cpu"), Group(rank=0, world=2))
+    grads = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert seen[1].copies_bytes == grads
+    probe_ = tight_probe(model)
+    lines = [predict(model, probe_, 0, Workload(64, copies_bytes=n), 16) for n in (0, grads)]
+    assert lines[1]["copies"] == grads and lines[1]["total"] - lines[0]["total"] == grads
