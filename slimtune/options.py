@@ -12,6 +12,7 @@ No torch here (nor in choices.py): `slimtune --help` reads this module.
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -37,7 +38,7 @@ from .errors import ConfigError
 class Flag:
     """How one option appears outside Python."""
 
-    flag: str  # e.g. "--seq-len"; "" for a positional argument
+    flag: str  # e.g. "--seq-len"; "": an option of the Python API only
     help: str
     resume: bool = False  # a resumed run must have the same value (it changes the data, gradients or update)
     record: bool = False  # the exported checkpoint's provenance records it
@@ -47,7 +48,6 @@ class Flag:
     cli_type: typing.Any = None  # the command line's type where it differs from the Python one (text parsed later)
     show_default: bool = True
     secondary: str = ""  # a boolean's off switch, e.g. "--no-full"
-    argument: bool = False  # a positional argument, not an option
 
 
 def option(default, flag: str, help: str, **kw) -> typing.Any:
@@ -55,10 +55,7 @@ def option(default, flag: str, help: str, **kw) -> typing.Any:
     return field(default=default, metadata={"flag": Flag(flag, help, **kw)})
 
 
-def flag_of(cls, name: str) -> Flag:
-    return next(f for f in fields(cls) if f.name == name).metadata["flag"]
-
-
+@functools.cache
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls, globalns=globals())
 
