@@ -105,7 +105,9 @@ def _train(what: str, options: FitOptions, call):
         try:
             return call(lambda step, m: progress.update(step, step_info(m)))
         except Interrupted as e:
-            if e.saved_step is None:
+            if e.saved_step is None and e.run_dir is None:
+                said = "nothing was saved (no run folder)"
+            elif e.saved_step is None:
                 said = "nothing was saved (the run had not started its steps): run the same command again"
             else:
                 said = (
