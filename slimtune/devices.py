@@ -224,7 +224,7 @@ def resolve_budget(budget: str | int | None, device: torch.device) -> tuple[int,
         if not 0 < share <= 100:
             raise ConfigError(f"mem_budget {budget!r} must be a percentage in (0, 100]", params=("mem_budget",))
         return int(available * share / 100), available
-    return min(parse_size(budget), available), available
+    return min(parse_size(budget, "mem_budget"), available), available
 
 
 def emulate_card(size: str | int, device: torch.device) -> int:
@@ -233,10 +233,10 @@ def emulate_card(size: str | int, device: torch.device) -> int:
     process already holds, as the context takes its share of a real small card too. Returns the allocator cap."""
     if device.type != "cuda":
         raise ConfigError(
-            f"emulate_memory caps a CUDA card, but the device is {device}: drop it or use device=cuda",
+            f"emulate_memory caps a CUDA card, but this run is on {device}: drop it or use device=cuda",
             params=("emulate_memory", "device"),
         )
-    wanted = parse_size(size)
+    wanted = parse_size(size, "emulate_memory")
     torch.zeros(1, device=device)  # creates the context, so that its size can be read
     total = torch.cuda.get_device_properties(device).total_memory
     cap = wanted - cuda_context_bytes(device)

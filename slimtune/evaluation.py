@@ -89,7 +89,7 @@ def evaluate(
     """
     if not isinstance(data, torch.Tensor):
         data = read_bytes(data, min_length=2)
-    seq_len = seq_len or DEFAULT_SEQ_LEN
+    seq_len = DEFAULT_SEQ_LEN if seq_len is None else seq_len
     if seq_len < 1 or chunk_size < 1:
         raise ConfigError(
             f"seq_len and chunk_size must be >= 1, got {seq_len} and {chunk_size}", params=("seq_len", "chunk_size")

@@ -32,7 +32,8 @@ def draw_orthogonal_features(
     blocks = []
     for start in range(0, n_features, head_dim):
         gaussian = torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64)
-        q, _ = torch.linalg.qr(gaussian)
+        q, r = torch.linalg.qr(gaussian)
+        q = q * torch.sign(torch.diagonal(r))  # Q of a Gaussian matrix is Haar-distributed only with these signs
         blocks.append(q.T[: n_features - start])
     norms = torch.randn(n_features, head_dim, generator=generator, dtype=torch.float64).norm(dim=1)
     return (torch.cat(blocks) * norms[:, None]).to(dtype)

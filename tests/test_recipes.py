@@ -1,4 +1,5 @@
-"""Every recipe loads and validates; flags override recipe values; the copy task's data and mask are right."""
+"""Every recipe loads and validates; flags override recipe values; the copy task's mask counts only the copy
+(its windows: test_data.py)."""
 
 import json
 
@@ -7,7 +8,7 @@ import torch
 
 from slimtune.checkpoint import load_checkpoint
 from slimtune.cli import main
-from slimtune.data import COPY_SEPARATOR, copy_windows
+from slimtune.data import copy_windows
 from slimtune.errors import ConfigError
 from slimtune.model import PerformerLM
 from slimtune.recipes import list_recipes, load_recipe
@@ -58,15 +59,6 @@ def test_bad_recipes(tmp_path):
         load_recipe(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_recipe("no-such-recipe")
-
-
-def test_copy_windows():
-    windows, mask = copy_windows(3, 20, 5, torch.Generator().manual_seed(0))
-    assert windows.shape == (3, 21) and mask.shape == (3, 20)
-    assert torch.equal(windows[:, :10], windows[:, 11:21]) and (windows[:, 10] == COPY_SEPARATOR).all()
-    assert windows[:, :10].min() >= 1 and windows[:, :10].max() <= 5
-    targets = windows[:, 1:]
-    assert torch.equal(targets[mask.bool()].view(3, 10), windows[:, :10])  # the mask keeps exactly the copy
 
 
 def test_pretrain_flags_override_recipe(capsys, tmp_path):

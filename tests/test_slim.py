@@ -1,11 +1,11 @@
-"""SLiM gradients against an independent float64 model (tests/reference.py) and against plain backprop."""
+"""SLiM gradients against an independent float64 model (tests/reference.py) and against plain backprop.
+(Batched weight gradients: test_deferred.py.)"""
 
 import pytest
 import reference
 import torch
 from helpers import assert_close, projections, tiny_model
 
-from slimtune import deferred
 from slimtune.errors import ConfigError
 from slimtune.features import FEATURE_TYPES
 from slimtune.slim import slim_step
@@ -99,25 +99,6 @@ def test_favor_draw_is_shared_by_all_chunks():
     assert abs(slim_grads(model, windows, None, L)[0] - full_loss) > 1e-6
 
 
-@pytest.mark.parametrize("frozen", [("input_map.weight",), ("layers.0.attention.q_map.bias", "layers.1.V_map.weight")])
-def test_batched_weight_gradients_with_frozen_parameters(frozen):
-    """Frozen parameters get no gradient and the others the full-backprop one, batched or not: with the embedding
-    frozen the first layer's inputs need no gradient (its maps then take plain autograd), a frozen bias or weight
-    is skipped by the batcher."""
-    model = tiny_model("elu+1", False)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name not in frozen)
-    windows, mask = windows_and_mask(2, True, seed=5)
-    full_loss, full = slim_grads(model, windows, mask, L)
-    loss, grads = slim_grads(model, windows, mask, 7, batch_weight_grads=True)
-    assert_close(loss, full_loss, 1e-12, "loss")
-    for name, g in grads.items():
-        if name in frozen:
-            assert g is None and full[name] is None, name
-        else:
-            assert_close(g, full[name], 1e-11, name)
-
-
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "plain"])
 def test_no_chunk_graph_outlives_its_backward(batched, monkeypatch):
     """Every chunk's graph is freed after its backward: the start states it was built on are gone once the step
@@ -163,54 +144,3 @@ def test_bad_arguments_raise_clear_errors(bad, message):
     args.update(bad)
     with pytest.raises(ConfigError, match=message):
         slim_step(model, args["windows"], args["chunk_size"], args["mask"], recovery=args["recovery"])
-
-
-def test_unknown_feature_type():
-    with pytest.raises(ConfigError, match="unknown feature type 'gauss'"):
-        tiny_model("gauss")
-
-
-@pytest.mark.parametrize("C", [1, 7, 64])
-def test_batched_weight_gradients_equal_plain_autograd(C, monkeypatch):
-    """slimtune/deferred.py applies weight gradients over many chunks at once: the same sums, so both ways agree
-    with the float64 reference, and plain autograd is used when batching is turned off.
-
-    A spy on the batcher proves the batching really happens: with B = 3 and L = 100, each of the 11 linear maps
-    sees 300 rows, which in products of at most 256 rows (DEFER_ROWS) are 2 products, whatever C, against
-    L / C chunks (100, 15, 2); every row goes through a batched product exactly once."""
-    model, (windows, mask) = tiny_model("favor+", False), windows_and_mask(3, True)
-    ref_loss, ref = expected("favor+", False, 3, True)
-    linears = [m for m in model.modules() if isinstance(m, deferred.DeferredLinear)]
-    assert len(linears) == 2 * 5 + 1 and deferred.DEFER_ROWS == 256  # q, k, v, U, V per layer, and the output map
-    n_chunks = -(-L // C)
-    products, entered = [], []
-    apply, enter = deferred._Slot._apply, deferred.WeightGradBatcher.__enter__
-
-    def spy_apply(slot, x, g):
-        products.append((id(slot.module), x.shape[0]))
-        return apply(slot, x, g)
-
-    def spy_enter(batcher):
-        entered.append(batcher)
-        return enter(batcher)
-
-    monkeypatch.setattr(deferred._Slot, "_apply", spy_apply)
-    monkeypatch.setattr(deferred.WeightGradBatcher, "__enter__", spy_enter)
-    for batched in (True, False):
-        products.clear()
-        entered.clear()
-        loss, grads = slim_grads(model, windows, mask, C, batch_weight_grads=batched)
-        assert abs(loss - ref_loss) <= 1e-10 * abs(ref_loss)
-        for name, g in grads.items():
-            assert_close(g, ref[name], 1e-10, f"{name} batched={batched}")
-        if not batched:
-            assert entered == [] and products == [], "batch_weight_grads=False still used the batcher"
-            continue
-        assert len(entered) == 1, "batch_weight_grads=True did not attach a batcher"
-        per_map = {id(m): [] for m in linears}
-        for key, rows in products:
-            per_map[key].append(rows)
-        for m in linears:
-            rows = per_map[id(m)]
-            assert sum(rows) == 3 * L, f"{m}: {sum(rows)} rows applied, expected B * L = {3 * L}"
-            assert len(rows) == 2, f"{m}: {len(rows)} weight-gradient products for {n_chunks} chunks, expected 2"

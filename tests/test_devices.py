@@ -1,0 +1,147 @@
+"""Devices and their memory (slimtune/devices.py): which device a name means and the errors naming `device`; the
+budget a job may use, from a size, a share of the available memory or the default safety margin, each computed
+here by hand from a faked available figure; the host memory a CPU process may add under cgroup limits (faked) and
+where that figure comes from; card UUIDs as NVML and torch write them; and emulating a small card only on CUDA.
+(Matching CUDA devices to NVML cards and MIG slices is tested in test_planner.py.)"""
+
+import types
+
+import pytest
+import torch
+
+from slimtune import devices
+from slimtune.cgroups import Limit
+from slimtune.devices import (
+    SAFETY_MARGIN,
+    HostMemory,
+    available_bytes,
+    emulate_card,
+    host_memory,
+    resolve_budget,
+    resolve_device,
+)
+from slimtune.errors import ConfigError
+
+CPU = torch.device("cpu")
+MB = 10**6
+
+
+def test_device_names():
+    assert resolve_device("cpu") == CPU and resolve_device(CPU) == CPU
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "gpu", "CPU", "", "mps"):
+        with pytest.raises(ConfigError, match="device must be auto, cpu or cuda") as info:
+            resolve_device(bad)
+        assert info.value.params == ("device",)
+
+
+def test_cuda_where_there_is_none_or_not_that_many(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == CPU
+    with pytest.raises(ConfigError, match="no usable CUDA device here") as info:
+        resolve_device("cuda:0")
+    assert info.value.params == ("device",)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(ConfigError, match=r"only 2 CUDA device\(s\)") as info:
+        resolve_device("cuda:2")
+    assert info.value.params == ("device",)
+
+
+@pytest.fixture
+def ten_gb(monkeypatch):
+    """A machine where this job could hold 10 GB in all."""
+    monkeypatch.setattr(devices, "available_bytes", lambda device: 10 * 10**9)
+    return 10 * 10**9
+
+
+@pytest.mark.parametrize(
+    "budget, expected",
+    [
+        (None, 9 * 10**9),  # 10 GB less the 10 % safety margin
+        ("50%", 5 * 10**9),
+        (" 12.5% ", 1_250_000_000),
+        ("100%", 10 * 10**9),
+        ("2GB", 2 * 10**9),
+        ("1.5GiB", 3 * 2**29),
+        ("64GB", 10 * 10**9),  # capped at what is available
+        (10**6, 10**6),
+    ],
+)
+def test_the_budget_by_hand(ten_gb, budget, expected):
+    assert SAFETY_MARGIN == 0.10
+    assert resolve_budget(budget, CPU) == (expected, ten_gb)
+
+
+@pytest.mark.parametrize("bad", ["0%", "150%", "x%", "-5%", "%"])
+def test_a_bad_share_names_mem_budget(ten_gb, bad):
+    with pytest.raises(ConfigError, match="mem_budget") as info:
+        resolve_budget(bad, CPU)
+    assert info.value.params == ("mem_budget",)
+
+
+def test_a_bad_size_is_refused(ten_gb):
+    with pytest.raises(ConfigError, match="cannot read mem_budget 'lots'") as caught:
+        resolve_budget("lots", CPU)
+    assert caught.value.params == ("mem_budget",)  # the CLI names --mem-budget
+
+
+def _fake_host(monkeypatch, system_available, limits):
+    monkeypatch.setattr(devices.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=system_available))
+    monkeypatch.setattr(devices, "memory_limits", lambda: limits)
+
+
+def test_host_memory_is_the_least_of_the_system_and_the_tightest_cgroup(monkeypatch):
+    pod = Limit(2000 * MB, 1900 * MB, "/sys/fs/cgroup/pod/memory.max", 2)  # 100 MB free
+    job = Limit(700 * MB, 300 * MB, "/sys/fs/cgroup/pod/job/memory.max", 2)  # 400 MB free
+    _fake_host(monkeypatch, 5000 * MB, [job, pod])
+    host = host_memory()
+    assert (host.free_bytes, host.system_available_bytes, host.limit) == (100 * MB, 5000 * MB, pod)
+    assert host.source == pod.describe() and "pod/memory.max" in host.source
+    _fake_host(monkeypatch, 50 * MB, [job, pod])  # the system has less than the cgroups leave
+    host = host_memory()
+    assert host.free_bytes == 50 * MB
+    assert host.source == "the system's available memory; " + pod.describe()
+    _fake_host(monkeypatch, 50 * MB, [])
+    assert host_memory() == HostMemory(50 * MB, 50 * MB, None)
+    assert host_memory().source == "the system's available memory, no cgroup limit"
+
+
+def test_available_bytes_on_cpu_is_resident_memory_plus_what_may_be_added(monkeypatch):
+    monkeypatch.setattr(devices, "host_memory", lambda: HostMemory(123 * MB, 999 * MB, None))
+    rss = devices.psutil.Process().memory_info().rss
+    assert abs(available_bytes(CPU) - (rss + 123 * MB)) < 50 * MB  # resident memory drifts a little
+
+
+def test_uuids_are_compared_without_their_prefix_and_case():
+    assert devices._normalise_uuid("GPU-AbC-123") == "abc-123"
+    assert devices._normalise_uuid(b"MIG-dddd") == "dddd"
+    assert devices._normalise_uuid("cccc") == "cccc"
+
+
+def test_no_cuda_means_no_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert devices.detect_gpus() == ([], None)
+    env = devices.detect_environment()
+    assert env.gpus == [] and env.default_device == "cpu" and env.cuda_usable is False
+    assert env.cpu_count >= 1 and 0 < env.cpu_available_bytes <= env.cpu_total_bytes
+    assert set(env.to_json()) >= {"python", "torch", "cpu_count", "cpu_available_bytes", "gpus", "cpu_limit"}
+
+
+def test_emulating_a_card_needs_cuda():
+    with pytest.raises(ConfigError, match="caps a CUDA card") as info:
+        emulate_card("2GB", CPU)
+    assert info.value.params == ("emulate_memory", "device")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_real_card():
+    cuda = resolve_device("cuda:0")
+    free, total = torch.cuda.mem_get_info(cuda)
+    room = available_bytes(cuda)
+    assert free <= room <= total
+    budget, available = resolve_budget("50%", cuda)
+    assert abs(budget - available / 2) <= 0.02 * available
+    with pytest.raises(ConfigError, match="emulate_memory"):
+        emulate_card(total + 10**9, cuda)  # larger than the card

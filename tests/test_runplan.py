@@ -1,0 +1,124 @@
+"""The plan of a run (slimtune/runplan.py): how a chunk_size option reads (auto, None, full, an integer, or an error
+naming chunk_size); what `fixed` derives (C capped at L, weight-gradient batching, the heap policy, dtypes, and the
+trainable and frozen parameters against a count made here from the model's shapes); the JSON round trip a run state
+relies on; the out-of-memory fallback; and resolve_run's sources of C."""
+
+import json
+
+import pytest
+import torch
+from helpers import tiny_model
+
+from slimtune import runplan
+from slimtune.errors import ConfigError
+from slimtune.options import FitOptions
+from slimtune.runplan import SOURCES, RunPlan, after_out_of_memory, chunk_request, fixed, resolve_run
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("auto", None), (None, None), ("full", 512), ("64", 64), (64, 64), (" 7 ", 7), (1, 1)]
+)
+def test_chunk_request_reads_each_form(value, expected):
+    assert chunk_request(value, 512) == expected
+
+
+@pytest.mark.parametrize("value", ["x", "", "0", 0, -3, "-3", "1.5", 1.5, "064", True, False, "Full", "AUTO"])
+def test_chunk_request_refuses_the_rest_naming_chunk_size(value):
+    with pytest.raises(ConfigError, match="chunk_size must be full, auto or an integer >= 1") as info:
+        chunk_request(value, 512)
+    assert info.value.params == ("chunk_size",)
+
+
+def _hand_count(V, d, F, n_layers):
+    """Parameters by the contract's tensor list: embedding [V, d/2]; per layer q, k, v (d x d + d each), U
+    (F x d + F), V (d x F + d), two layer norms (2 d each); the output map (V x d + V)."""
+    return V * d // 2 + n_layers * (3 * (d * d + d) + (F * d + F) + (d * F + d) + 4 * d) + V * d + V
+
+
+def test_fixed_counts_trainable_and_frozen_parameters():
+    model = tiny_model(dtype=torch.float32)  # V 256, d 16, F 32, 2 layers
+    plan = fixed(model, FitOptions(seq_len=64, device="cpu"), 16)
+    assert (plan.trainable_parameters, plan.frozen_parameters) == (_hand_count(256, 16, 32, 2), 0)
+    model.input_map.weight.requires_grad_(False)  # 256 x 8
+    model.layers[0].layernorm1.bias.requires_grad_(False)  # 16
+    model.layers[1].U_map.weight.requires_grad_(False)  # 32 x 16
+    plan = fixed(model, FitOptions(seq_len=64, device="cpu"), 16)
+    frozen = 256 * 8 + 16 + 32 * 16
+    assert plan.frozen_parameters == frozen
+    assert plan.trainable_parameters == _hand_count(256, 16, 32, 2) - frozen
+
+
+def test_fixed_derives_the_rest_of_the_plan():
+    model = tiny_model(dtype=torch.float64)
+    plan = fixed(model, FitOptions(seq_len=64, device="cpu"), 1000)
+    assert plan.chunk_size == 64 and plan.chunk_source == "given"  # C >= L: full backprop, C = L
+    assert plan.batch_weight_grads is False  # one chunk: nothing to batch
+    assert (plan.device, plan.world_size, plan.threads) == ("cpu", 1, torch.get_num_threads())
+    assert (plan.weight_dtype, plan.compute_dtype, plan.heap, plan.planner) == ("float64", "float64", "fast", None)
+    small = fixed(model, FitOptions(seq_len=64, batch_size=2, device="cpu"), 16)
+    assert small.chunk_size == 16 and small.batch_weight_grads is True  # 4 chunks of 32 rows < 256
+    assert fixed(model, FitOptions(seq_len=64, batch_size=16, device="cpu"), 16).batch_weight_grads is False
+    off = fixed(model, FitOptions(seq_len=64, device="cpu", batch_weight_grads=False), 16)
+    assert off.batch_weight_grads is False
+    bf16 = fixed(tiny_model(dtype=torch.float32), FitOptions(seq_len=64, precision="bf16", device="cpu"), 16)
+    assert (bf16.weight_dtype, bf16.compute_dtype, bf16.batch_weight_grads) == ("float32", "bfloat16", False)
+    assert fixed(model, FitOptions(seq_len=64, heap="system", device="cpu"), 16).heap == ""
+    planner = {"heap": "tight", "batch_weight_grads": False, "chunk_size": 16}
+    planned = fixed(model, FitOptions(seq_len=64, device="cpu"), 16, source="planned", planner=planner, world=2)
+    assert (planned.heap, planned.batch_weight_grads, planned.chunk_source, planned.world_size) == (
+        "tight",
+        False,
+        "planned",
+        2,
+    )
+    assert planned.planner == planner
+
+
+def test_a_run_plan_round_trips_through_json():
+    model = tiny_model(dtype=torch.float32)
+    planner = {"chunk_size": 8, "heap": "fast", "batch_weight_grads": True, "candidates": [{"chunk_size": 8}]}
+    plan = fixed(model, FitOptions(seq_len=32, device="cpu"), 8, source="checked", planner=planner)
+    text = json.dumps(plan.to_json())
+    again = RunPlan.from_json(json.loads(text))
+    assert again == plan and isinstance(again, RunPlan)
+    assert set(plan.to_json()) == {
+        "chunk_size",
+        "chunk_source",
+        "batch_weight_grads",
+        "heap",
+        "threads",
+        "device",
+        "world_size",
+        "weight_dtype",
+        "compute_dtype",
+        "trainable_parameters",
+        "frozen_parameters",
+        "planner",
+    }
+
+
+def test_the_out_of_memory_fallback_changes_only_c_and_says_so():
+    plan = fixed(tiny_model(dtype=torch.float32), FitOptions(seq_len=64, device="cpu"), 32, source="planned")
+    smaller = after_out_of_memory(plan, 16)
+    assert smaller.chunk_size == 16 and smaller.chunk_source == "planned, then out of memory"
+    assert smaller.to_json() | {"chunk_size": 32, "chunk_source": "planned"} == plan.to_json()
+    assert plan.chunk_size == 32  # frozen: the original plan is unchanged
+
+
+def test_resolve_run_takes_a_given_c_without_planning(monkeypatch):
+    monkeypatch.setattr(runplan, "plan_chunk_size", lambda *a, **k: pytest.fail("planned although C was given"))
+    model = tiny_model(dtype=torch.float32)
+    run = resolve_run(model, FitOptions(seq_len=64, chunk_size="16", device="cpu"))
+    assert (run.chunk_size, run.chunk_source, run.planner) == (16, "given", None)
+    full = resolve_run(model, FitOptions(seq_len=64, chunk_size="full", device="cpu"))
+    assert (full.chunk_size, full.chunk_source) == (64, "given")
+    assert SOURCES == ("planned", "checked", "given", "resumed")
+
+
+def test_resolve_run_plans_auto_and_checks_a_given_c_against_a_budget():
+    model = tiny_model(dtype=torch.float32)
+    planned = resolve_run(model, FitOptions(seq_len=64, chunk_size="auto", mem_budget="4GB", device="cpu"))
+    assert planned.chunk_source == "planned" and planned.planner["chunk_size"] == planned.chunk_size
+    assert 1 <= planned.chunk_size <= 64
+    checked = resolve_run(model, FitOptions(seq_len=64, chunk_size=8, mem_budget="4GB", device="cpu"))
+    assert (checked.chunk_size, checked.chunk_source) == (8, "checked") and checked.planner is not None
