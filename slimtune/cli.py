@@ -20,6 +20,7 @@ from .choices import BenchOptimizer, ExportDtype, Heap
 from .cli_options import cli_message, command, params, pick
 from .errors import ConfigError, DataError, Interrupted, SlimtuneError
 from .options import (
+    TRAINING_GROUPS,
     BenchOptions,
     DataOptions,
     EvalOptions,
@@ -142,21 +143,15 @@ def root(
 
 # -- fit -------------------------------------------------------------------------------------------------------------
 
-FIT_SLIM = params(SlimStep, "chunk_size", "mem_budget", "recovery", "precision", chunk_size={"default": "auto"})
+# Every flagged option of every training group (FitOptions' bases): a group or field added there is a flag of fit.
+FIT_OPTIONS = [
+    p
+    for group in TRAINING_GROUPS
+    for p in params(group, exclude=("task",), chunk_size={"default": "auto"})  # the copy task is pretrain's
+]
 
 
-@command(
-    app,
-    MODEL,
-    params(Files),
-    FIT_SLIM,
-    params(DataOptions, "seq_len", "batch_size", "eval_every"),
-    params(Optimization),
-    params(RunFolderOptions),
-    params(ExportOptions),
-    RUNTIME,
-    JSON,
-)
+@command(app, MODEL, params(Files), FIT_OPTIONS, JSON)
 def fit(a):
     """Fine-tune a checkpoint on a text file with SLiM and export weights the original model loads unchanged.
 

@@ -18,13 +18,14 @@ from . import options as declarations
 from .options import flag_for
 
 
-def params(group: type, *names: str, **overrides: dict) -> list[inspect.Parameter]:
-    """Typer parameters for `names` of `group` (default: every field of it that has a flag), in that order.
-    `overrides[name]` may change a command's `default`, `help`, `type` or make it an `argument`; the flag, the
-    bounds and whether a resume must match it stay those of the declaration."""
+def params(group: type, *names: str, exclude: tuple[str, ...] = (), **overrides: dict) -> list[inspect.Parameter]:
+    """Typer parameters for `names` of `group` (default: every field of it that has a flag, less `exclude`), in
+    that order. `overrides[name]` may change a command's `default`, `help`, `type` or make it an `argument`; the
+    flag, the bounds and whether a resume must match it stay those of the declaration. Overrides of fields the
+    group does not have are ignored (one override list may serve several groups)."""
     hints = typing.get_type_hints(group, globalns=vars(declarations))
     by_name = {f.name: f for f in fields(group)}
-    chosen = names or [f.name for f in fields(group) if f.metadata["flag"].flag]
+    chosen = names or [f.name for f in fields(group) if f.metadata["flag"].flag and f.name not in exclude]
     found = []
     for name in chosen:
         f, over = by_name[name], overrides.get(name, {})
