@@ -588,7 +588,7 @@ def demo(a):
     from .demo import run_demo
 
     show = console(a.json)
-    result = run_demo(a.workdir, say=lambda text: show.print(text), threads=a.threads)
+    result = run_demo(a.workdir, say=lambda text: show.print(text), threads=a.threads, on_warning=warning)
     if a.json:
         emit_json(result)
 

@@ -71,9 +71,11 @@ def run_demo(
     pretrain_steps: int = 300,
     fit_steps: int = 40,
     threads: int | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> dict:
     """The demo's five steps (module docstring), reported line by line through `say`; returns its figures.
-    `threads`: CPU threads (None: SLIMTUNE_THREADS, else the free cores)."""
+    `threads`: CPU threads (None: SLIMTUNE_THREADS, else the free cores); `on_warning`: the runs' warnings (a
+    neighbour took a core, ...; default: warnings.warn)."""
     started = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +102,7 @@ def run_demo(
             run_dir=None,
         ),
         data_path=corpus,
+        on_warning=on_warning,
     )
     say(
         f"[bold]2. pretrain[/bold]  d {CONFIG.hidden_dim}, {CONFIG.n_layers} layers, {pre.steps} steps of full "
@@ -138,6 +141,7 @@ def run_demo(
             run_dir=None,
         ),
         data_path=document,
+        on_warning=on_warning,
     )
     for c in result.plan["candidates"]:
         if c["chunk_size"] >= 128:
