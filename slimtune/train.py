@@ -524,7 +524,8 @@ def _train(model, data, out, options: FitOptions, on_step, on_warning, eval_data
         trainer.setup(saved)
         metrics = _run_steps(trainer, on_step)
     except KeyboardInterrupt:
-        step = trainer.save() if trainer is not None and trainer.run is not None else None
+        ready = trainer is not None and hasattr(trainer, "_point")  # set up: it has a state to save
+        step = trainer.save() if ready else None
         raise Interrupted(options.run_dir, step) from None
     finally:
         if folder is not None and group.main:
