@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import PerformerConfig
 from .devices import cuda_context_bytes, emulate_card, resolve_device
 from .errors import ConfigError
-from .memory import TensorBytes, heap_policy_during, is_out_of_memory
+from .memory import TensorBytes, heap_policy, heap_policy_during, is_out_of_memory
 from .model import PerformerLM
 from .optimizers import make_optimizer
 from .recipes import load_recipe
@@ -92,7 +92,7 @@ def setup(
     `emulate_memory` caps a CUDA process at a smaller card's memory before anything is allocated."""
     if sum(x is not None for x in (checkpoint, recipe, config)) != 1:
         raise ConfigError(
-            "give exactly one of checkpoint (a file) or recipe (a name, see `slimtune recipes`)",
+            "give exactly one of `checkpoint` (a file) or `recipe` (a name, see `slimtune recipes`)",
             params=("checkpoint", "recipe"),
         )
     dev = resolve_device(device)
@@ -108,7 +108,7 @@ def setup(
         default_len = int(base.train.get("seq_len", 1024)) if base else 1024
     length = seq_len or default_len
     if length < 2:
-        raise ConfigError(f"seq_len must be at least 2 for a bench, got {length}", params=("seq_len",))
+        raise ConfigError(f"`seq_len` must be at least 2 for a bench, got {length}", params=("seq_len",))
     model.redraw_features(torch.Generator().manual_seed(seed))
     generator = torch.Generator().manual_seed(seed)
     windows = torch.randint(0, model.config.vocab_size, (batch_size, length + 1), generator=generator).to(dev)
@@ -137,7 +137,8 @@ def chunk_list(value: str) -> list[int]:
         found = []
     if not found or min(found) < 1:
         raise ConfigError(
-            f"chunks must be integers >= 1 separated by commas, e.g. 1024,256,64,16; got {value!r}", params=("chunks",)
+            f"`chunks` must be integers >= 1 separated by commas, e.g. 1024,256,64,16; got {value!r}",
+            params=("chunks",),
         )
     return found
 
@@ -226,7 +227,9 @@ def run_bench(
     """Measure every method on `windows` [B, L + 1]; see the module docstring. A method that runs out of memory
     gets a row with `error` set instead of figures, and the others go on."""
     if steps < 1 or warmup < 0:
-        raise ConfigError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}", params=("steps", "warmup"))
+        raise ConfigError(
+            f"`steps` must be >= 1 and `warmup` >= 0, got {steps} and {warmup}", params=("steps", "warmup")
+        )
     device = windows.device
     runner = _Runner(model, windows, optimizer, compute_dtype(precision), recovery)
     rows = {m: Row(m.label, m.chunk_size) for m in methods}
@@ -245,7 +248,9 @@ def run_bench(
         if on_progress:
             on_progress()
     live = [m for m in methods if rows[m].error is None]
-    with heap_policy_during("fast"):  # timings without page faults: full backprop as plain PyTorch runs it
+    # Timings without page faults, as plain PyTorch runs full backprop; a process whose heap slimtune does not
+    # manage is left alone (glibc's own behaves like "fast").
+    with heap_policy_during("fast" if heap_policy() is not None else None):
         for r in range(warmup + steps):
             for m in live:
                 if rows[m].error:
@@ -311,10 +316,10 @@ def check_plot_path(path) -> None:
         return
     if importlib.util.find_spec("matplotlib") is None:
         raise ConfigError(
-            "plot needs matplotlib: pip install 'slimtune[plot]' (or pip install matplotlib)", params=("plot",)
+            "`plot` needs matplotlib: pip install 'slimtune[plot]' (or pip install matplotlib)", params=("plot",)
         )
     if Path(path).suffix.lower() != ".png":
-        raise ConfigError(f"plot must name a .png file, got {path}", params=("plot",))
+        raise ConfigError(f"`plot` must name a .png file, got {path}", params=("plot",))
 
 
 def plot(rows: list[Row], path, title: str) -> None:

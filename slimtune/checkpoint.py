@@ -109,7 +109,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     if path.is_file() and _looks_like_text(path):
         raise CheckpointError(
             f"{path} is not a checkpoint: it holds text. Pass the model file (.safetensors, or a torch.save "
-            "state dict .pt/.pth/.bin); text goes to data",
+            "state dict .pt/.pth/.bin); text goes to `data`",
             params=("data",),
         )
     try:
@@ -168,7 +168,7 @@ def _config(saved: dict | None, tensors, path: Path, overrides: dict) -> tuple[P
         values = _infer_sizes(tensors, path) | overrides
         missing = [k for k in ("n_heads", "feature_type", "on_gptln") if k not in values]
         if missing:
-            wanted = " and ".join(f"{GIVEN_BY[k]} {TAKES[k]}" for k in missing)
+            wanted = " and ".join(f"`{GIVEN_BY[k]}` {TAKES[k]}" for k in missing)
             raise CheckpointError(
                 f"{path} has no slimtune_config metadata: pass {wanted}", params=[GIVEN_BY[k] for k in missing]
             )
@@ -178,8 +178,8 @@ def _config(saved: dict | None, tensors, path: Path, overrides: dict) -> tuple[P
         for key, value in overrides.items():
             if key in values and values[key] != value:
                 raise CheckpointError(
-                    f"{path} says {key} = {values[key]!r} but {GIVEN_BY[key]} gives {value!r}: leave {GIVEN_BY[key]} "
-                    "out",
+                    f"{path} says {key} = {values[key]!r} but `{GIVEN_BY[key]}` gives {value!r}: "
+                    f"leave `{GIVEN_BY[key]}` out",
                     params=(GIVEN_BY[key],),
                 )
         extra = {k: v for k, v in saved.items() if k not in CONTRACT_KEYS}
@@ -282,21 +282,23 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike, fmt: s
     out = Path(out)
     fmt = ExportFormat.parse(fmt, "format")
     for src in inputs:
+        if src is not None and Path(src).is_dir():  # an hf folder: its weights file is the input
+            src = Path(src) / HF_WEIGHTS
         if src is not None and (same_file(out, src) or (fmt == "hf" and same_file(out / HF_WEIGHTS, src))):
             raise CheckpointError(
-                f"output {out} is the same file as input {src}: choose another out path", params=("out",)
+                f"output {out} is the same file as input {src}: choose another `out` path", params=("out",)
             )
     if fmt == "safetensors" and out.is_dir():
         raise CheckpointError(f"output {out} is a directory: give a file name such as {out / 'tuned.safetensors'}")
     if fmt == "hf" and out.exists() and not out.is_dir():
         raise CheckpointError(
-            f"format hf writes a folder, but {out} is a file: choose another out", params=("format", "out")
+            f"`format` hf writes a folder, but {out} is a file: choose another `out`", params=("format", "out")
         )
     existing = out.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise CheckpointError(f"cannot write under {existing}: choose another out", params=("out",))
+        raise CheckpointError(f"cannot write under {existing}: choose another `out`", params=("out",))
     return out
 
 
@@ -354,7 +356,7 @@ def save_checkpoint(
             _write_safetensors(path, tensors, metadata)
     except OSError as e:
         raise CheckpointError(
-            f"cannot write {path} ({e.strerror or e}): free some space or choose another out", params=("out",)
+            f"cannot write {path} ({e.strerror or e}): free some space or choose another `out`", params=("out",)
         ) from None
     return path
 
@@ -386,28 +388,34 @@ def describe(checkpoint: Checkpoint) -> dict:
 
 def inspect_checkpoint(path: str | os.PathLike, **model_flags) -> dict:
     """`describe` and the fixed memory cost of fine-tuning it with each optimizer in fp32: weights, gradients
-    and the optimizer's state, measured on the model (planner.measure_optimizer, as the planner measures it)."""
+    and the optimizer's state, measured (planner.measure_optimizer, as the planner measures it) on the model built
+    on the meta device, which holds shapes but no memory, so that inspecting a large checkpoint stays cheap."""
     from .model import PerformerLM  # here: model.py reads checkpoints through this module
     from .planner import measure_optimizer
 
     checkpoint = load_checkpoint(path, **model_flags)
-    model = PerformerLM.from_checkpoint(checkpoint, device="cpu", dtype=torch.float32)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    with torch.device("meta"):
+        model = PerformerLM(checkpoint.config)
+    weights = sum(p.numel() * 4 for p in model.parameters())  # fp32
     costs = {name: 2 * weights + measure_optimizer(model, name)[0] for name in ("sgd", "adam", "adamw")}
     return describe(checkpoint) | {"fine_tuning_bytes": costs}
 
 
-def default_out(checkpoint: str | os.PathLike, fmt: str = "safetensors") -> Path:
-    """Where `fit` writes when no --out is given: NAME-tuned.safetensors beside the input (NAME-tuned-2, -3, ...
-    when that exists), so that nothing is ever overwritten."""
+def default_out(checkpoint: str | os.PathLike, fmt: str = "safetensors", *, resume: bool = False) -> Path:
+    """Where `fit` writes when no out is given: NAME-tuned.safetensors beside the input (NAME-tuned-2, -3, ...
+    when that exists), so that nothing is ever overwritten. With `resume`: the latest of those whose run folder
+    (OUT.run) holds a saved run, the run being continued."""
     src = Path(checkpoint)
     stem = src.stem if src.is_file() or src.suffix else src.name
     suffix = ".safetensors" if ExportFormat.parse(fmt, "format") == ExportFormat.SAFETENSORS else ""
-    for n in range(1, 10_000):
-        out = src.with_name(f"{stem}-tuned{'' if n == 1 else f'-{n}'}{suffix}")
+    names = (src.with_name(f"{stem}-tuned{'' if n == 1 else f'-{n}'}{suffix}") for n in range(1, 10_000))
+    resumable = None
+    for out in names:
+        if (Path(f"{out}.run") / "state.pt").is_file():
+            resumable = out
         if not out.exists():
-            return out
-    raise CheckpointError(f"no free output name beside {src}: give out", params=("out",))
+            return resumable if resume and resumable is not None else out
+    raise CheckpointError(f"no free output name beside {src}: give `out`", params=("out",))
 
 
 def convert(

@@ -30,7 +30,7 @@ class Choice(str, Enum):
             return cls(value)
         except ValueError:
             allowed = ", ".join(m.value for m in cls)
-            raise ConfigError(f"{what} must be one of {allowed}, got {value!r}", params=(what,)) from None
+            raise ConfigError(f"`{what}` must be one of {allowed}, got {value!r}", params=(what,)) from None
 
 
 class Optimizer(Choice):

@@ -17,7 +17,7 @@ import typer
 
 from . import __version__
 from .choices import BenchOptimizer, ExportDtype, Heap
-from .cli_options import cli_message, command, params, pick
+from .cli_options import Stopped, cli_message, command, params, pick
 from .errors import ConfigError, DataError, Interrupted, SlimtuneError
 from .options import (
     TRAINING_GROUPS,
@@ -115,7 +115,8 @@ def _train(what: str, options: FitOptions, call):
                     f"the run state after step {e.saved_step} is in {e.run_dir}: add --resume to the same command "
                     "to continue"
                 )
-            print(f"slimtune: interrupted; {said}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for the run
+                print(f"slimtune: interrupted; {said}", file=sys.stderr)
             raise typer.Exit(128 + _stopped_by) from None
 
 
@@ -157,12 +158,12 @@ def fit(a):
 
     Example: slimtune fit --checkpoint model.safetensors --data my.txt --mem-budget 2GB --out tuned.safetensors
     """
+    _require("fit", checkpoint=a.checkpoint, data=a.data)
     from .checkpoint import default_out, load_checkpoint
     from .train import fit as run_fit
     from .train import run_folder_path
 
-    _require("fit", checkpoint=a.checkpoint, data=a.data)
-    target = a.out or default_out(a.checkpoint, a.format)
+    target = a.out or default_out(a.checkpoint, a.format, resume=a.resume)
     options = pick(FitOptions, a, run_dir=run_folder_path(a.run_dir, target))
     ckpt = load_checkpoint(a.checkpoint, **pick(ModelSource, a).model_flags())
     result = _train(
@@ -216,11 +217,11 @@ def plan(a):
 
     Example: slimtune plan --checkpoint model.safetensors --seq-len 16384 --mem-budget 2GB
     """
+    _require("plan", checkpoint=a.checkpoint)
     from .model import PerformerLM
     from .planner import plan as run_plan
     from .runplan import fixed
 
-    _require("plan", checkpoint=a.checkpoint)
     _use_threads(a.threads)
     model = PerformerLM.from_pretrained(a.checkpoint, device=a.device, **pick(ModelSource, a).model_flags())
     result = run_plan(
@@ -294,11 +295,11 @@ def pretrain(a):
     Examples: slimtune pretrain --recipe small --data ../shared/data/tinyshakespeare.txt --out small.safetensors
               slimtune pretrain --recipe copy --out copy.safetensors
     """
+    _require("pretrain", out=a.out)
     from .recipes import resolve
     from .train import pretrain as run_pretrain
     from .train import run_folder_path
 
-    _require("pretrain", out=a.out)
     model = vars(pick(ModelShape, a)) | pick(ModelSource, a).model_flags()
     train = {k: getattr(a, k) for k in ("task", "seq_len", "batch_size", "steps", "optimizer", "lr", "chunk_size")}
     config, settings = resolve(model.pop("recipe"), model, train)
@@ -461,12 +462,12 @@ def evaluate(a):
     Examples: slimtune eval --checkpoint tuned.safetensors --data valid.txt
               slimtune eval --checkpoint model.safetensors --data doc.txt --adapt one-step --seq-len 2048
     """
+    _require("eval", checkpoint=a.checkpoint, data=a.data)
     from .data import read_bytes
     from .evaluation import adapt_one_step
     from .evaluation import evaluate as run_eval
     from .model import PerformerLM
 
-    _require("eval", checkpoint=a.checkpoint, data=a.data)
     _use_threads(a.threads)
     tokens = read_bytes(a.data, min_length=2)
     model = PerformerLM.from_pretrained(a.checkpoint, device=a.device, **pick(ModelSource, a).model_flags())
@@ -502,10 +503,10 @@ def generate(a):
 
     Example: slimtune generate --checkpoint tuned.safetensors --prompt "Day 12: wind" --bytes 300
     """
+    _require("generate", checkpoint=a.checkpoint)
     from .generation import generate as run_generate
     from .model import PerformerLM
 
-    _require("generate", checkpoint=a.checkpoint)
     _use_threads(a.threads)
     model = PerformerLM.from_pretrained(a.checkpoint, device=a.device, **pick(ModelSource, a).model_flags())
     text = run_generate(model, a.prompt, a.n_bytes, temperature=a.temperature, top_k=a.top_k, seed=a.seed)
@@ -556,9 +557,9 @@ def convert(a):
 
     Example: slimtune convert ref_model.pt --out model.safetensors --n-heads 8 --feature-type sqr --layernorm post
     """
+    _require("convert", out=a.out)
     from .checkpoint import convert as run_convert
 
-    _require("convert", out=a.out)
     flags = pick(ModelSource, a).model_flags()
     ckpt = run_convert(a.checkpoint, a.out, dtype=a.dtype, fmt=a.format, **flags)
     written = ckpt.dtypes if a.dtype == ExportDtype.AUTO else [a.dtype.value]
@@ -639,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except EXITS as e:
         return e.exit_code
-    except ABORTS:
+    except (Stopped, *ABORTS):
         print("slimtune: interrupted", file=sys.stderr)
         return 128 + _stopped_by
     except CLICK_ERRORS as e:
@@ -647,9 +648,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if "torch.distributed" in sys.modules:  # torch was loaded: leave a torchrun process group, if joined
-            from .distributed import leave
+            try:
+                from .distributed import leave
 
-            leave()
+                leave()
+            except BaseException:  # an interrupt inside torch's own import leaves nothing to leave
+                pass
     return code if isinstance(code, int) else 0  # without standalone mode, click returns an Exit's code
 
 

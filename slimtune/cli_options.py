@@ -18,6 +18,10 @@ from . import options as declarations
 from .options import flag_for
 
 
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM outside a training run (loading, planning a `plan`, an export): main() reports it."""
+
+
 def params(group: type, *names: str, exclude: tuple[str, ...] = (), **overrides: dict) -> list[inspect.Parameter]:
     """Typer parameters for `names` of `group` (default: every field of it that has a flag, less `exclude`), in
     that order. `overrides[name]` may change a command's `default`, `help`, `type` or make it an `argument`; the
@@ -57,7 +61,10 @@ def command(app: typer.Typer, *groups: list[inspect.Parameter], name: str | None
 
     def register(body):
         def run(**values):
-            return body(SimpleNamespace(**values))
+            try:
+                return body(SimpleNamespace(**values))
+            except KeyboardInterrupt:  # typer would turn it into a silent exit: main() says it was interrupted
+                raise Stopped from None
 
         run.__signature__ = inspect.Signature(signature)
         run.__annotations__ = {p.name: p.annotation for p in signature}
@@ -74,16 +81,11 @@ def pick(cls, args: SimpleNamespace, **extra):
     return cls(**(values | extra))
 
 
-def flagged(text: str, names: typing.Iterable[str]) -> str:
-    """`text` with each of the Python parameter `names` it mentions shown as its flag (seq_len -> --seq-len)."""
-    for name in names:
-        flag = flag_for(name)
-        if flag != name:
-            text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", flag, text)
-    return text
+MARKED = re.compile(r"`([a-z_][a-z0-9_]*)((?:=[^`\s]*)?)`")  # `seq_len`, `optimizer=sgd`
 
 
 def cli_message(error: BaseException | str) -> str:
-    """A library error's or warning's message in the command line's words, on one line."""
+    """A library error's or warning's message in the command line's words, on one line: each parameter it marks
+    (`seq_len`, `optimizer=sgd`) shown as its flag (--seq-len, --optimizer=sgd); nothing else is touched."""
     text = " ".join(str(error).split())
-    return flagged(text, getattr(error, "params", ()))
+    return MARKED.sub(lambda m: flag_for(m.group(1)) + m.group(2), text)

@@ -33,32 +33,32 @@ def read_bytes(path: str | os.PathLike, *, min_length: int = 2, what: str = "dat
     the parameter the path came from, named in errors. A file that is recognisably a checkpoint is refused."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{what} file {path} does not exist: check the path", params=(what,))
+        raise DataError(f"`{what}` file {path} does not exist: check the path", params=(what,))
     if path.is_dir():
-        raise DataError(f"{what} {path} is a directory: pass a text file", params=(what,))
+        raise DataError(f"`{what}` {path} is a directory: pass a text file", params=(what,))
     size = path.stat().st_size
     if size == 0:
-        raise DataError(f"{what} file {path} is empty: pass a file with text in it", params=(what,))
+        raise DataError(f"`{what}` file {path} is empty: pass a file with text in it", params=(what,))
     if size < min_length:
         raise DataError(
-            f"{what} file {path} has {size} bytes but needs at least {min_length}: pass more text or lower seq_len",
+            f"`{what}` file {path} has {size} bytes but needs at least {min_length}: pass more text or lower `seq_len`",
             params=(what, "seq_len"),
         )
     try:
         kind = checkpoint_kind(path)
     except OSError as e:
         raise DataError(
-            f"cannot read {what} file {path} ({e.strerror or e}): check its permissions", params=(what,)
+            f"cannot read `{what}` file {path} ({e.strerror or e}): check its permissions", params=(what,)
         ) from None
     if kind is not None:
         raise DataError(
-            f"{what} file {path} is a model file ({kind}), not text: give it as checkpoint, and a text file as {what}",
-            params=(what, "checkpoint"),
+            f"`{what}` file {path} is a model file ({kind}), not text: pass a text file as `{what}`",
+            params=(what,),
         )
     try:
         return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {what} file {path} ({e}): check its permissions", params=(what,)) from None
+        raise DataError(f"cannot read `{what}` file {path} ({e}): check its permissions", params=(what,)) from None
 
 
 def check_vocabulary(data: torch.Tensor, vocab_size: int, what: str = "data") -> None:
@@ -68,7 +68,7 @@ def check_vocabulary(data: torch.Tensor, vocab_size: int, what: str = "data") ->
     top = int(data.max())
     if top >= vocab_size:
         raise DataError(
-            f"{what} holds byte values up to {top}, but the model's vocabulary has only {vocab_size} ids: a "
+            f"`{what}` holds byte values up to {top}, but the model's vocabulary has only {vocab_size} ids: a "
             f"byte-level model needs vocab_size 256; or pass data whose bytes are all below {vocab_size}",
             params=(what,),
         )
@@ -80,7 +80,7 @@ def first_windows(data: torch.Tensor, batch_size: int, seq_len: int) -> torch.Te
     if data.numel() < need:
         raise DataError(
             f"data has {data.numel()} bytes; batch {batch_size} x seq len {seq_len} needs {need}: "
-            "lower seq_len or batch_size, or pass more text",
+            "lower `seq_len` or `batch_size`, or pass more text",
             params=("seq_len", "batch_size"),
         )
     rows = [data[b * seq_len : b * seq_len + seq_len + 1] for b in range(batch_size)]
@@ -91,7 +91,8 @@ def random_windows(data: torch.Tensor, batch_size: int, seq_len: int, generator:
     """batch_size windows of seq_len + 1 bytes at seeded random offsets. [B, L + 1], int64."""
     if data.numel() < seq_len + 1:
         raise DataError(
-            f"data has {data.numel()} bytes, fewer than seq_len + 1 = {seq_len + 1}: lower seq_len", params=("seq_len",)
+            f"data has {data.numel()} bytes, fewer than `seq_len` + 1 = {seq_len + 1}: lower `seq_len`",
+            params=("seq_len",),
         )
     offsets = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=generator)
     return torch.stack([data[o : o + seq_len + 1].to(torch.int64) for o in offsets.tolist()])
@@ -120,11 +121,11 @@ def copy_windows(
 def split_held_out(data: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(training bytes, held-out bytes): the last `fraction` of the file is held out for evaluation."""
     if not 0 < fraction < 1:
-        raise DataError(f"eval_fraction must lie strictly between 0 and 1, got {fraction}", params=("eval_fraction",))
+        raise DataError(f"`eval_fraction` must lie strictly between 0 and 1, got {fraction}", params=("eval_fraction",))
     cut = int(data.numel() * (1 - fraction))
     if cut < 2 or data.numel() - cut < 2:
         raise DataError(
-            f"eval_fraction {fraction} leaves too little data on one side of {data.numel()} bytes",
+            f"`eval_fraction` {fraction} leaves too little data on one side of {data.numel()} bytes",
             params=("eval_fraction",),
         )
     return data[:cut], data[cut:]

@@ -152,15 +152,15 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(
-                f"device {name}: no usable CUDA device here; use device=cpu (or auto)", params=("device",)
+                f"`device` {name}: no usable CUDA device here; use `device=cpu` (or auto)", params=("device",)
             )
         device = torch.device(name)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(
-                f"device {name}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0..", params=("device",)
+                f"`device` {name}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0..", params=("device",)
             )
         return device
-    raise ConfigError(f"device must be auto, cpu or cuda, got {name!r}", params=("device",))
+    raise ConfigError(f"`device` must be auto, cpu or cuda, got {name!r}", params=("device",))
 
 
 def cuda_context_bytes(device: torch.device) -> int:
@@ -219,10 +219,10 @@ def resolve_budget(budget: str | int | None, device: torch.device) -> tuple[int,
             share = float(budget.strip()[:-1])
         except ValueError:
             raise ConfigError(
-                f"cannot read mem_budget {budget!r}: write a size (2GB) or a percentage (80%)", params=("mem_budget",)
+                f"cannot read `mem_budget` {budget!r}: write a size (2GB) or a percentage (80%)", params=("mem_budget",)
             ) from None
         if not 0 < share <= 100:
-            raise ConfigError(f"mem_budget {budget!r} must be a percentage in (0, 100]", params=("mem_budget",))
+            raise ConfigError(f"`mem_budget` {budget!r} must be a percentage in (0, 100]", params=("mem_budget",))
         return int(available * share / 100), available
     return min(parse_size(budget, "mem_budget"), available), available
 
@@ -233,7 +233,7 @@ def emulate_card(size: str | int, device: torch.device) -> int:
     process already holds, as the context takes its share of a real small card too. Returns the allocator cap."""
     if device.type != "cuda":
         raise ConfigError(
-            f"emulate_memory caps a CUDA card, but this run is on {device}: drop it or use device=cuda",
+            f"`emulate_memory` caps a CUDA card, but this run is on {device}: drop it or use `device=cuda`",
             params=("emulate_memory", "device"),
         )
     wanted = parse_size(size, "emulate_memory")
@@ -242,7 +242,7 @@ def emulate_card(size: str | int, device: torch.device) -> int:
     cap = wanted - cuda_context_bytes(device)
     if cap <= 0 or wanted >= total:
         raise ConfigError(
-            f"emulate_memory {size} must lie between the CUDA context "
+            f"`emulate_memory` {size} must lie between the CUDA context "
             f"({format_size(cuda_context_bytes(device))}) and the card's {format_size(total)}",
             params=("emulate_memory",),
         )

@@ -1,6 +1,7 @@
-"""The library's exception types. Each message names the bad value by its Python parameter and says how to fix
-it; `params` lists the parameters the message names, so that the command line (the one place that knows flags,
-slimtune/options.py) can show them as its flags. Only the CLI turns them into a one-line message and exit code 2."""
+"""The library's exception types. Each message names the bad value by its Python parameter, marked in backticks
+(`seq_len`, `optimizer=sgd`), and says how to fix it; `params` lists the parameters it names. The command line,
+the one place that knows flags (slimtune/options.py), shows each marked name as its flag; only it turns errors
+into a one-line message and exit code 2."""
 
 from __future__ import annotations
 
@@ -44,6 +45,6 @@ class Interrupted(KeyboardInterrupt):
     """A training run stopped by Ctrl-C or SIGTERM. `saved_step`: the completed steps in the run state it saved
     (None: it was stopped before its run state existed, and nothing was saved); `run_dir`: where."""
 
-    def __init__(self, run_dir: str | None, saved_step: int | None, signal_number: int | None = None):
+    def __init__(self, run_dir: str | None, saved_step: int | None):
         super().__init__(run_dir, saved_step)
-        self.run_dir, self.saved_step, self.signal_number = run_dir, saved_step, signal_number
+        self.run_dir, self.saved_step = run_dir, saved_step

@@ -14,7 +14,7 @@ from .data import check_vocabulary, copy_windows, read_bytes
 from .errors import ConfigError
 from .model import PerformerLM
 from .options import DataOptions, chunk_request, default_of
-from .planner import Workload, plan_chunk_size
+from .planner import Workload, plan_if_needed
 from .slim import slim_step
 
 DEFAULT_SEQ_LEN = default_of(DataOptions, "seq_len")  # fit's default L: a base and its fine-tune score alike
@@ -92,7 +92,7 @@ def evaluate(
     seq_len = DEFAULT_SEQ_LEN if seq_len is None else seq_len
     if seq_len < 1 or chunk_size < 1:
         raise ConfigError(
-            f"seq_len and chunk_size must be >= 1, got {seq_len} and {chunk_size}", params=("seq_len", "chunk_size")
+            f"`seq_len` and `chunk_size` must be >= 1, got {seq_len} and {chunk_size}", params=("seq_len", "chunk_size")
         )
     n = data.numel() if max_bytes is None else min(data.numel(), max_bytes)
     if n < 2:
@@ -172,15 +172,14 @@ def adapt_one_step(
     weights this keeps to start each window from)."""
     if seq_len < 4 or data.numel() < seq_len + 1:
         raise ConfigError(
-            f"one-step adaptation needs seq_len >= 4 and at least seq_len + 1 = {seq_len + 1} bytes of data",
+            f"one-step adaptation needs `seq_len` >= 4 and at least `seq_len` + 1 = {seq_len + 1} bytes of data",
             params=("seq_len",),
         )
     half_len = max(1, seq_len // 2)
-    chunk_size = chunk_request(chunk_size, half_len)
-    if chunk_size is None:
-        copy = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        work = Workload(half_len, 1, "sgd", copies_bytes=copy)
-        chunk_size = plan_chunk_size(model, work, mem_budget).chunk_size
+    given = chunk_request(chunk_size, half_len)
+    copy = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    planned = plan_if_needed(model, Workload(half_len, 1, "sgd", copies_bytes=copy), mem_budget, given)
+    chunk_size = given if planned is None else planned.chunk_size
     check_vocabulary(data, model.config.vocab_size)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device

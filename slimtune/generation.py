@@ -41,7 +41,7 @@ def generate(
         raise ConfigError("the prompt is empty: give at least one byte of text to continue")
     if n_bytes < 0 or temperature < 0 or (top_k is not None and top_k < 1):
         raise ConfigError(
-            f"need n_bytes >= 0, temperature >= 0 and top_k >= 1, got {n_bytes}, {temperature}, {top_k}",
+            f"need `n_bytes` >= 0, `temperature` >= 0 and `top_k` >= 1, got {n_bytes}, {temperature}, {top_k}",
             params=("n_bytes", "temperature", "top_k"),
         )
     prompt_ids = torch.tensor(list(prompt), dtype=torch.uint8)

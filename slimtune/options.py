@@ -92,9 +92,9 @@ class Options:
             bound = f">= {spec.min}" if spec.min is not None else f"> {spec.above}"
             wrong = isinstance(value, bool) or not isinstance(value, int if whole else (int, float))
             if wrong or not math.isfinite(value) or (spec.min is not None and value < spec.min):
-                raise ConfigError(f"{f.name} must be {kind} {bound}, got {value!r}", params=(f.name,))
+                raise ConfigError(f"`{f.name}` must be {kind} {bound}, got {value!r}", params=(f.name,))
             if spec.above is not None and not value > spec.above:
-                raise ConfigError(f"{f.name} must be {kind} {bound}, got {value!r}", params=(f.name,))
+                raise ConfigError(f"`{f.name}` must be {kind} {bound}, got {value!r}", params=(f.name,))
 
     def resume_settings(self) -> dict:
         """The values a resumed run must share with the run it continues, as plain values."""
@@ -344,10 +344,10 @@ class FitOptions(Runtime, ExportOptions, RunFolderOptions, SlimStep, Optimizatio
         super().check()
         chunk_request(self.chunk_size, self.seq_len)
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)):
-            raise ConfigError(f"threads must be a positive integer, got {self.threads!r}", params=("threads",))
+            raise ConfigError(f"`threads` must be a positive integer, got {self.threads!r}", params=("threads",))
         if self.resume and self.restart:
             raise ConfigError(
-                "resume continues the saved run and restart starts over: give one of them",
+                "`resume` continues the saved run and `restart` starts over: give one of them",
                 params=("resume", "restart"),
             )
 
@@ -467,7 +467,7 @@ def chunk_request(value: int | str | None, seq_len: int) -> int | None:
     except (TypeError, ValueError):
         size = 0
     if isinstance(value, bool) or size < 1 or str(size) != str(value).strip():
-        raise ConfigError(f"chunk_size must be full, auto or an integer >= 1, got {value!r}", params=("chunk_size",))
+        raise ConfigError(f"`chunk_size` must be full, auto or an integer >= 1, got {value!r}", params=("chunk_size",))
     return size
 
 

@@ -542,11 +542,11 @@ def _nothing_fits(lines: dict, probe_: Probe, work: Workload, budget_bytes: int,
     hints = []
     if probe_.optimizer_state:
         enough = "" if probe_.optimizer_state >= missing else ", not enough on its own"
-        hints.append(f"optimizer=sgd (saves {format_size(probe_.optimizer_state)}{enough})")
+        hints.append(f"`optimizer=sgd` (saves {format_size(probe_.optimizer_state)}{enough})")
     if work.batch_size > 1:
-        hints.append("a smaller batch_size (saves little: the fixed costs above stay)")
+        hints.append("a smaller `batch_size` (saves little: the fixed costs above stay)")
     hints.append(
-        f"a larger mem_budget (at least {format_size(lines['total'] / (1 - HEADROOM))}; "
+        f"a larger `mem_budget` (at least {format_size(lines['total'] / (1 - HEADROOM))}; "
         f"available: {format_size(available)})"
     )
     return OutOfBudgetError(
@@ -560,7 +560,7 @@ def _forced_over(forced: int, lines: dict, chosen: int | None, budget_bytes: int
     fits = f"the largest C that fits is {chosen}" if chosen else "no C fits it"
     return OutOfBudgetError(
         f"chunk size {forced} is predicted to need {_terms(_training(lines))}, over the budget "
-        f"{format_size(budget_bytes)} (less {HEADROOM:.0%} headroom): {fits}; or drop the budget (mem_budget) "
+        f"{format_size(budget_bytes)} (less {HEADROOM:.0%} headroom): {fits}; or drop the budget (`mem_budget`) "
         f"to force C = {forced}",
         params=("mem_budget",),
     )
@@ -656,6 +656,14 @@ def plan_chunk_size(
     )
 
 
+def plan_if_needed(model: PerformerLM, work: Workload, budget, given: int | None, **kw) -> Plan | None:
+    """The one rule for when a run plans: C auto (`given` None) is planned, a given C is checked against a given
+    budget (OutOfBudgetError when it does not fit), and a given C without a budget is taken as it is (None)."""
+    if given is not None and budget is None:
+        return None
+    return plan_chunk_size(model, work, budget, forced=given, **kw)
+
+
 def plan(
     model: PerformerLM,
     *,
@@ -691,8 +699,8 @@ def plan(
         loss = slimtune.slim_step(model, windows, chunk_size=plan.chunk_size)
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ConfigError(f"seq_len must be a positive integer, got {seq_len!r}", params=("seq_len",))
+        raise ConfigError(f"`seq_len` must be a positive integer, got {seq_len!r}", params=("seq_len",))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}", params=("batch_size",))
+        raise ConfigError(f"`batch_size` must be a positive integer, got {batch_size!r}", params=("batch_size",))
     work = Workload(seq_len, batch_size, optimizer, recovery, precision, data_bytes)
     return plan_chunk_size(model, work, mem_budget, heap=heap)

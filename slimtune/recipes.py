@@ -52,6 +52,16 @@ class Recipe:
     train: dict = field(default_factory=dict)  # FitOptions fields; chunk_size "full", "auto" or an integer
 
 
+def _shipped(name: str) -> Path:
+    """The package's own recipe `name` (never a user's ./recipes copy): what `pretrain` without a recipe uses."""
+    shipped = resources.files("slimtune") / "recipe_files"
+    folders = [shipped] if isinstance(shipped, Path) else []
+    for folder in [*folders, Path(__file__).resolve().parent.parent / "recipes"]:
+        if (folder / f"{name}.toml").is_file():
+            return folder / f"{name}.toml"
+    raise ConfigError(f"the package's {name} recipe is missing: reinstall slimtune")
+
+
 def find_recipe(name: str | Path) -> Path:
     """A recipe file by path, or by name (small -> recipes/small.toml) in ./recipes or the package's."""
     path = Path(name)
@@ -107,7 +117,7 @@ def resolve(
     PerformerConfig fields and `layernorm` ("post"/"pre"); without a given ffn_dim, a changed hidden_dim means
     ffn_dim = 4 x hidden_dim. `train` takes the
     recipe's [train] keys; chunk_size comes back as an integer (L for "full") or None (auto)."""
-    base = load_recipe(recipe or DEFAULT_RECIPE)
+    base = load_recipe(recipe) if recipe else load_recipe(_shipped(DEFAULT_RECIPE))
     model = {k: v for k, v in (model or {}).items() if v is not None}
     train = {k: v for k, v in (train or {}).items() if v is not None}
     values = base.model.to_dict()

@@ -18,7 +18,7 @@ from .deferred import defers
 from .distributed import Group, agree_min
 from .errors import OutOfBudgetError, SlimtuneError
 from .options import FitOptions, chunk_request
-from .planner import Workload, plan_chunk_size
+from .planner import Workload, plan_if_needed
 
 # Where the chunk size came from: the planner's choice, a given C it checked against a given budget, a given C,
 # or the run being resumed.
@@ -88,10 +88,7 @@ def resolve_run(model, options: FitOptions, group: Group = Group(), *, data_byte
     """Decide the run: C is planned when it is auto, and checked when it is given with a budget (OutOfBudgetError
     when it does not fit); under torchrun every rank takes the smallest C any rank can afford."""
     given = chunk_request(options.chunk_size, options.seq_len)
-    if given is not None and options.mem_budget is None:
-        return fixed(model, options, given, world=group.world, source="given")
     device = next(model.parameters()).device
-    copies = _copies_bytes(model, group)
     work = Workload(
         options.seq_len,
         options.batch_size,
@@ -99,19 +96,19 @@ def resolve_run(model, options: FitOptions, group: Group = Group(), *, data_byte
         options.recovery,
         options.precision,
         data_bytes,
-        copies_bytes=copies,
+        copies_bytes=_copies_bytes(model, group),
     )
     try:
-        plan = plan_chunk_size(
-            model, work, options.mem_budget, forced=given, resident_data=data_bytes, heap=options.heap
-        )
+        plan = plan_if_needed(model, work, options.mem_budget, given, resident_data=data_bytes, heap=options.heap)
     except SlimtuneError:
         agree_min(0, device)
         raise
+    if plan is None:  # a given C without a budget
+        return fixed(model, options, given, world=group.world, source="given")
     chunk_size = agree_min(plan.chunk_size, device)
     if chunk_size == 0:
         raise OutOfBudgetError(
-            "another rank's mem_budget fits no chunk size (see its message): give it more memory",
+            "another rank's `mem_budget` fits no chunk size (see its message): give it more memory",
             params=("mem_budget",),
         )
     planner = plan.to_json()

@@ -28,12 +28,12 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock = None
-        self._made = False  # lock() created the folder
+        self._made: list[Path] = []  # the folders lock() created
 
     def _refuse(self, holder: str) -> SlimtuneError:
         return SlimtuneError(
             f"run folder {self.path} is in use by {holder or 'another process'}: wait for that run, "
-            "or give another run_dir",
+            "or give another `run_dir`",
             params=("run_dir",),
         )
 
@@ -42,7 +42,8 @@ class RunFolder:
         work on the folder (the check for a saved run included); a no-op when already held."""
         if self._lock is not None:
             return
-        self._made = not self.path.exists()
+        made = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        self._made = made[::-1]  # the folders lock() creates, outermost first
         self.path.mkdir(parents=True, exist_ok=True)
         if fcntl is None:
             self._lock_portable()
@@ -85,7 +86,7 @@ class RunFolder:
         run refused before its first step leaves nothing behind."""
         if self._lock is None:
             return
-        empty = self._made and [p.name for p in self.path.iterdir()] == [LOCK]
+        empty = bool(self._made) and [p.name for p in self.path.iterdir()] == [LOCK]
         if empty:
             (self.path / LOCK).unlink(missing_ok=True)
         if fcntl is None:
@@ -94,9 +95,10 @@ class RunFolder:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
         self._lock = None
-        if empty:
-            with contextlib.suppress(OSError):
-                self.path.rmdir()
+        if empty:  # the folder and the parents lock() made for it, innermost first, each while it is empty
+            for folder in reversed(self._made):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
     def log(self, record: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -143,11 +145,11 @@ class RunFolder:
         path = self.path / STATE
         if not path.is_file():
             raise SlimtuneError(
-                f"nothing to resume in {self.path}: no {STATE} there; run without resume", params=("resume",)
+                f"nothing to `resume` in {self.path}: no {STATE} there; run without `resume`", params=("resume",)
             )
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise SlimtuneError(
-                f"cannot read {path} ({str(e).splitlines()[0][:120]}): run without resume", params=("resume",)
+                f"cannot read {path} ({str(e).splitlines()[0][:120]}): run without `resume`", params=("resume",)
             ) from None

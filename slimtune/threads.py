@@ -81,10 +81,12 @@ def requested(value: int | str | None = None) -> int | None:
         count = int(value)
     except (TypeError, ValueError):
         raise ConfigError(
-            f"threads must be a positive integer, got {value!r} (threads or {ENV})", params=("threads",)
+            f"`threads` must be a positive integer, got {value!r} (`threads` or {ENV})", params=("threads",)
         ) from None
     if count < 1:
-        raise ConfigError(f"threads must be a positive integer, got {count} (threads or {ENV})", params=("threads",))
+        raise ConfigError(
+            f"`threads` must be a positive integer, got {count} (`threads` or {ENV})", params=("threads",)
+        )
     return count
 
 
@@ -94,7 +96,12 @@ def choose(value: int | str | None = None) -> ThreadChoice:
     count = requested(value)
     if count is not None:
         source = "threads" if value is not None else ENV
-        return ThreadChoice(count, Notice(f"{source} {count}", params=("threads",)), cores, float("nan"))
+        return ThreadChoice(
+            count,
+            Notice(f"`{source}` {count}" if value is not None else f"{source} {count}", params=("threads",)),
+            cores,
+            float("nan"),
+        )
     if cores == 1:
         return ThreadChoice(1, "one usable core", cores, 0.0)
     busy = busy_cores()

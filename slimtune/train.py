@@ -129,7 +129,7 @@ class Trainer:
         self.skipped = 0
         if folder is None and options.run_dir == "auto":
             raise ConfigError(
-                "run_dir 'auto' (OUT.run) is for fit and pretrain, which know OUT: give the Trainer a path, or None",
+                "`run_dir` 'auto' (OUT.run) is for fit and pretrain, which know OUT: give the Trainer a path, or None",
                 params=("run_dir",),
             )
         self.folder = folder or (RunFolder(options.run_dir) if options.run_dir else None)
@@ -158,7 +158,7 @@ class Trainer:
         if saved is not None:
             self.restore(saved)
         if self.run is None:
-            raise ConfigError("the trainer has no chunk size: pass chunk_size or a run plan", params=("chunk_size",))
+            raise ConfigError("the trainer has no chunk size: pass `chunk_size` or a run plan", params=("chunk_size",))
         chosen = self.device.type == "cpu" and threads.requested(o.threads) is None
         self._load = threads.LoadWatch() if chosen else None  # follows neighbours that come and go
         broadcast_parameters(self.model)  # the same start on every rank (a no-op for one process)
@@ -173,7 +173,7 @@ class Trainer:
         why = "another process is keeping a core busy" if count < torch.get_num_threads() else "the cores are free"
         self._warn(
             Notice(
-                f"{why}: {count} CPU thread(s) from step {self.completed + 1} on (threads fixes the count)",
+                f"{why}: {count} CPU thread(s) from step {self.completed + 1} on (`threads` fixes the count)",
                 params=("threads",),
             )
         )
@@ -224,7 +224,7 @@ class Trainer:
         torch.set_rng_state(saved["torch_rng"])
         self.completed = self.first_step = saved["step"]
         self.losses, self.skipped = list(saved["losses"]), saved.get("skipped", 0)
-        self.run = replace(RunPlan.from_json(saved["run"]), chunk_source="resumed")
+        self.run = replace(RunPlan.from_json(saved["run"]), chunk_source="resumed", device=str(self.device))
         if self.run.threads != torch.get_num_threads():
             self._warn(
                 f"using {self.run.threads} CPU threads, as the run being resumed did (its results depend on "
@@ -293,8 +293,8 @@ class Trainer:
             smaller = [c for c in chunk_sizes(L) if c < min(self.run.chunk_size, L)]
             if not smaller:
                 raise OutOfBudgetError(
-                    "out of memory even at chunk size 1: free memory on the device, or use a smaller batch_size, "
-                    "seq_len or model",
+                    "out of memory even at chunk size 1: free memory on the device, or use a smaller `batch_size`, "
+                    "`seq_len` or model",
                     params=("batch_size", "seq_len"),
                 )
             self._warn_once(
@@ -347,8 +347,8 @@ class Trainer:
             self.save()  # the weights are still those of the last good step
             where = f"; the last good state is in {self.folder.path}" if self.writes else ""
             raise SlimtuneError(
-                f"non-finite loss or gradient at step {step} (loss {loss}){where}: lower lr, give clip_grad, or "
-                "turn on skip_nonfinite to skip such steps; nothing was exported",
+                f"non-finite loss or gradient at step {step} (loss {loss}){where}: lower `lr`, give `clip_grad`, or "
+                "turn on `skip_nonfinite` to skip such steps; nothing was exported",
                 params=("lr", "clip_grad", "skip_nonfinite"),
             )
         with _signals_held():
@@ -406,7 +406,7 @@ def check_resume(saved: dict, options: FitOptions, world: int, where) -> None:
     number of processes, or with more steps where the schedule depends on their number."""
     if "run" not in saved:
         raise SlimtuneError(
-            f"the run state in {where} was saved by an older slimtune, without a run plan: start over with restart "
+            f"the run state in {where} was saved by an older slimtune, without a run plan: start over with `restart` "
             "(the old run is moved aside, not deleted)",
             params=("restart",),
         )
@@ -414,7 +414,7 @@ def check_resume(saved: dict, options: FitOptions, world: int, where) -> None:
     changed = [k for k in now if k in was and was[k] != now[k] and k != "steps"]
     saved_world = saved["run"]["world_size"]
     if changed or saved_world != world:
-        what = [f"{k} {was[k]!r} (now {now[k]!r})" for k in changed]
+        what = [f"`{k}` {was[k]!r} (now {now[k]!r})" for k in changed]
         what += [f"world_size {saved_world} (now {world}), torchrun's process count"] if saved_world != world else []
         raise SlimtuneError(
             f"the run in {where} was started with {', '.join(what)}: resume with the same settings", params=changed
@@ -424,7 +424,7 @@ def check_resume(saved: dict, options: FitOptions, world: int, where) -> None:
         return
     if steps < done:
         raise SlimtuneError(
-            f"the run in {where} has done {done} steps: steps must be at least {done} to resume it, got {steps}",
+            f"the run in {where} is at step {done}: `steps` must be at least {done} to resume it, got {steps}",
             params=("steps",),
         )
     why = None
@@ -436,8 +436,8 @@ def check_resume(saved: dict, options: FitOptions, world: int, where) -> None:
         why = f"its warmup of {options.warmup} steps is not done ({done} steps)"
     if why:
         raise SlimtuneError(
-            f"the run in {where} cannot change steps from {was['steps']} to {steps}: {why}; resume with "
-            f"steps={was['steps']}, or start over with restart",
+            f"the run in {where} cannot change `steps` from {was['steps']} to {steps}: {why}; resume with "
+            f"`steps={was['steps']}`, or start over with `restart`",
             params=("steps", "restart"),
         )
 
@@ -447,49 +447,54 @@ def _check_data(data: torch.Tensor | None, options: FitOptions) -> None:
     if options.task == Task.COPY:
         return
     if data is None:
-        raise SlimtuneError("data is required for a text task: pass a text file", params=("data",))
+        raise SlimtuneError("`data` is required for a text task: pass a text file", params=("data",))
     if options.one_step:
         first_windows(data, options.batch_size * launched().world, options.seq_len)
     elif data.numel() < options.seq_len + 1:
         raise SlimtuneError(
-            f"data has {data.numel()} bytes, fewer than seq_len + 1 = {options.seq_len + 1}: lower seq_len",
+            f"data has {data.numel()} bytes, fewer than `seq_len` + 1 = {options.seq_len + 1}: lower `seq_len`",
             params=("seq_len",),
         )
 
 
-def _open_folder(options: FitOptions, group: Group, warn: OnWarning) -> tuple[RunFolder | None, dict | None]:
-    """The run folder, held before any other work (rank 0 takes its lock), and its saved state when resuming. A
-    folder holding a saved run is continued (resume) or moved aside (restart), never overwritten by accident.
-    Under torchrun rank 0 moves it and every rank waits for that."""
+@contextlib.contextmanager
+def _held_folder(options: FitOptions, warn: OnWarning):
+    """The run folder, held (rank 0 takes its lock) from before anything is read, planned or trained until after
+    the export, with its saved state when resuming; yields (folder, saved). A folder holding a saved run is
+    continued (resume) or, once the run is planned, moved aside (restart, `_restart`), never overwritten by
+    accident."""
     if not options.run_dir:
-        return None, None
-    folder = RunFolder(options.run_dir)
-    if group.main:
+        yield None, None
+        return
+    folder, launch = RunFolder(options.run_dir), launched()
+    if launch.main:
         folder.lock()
     try:
+        saved = None
         if options.resume:
             saved = folder.load()
-            check_resume(saved, options, group.world, folder.path)
-            return folder, saved
-        if options.restart:
-            if group.main and folder.has_state():
-                warn(
-                    Notice(
-                        f"restart: the previous run in {folder.path} was moved to {folder.move_aside()}",
-                        params=("restart",),
-                    )
-                )
-            barrier()
-        elif folder.has_state():
+            check_resume(saved, options, launch.world, folder.path)
+        elif not options.restart and folder.has_state():
             raise SlimtuneError(
-                f"run folder {folder.path} holds a saved run ({folder.summary()}): add resume to continue it, or "
-                "restart to start over (the old run is moved aside, not deleted)",
+                f"run folder {folder.path} holds a saved run ({folder.summary()}): add `resume` to continue it, or "
+                "`restart` to start over (the old run is moved aside, not deleted)",
                 params=("resume", "restart"),
             )
-    except BaseException:
-        folder.release()
-        raise
-    return folder, None
+        yield folder, saved
+    finally:
+        if launch.main:
+            folder.release()
+
+
+def _restart(folder: RunFolder | None, options: FitOptions, group: Group, warn: OnWarning) -> None:
+    """restart: the saved run moves aside (kept), after the new run's plan succeeded. Under torchrun rank 0 moves
+    it and every rank waits for that."""
+    if folder is None or not options.restart:
+        return
+    if group.main and folder.has_state():
+        aside = folder.move_aside()
+        warn(Notice(f"`restart`: the previous run in {folder.path} was moved to {aside}", params=("restart",)))
+    barrier()
 
 
 def _held_bytes(*tensors: torch.Tensor | None) -> int:
@@ -510,14 +515,15 @@ def _run_steps(trainer: Trainer, on_step: OnStep | None) -> dict:
     return metrics
 
 
-def _train(model, data, out, options: FitOptions, on_step, on_warning, eval_data=None, group=Group(), started=0.0):
-    """Take the run folder, decide the run (unless resumed), run the steps and report them. On Ctrl-C or SIGTERM
-    the state is saved where there is one and Interrupted says so. The export is the caller's."""
-    warn = on_warning or _warn
-    folder, saved = _open_folder(options, group, warn)
+def _train(model, data, out, options: FitOptions, held, on_step, warn, eval_data=None, group=Group(), started=0.0):
+    """In the held run folder (`held`: _held_folder's (folder, saved)): decide the run (unless resumed), run the
+    steps and report them. On Ctrl-C or SIGTERM the state is saved where there is one and Interrupted says so. The
+    export is the caller's."""
+    folder, saved = held
     trainer = None
     try:
         run = None if saved else resolve_run(model, options, group, data_bytes=_held_bytes(data, eval_data))
+        _restart(folder, options, group, warn)
         trainer = Trainer(
             model, data, options, run=run, eval_data=eval_data, group=group, on_warning=warn, folder=folder
         )
@@ -527,12 +533,9 @@ def _train(model, data, out, options: FitOptions, on_step, on_warning, eval_data
         ready = trainer is not None and hasattr(trainer, "_point")  # set up: it has a state to save
         step = trainer.save() if ready else None
         raise Interrupted(options.run_dir, step) from None
-    finally:
-        if folder is not None and group.main:
-            folder.release()
     if not trainer.losses:
         raise SlimtuneError(
-            "every step had a non-finite loss or gradient: lower lr or give clip_grad; nothing was exported",
+            "every step had a non-finite loss or gradient: lower `lr` or give `clip_grad`; nothing was exported",
             params=("lr", "clip_grad"),
         )
     last = {k: v for k, v in metrics.items() if k in ("bpc", "bpc_bytes")} | (
@@ -594,7 +597,7 @@ def _options(options: FitOptions | None, overrides: dict, out) -> FitOptions:
     options.check()
     if options.resume and not options.run_dir:
         raise ConfigError(
-            "resume needs the run folder of the run to continue: give run_dir", params=("resume", "run_dir")
+            "`resume` needs the run folder of the run to continue: give `run_dir`", params=("resume", "run_dir")
         )
     return replace(options, run_dir=run_folder_path(options.run_dir, out))
 
@@ -638,33 +641,39 @@ def fit(
     """
     started = time.perf_counter()
     options = _options(options, overrides, out)
+    warn = on_warning or _warn
     if not isinstance(data, torch.Tensor):
         data_path = data_path or data
-        data = read_bytes(data, min_length=2)
-    if eval_data is not None and not isinstance(eval_data, torch.Tensor):
-        eval_data = read_bytes(eval_data, min_length=2, what="eval_data")
-    if eval_fraction is not None:
+    source = checkpoint.path if isinstance(checkpoint, Checkpoint) else checkpoint
+    out = check_output_path(out, source, data_path, fmt=options.format)
+    with _held_folder(options, warn) as held:
+        if not isinstance(data, torch.Tensor):
+            data = read_bytes(data, min_length=2)
+        if eval_data is not None and not isinstance(eval_data, torch.Tensor):
+            eval_data = read_bytes(eval_data, min_length=2, what="eval_data")
+        if eval_fraction is not None:
+            if eval_data is not None:
+                raise ConfigError(
+                    "give either `eval_data` or `eval_fraction`, not both", params=("eval_data", "eval_fraction")
+                )
+            data, eval_data = split_held_out(data, eval_fraction)
+        if not isinstance(checkpoint, Checkpoint):
+            checkpoint = load_checkpoint(checkpoint)
+        check_vocabulary(data, checkpoint.config.vocab_size)
         if eval_data is not None:
-            raise ConfigError("give either eval_data or eval_fraction, not both", params=("eval_data", "eval_fraction"))
-        data, eval_data = split_held_out(data, eval_fraction)
-    if not isinstance(checkpoint, Checkpoint):
-        checkpoint = load_checkpoint(checkpoint)
-    check_vocabulary(data, checkpoint.config.vocab_size)
-    if eval_data is not None:
-        check_vocabulary(eval_data, checkpoint.config.vocab_size, "eval_data")
-    out = check_output_path(out, checkpoint.path, data_path, fmt=options.format)
-    device, group = _start(data, options)
-    model = PerformerLM.from_checkpoint(checkpoint, device=device)  # holds the weights: one copy in memory
-    result = _train(model, data, out, options, on_step, on_warning, eval_data, group, started)
-    if group.main:
-        model.save_pretrained(
-            out,
-            format=options.format,
-            dtype=options.dtype,
-            metadata={"world_size": group.world} | _provenance(result, options, data_path),
-            extra_config={"seq_len": options.seq_len},
-        )
-    barrier()  # the other ranks wait until rank 0 has exported
+            check_vocabulary(eval_data, checkpoint.config.vocab_size, "eval_data")
+        device, group = _start(data, options)
+        model = PerformerLM.from_checkpoint(checkpoint, device=device)  # holds the weights: one copy in memory
+        result = _train(model, data, out, options, held, on_step, warn, eval_data, group, started)
+        if group.main:
+            model.save_pretrained(
+                out,
+                format=options.format,
+                dtype=options.dtype,
+                metadata={"world_size": group.world} | _provenance(result, options, data_path),
+                extra_config={"seq_len": options.seq_len},
+            )
+        barrier()  # the other ranks wait until rank 0 has exported
     result.seconds = time.perf_counter() - started
     return result
 
@@ -684,24 +693,27 @@ def pretrain(
     text file's path or its bytes (None for the copy task); the rest as for `fit`."""
     started = time.perf_counter()
     options = _options(options, overrides, out)
+    warn = on_warning or _warn
     if data is not None and not isinstance(data, torch.Tensor):
         data_path = data_path or data
-        data = read_bytes(data, min_length=2)
     out = check_output_path(out, data_path, fmt=options.format)
-    device, group = _start(data, options)
-    model = PerformerLM(config).to(device)
-    result = _train(model, data, out, options, on_step, on_warning, group=group, started=started)
-    if group.main:
-        if options.task == Task.COPY:
-            generator = torch.Generator().manual_seed(options.seed + 1)  # held-out sequences, not the training ones
-            result.metrics["copy_accuracy"] = copy_accuracy(model, options.seq_len, options.copy_symbols, generator)
-        model.save_pretrained(
-            out,
-            format=options.format,
-            dtype=options.dtype,
-            extra_config={"seq_len": options.seq_len},
-            metadata={"pretrained": True, "world_size": group.world} | _provenance(result, options, data_path),
-        )
-    barrier()
+    with _held_folder(options, warn) as held:
+        if data is not None and not isinstance(data, torch.Tensor):
+            data = read_bytes(data, min_length=2)
+        device, group = _start(data, options)
+        model = PerformerLM(config).to(device)
+        result = _train(model, data, out, options, held, on_step, warn, group=group, started=started)
+        if group.main:
+            if options.task == Task.COPY:
+                generator = torch.Generator().manual_seed(options.seed + 1)  # held-out sequences, not the training's
+                result.metrics["copy_accuracy"] = copy_accuracy(model, options.seq_len, options.copy_symbols, generator)
+            model.save_pretrained(
+                out,
+                format=options.format,
+                dtype=options.dtype,
+                extra_config={"seq_len": options.seq_len},
+                metadata={"pretrained": True, "world_size": group.world} | _provenance(result, options, data_path),
+            )
+        barrier()
     result.seconds = time.perf_counter() - started
     return result

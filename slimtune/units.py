@@ -30,22 +30,23 @@ def parse_size(text: str | int, what: str = "size") -> int:
     """'2GB' -> 2e9, '1.5GiB' -> 1.5 * 2^30, '512MB', '900000000'. Decimal units are powers of 10, binary of 2.
     `what`: the parameter the size came from, named in errors."""
     params = () if what == "size" else (what,)
+    label = "size" if what == "size" else f"`{what}`"
     if isinstance(text, int) and not isinstance(text, bool):
         value, unit = Decimal(text), ""
     else:
         match = _SIZE.match(str(text))
         if not match or match.group(2).lower() not in _UNITS:
             raise ConfigError(
-                f"cannot read {what} {text!r}: write it like 2GB, 1.5GiB, 512MB or 900000000", params=params
+                f"cannot read {label} {text!r}: write it like 2GB, 1.5GiB, 512MB or 900000000", params=params
             )
         value, unit = Decimal(match.group(1)), match.group(2).lower()
     if value.adjusted() > 30:  # more than 10^30 of anything: no machine has it
         raise ConfigError(
-            f"{what} {text!r} is larger than any device: write it like 2GB, 1.5GiB or 512MB", params=params
+            f"{label} {text!r} is larger than any device: write it like 2GB, 1.5GiB or 512MB", params=params
         )
     size = value * _UNITS[unit]  # exact decimal arithmetic: 4611686019GB is 4611686019 * 10^9 bytes, not a float
     if size < 1:
-        raise ConfigError(f"{what} {text!r} must be at least 1 byte", params=params)
+        raise ConfigError(f"{label} {text!r} must be at least 1 byte", params=params)
     return int(size)
 
 

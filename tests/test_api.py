@@ -134,7 +134,7 @@ def test_errors_are_one_family_with_the_cli_messages(tmp_path):
     model = slimtune.PerformerLM.from_pretrained(_checkpoint(tmp_path / "m.safetensors"))
     with pytest.raises(slimtune.OutOfBudgetError, match="cannot fit even C = 1"):
         slimtune.plan(model, seq_len=512, mem_budget="1MB")
-    with pytest.raises(slimtune.ConfigError, match="optimizer must be one of sgd, adam, adamw"):
+    with pytest.raises(slimtune.ConfigError, match="`optimizer` must be one of sgd, adam, adamw"):
         slimtune.plan(model, seq_len=512, optimizer="lion")
 
 

@@ -49,13 +49,13 @@ def test_parse_of_a_bad_value_names_the_parameter_and_the_allowed_values(choice)
             choice.parse(bad, "my_param")
         assert info.value.params == ("my_param",)
         message = str(info.value)
-        assert message.startswith("my_param must be one of ") and repr(bad) in message
+        assert message.startswith("`my_param` must be one of ") and repr(bad) in message
         for member in choice:
             assert member.value in message
 
 
 def test_parse_is_case_sensitive_like_the_command_line():
-    with pytest.raises(ConfigError, match="optimizer must be one of sgd, adam, adamw, got 'Adam'"):
+    with pytest.raises(ConfigError, match="`optimizer` must be one of sgd, adam, adamw, got 'Adam'"):
         Optimizer.parse("Adam", "optimizer")
 
 

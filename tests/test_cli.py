@@ -492,7 +492,7 @@ def test_a_checkpoint_given_as_data_is_refused(capsys, tmp_path, ckpt, kind):
     out = tmp_path / "x.safetensors"
     code, _, stderr = run(capsys, "fit", "--checkpoint", ckpt, "--data", data, "--out", out, "--device", "cpu")
     line = stderr.strip()
-    assert code == 2 and len(line.splitlines()) == 1 and f"model file ({kind})" in line and "--checkpoint" in line
+    assert code == 2 and len(line.splitlines()) == 1 and f"model file ({kind})" in line and "--data" in line
     assert not out.exists() and not Path(f"{out}.run").exists()
 
 

@@ -65,8 +65,8 @@ def test_read_bytes_gives_the_files_bytes(tmp_path):
         ("folder", "is a directory", ("eval_data",)),
         ("empty", "is empty", ("eval_data",)),
         ("short", "has 5 bytes but needs at least 9", ("eval_data", "seq_len")),
-        ("model", "is a model file (safetensors), not text", ("eval_data", "checkpoint")),
-        ("zip", "is a model file (zip), not text", ("eval_data", "checkpoint")),
+        ("model", "is a model file (safetensors), not text", ("eval_data",)),
+        ("zip", "is a model file (zip), not text", ("eval_data",)),
     ],
 )
 def test_read_bytes_refuses_what_is_no_text_and_names_the_parameter(tmp_path, case, message, params):
@@ -120,7 +120,7 @@ def test_random_windows_are_stretches_of_the_file(text):
     assert len(starts) > 1  # not the same offset every time
     again = random_windows(_as_tensor(text), 6, 50, torch.Generator().manual_seed(0))
     assert torch.equal(again, windows)
-    with pytest.raises(DataError, match="fewer than seq_len") as info:
+    with pytest.raises(DataError, match="fewer than `seq_len`") as info:
         random_windows(_as_tensor(b"abc"), 1, 3, torch.Generator())
     assert info.value.params == ("seq_len",)
 

@@ -30,7 +30,7 @@ def test_device_names():
     assert resolve_device("cpu") == CPU and resolve_device(CPU) == CPU
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     for bad in ("tpu", "gpu", "CPU", "", "mps"):
-        with pytest.raises(ConfigError, match="device must be auto, cpu or cuda") as info:
+        with pytest.raises(ConfigError, match="`device` must be auto, cpu or cuda") as info:
             resolve_device(bad)
         assert info.value.params == ("device",)
 
@@ -82,7 +82,7 @@ def test_a_bad_share_names_mem_budget(ten_gb, bad):
 
 
 def test_a_bad_size_is_refused(ten_gb):
-    with pytest.raises(ConfigError, match="cannot read mem_budget 'lots'") as caught:
+    with pytest.raises(ConfigError, match="cannot read `mem_budget` 'lots'") as caught:
         resolve_budget("lots", CPU)
     assert caught.value.params == ("mem_budget",)  # the CLI names --mem-budget
 

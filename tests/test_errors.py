@@ -43,9 +43,9 @@ def test_a_notice_is_its_text_and_keeps_its_parameters():
 
 def test_interrupted_says_where_and_after_which_step_it_was_saved():
     with pytest.raises(KeyboardInterrupt) as info:
-        raise Interrupted("runs/a", 17, 15)
+        raise Interrupted("runs/a", 17)
     stop = info.value
-    assert (stop.run_dir, stop.saved_step, stop.signal_number) == ("runs/a", 17, 15)
+    assert (stop.run_dir, stop.saved_step) == ("runs/a", 17)
     assert not isinstance(stop, SlimtuneError)  # a stop, not bad input: the CLI must not turn it into exit 2
     nothing = Interrupted(None, None)
-    assert nothing.saved_step is None and nothing.run_dir is None and nothing.signal_number is None
+    assert nothing.saved_step is None and nothing.run_dir is None

@@ -78,7 +78,7 @@ def test_bad_arguments_name_their_parameters(bad):
     with pytest.raises(ConfigError) as info:
         generate(tiny_model(dtype=torch.float32), b"prompt", args.pop("n_bytes"), **args)
     assert info.value.params == ("n_bytes", "temperature", "top_k")
-    assert "n_bytes >= 0" in str(info.value) and "top_k >= 1" in str(info.value)
+    assert "`n_bytes` >= 0" in str(info.value) and "`top_k` >= 1" in str(info.value)
 
 
 def test_an_empty_prompt_and_bytes_beyond_the_vocabulary_are_refused():

@@ -85,6 +85,6 @@ def test_the_default_decay_and_the_optimizer_types():
 
 def test_an_unknown_optimizer_names_the_parameter():
     for call in (lambda: make_optimizer("lion", [], 1.0), lambda: default_weight_decay("lion")):
-        with pytest.raises(ConfigError, match="optimizer must be one of sgd, adam, adamw") as info:
+        with pytest.raises(ConfigError, match="`optimizer` must be one of sgd, adam, adamw") as info:
             call()
         assert info.value.params == ("optimizer",)

@@ -77,15 +77,17 @@ def test_resume_and_provenance_follow_the_declaration():
 def test_out_of_range_values_name_their_parameter(values, name):
     with pytest.raises(ConfigError) as caught:
         options.FitOptions(**values).check()
-    assert name in caught.value.params and str(caught.value).startswith(name.split("_")[0])
+    assert name in caught.value.params and str(caught.value).startswith(f"`{name}`")
 
 
 def test_the_cli_shows_parameters_as_flags():
-    error = ConfigError("seq_len must be >= 1; lower seq_len, or recovery=store", params=("seq_len", "recovery"))
+    """Each marked parameter becomes its flag; a value after it stays; paths and plain words are not touched, even
+    where they spell an option's name (a folder called data, "4 steps")."""
+    error = ConfigError("`seq_len` must be >= 1; lower `seq_len`, or `recovery=store`", params=("seq_len", "recovery"))
     assert cli_message(error) == "--seq-len must be >= 1; lower --seq-len, or --state-recovery=store"
-    # Only the named parameters: words that are also option names stay words.
-    assert cli_message(ConfigError("data has 3 bytes: lower seq_len", params=("seq_len",))) == (
-        "data has 3 bytes: lower --seq-len"
+    text = "`data` file /tmp/data/steps.txt has 4 steps of data: lower `steps` or `copy_symbols`"
+    assert cli_message(ConfigError(text, params=("data", "steps"))) == (
+        "--data file /tmp/data/steps.txt has 4 steps of data: lower --steps or copy_symbols"  # no flag: the name
     )
 
 

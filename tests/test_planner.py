@@ -325,11 +325,12 @@ def test_the_plan_counts_the_copies_a_run_holds(monkeypatch, data_dir):
         seen.append(work)
         return plan_chunk_size(model_, work, budget, **kw)
 
-    monkeypatch.setattr(evaluation, "plan_chunk_size", recording)
+    from slimtune import planner
+
+    monkeypatch.setattr(planner, "plan_chunk_size", recording)
     data = torch.tensor(list((data_dir / "ptb.test.txt").read_bytes()[:4000]), dtype=torch.uint8)
     evaluation.adapt_one_step(model, data, seq_len=64, windows=1, mem_budget="2GB")
     assert seen[0].copies_bytes == weights
-    monkeypatch.setattr(runplan, "plan_chunk_size", recording)
     monkeypatch.setattr(runplan, "agree_min", lambda c, device: c)  # no process group in this test
     runplan.resolve_run(model, FitOptions(seq_len=64, mem_budget="2GB", device="cpu"), Group(rank=0, world=2))
     grads = sum(p.numel() * p.element_size() for p in model.parameters())

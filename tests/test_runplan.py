@@ -9,7 +9,6 @@ import pytest
 import torch
 from helpers import tiny_model
 
-from slimtune import runplan
 from slimtune.errors import ConfigError
 from slimtune.options import FitOptions
 from slimtune.runplan import SOURCES, RunPlan, after_out_of_memory, chunk_request, fixed, resolve_run
@@ -24,7 +23,7 @@ def test_chunk_request_reads_each_form(value, expected):
 
 @pytest.mark.parametrize("value", ["x", "", "0", 0, -3, "-3", "1.5", 1.5, "064", True, False, "Full", "AUTO"])
 def test_chunk_request_refuses_the_rest_naming_chunk_size(value):
-    with pytest.raises(ConfigError, match="chunk_size must be full, auto or an integer >= 1") as info:
+    with pytest.raises(ConfigError, match="`chunk_size` must be full, auto or an integer >= 1") as info:
         chunk_request(value, 512)
     assert info.value.params == ("chunk_size",)
 
@@ -106,7 +105,9 @@ def test_the_out_of_memory_fallback_changes_only_c_and_says_so():
 
 
 def test_resolve_run_takes_a_given_c_without_planning(monkeypatch):
-    monkeypatch.setattr(runplan, "plan_chunk_size", lambda *a, **k: pytest.fail("planned although C was given"))
+    from slimtune import planner
+
+    monkeypatch.setattr(planner, "plan_chunk_size", lambda *a, **k: pytest.fail("planned although C was given"))
     model = tiny_model(dtype=torch.float32)
     run = resolve_run(model, FitOptions(seq_len=64, chunk_size="16", device="cpu"))
     assert (run.chunk_size, run.chunk_source, run.planner) == (16, "given", None)

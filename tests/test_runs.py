@@ -135,7 +135,7 @@ def test_state_round_trips_and_is_summarised(tmp_path):
 
 def test_nothing_to_resume_and_a_broken_state_name_resume(tmp_path):
     folder = RunFolder(tmp_path / "run")
-    with pytest.raises(SlimtuneError, match="nothing to resume") as info:
+    with pytest.raises(SlimtuneError, match="nothing to `resume`") as info:
         folder.load()
     assert info.value.params == ("resume",)
     (tmp_path / "run").mkdir()

@@ -25,7 +25,7 @@ def test_flag_and_environment_win(monkeypatch):
     monkeypatch.setattr(threads, "busy_cores", lambda seconds=0.25: pytest.fail("measured although given"))
     monkeypatch.setenv(threads.ENV, "3")
     assert threads.choose().count == 3 and threads.ENV in threads.choose().reason
-    assert threads.choose(1).count == 1 and "threads 1" in threads.choose(1).reason
+    assert threads.choose(1).count == 1 and "`threads` 1" in threads.choose(1).reason
     assert "threads" in threads.choose(1).reason.params  # shown as --threads by the CLI
     for bad in ("0", "two", "-1"):
         monkeypatch.setenv(threads.ENV, bad)

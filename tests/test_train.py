@@ -65,9 +65,9 @@ def test_a_resumed_auto_run_does_not_plan_again(tmp_path, setup, monkeypatch):
 
     base, data = setup
     fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, chunk_size=None, steps=2, mem_budget="2GB"))
-    from slimtune import runplan
+    from slimtune import planner
 
-    monkeypatch.setattr(runplan, "plan_chunk_size", lambda *a, **k: pytest.fail("planned again on resume"))
+    monkeypatch.setattr(planner, "plan_chunk_size", lambda *a, **k: pytest.fail("planned again on resume"))
     result = fit(
         base,
         data,
@@ -92,7 +92,7 @@ def test_resume_refuses_each_setting_that_changes_the_weights(tmp_path, setup, c
     """The message names the Python parameter (the CLI shows it as its flag, tests/test_cli.py)."""
     base, data = setup
     fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, steps=2))
-    with pytest.raises(SlimtuneError, match=f"started with {name} ") as caught:
+    with pytest.raises(SlimtuneError, match=f"started with `{name}` ") as caught:
         fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, steps=2, resume=True, **change))
     assert name in caught.value.params
 
@@ -234,7 +234,7 @@ def test_a_finished_constant_run_extends_bit_for_bit(tmp_path, setup):
     [
         (dict(schedule="cosine"), dict(schedule="cosine"), "cosine schedule"),
         (dict(warmup=5), dict(warmup=5), "warmup of 5 steps is not done"),
-        (dict(), dict(steps=2), "steps must be at least 3"),
+        (dict(), dict(steps=2), "`steps` must be at least 3"),
     ],
 )
 def test_a_run_is_not_extended_where_its_schedule_forbids(tmp_path, setup, first, again, reason):
