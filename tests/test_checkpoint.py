@@ -263,3 +263,15 @@ def test_output_folder_not_created_on_bad_input(capsys, tmp_path, state_dict):
     out = tmp_path / "missing" / "tuned.safetensors"
     code, _, _ = cli(capsys, "fit", "--checkpoint", base, "--data", tmp_path / "nope.txt", "--out", out)
     assert code == 2 and not out.parent.exists()
+
+
+def test_inspect_reports_the_measured_cost_of_fine_tuning(capsys, tmp_path, state_dict):
+    """Weights and gradients in fp32 (8 bytes a parameter) plus the optimizer's state: none for sgd, two moments
+    for adam and adamw (8 more), counted here from the tensor shapes."""
+    base = tmp_path / "base.safetensors"
+    save_checkpoint(base, state_dict, tiny_model().config)
+    code = main(["inspect", str(base), "--json"])
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    n = sum(t.numel() for t in state_dict.values())
+    assert code == 0 and info["parameters"] == n
+    assert info["fine_tuning_bytes"] == {"sgd": 8 * n, "adam": 16 * n, "adamw": 16 * n}

@@ -551,3 +551,37 @@ def test_resume_with_other_settings_names_the_flags(capsys, tmp_path, ckpt, data
     assert code == 2 and "started with --state-recovery 'subtract64' (now 'store')" in stderr, stderr
     code, _, stderr = run(capsys, *args)
     assert code == 2 and "add --resume to continue it, or --restart" in stderr, stderr
+
+
+def test_ctrl_c_outside_a_run_says_interrupted(capsys, ckpt, monkeypatch):
+    """A plan (no training loop) interrupted: one line and exit 130, not typer's silent exit."""
+    from slimtune import planner
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(planner, "resolve_budget", interrupted)
+    code, _, stderr = run(capsys, "plan", "--checkpoint", ckpt, "--seq-len", 64, "--device", "cpu")
+    assert code == 130 and stderr.strip() == "slimtune: interrupted"
+
+
+def test_resume_without_out_continues_the_default_output(capsys, tmp_path, ckpt, data_dir):
+    """`fit` without --out wrote model-tuned.safetensors; the same command with --resume --steps 4 continues that
+    run (it does not start model-tuned-2)."""
+    args = ["fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--seq-len", 32, "--chunk-size", 8]
+    args += ["--device", "cpu", "--threads", 1, "--json"]
+    assert run(capsys, *args, "--steps", 2)[0] == 0
+    code, stdout, stderr = run(capsys, *args, "--steps", 4, "--resume")
+    result = last_json(stdout)
+    assert code == 0 and result["first_step"] == 2 and result["steps"] == 4, stderr
+    assert result["out"] == str(ckpt.with_name("model-tuned.safetensors"))
+    assert not ckpt.with_name("model-tuned-2.safetensors").exists()
+
+
+def test_a_restart_refused_for_its_budget_keeps_the_old_run_in_place(capsys, tmp_path, ckpt, data_dir):
+    out = tmp_path / "x.safetensors"
+    args = ["fit", "--checkpoint", ckpt, "--data", data_dir / "ptb.test.txt", "--out", out, "--seq-len", 32]
+    assert run(capsys, *args, "--chunk-size", 8, "--device", "cpu")[0] == 0
+    code, _, stderr = run(capsys, *args, "--restart", "--mem-budget", "1KB", "--device", "cpu")
+    assert code == 2 and "cannot fit" in stderr
+    assert (Path(f"{out}.run") / "state.pt").is_file() and not Path(f"{out}.run.old-1").exists()

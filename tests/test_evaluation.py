@@ -190,3 +190,11 @@ def test_copy_accuracy_by_hand():
             hits += int(right[mask.bool()].sum())
             total += int(mask.sum())
     assert total == 2 * 8 * 12 and accuracy == hits / total
+
+
+def test_a_given_adaptation_chunk_is_checked_against_a_budget(text):
+    """As in fit: a given C is checked against a given budget (and refused when it cannot fit), not taken blindly."""
+    from slimtune.errors import OutOfBudgetError
+
+    with pytest.raises(OutOfBudgetError, match="cannot fit even C = 1|chunk size 8 is predicted"):
+        adapt_one_step(tiny_model(dtype=torch.float32), text, seq_len=64, windows=1, chunk_size=8, mem_budget="1KB")

@@ -255,3 +255,17 @@ def test_the_result_times_the_whole_call(tmp_path, setup):
     result = fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, run_dir=None, steps=1, threads=None))
     wall = time.perf_counter() - started
     assert 0.9 * wall <= result.seconds <= wall
+
+
+def test_the_lock_comes_before_the_inputs_are_read(tmp_path, setup):
+    """With the folder held by another run, even a missing data file is not looked at: the answer is "in use"."""
+    from slimtune.runs import RunFolder
+
+    base, _ = setup
+    holder = RunFolder(tmp_path / "run")
+    holder.lock()
+    try:
+        with pytest.raises(SlimtuneError, match="in use"):
+            fit(base, tmp_path / "missing.txt", tmp_path / "a.safetensors", _options(tmp_path))
+    finally:
+        holder.release()
