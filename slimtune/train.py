@@ -458,7 +458,7 @@ def _check_data(data: torch.Tensor | None, options: FitOptions) -> None:
 
 
 @contextlib.contextmanager
-def _held_folder(options: FitOptions, warn: OnWarning):
+def _held_folder(options: FitOptions):
     """The run folder, held (rank 0 takes its lock) from before anything is read, planned or trained until after
     the export, with its saved state when resuming; yields (folder, saved). A folder holding a saved run is
     continued (resume) or, once the run is planned, moved aside (restart, `_restart`), never overwritten by
@@ -646,7 +646,7 @@ def fit(
         data_path = data_path or data
     source = checkpoint.path if isinstance(checkpoint, Checkpoint) else checkpoint
     out = check_output_path(out, source, data_path, fmt=options.format)
-    with _held_folder(options, warn) as held:
+    with _held_folder(options) as held:
         if not isinstance(data, torch.Tensor):
             data = read_bytes(data, min_length=2)
         if eval_data is not None and not isinstance(eval_data, torch.Tensor):
@@ -697,7 +697,7 @@ def pretrain(
     if data is not None and not isinstance(data, torch.Tensor):
         data_path = data_path or data
     out = check_output_path(out, data_path, fmt=options.format)
-    with _held_folder(options, warn) as held:
+    with _held_folder(options) as held:
         if data is not None and not isinstance(data, torch.Tensor):
             data = read_bytes(data, min_length=2)
         device, group = _start(data, options)
