@@ -436,7 +436,7 @@ def predict(
     policy (CPU, memory.py); `reached`: the peak the process has already had (the probes'), a floor."""
     chunk = probe.chunk_bytes(min(chunk_size, work.seq_len), heap, one_pass=chunk_size >= work.seq_len)
     states = _state_bytes(model, work, chunk_size) if chunk_size < work.seq_len else 0
-    grads = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # frozen: none
     buffers = buffer_bytes(model) if batching else 0
     lines = {
         "runtime": runtime,

@@ -103,6 +103,8 @@ def _check(model: PerformerLM, windows: torch.Tensor, chunk_size: int) -> None:
         raise ConfigError(f"windows must hold integer token ids, got dtype {windows.dtype}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ConfigError(f"chunk size must be an integer >= 1, got {chunk_size!r}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("no parameter of the model requires grad: there is nothing to train")
     if windows.numel() and (int(windows.min()) < 0 or int(windows.max()) >= model.config.vocab_size):
         raise ConfigError(
             f"token ids must lie in [0, {model.config.vocab_size}), got {int(windows.min())}..{int(windows.max())}"
@@ -211,10 +213,11 @@ def slim_step(
                 )
                 loss = chunk_loss(logits, targets[:, s : s + chunk_size], weights[:, s : s + chunk_size])
             del logits  # [B, C, V]: freed before backward allocates its gradient
-            if state_grads is None:
-                loss.backward()
-            else:  # the chunk's loss plus <end states, their incoming gradients>, in one backward
-                torch.autograd.backward([loss, *end_states], [None, *state_grads])
+            # The chunk's loss plus <end states, their incoming gradients>, in one backward. An end state that needs
+            # no gradient (the first chunk's, where every parameter below it is frozen) leads to no parameter that
+            # trains: its term is zero and is left out.
+            pairs = [(e, g) for e, g in zip(end_states, state_grads or (), strict=False) if e.requires_grad]
+            torch.autograd.backward([loss, *(e for e, _ in pairs)], [None, *(g for _, g in pairs)])
             total += loss.detach()
             # This chunk's start states are the previous chunk's end states; backward has freed the graph.
             states = exact

@@ -338,3 +338,17 @@ def test_the_plan_counts_the_copies_a_run_holds(monkeypatch, data_dir):
     probe_ = tight_probe(model)
     lines = [predict(model, probe_, 0, Workload(64, copies_bytes=n), 16) for n in (0, grads)]
     assert lines[1]["copies"] == grads and lines[1]["total"] - lines[0]["total"] == grads
+
+
+def test_a_partly_frozen_model_plans_and_is_charged_gradients_only_for_what_trains():
+    """Frozen parameters hold no gradient and no optimizer state: the plan counts the trainable ones only (counted
+    here from the model), and its probes run at every C although the lower layers need no gradient."""
+    import slimtune
+
+    model = tiny_model("sqr", True, dtype=torch.float32, hidden_dim=64, ffn_dim=256, n_heads=4)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(("layers.1.", "output")))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plan = slimtune.plan(model, seq_len=4096, mem_budget="95%", optimizer="adam")
+    assert plan.breakdown["gradients"] == 4 * trainable and plan.breakdown["optimizer"] == 8 * trainable
+    assert all(p.grad is None for p in model.parameters())  # the probes leave no gradients behind

@@ -144,3 +144,41 @@ def test_bad_arguments_raise_clear_errors(bad, message):
     args.update(bad)
     with pytest.raises(ConfigError, match=message):
         slim_step(model, args["windows"], args["chunk_size"], args["mask"], recovery=args["recovery"])
+
+
+FROZEN = {
+    "layer 2 and the output map train": lambda name: not (name.startswith("layers.1.") or name.startswith("output")),
+    "the embedding and layer 1 frozen": lambda name: name.startswith(("input_map", "layers.0.")),
+    "only layer norms train": lambda name: "layernorm" not in name,
+}
+
+
+@pytest.mark.parametrize("frozen", FROZEN.values(), ids=FROZEN.keys())
+@pytest.mark.parametrize("C", [1, 7, 64, L], ids=lambda c: f"C{c}")
+@pytest.mark.parametrize("post", [True, False], ids=["postLN", "preLN"])
+@pytest.mark.parametrize("feature", ["sqr", "favor+"])
+def test_frozen_parameters_get_no_gradient_and_the_rest_the_reference_ones(feature, post, C, frozen):
+    """Any subset frozen (requires_grad False): SLiM at every C gives the trainable parameters the float64
+    reference's gradients and the frozen ones none (an end state that leads to no trainable parameter once made
+    the backward over the states fail: "element 1 of tensors does not require grad")."""
+    ref_loss, ref_grads = expected(feature, post, 3, True)
+    model = tiny_model(feature, post, dtype=torch.float64)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not frozen(name))
+    windows, mask = windows_and_mask(3, True)
+    loss, grads = slim_grads(model, windows, mask, C)
+    assert abs(loss - ref_loss) <= 1e-10 * abs(ref_loss)
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trained and len(trained) < len(grads)
+    for name, grad in grads.items():
+        if name in trained:
+            assert_close(grad, ref_grads[name], 1e-10, name)
+        else:
+            assert grad is None, name
+
+
+def test_a_model_with_nothing_to_train_is_refused():
+    model = tiny_model("sqr", True, dtype=torch.float32)
+    model.requires_grad_(False)
+    with pytest.raises(ConfigError, match="nothing to train"):
+        slim_step(model, windows_and_mask(1, False)[0], 8)
