@@ -16,7 +16,7 @@ if python -c "import torch" 2>/dev/null; then
     echo "setup: using the installed torch $(python -c 'import torch; print(torch.__version__)')"
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "setup: NVIDIA GPU found, installing a CUDA build of torch"
-    pip_q install "torch>=2.1,<3"
+    pip_q install "torch>=2.5,<3"
 else
     cpu_version="${SLIMTUNE_CPU_TORCH:-2.13.0}"
     index=()
@@ -30,7 +30,7 @@ else
     else
         echo "setup: no GPU, but pip's index offers no CPU build of torch ${cpu_version} (found '${found:-none}');" \
              "installing the default build. Set SLIMTUNE_CPU_INDEX to a CPU wheel index to get the small one." >&2
-        pip_q install "torch>=2.1,<3" "${index[@]}"
+        pip_q install "torch>=2.5,<3" "${index[@]}"
     fi
 fi
 pip_q install -e ".${extras:+[$extras]}"

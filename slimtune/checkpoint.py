@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .atomic import atomic_write
-from .choices import ExportDtype, ExportFormat, LayerNorm
+from .choices import ExportDtype, ExportFormat, LayerNorm, Optimizer
 from .config import PerformerConfig
 from .errors import CheckpointError, ConfigError
 
@@ -388,16 +389,16 @@ def describe(checkpoint: Checkpoint) -> dict:
 
 def inspect_checkpoint(path: str | os.PathLike, **model_flags) -> dict:
     """`describe` and the fixed memory cost of fine-tuning it with each optimizer in fp32: weights, gradients
-    and the optimizer's state, measured (planner.measure_optimizer, as the planner measures it) on the model built
-    on the meta device, which holds shapes but no memory, so that inspecting a large checkpoint stays cheap."""
-    from .model import PerformerLM  # here: model.py reads checkpoints through this module
-    from .planner import measure_optimizer
+    and the optimizer's state, measured (planner.measure_optimizer, as the planner measures it) one parameter
+    shape at a time, so that inspecting a large checkpoint holds no more than its largest tensor."""
+    from .planner import measure_optimizer_by_shape  # here: planner.py reads checkpoints through this module
 
     checkpoint = load_checkpoint(path, **model_flags)
-    with torch.device("meta"):
-        model = PerformerLM(checkpoint.config)
-    weights = sum(p.numel() * 4 for p in model.parameters())  # fp32
-    costs = {name: 2 * weights + measure_optimizer(model, name)[0] for name in ("sgd", "adam", "adamw")}
+    shapes: dict[tuple[int, ...], int] = {}
+    for t in checkpoint.tensors.values():
+        shapes[tuple(t.shape)] = shapes.get(tuple(t.shape), 0) + 1
+    weights = sum(4 * math.prod(shape) * count for shape, count in shapes.items())  # fp32
+    costs = {name.value: 2 * weights + measure_optimizer_by_shape(shapes, name) for name in Optimizer}
     return describe(checkpoint) | {"fine_tuning_bytes": costs}
 
 

@@ -37,6 +37,7 @@ class Optimizer(Choice):
     SGD = "sgd"  # plain SGD, no momentum, no state
     ADAM = "adam"
     ADAMW = "adamw"  # decoupled weight decay on the weight matrices
+    ADAFACTOR = "adafactor"  # factored second moments (rows + columns of each matrix), no first moment
 
 
 class BenchOptimizer(Choice):
@@ -44,6 +45,7 @@ class BenchOptimizer(Choice):
     SGD = "sgd"
     ADAM = "adam"
     ADAMW = "adamw"
+    ADAFACTOR = "adafactor"
 
 
 class Precision(Choice):

@@ -273,7 +273,7 @@ FROM_RECIPE = {"default": None, "show_default": False}
         "optimizer",
         "lr",
         steps=FROM_RECIPE | {"help": "Optimizer steps (default: the recipe's)."},
-        optimizer=FROM_RECIPE | {"help": "sgd, adam or adamw (default: the recipe's)."},
+        optimizer=FROM_RECIPE | {"help": "sgd, adam, adamw or adafactor (default: the recipe's)."},
         lr=FROM_RECIPE | {"help": "Learning rate (default: the recipe's)."},
     ),
     params(
@@ -349,7 +349,8 @@ def pretrain(a):
         optimizer={
             "type": BenchOptimizer,
             "default": BenchOptimizer.NONE,
-            "help": "none (gradients only), sgd, adam or adamw: its update and state count in time and memory.",
+            "help": "none (gradients only), sgd, adam, adamw or adafactor: its update and state count in time and "
+            "memory.",
         },
     ),
     params(SlimStep, "precision"),

@@ -26,8 +26,9 @@ def param_groups(model_or_params, weight_decay: float) -> list[dict]:
 def make_optimizer(
     name: Optimizer | str, params, lr: float, weight_decay: float | None = None
 ) -> torch.optim.Optimizer:
-    """sgd is plain SGD (no momentum, no state); adam and adamw as in torch. `weight_decay` (default: 0.01 for
-    adamw, else 0) applies to the weight matrices only; adamw's is decoupled, sgd's and adam's is L2."""
+    """sgd is plain SGD (no momentum, no state); adam, adamw and adafactor as in torch (torch.optim.Adafactor:
+    factored second moments, a row and a column vector per matrix). `weight_decay` (default: 0.01 for adamw, else
+    0) applies to the weight matrices only; adamw's and adafactor's is decoupled, sgd's and adam's is L2."""
     name = Optimizer.parse(name, "optimizer")
     decay = default_weight_decay(name) if weight_decay is None else weight_decay
     groups = param_groups(params, decay)
@@ -35,4 +36,6 @@ def make_optimizer(
         return torch.optim.SGD(groups, lr=lr, momentum=0.0)
     if name == Optimizer.ADAM:
         return torch.optim.Adam(groups, lr=lr)
+    if name == Optimizer.ADAFACTOR:
+        return torch.optim.Adafactor(groups, lr=lr)
     return torch.optim.AdamW(groups, lr=lr)

@@ -210,7 +210,11 @@ class Optimization(Options):
         record=True,
     )
     optimizer: Optimizer = option(
-        Optimizer.ADAM, "--optimizer", "sgd (plain, no momentum), adam or adamw.", resume=True, record=True
+        Optimizer.ADAM,
+        "--optimizer",
+        "sgd (plain, no momentum), adam, adamw or adafactor (factored second moments: least state).",
+        resume=True,
+        record=True,
     )
     lr: float = option(1e-3, "--lr", "Learning rate.", above=0.0, resume=True, record=True)
     weight_decay: float | None = option(

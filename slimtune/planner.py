@@ -318,6 +318,16 @@ def measure_optimizer(model: PerformerLM, optimizer: str) -> tuple[int, int]:
     return state, max(peak, state)
 
 
+def measure_optimizer_by_shape(shapes: dict[tuple[int, ...], int], optimizer: str) -> int:
+    """The state `optimizer` keeps for parameters of these shapes (shape -> how many), measured with
+    measure_optimizer on one fp32 parameter of each shape at a time: no more memory than the largest."""
+    total = 0
+    for shape, count in shapes.items():
+        one = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(shape))])
+        total += measure_optimizer(one, optimizer)[0] * count
+    return total
+
+
 @contextlib.contextmanager
 def _some_feature_draw(model: PerformerLM):
     """A FAVOR+ model without a draw (none is saved in a checkpoint) gets one for the probe steps, and loses it
@@ -683,10 +693,10 @@ def plan(
         seq_len: L, tokens per window; batch_size: windows per step.
         mem_budget: everything the job may hold: bytes, "2GB", "1.5GiB", "80%" of the free memory; None: the
             free memory less 10 %.
-        optimizer: "sgd", "adam" or "adamw" (its state counts); recovery: the SLiM state recovery; precision:
-            "fp32" or "bf16" (autocast), as the run will use; data_bytes: the sizes of the data files a run will
-            read (fit holds them resident); heap: "system" (glibc's own, as in your process) or "managed" (as
-            `slimtune.fit` sets it, see plan_chunk_size).
+        optimizer: "sgd", "adam", "adamw" or "adafactor" (its state counts, measured); recovery: the SLiM state
+            recovery; precision: "fp32" or "bf16" (autocast), as the run will use; data_bytes: the sizes of the
+            data files a run will read (fit holds them resident); heap: "system" (glibc's own, as in your
+            process) or "managed" (as `slimtune.fit` sets it, see plan_chunk_size).
 
     Returns:
         Plan: `chunk_size` (L when full backprop fits), `predicted_peak_bytes`, `candidates`; print() shows a table.

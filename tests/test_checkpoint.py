@@ -273,5 +273,7 @@ def test_inspect_reports_the_measured_cost_of_fine_tuning(capsys, tmp_path, stat
     code = main(["inspect", str(base), "--json"])
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     n = sum(t.numel() for t in state_dict.values())
+    # adafactor: a row and a column vector per matrix, a full vector per bias or gain (fp32)
+    factored = sum(4 * (t.shape[0] + t.shape[1]) if t.dim() == 2 else 4 * t.numel() for t in state_dict.values())
     assert code == 0 and info["parameters"] == n
-    assert info["fine_tuning_bytes"] == {"sgd": 8 * n, "adam": 16 * n, "adamw": 16 * n}
+    assert info["fine_tuning_bytes"] == {"sgd": 8 * n, "adam": 16 * n, "adamw": 16 * n, "adafactor": 8 * n + factored}

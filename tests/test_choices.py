@@ -55,7 +55,7 @@ def test_parse_of_a_bad_value_names_the_parameter_and_the_allowed_values(choice)
 
 
 def test_parse_is_case_sensitive_like_the_command_line():
-    with pytest.raises(ConfigError, match="`optimizer` must be one of sgd, adam, adamw, got 'Adam'"):
+    with pytest.raises(ConfigError, match="`optimizer` must be one of sgd, adam, adamw, adafactor, got 'Adam'"):
         Optimizer.parse("Adam", "optimizer")
 
 

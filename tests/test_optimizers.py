@@ -88,3 +88,22 @@ def test_an_unknown_optimizer_names_the_parameter():
         with pytest.raises(ConfigError, match="`optimizer` must be one of sgd, adam, adamw") as info:
             call()
         assert info.value.params == ("optimizer",)
+
+
+def test_adafactor_keeps_factored_second_moments_and_decays_decoupled():
+    """torch.optim.Adafactor through make_optimizer: per matrix a row and a column vector, per vector a full one
+    (counted from the shapes here); weight decay on matrices only, decoupled (p *= 1 - lr * wd with zero grads)."""
+    from slimtune.planner import measure_optimizer
+
+    model = tiny_model("sqr", True, dtype=torch.float32)
+    expected = sum(4 * (p.shape[0] + p.shape[1]) if p.dim() == 2 else 4 * p.numel() for p in model.parameters())
+    assert measure_optimizer(model, "adafactor")[0] == expected < 8 * sum(p.numel() for p in model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    make_optimizer("adafactor", model, lr=0.1, weight_decay=0.5).step()
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            assert torch.allclose(p, before[name] * (1 - 0.1 * 0.5)), name
+        else:
+            assert torch.equal(p, before[name]), name

@@ -269,3 +269,16 @@ def test_the_lock_comes_before_the_inputs_are_read(tmp_path, setup):
             fit(base, tmp_path / "missing.txt", tmp_path / "a.safetensors", _options(tmp_path))
     finally:
         holder.release()
+
+
+def test_an_adafactor_run_resumes_bit_for_bit(tmp_path, setup):
+    """Adafactor's factored state goes into the run state and back: 2 steps, then 2 more, end where 4 do."""
+    base, data = setup
+    fixed = dict(optimizer="adafactor", threads=1)
+    whole = fit(base, data, tmp_path / "whole.safetensors", _options(tmp_path, run_dir=None, **fixed))
+    fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, steps=2, **fixed))
+    resumed = fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, steps=4, resume=True, **fixed))
+    assert resumed.first_step == 2 and resumed.losses == whole.losses and whole.losses[-1] != whole.losses[0]
+    a, b = load_checkpoint(tmp_path / "a.safetensors"), load_checkpoint(tmp_path / "whole.safetensors")
+    for name, t in b.tensors.items():
+        assert torch.equal(a.tensors[name], t), name
