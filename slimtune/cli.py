@@ -159,18 +159,17 @@ def fit(a):
     Example: slimtune fit --checkpoint model.safetensors --data my.txt --mem-budget 2GB --out tuned.safetensors
     """
     _require("fit", checkpoint=a.checkpoint, data=a.data)
-    from .checkpoint import default_out, load_checkpoint
+    from .checkpoint import default_out
     from .train import fit as run_fit
     from .train import run_folder_path
 
     target = a.out or default_out(a.checkpoint, a.format, resume=a.resume)
     options = pick(FitOptions, a, run_dir=run_folder_path(a.run_dir, target))
-    ckpt = load_checkpoint(a.checkpoint, **pick(ModelSource, a).model_flags())
     result = _train(
         "fit",
         options,
         lambda on_step: run_fit(
-            ckpt,
+            a.checkpoint,
             a.data,
             target,
             options,
@@ -178,6 +177,7 @@ def fit(a):
             eval_fraction=a.eval_fraction,
             on_step=on_step,
             on_warning=warning,
+            model_flags=pick(ModelSource, a).model_flags(),  # read by fit once it holds the run folder
         ),
     )
     console(a.json).print(fit_table(result))

@@ -613,12 +613,15 @@ def fit(
     eval_fraction: float | None = None,
     on_step: OnStep | None = None,
     on_warning: OnWarning | None = None,
+    model_flags: dict | None = None,
     **overrides,
 ) -> FitResult:
     """Fine-tune a checkpoint on bytes with SLiM and export weights the original model loads unchanged.
 
     Args:
-        checkpoint: a checkpoint path (or a loaded `Checkpoint`).
+        checkpoint: a checkpoint path (or a loaded `Checkpoint`); `model_flags` (n_heads, feature_type,
+            layernorm) fill what a checkpoint without slimtune_config lacks. A path is read once the run folder
+            is held.
         data: a text file's path, or its bytes as a uint8 tensor [N].
         out: where to write the fine-tuned checkpoint (never an input).
         options: a FitOptions; keyword `overrides` (seq_len=, steps=, mem_budget=, ...) replace its fields.
@@ -658,7 +661,7 @@ def fit(
                 )
             data, eval_data = split_held_out(data, eval_fraction)
         if not isinstance(checkpoint, Checkpoint):
-            checkpoint = load_checkpoint(checkpoint)
+            checkpoint = load_checkpoint(checkpoint, **(model_flags or {}))
         check_vocabulary(data, checkpoint.config.vocab_size)
         if eval_data is not None:
             check_vocabulary(eval_data, checkpoint.config.vocab_size, "eval_data")

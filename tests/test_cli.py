@@ -280,7 +280,7 @@ def test_fit_flags_become_the_options_the_library_gets(monkeypatch, tmp_path, ck
         ],
     )
     checkpoint, data, out, options = seen["args"]
-    assert checkpoint.path == ckpt and data == data_dir / "ptb.test.txt"
+    assert checkpoint == ckpt and data == data_dir / "ptb.test.txt"  # fit reads it once it holds the run folder
     assert out == ckpt.with_name("model-tuned")  # the default beside the input (a folder for --format hf)
     expected = dict(
         seq_len=300,
