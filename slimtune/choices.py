@@ -33,11 +33,19 @@ class Choice(str, Enum):
             raise ConfigError(f"`{what}` must be one of {allowed}, got {value!r}", params=(what,)) from None
 
 
+ADAMW_WEIGHT_DECAY = 0.01  # adamw's decay when none is given
+
+
 class Optimizer(Choice):
     SGD = "sgd"  # plain SGD, no momentum, no state
     ADAM = "adam"
     ADAMW = "adamw"  # decoupled weight decay on the weight matrices
     ADAFACTOR = "adafactor"  # factored second moments (rows + columns of each matrix), no first moment
+
+    @property
+    def default_weight_decay(self) -> float:
+        """The weight decay when none is given: ADAMW_WEIGHT_DECAY for adamw, else 0."""
+        return ADAMW_WEIGHT_DECAY if self is Optimizer.ADAMW else 0.0
 
 
 class BenchOptimizer(Choice):

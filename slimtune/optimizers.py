@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .choices import Optimizer
-
-ADAMW_WEIGHT_DECAY = 0.01  # adamw's decay when none is given
+from .choices import ADAMW_WEIGHT_DECAY, Optimizer  # noqa: F401 (ADAMW_WEIGHT_DECAY: re-exported)
 
 
 def default_weight_decay(name: Optimizer | str) -> float:
-    return ADAMW_WEIGHT_DECAY if Optimizer.parse(name, "optimizer") == Optimizer.ADAMW else 0.0
+    return Optimizer.parse(name, "optimizer").default_weight_decay
 
 
 def param_groups(model_or_params, weight_decay: float) -> list[dict]:

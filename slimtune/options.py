@@ -365,7 +365,7 @@ class FitOptions(Runtime, ExportOptions, RunFolderOptions, SlimStep, Optimizatio
             return 0.0
         if self.weight_decay is not None:
             return self.weight_decay
-        return 0.01 if self.optimizer == Optimizer.ADAMW else 0.0  # optimizers.ADAMW_WEIGHT_DECAY
+        return self.optimizer.default_weight_decay
 
     def resume_settings(self) -> dict:
         return super().resume_settings() | {"weight_decay": self.effective_weight_decay}
