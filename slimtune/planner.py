@@ -497,6 +497,7 @@ def probe_room(model: PerformerLM, optimizer_state: int, usable: float, device: 
     if device.type == "cuda":
         held = cuda_context_bytes(device) + torch.cuda.memory_allocated(device)
     else:
+        release_free_heap()  # what measure_optimizer freed would otherwise count as held, and shrink the probes
         held = process_rss()
     return usable - held - params - state
 
