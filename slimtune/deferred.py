@@ -28,6 +28,9 @@ class DeferredLinear(nn.Linear):
     batcher: WeightGradBatcher | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            # A frozen base kept in bf16 (slimtune/lora.py) outside autocast: computed as autocast would.
+            return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
         if self.batcher is None or not torch.is_grad_enabled() or not (self.weight.requires_grad and x.requires_grad):
             return super().forward(x)
         y = F.linear(x, self.weight.detach(), None if self.bias is None else self.bias.detach())
@@ -104,11 +107,12 @@ class WeightGradBatcher:
 
 
 def buffer_bytes(model: nn.Module, rows: int = DEFER_ROWS) -> int:
-    """What a WeightGradBatcher holds at most: rows x (in + out) values per DeferredLinear."""
+    """What a WeightGradBatcher holds at most: rows x (in + out) values per DeferredLinear that trains (a frozen
+    map hands it nothing)."""
     return sum(
         rows * (m.in_features + m.out_features) * m.weight.element_size()
         for m in model.modules()
-        if isinstance(m, DeferredLinear)
+        if isinstance(m, DeferredLinear) and m.weight.requires_grad
     )
 
 

@@ -34,11 +34,19 @@ def gelu(x):
     return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
+def linear(x, p, name, cfg):
+    """x W^T + b, plus a LoRA adapter's (alpha / r) x A^T B^T where p holds one (CONTRACT.md section 4)."""
+    y = x @ p[f"{name}.weight"].T + p[f"{name}.bias"]
+    if f"{name}.lora_A.weight" in p:
+        y = y + cfg["lora_alpha"] / cfg["lora_rank"] * (x @ p[f"{name}.lora_A.weight"].T) @ p[f"{name}.lora_B.weight"].T
+    return y
+
+
 def attention(x, p, prefix, cfg, projection):
     B, L, d = x.shape
     H = cfg["n_heads"]
     dh = d // H
-    lin = lambda name: x @ p[f"{prefix}.{name}.weight"].T + p[f"{prefix}.{name}.bias"]  # noqa: E731
+    lin = lambda name: linear(x, p, f"{prefix}.{name}", cfg)  # noqa: E731
     q, k, v = (lin(n).reshape(B, L, H, dh) for n in ("q_map", "k_map", "v_map"))
     fq, fk = phi(q, cfg["feature_type"], projection), phi(k, cfg["feature_type"], projection)
     S = torch.zeros(B, H, fk.shape[-1], dh, dtype=x.dtype)
@@ -73,8 +81,7 @@ def logits(p, cfg, ids, projections=None):
             return layer_norm(y, p[f"{pre}.layernorm2.weight"], p[f"{pre}.layernorm2.bias"])
 
         def ffn(y, pre=pre):
-            hidden = gelu(y @ p[f"{pre}.U_map.weight"].T + p[f"{pre}.U_map.bias"])
-            return hidden @ p[f"{pre}.V_map.weight"].T + p[f"{pre}.V_map.bias"]
+            return linear(gelu(linear(y, p, f"{pre}.U_map", cfg)), p, f"{pre}.V_map", cfg)
 
         if cfg["on_gptln"]:
             x = x + ln1(attention(x, p, f"{pre}.attention", cfg, proj))
@@ -82,7 +89,7 @@ def logits(p, cfg, ids, projections=None):
         else:
             x = x + attention(ln1(x), p, f"{pre}.attention", cfg, proj)
             x = x + ffn(ln2(x))
-    return x @ p["output_logit_map.weight"].T + p["output_logit_map.bias"]
+    return linear(x, p, "output_logit_map", cfg)
 
 
 def loss_and_grads(state_dict, cfg, windows, mask=None, projections=None):

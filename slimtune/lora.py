@@ -1,0 +1,272 @@
+"""LoRA: low-rank adapters on a Performer's linear maps (CONTRACT.md section 4; Hu et al. 2021).
+
+`add(model, rank=R, alpha=A, targets=...)` freezes every base parameter and gives each target map two fp32
+matrices, `lora_A` [R, in] (initialised like torch.nn.Linear's weight, from a seeded generator) and `lora_B`
+[out, R] (zeros), so the map computes `W x + b + (A / R) lora_B lora_A x` and an untrained adapter changes
+nothing. The base's parameters keep their names: a map `P` holds `P.weight`, `P.bias`, `P.lora_A.weight` and
+`P.lora_B.weight`. SLiM needs nothing special: the adapters are ordinary parameters on the chunk's graph, the
+frozen base maps get no weight gradient (and no batching buffer, slimtune/deferred.py), and x's gradient flows
+through both.
+
+`merge` folds the adapters into the weights; `merged_tensors` does it for an export against the input
+checkpoint's own tensors (each target `W + (A / R) lora_B @ lora_A` in fp32, cast to W's dtype; every other
+tensor bit for bit the input's). `save_adapter` / `load_adapter` read and write PEFT's format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .atomic import atomic_write
+from .deferred import DeferredLinear
+from .errors import CheckpointError, ConfigError
+
+__all__ = ["TARGETS", "DEFAULT_TARGETS", "add", "merge", "adapted", "save_adapter", "load_adapter"]
+
+TARGETS = ("q_map", "k_map", "v_map", "U_map", "V_map", "output_logit_map")
+DEFAULT_TARGETS = TARGETS[:5]  # every linear map of every layer
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+class LoraLinear(DeferredLinear):
+    """A linear map with a low-rank adapter: `W x + b + (alpha / rank) lora_B(lora_A(x))`. It takes the base map's
+    weight and bias (the same Parameters, under the same names)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias
+        self.rank, self.alpha = rank, float(alpha)
+        # fp32 (a float64 model, as in the tests, keeps float64)
+        dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, dtype=dtype)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, dtype=dtype)
+        # torch.nn.Linear's own weight initialisation (Kaiming-uniform, a = sqrt(5)), drawn from `generator`.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_A.to(base.weight.device)
+        self.lora_B.to(base.weight.device)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        own = self.lora_A.weight.dtype
+        if x.dtype == own or torch.is_autocast_enabled(x.device.type):
+            return y + self.scaling * self.lora_B(self.lora_A(x))
+        return y + (self.scaling * self.lora_B(self.lora_A(x.to(own)))).to(y.dtype)  # e.g. a bf16 model
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(alpha / rank) lora_B @ lora_A in `dtype` (fp32): what merging adds to the weight."""
+        return self.scaling * (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype))
+
+
+def parse_targets(targets: str | Iterable[str] | None) -> tuple[str, ...]:
+    """A comma list (or a sequence) of target module names, checked; None: the default (every layer's maps)."""
+    if targets is None:
+        return DEFAULT_TARGETS
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [str(t) for t in targets]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown or not names:
+        raise ConfigError(
+            f"`lora_targets` {','.join(names) or '(empty)'}: "
+            + (f"unknown {', '.join(unknown)}; " if unknown else "")
+            + f"choose from {','.join(TARGETS)}",
+            params=("lora_targets",),
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def check(rank: int, alpha: float | None) -> float:
+    """alpha for `rank` (default 2 * rank), checked."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"`lora_rank` must be an integer >= 1, got {rank!r}", params=("lora_rank",))
+    alpha = 2.0 * rank if alpha is None else float(alpha)
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ConfigError(f"`lora_alpha` must be a positive number, got {alpha!r}", params=("lora_alpha",))
+    return alpha
+
+
+def _target_maps(model: nn.Module, targets: tuple[str, ...]) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
+    """(full name, parent, attribute, module) of each linear map whose own name is one of `targets`."""
+    for name, module in list(model.named_modules()):
+        for attr, child in list(module.named_children()):
+            if attr in targets and isinstance(child, nn.Linear) and not isinstance(module, LoraLinear):
+                yield (f"{name}.{attr}" if name else attr), module, attr, child
+
+
+def add(
+    model: nn.Module,
+    *,
+    rank: int,
+    alpha: float | None = None,
+    targets: str | Iterable[str] | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Freeze every parameter of `model` and put a LoRA adapter on each target map, in place; returns the model.
+
+    Args:
+        rank: R >= 1. alpha: the scale numerator (default 2R); the adapter adds (alpha / R) lora_B lora_A x.
+        targets: module names out of TARGETS (a comma list or a sequence); default: every layer's maps.
+        seed: seeds lora_A's initialisation (map by map, in the model's order); lora_B starts at zeros.
+
+    Example:
+        slimtune.lora.add(model, rank=8)
+        loss = slim_step(model, windows, chunk_size=256)  # gradients in the adapters only
+    """
+    alpha = check(rank, alpha)
+    targets = parse_targets(targets)
+    if adapted(model):
+        raise ConfigError("the model already has LoRA adapters: merge them first (slimtune.lora.merge)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    for _, parent, attr, child in _target_maps(model, targets):
+        setattr(parent, attr, LoraLinear(child, rank, alpha, generator))
+    return model
+
+
+def adapters(model: nn.Module) -> dict[str, LoraLinear]:
+    """The adapted maps by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def adapted(model: nn.Module) -> bool:
+    return any(isinstance(m, LoraLinear) for m in model.modules())
+
+
+def settings(model: nn.Module) -> dict:
+    """rank, alpha and target names of an adapted model (empty when it has none)."""
+    maps = adapters(model)
+    if not maps:
+        return {}
+    first = next(iter(maps.values()))
+    names = sorted({name.rsplit(".", 1)[-1] for name in maps}, key=TARGETS.index)
+    return {"rank": first.rank, "alpha": first.alpha, "targets": names}
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its map's weight (in fp32, cast back to the weight's dtype) and remove it, in
+    place; the base's parameters stay frozen. Returns the model."""
+    for module in list(model.modules()):
+        for attr, child in list(module.named_children()):
+            if isinstance(child, LoraLinear):
+                wide = torch.promote_types(torch.float32, child.weight.dtype)  # fp32, or float64's own
+                with torch.no_grad():
+                    child.weight.copy_((child.weight.to(wide) + child.delta(wide)).to(child.weight.dtype))
+                has_bias = child.bias is not None
+                plain = DeferredLinear(child.in_features, child.out_features, bias=has_bias, device="meta")
+                plain.weight, plain.bias = child.weight, child.bias
+                setattr(module, attr, plain)
+    return model
+
+
+def merged_tensors(model: nn.Module, base: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The export of an adapted model against its input checkpoint's tensors `base` ((name, tensor) pairs, in
+    the input's dtypes): each target weight W + (alpha / R) lora_B @ lora_A computed in fp32 and cast to W's
+    dtype; every other tensor as it is."""
+    deltas = {f"{name}.weight": m.delta().detach().cpu() for name, m in adapters(model).items()}
+    out = {}
+    for name, tensor in base:
+        if name in deltas:
+            tensor = (tensor.float() + deltas[name]).to(tensor.dtype)
+        out[name] = tensor.contiguous()
+    return out
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors under PEFT's names (base_model.model.P.lora_A.weight, ...), on the CPU."""
+    return {
+        f"{PEFT_PREFIX}{name}.{part}.weight": getattr(m, part).weight.detach().to("cpu", torch.float32).contiguous()
+        for name, m in adapters(model).items()
+        for part in ("lora_A", "lora_B")
+    }
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, *, metadata: dict | None = None) -> Path:
+    """Write the adapters alone in PEFT's format: DIR/adapter_config.json and DIR/adapter_model.safetensors
+    (atomically: a crash leaves the previous folder or the new one). Returns the folder."""
+    from safetensors.torch import save_file
+
+    found = settings(model)
+    if not found:
+        raise ConfigError("the model has no LoRA adapters to save: add them with slimtune.lora.add")
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": found["rank"],
+        "lora_alpha": found["alpha"],
+        "target_modules": found["targets"],
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    metadata = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+    folder = Path(folder)
+    with atomic_write(folder, folder=True) as tmp:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(adapter_state(model), str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
+    return folder
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike, *, trainable: bool = False) -> nn.Module:
+    """Put the adapter saved in `folder` (PEFT's format) onto `model`, in place; returns the model. The base is
+    frozen; `trainable`: the adapters train on (else they are frozen too, for evaluation or generation)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{folder} is not a readable adapter folder ({e}): give the folder `adapter_out` wrote"
+        ) from None
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        raise CheckpointError(f"{folder}: peft_type {config.get('peft_type')!r} is not LORA")
+    targets = [t.rsplit(".", 1)[-1] for t in config.get("target_modules", [])]
+    add(model, rank=int(config["r"]), alpha=float(config["lora_alpha"]), targets=targets)
+    maps = adapters(model)
+    expected = {f"{PEFT_PREFIX}{name}.{part}.weight" for name in maps for part in ("lora_A", "lora_B")}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise CheckpointError(
+            f"{folder}: the adapter does not match the model (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    with torch.no_grad():
+        for name, m in maps.items():
+            for part in ("lora_A", "lora_B"):
+                weight = getattr(m, part).weight
+                saved = tensors[f"{PEFT_PREFIX}{name}.{part}.weight"]
+                if saved.shape != weight.shape:
+                    raise CheckpointError(
+                        f"{folder}: {name}.{part} has shape {list(saved.shape)}, expected {list(weight.shape)}"
+                    )
+                weight.copy_(saved)
+                weight.requires_grad_(trainable)
+    return model
+
+
+def freeze_base_to(model: nn.Module, dtype: torch.dtype) -> int:
+    """Keep the frozen weights and biases of the layers' linear maps in `dtype` (bf16: 2 bytes a value); the
+    embedding, the layer norms, the output map and the adapters stay as they are (a few percent of the weights,
+    and what the attention states' dtype follows). Returns the bytes saved."""
+    saved = 0
+    for m in model.modules():
+        if isinstance(m, DeferredLinear) and m is not getattr(model, "output_logit_map", None):
+            for p in (m.weight, m.bias):
+                if p is not None and not p.requires_grad and p.dtype != dtype:
+                    saved += p.numel() * (p.element_size() - torch.empty((), dtype=dtype).element_size())
+                    p.data = p.data.to(dtype)
+    return saved

@@ -1,0 +1,213 @@
+"""LoRA adapters (slimtune/lora.py, CONTRACT.md section 4): SLiM's adapter gradients against the float64 reference
+extended with adapters and against full backprop; the untrained adapter changes nothing; merge and the merged
+export; PEFT's adapter format; a frozen bf16 base."""
+
+import copy
+import json
+import math
+
+import pytest
+import reference
+import torch
+from helpers import assert_close, projections, rel_err, tiny_model
+from safetensors.torch import load_file
+
+from slimtune import lora
+from slimtune.errors import CheckpointError, ConfigError
+from slimtune.slim import slim_step
+
+L = 100
+FEATURES = ["sqr", "relu", "elu+1", "abs", "favor+"]
+_cache = {}
+
+
+def adapted(feature="sqr", post=True, dtype=torch.float64, rank=3, alpha=None, targets=None, seed=0):
+    """A tiny model with adapters whose lora_B is random (the untrained zeros would hide lora_A's gradient)."""
+    model = tiny_model(feature, post, dtype=dtype)
+    lora.add(model, rank=rank, alpha=alpha, targets=targets, seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for m in lora.adapters(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.3)
+    return model.to(dtype)
+
+
+def windows(B=2, seed=0):
+    return torch.randint(0, 256, (B, L + 1), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_grads(model, w):
+    cfg = model.config.to_dict() | {"lora_rank": 3, "lora_alpha": 6.0}
+    return reference.loss_and_grads(model.state_dict(), cfg, w, None, projections(model))
+
+
+def expected(feature, post, targets):
+    key = (feature, post, targets)
+    if key not in _cache:
+        _cache[key] = reference_grads(adapted(feature, post, targets=targets), windows())
+    return _cache[key]
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["plain", "batched"])
+@pytest.mark.parametrize("C", [1, 7, 64, L], ids=lambda c: f"C{c}")
+@pytest.mark.parametrize("post", [True, False], ids=["postLN", "preLN"])
+@pytest.mark.parametrize("feature", FEATURES)
+def test_adapter_gradients_are_the_float64_references(feature, post, C, batched):
+    ref_loss, ref_grads = expected(feature, post, None)
+    model = adapted(feature, post)
+    recovery = "store" if feature == "relu" else "subtract64"  # as in test_slim: relu's near-zero normalisers
+    loss = slim_step(model, windows(), C, recovery=recovery, batch_weight_grads=batched)
+    assert_close(loss, ref_loss, 1e-10, "loss")
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in name for name in trained)
+    assert len(trained) == 2 * 5 * model.config.n_layers  # q, k, v, U, V of every layer: A and B
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close(p.grad, ref_grads[name], 1e-10, name)
+        else:
+            assert p.grad is None, f"the frozen {name} got a gradient"
+
+
+def test_the_output_map_can_be_a_target_too():
+    ref_loss, ref_grads = expected("sqr", True, "q_map,output_logit_map")
+    model = adapted(targets="q_map,output_logit_map")
+    slim_step(model, windows(), 7)
+    trained = sorted(name for name, p in model.named_parameters() if p.requires_grad)
+    assert trained == sorted(
+        f"{m}.{part}.weight"
+        for m in ["output_logit_map"] + [f"layers.{i}.attention.q_map" for i in range(2)]
+        for part in ("lora_A", "lora_B")
+    )
+    for name in trained:
+        assert_close(model.get_parameter(name).grad, ref_grads[name], 1e-10, name)
+
+
+@pytest.mark.parametrize("C", [1, 16, L])
+def test_fp32_slim_matches_full_backprop_of_the_same_lora_model(C):
+    model = adapted(dtype=torch.float32)
+    slim_step(model, windows(), L)
+    full = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    slim_step(model, windows(), C)
+    for name, g in full.items():
+        assert_close(model.get_parameter(name).grad, g, 1e-5, name)
+
+
+def test_an_untrained_adapter_changes_nothing_and_its_lora_B_learns_at_once():
+    """lora_B starts at zeros: the logits are the base's. Its gradient is not zero after one step (recomputation
+    with frozen inputs can silently give an all-zero adapter), lora_A's is (it only matters through lora_B)."""
+    base = tiny_model("sqr", True, dtype=torch.float64)
+    model = tiny_model("sqr", True, dtype=torch.float64)
+    lora.add(model, rank=4)
+    ids = windows()[:, :-1]
+    assert torch.equal(model(ids), base(ids))
+    _, ref_grads = reference.loss_and_grads(
+        model.state_dict(), model.config.to_dict() | {"lora_rank": 4, "lora_alpha": 8.0}, windows()
+    )
+    slim_step(model, windows(), 7)
+    for name, m in lora.adapters(model).items():
+        assert m.lora_B.weight.grad.abs().max() > 0, f"{name}: lora_B got an all-zero gradient"
+        assert_close(m.lora_B.weight.grad, ref_grads[f"{name}.lora_B.weight"], 1e-10, name)
+        assert m.lora_A.weight.grad.abs().max() == 0
+
+
+def test_lora_A_starts_like_a_linear_weight_from_the_seed():
+    """Kaiming-uniform with a = sqrt(5): uniform on +-1/sqrt(in) (torch.nn.Linear's rule); the seed decides."""
+    one, same, other = (lora.add(tiny_model(dtype=torch.float32), rank=4, seed=s) for s in (3, 3, 4))
+    for name, m in lora.adapters(one).items():
+        bound = 1 / math.sqrt(m.in_features)
+        w = m.lora_A.weight
+        assert w.abs().max() <= bound and w.abs().max() > 0.5 * bound and w.std() > 0.4 * bound
+        assert torch.equal(w, lora.adapters(same)[name].lora_A.weight)
+        assert not torch.equal(w, lora.adapters(other)[name].lora_A.weight)
+        assert torch.count_nonzero(m.lora_B.weight) == 0 and m.lora_A.weight.dtype == torch.float32
+
+
+def test_merge_gives_the_adapted_models_logits_and_the_base_names():
+    model = adapted(alpha=5.0)
+    ids = windows()[:, :-1]
+    before = model(ids)
+    names = set(tiny_model().state_dict())
+    lora.merge(model)
+    assert set(model.state_dict()) == names
+    assert_close(model(ids), before, 1e-12, "merged logits")
+
+
+def test_the_merged_export_changes_only_the_targets_against_the_input_tensors():
+    model = adapted(dtype=torch.float32, targets="k_map,V_map")
+    base = {n: t.to(torch.bfloat16 if "V_map" in n else torch.float32) for n, t in tiny_model().state_dict().items()}
+    merged = lora.merged_tensors(model, base.items())
+    for name, tensor in base.items():
+        assert merged[name].dtype == tensor.dtype and merged[name].shape == tensor.shape
+        target = name.endswith(("k_map.weight", "V_map.weight"))
+        if not target:
+            assert torch.equal(merged[name], tensor), name
+            continue
+        prefix = name.removesuffix(".weight")
+        A = model.get_parameter(f"{prefix}.lora_A.weight").double()
+        B = model.get_parameter(f"{prefix}.lora_B.weight").double()
+        want = (tensor.double() + 2.0 * B @ A).to(tensor.dtype)  # alpha 2R over R
+        assert torch.allclose(merged[name].double(), want.double(), rtol=0, atol=2e-2 if "V_map" in name else 1e-6)
+        assert not torch.equal(merged[name], tensor)
+
+
+def test_the_adapter_is_written_in_peft_format_and_reads_back(tmp_path):
+    model = adapted(dtype=torch.float32, rank=2, alpha=3.0, targets="q_map,U_map")
+    folder = lora.save_adapter(model, tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 3.0
+    assert config["target_modules"] == ["q_map", "U_map"]
+    assert config["lora_dropout"] == 0.0 and config["bias"] == "none"
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    a = tensors["base_model.model.layers.0.attention.q_map.lora_A.weight"]
+    b = tensors["base_model.model.layers.1.U_map.lora_B.weight"]
+    assert list(a.shape) == [2, 16] and list(b.shape) == [32, 2] and len(tensors) == 8
+    again = lora.load_adapter(tiny_model(dtype=torch.float32), folder)
+    ids = windows()[:, :-1]
+    assert torch.equal(again(ids), model(ids))
+    assert not any(p.requires_grad for p in again.parameters())
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        lora.load_adapter(tiny_model(dtype=torch.float32, n_layers=3), folder)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(rank=0), "`lora_rank` must be an integer >= 1"),
+        (dict(rank=2, alpha=-1), "`lora_alpha` must be a positive number"),
+        (dict(rank=2, targets="q_map,o_proj"), "unknown o_proj"),
+        (dict(rank=2, targets=","), r"\(empty\)"),
+    ],
+)
+def test_bad_settings_are_refused(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        lora.add(tiny_model(), **kw)
+
+
+def test_a_frozen_bf16_base_trains_its_fp32_adapters_as_bf16_full_backprop_does():
+    """The layers' frozen maps in bf16 (2 bytes a value), adapters fp32. Against the same weights in float64, SLiM
+    under bf16 autocast at C = 16 is as close as a bf16 full-backprop step (C = L) is."""
+    model = adapted(dtype=torch.float32)
+    fp32_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    saved = lora.freeze_base_to(model, torch.bfloat16)
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) == fp32_bytes - saved > 0
+    assert model.layers[0].attention.q_map.weight.dtype == torch.bfloat16
+    assert model.layers[0].attention.q_map.lora_A.weight.dtype == torch.float32
+    assert model.output_logit_map.weight.dtype == torch.float32 and model.dtype == torch.float32
+    exact = copy.deepcopy(model).double()
+    slim_step(exact, windows(), L)
+
+    def errors(C):
+        model.zero_grad(set_to_none=True)
+        slim_step(model, windows(), C, precision="bf16")
+        for p in model.parameters():
+            assert (p.grad is None) != p.requires_grad and (p.grad is None or p.grad.dtype == torch.float32)
+        return {n: rel_err(p.grad, exact.get_parameter(n).grad) for n, p in model.named_parameters() if p.requires_grad}
+
+    full, slim = errors(L), errors(16)
+    assert max(full.values()) < 0.1  # bf16 is bf16
+    for name, err in slim.items():
+        assert err <= 2 * full[name] + 1e-3, f"{name}: SLiM {err:.2e}, full backprop {full[name]:.2e}"
+    with torch.no_grad():  # outside autocast the bf16 maps compute as autocast would
+        logits = model(windows()[:, :-1])
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
