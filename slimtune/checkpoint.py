@@ -259,6 +259,16 @@ def load_checkpoint(
     return Checkpoint(path=path, config=config, tensors=tensors, extra_config=extra, metadata=other)
 
 
+def read_tensors(checkpoint: Checkpoint, names) -> dict[str, torch.Tensor]:
+    """Tensors `names` of a checkpoint's file, as stored (a .safetensors file reads only these)."""
+    names = list(names)
+    if checkpoint.path.suffix.lower() in TORCH_SUFFIXES:
+        tensors = _read_torch(checkpoint.path)
+        return {n: tensors[n] for n in names}
+    with safe_open(str(checkpoint.path), framework="pt") as f:
+        return {n: f.get_tensor(n) for n in names}
+
+
 def export_tensors(
     state: dict[str, torch.Tensor], like: Checkpoint, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:

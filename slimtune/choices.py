@@ -68,6 +68,22 @@ class Precision(Choice):
         return torch.bfloat16 if self is Precision.BF16 else None
 
 
+class BaseDtype(Choice):
+    FP32 = "fp32"
+    BF16 = "bf16"  # the frozen layers' weights in bf16 (2 bytes a value), computed under bf16 autocast
+
+    @property
+    def dtype(self):
+        import torch
+
+        return torch.bfloat16 if self is BaseDtype.BF16 else torch.float32
+
+
+# The linear maps LoRA may adapt (CONTRACT.md section 4), and the default: every layer's (all but the output map).
+LORA_TARGETS = ("q_map", "k_map", "v_map", "U_map", "V_map", "output_logit_map")
+LORA_DEFAULT_TARGETS = LORA_TARGETS[:5]
+
+
 class Recovery(Choice):
     SUBTRACT64 = "subtract64"  # the paper's subtraction with float64 states (default)
     SUBTRACT = "subtract"  # the paper as published: states in the compute dtype

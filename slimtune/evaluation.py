@@ -153,6 +153,12 @@ def _half_bpc(model: PerformerLM, window: torch.Tensor, half: int, chunk_size: i
     return position_nll(model, window, chunk_size)[:, half:].mean().item() / math.log(2)
 
 
+def _restore(params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+
+
 def adapt_one_step(
     model: PerformerLM,
     data: torch.Tensor,
@@ -167,9 +173,9 @@ def adapt_one_step(
 ) -> AdaptResult:
     """The paper's on-device protocol: for `windows` windows of seq_len + 1 bytes at seeded random offsets, the
     bpc of the second half before and after one plain-SGD step on the first half's loss, each window starting
-    again from the original weights. The step runs SLiM at `chunk_size` over the first half: an integer,
-    "full" (ordinary backprop), or "auto"/None (the largest C that fits `mem_budget`, counting the copy of the
-    weights this keeps to start each window from)."""
+    again from the original weights (of the parameters that train: a LoRA model's adapters). The step runs SLiM
+    at `chunk_size` over the first half: an integer, "full" (ordinary backprop), or "auto"/None (the largest C
+    that fits `mem_budget`, counting the copy of the trainable weights this keeps to start each window from)."""
     if seq_len < 4 or data.numel() < seq_len + 1:
         raise ConfigError(
             f"one-step adaptation needs `seq_len` >= 4 and at least `seq_len` + 1 = {seq_len + 1} bytes of data",
@@ -177,31 +183,32 @@ def adapt_one_step(
         )
     half_len = max(1, seq_len // 2)
     given = chunk_request(chunk_size, half_len)
-    copy = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}  # a LoRA model: its adapters
+    copy = sum(p.numel() * p.element_size() for p in trainable.values())
     planned = plan_if_needed(model, Workload(half_len, 1, "sgd", copies_bytes=copy), mem_budget, given)
     chunk_size = given if planned is None else planned.chunk_size
     check_vocabulary(data, model.config.vocab_size)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    original = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    original = {name: p.detach().clone() for name, p in trainable.items()}
     half = seq_len // 2
     offsets = torch.randint(0, data.numel() - seq_len, (windows,), generator=generator).tolist()
     before, after = [], []
     for i, offset in enumerate(offsets):
         window = data[offset : offset + seq_len + 1].long()[None].to(device)
-        model.load_state_dict(original)
+        _restore(trainable, original)
         model.redraw_features(generator)
         before.append(_half_bpc(model, window, half, chunk_size))
         model.zero_grad(set_to_none=True)
         slim_step(model, window[:, : half + 1], chunk_size)  # the first half: its predictions only
         with torch.no_grad():
-            for p in model.parameters():
+            for p in trainable.values():
                 p -= lr * p.grad
         model.zero_grad(set_to_none=True)
         after.append(_half_bpc(model, window, half, chunk_size))
         if on_progress:
             on_progress(i + 1, windows)
-    model.load_state_dict(original)
+    _restore(trainable, original)
     b, a = sum(before) / len(before), sum(after) / len(after)
     return AdaptResult(
         bpc_before=b, bpc_after=a, difference=a - b, windows=windows, seq_len=seq_len, chunk_size=chunk_size, lr=lr

@@ -25,13 +25,14 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write
+from .choices import LORA_DEFAULT_TARGETS, LORA_TARGETS
 from .deferred import DeferredLinear
 from .errors import CheckpointError, ConfigError
+from .options import lora_targets
 
 __all__ = ["TARGETS", "DEFAULT_TARGETS", "add", "merge", "adapted", "save_adapter", "load_adapter"]
 
-TARGETS = ("q_map", "k_map", "v_map", "U_map", "V_map", "output_logit_map")
-DEFAULT_TARGETS = TARGETS[:5]  # every linear map of every layer
+TARGETS, DEFAULT_TARGETS = LORA_TARGETS, LORA_DEFAULT_TARGETS  # every linear map of every layer by default
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
@@ -72,19 +73,7 @@ class LoraLinear(DeferredLinear):
 
 def parse_targets(targets: str | Iterable[str] | None) -> tuple[str, ...]:
     """A comma list (or a sequence) of target module names, checked; None: the default (every layer's maps)."""
-    if targets is None:
-        return DEFAULT_TARGETS
-    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [str(t) for t in targets]
-    names = [n for n in names if n]
-    unknown = [n for n in names if n not in TARGETS]
-    if unknown or not names:
-        raise ConfigError(
-            f"`lora_targets` {','.join(names) or '(empty)'}: "
-            + (f"unknown {', '.join(unknown)}; " if unknown else "")
-            + f"choose from {','.join(TARGETS)}",
-            params=("lora_targets",),
-        )
-    return tuple(dict.fromkeys(names))
+    return DEFAULT_TARGETS if targets is None else lora_targets(targets)
 
 
 def check(rank: int, alpha: float | None) -> float:

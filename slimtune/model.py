@@ -19,8 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import lora
 from .attention import causal_linear_attention, state_contribution
-from .checkpoint import Checkpoint, export_tensors, file_sha256, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    expected_shapes,
+    export_tensors,
+    file_sha256,
+    load_checkpoint,
+    read_tensors,
+    save_checkpoint,
+)
 from .choices import ExportDtype, ExportFormat
 from .config import PerformerConfig
 from .deferred import DeferredLinear
@@ -175,6 +184,8 @@ class PerformerLM(nn.Module):
         """
         cast = ExportDtype.parse(dtype, "dtype").dtype
         state = self.state_dict()
+        if lora.adapted(self):  # the adapters merged into the input's own tensors (CONTRACT.md section 4)
+            state = lora.merged_tensors(self, self._base_tensors(state).items())
         if self.source is not None:
             tensors = export_tensors(state, self.source, cast)
             config = self.source.extra_config | (extra_config or {})
@@ -192,6 +203,22 @@ class PerformerLM(nn.Module):
             provenance=provenance | (metadata or {}),
             fmt=ExportFormat.parse(format, "format"),
         )
+
+    def _base_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The base weights as the input checkpoint holds them: from memory where it holds them without loss (an
+        fp32 copy of fp32, bf16 or fp16), else read again from the checkpoint's file (a bf16 base of an fp32 input)."""
+        names = list(expected_shapes(self.config))
+        if self.source is None:
+            return {n: state[n] for n in names}
+        stored = self.source.tensors
+        exact = {torch.float32: (torch.float32, torch.bfloat16, torch.float16)}
+        lossy = [
+            n
+            for n in names
+            if state[n].dtype != stored[n].dtype and stored[n].dtype not in exact.get(state[n].dtype, ())
+        ]
+        reread = read_tensors(self.source, lossy) if lossy else {}
+        return {n: reread[n] if n in reread else state[n].detach().to("cpu", stored[n].dtype) for n in names}
 
     @property
     def dtype(self) -> torch.dtype:

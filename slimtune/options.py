@@ -19,7 +19,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from .choices import (
+    LORA_DEFAULT_TARGETS,
+    LORA_TARGETS,
     Adapt,
+    BaseDtype,
     Choice,
     ExportDtype,
     ExportFormat,
@@ -250,6 +253,72 @@ class Optimization(Options):
 
 
 @dataclass(frozen=True)
+class Adapters(Options):
+    """Parameter memory (CONTRACT.md section 4): LoRA adapters on a frozen base, the base's dtype, the adapter's
+    own export."""
+
+    lora_rank: int = option(
+        0,
+        "--lora-rank",
+        "LoRA: freeze the base and train rank-R adapters on each target map (e.g. --lora-rank 8); 0: full "
+        "fine-tuning. --out is still the whole model, with the adapters merged in.",
+        min=0,
+        resume=True,
+        record=True,
+    )
+    lora_alpha: float | None = option(
+        None,
+        "--lora-alpha",
+        "LoRA scale: the adapters add (ALPHA / R) B A x. Default: 2R.",
+        above=0.0,
+        show_default=False,
+        resume=True,
+        record=True,
+    )
+    lora_targets: str = option(
+        ",".join(LORA_DEFAULT_TARGETS),
+        "--lora-targets",
+        f"LoRA: comma list of the maps that get adapters, out of {','.join(LORA_TARGETS)}.",
+        resume=True,
+        record=True,
+    )
+    base_dtype: BaseDtype = option(
+        BaseDtype.FP32,
+        "--base-dtype",
+        "With --lora-rank: bf16 keeps the frozen layers' weights in 2 bytes and computes under bf16 autocast "
+        "(--precision bf16); adapters and their gradients stay fp32.",
+        resume=True,
+        record=True,
+    )
+    adapter_out: Path | None = option(
+        None,
+        "--adapter-out",
+        "With --lora-rank: also write the adapter alone, in PEFT's format, to this folder (e.g. --adapter-out "
+        "tuned.adapter: adapter_config.json, adapter_model.safetensors).",
+        show_default=False,
+    )
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return lora_targets(self.lora_targets)
+
+
+def lora_targets(targets) -> tuple[str, ...]:
+    """A comma list (or a sequence) of LoRA target module names, checked (ConfigError naming the unknown ones)."""
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [str(t) for t in targets]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in LORA_TARGETS]
+    if unknown or not names:
+        raise ConfigError(
+            f"`lora_targets` {','.join(names) or '(empty)'}: "
+            + (f"unknown {', '.join(unknown)}; " if unknown else "")
+            + f"choose from {','.join(LORA_TARGETS)}",
+            params=("lora_targets",),
+        )
+    return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
 class SlimStep(Options):
     """How one step is computed: the chunk size and what bounds it, state recovery, precision."""
 
@@ -341,11 +410,27 @@ class Runtime(Options):
 
 
 @dataclass(frozen=True)
-class FitOptions(Runtime, ExportOptions, RunFolderOptions, SlimStep, Optimization, DataOptions):
+class FitOptions(Runtime, ExportOptions, RunFolderOptions, SlimStep, Adapters, Optimization, DataOptions):
     """What `slimtune.fit` and `slimtune.pretrain` take: the training groups, flat (`options.seq_len`)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.base_dtype == BaseDtype.BF16:  # a bf16 base computes under bf16 autocast (its flag's help says so)
+            object.__setattr__(self, "precision", Precision.BF16)
 
     def check(self) -> None:
         super().check()
+        if self.lora_rank:
+            self.targets  # noqa: B018 (checks them)
+        else:
+            given = [name for name in ("lora_alpha", "adapter_out") if getattr(self, name) is not None]
+            given += ["base_dtype=bf16"] if self.base_dtype == BaseDtype.BF16 else []
+            if given:
+                raise ConfigError(
+                    f"{', '.join(f'`{g}`' for g in given)} {'needs' if len(given) == 1 else 'need'} LoRA: give "
+                    "`lora_rank` (e.g. 8)",
+                    params=("lora_rank",),
+                )
         chunk_request(self.chunk_size, self.seq_len)
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)):
             raise ConfigError(f"`threads` must be a positive integer, got {self.threads!r}", params=("threads",))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import threads
+from . import lora, threads
 from .checkpoint import Checkpoint, check_output_path, file_sha256, load_checkpoint
 from .choices import Schedule, Task
 from .data import check_vocabulary, copy_windows, first_windows, random_windows, read_bytes, split_held_out
@@ -66,6 +66,9 @@ class FitResult:
     memory_counts: str = ""  # what peak_memory_bytes counts on this device
     run: dict = field(default_factory=dict)  # the run plan (runplan.RunPlan), as decided before the first step
     run_dir: str | None = None
+    lora_rank: int = 0  # 0: full fine-tuning
+    trainable_parameters: int = 0  # elements of the parameters that trained
+    adapter_out: str | None = None  # where the adapter alone was written (PEFT's format)
     model: PerformerLM | None = field(default=None, repr=False, compare=False)  # the trained model, in memory
 
     def to_json(self) -> dict:
@@ -560,8 +563,19 @@ def _train(model, data, out, options: FitOptions, held, on_step, warn, eval_data
         memory_counts=memory_counts(trainer.device),
         run={k: v for k, v in trainer.run.to_json().items() if k != "planner"},  # the planner's: `plan`
         run_dir=options.run_dir,
+        lora_rank=options.lora_rank,
+        trainable_parameters=trainer.run.trainable_parameters,
         model=model,
     )
+
+
+def _parameter_strategy(model: PerformerLM, options: FitOptions) -> None:
+    """What trains and in which dtype, before the run is planned (the planner measures the model as it will
+    train): with `lora_rank`, the base frozen with adapters on the targets (fp32, lora_A from `seed`), the frozen
+    layers' weights in `base_dtype`."""
+    if options.lora_rank:
+        lora.add(model, rank=options.lora_rank, alpha=options.lora_alpha, targets=options.targets, seed=options.seed)
+        lora.freeze_base_to(model, options.base_dtype.dtype)
 
 
 def _provenance(result: FitResult, options: FitOptions, data_path) -> dict:
@@ -649,6 +663,12 @@ def fit(
         data_path = data_path or data
     source = checkpoint.path if isinstance(checkpoint, Checkpoint) else checkpoint
     out = check_output_path(out, source, data_path, fmt=options.format)
+    if options.adapter_out is not None:
+        if Path(options.adapter_out).resolve() == out.resolve():
+            raise ConfigError(
+                "`adapter_out` is the same path as `out`: give it a folder of its own", params=("adapter_out",)
+            )
+        check_output_path(options.adapter_out, source, data_path, fmt="hf")
     with _held_folder(options) as held:
         if not isinstance(data, torch.Tensor):
             data = read_bytes(data, min_length=2)
@@ -667,15 +687,20 @@ def fit(
             check_vocabulary(eval_data, checkpoint.config.vocab_size, "eval_data")
         device, group = _start(data, options)
         model = PerformerLM.from_checkpoint(checkpoint, device=device)  # holds the weights: one copy in memory
+        _parameter_strategy(model, options)
         result = _train(model, data, out, options, held, on_step, warn, eval_data, group, started)
         if group.main:
+            provenance = {"world_size": group.world} | _provenance(result, options, data_path)
             model.save_pretrained(
                 out,
                 format=options.format,
                 dtype=options.dtype,
-                metadata={"world_size": group.world} | _provenance(result, options, data_path),
+                metadata=provenance,
                 extra_config={"seq_len": options.seq_len},
             )
+            if options.adapter_out is not None:
+                lora.save_adapter(model, options.adapter_out, metadata=provenance)
+                result.adapter_out = str(options.adapter_out)
         barrier()  # the other ranks wait until rank 0 has exported
     result.seconds = time.perf_counter() - started
     return result
