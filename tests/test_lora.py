@@ -211,3 +211,120 @@ def test_a_frozen_bf16_base_trains_its_fp32_adapters_as_bf16_full_backprop_does(
     with torch.no_grad():  # outside autocast the bf16 maps compute as autocast would
         logits = model(windows()[:, :-1])
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+# -- fit with LoRA, end to end ------------------------------------------------------------------------------------
+
+
+def _cli(capsys, *args):
+    from slimtune.cli import main
+
+    code = main([str(a) for a in args] + ["--device", "cpu"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _base(tmp_path, dtype=torch.float32):
+    from helpers import save_model
+
+    model = tiny_model(dtype=torch.float32, hidden_dim=32, n_layers=2, ffn_dim=64, n_heads=2).to(dtype)
+    return save_model(tmp_path / "base.safetensors", model)
+
+
+def _fit(capsys, tmp_path, base, data_dir, *args, out="tuned.safetensors"):
+    code, stdout, err = _cli(
+        capsys, "fit", "--checkpoint", base, "--data", data_dir / "tinyshakespeare.txt", "--seq-len", 128,
+        "--chunk-size", 32, "--steps", 3, "--lr", 0.01, "--out", tmp_path / out, "--json", *args,
+    )  # fmt: skip
+    assert code == 0, err
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_fit_with_lora_exports_the_merged_model_and_the_peft_adapter(capsys, tmp_path, data_dir):
+    """--out: each target W + (ALPHA / R) B @ A (from the adapter file, computed here) in the input's dtype, every
+    other tensor bit for bit the input's; the plain model loads it and gives the adapted model's logits."""
+    from slimtune.checkpoint import load_checkpoint
+    from slimtune.model import PerformerLM
+
+    base = _base(tmp_path)
+    result = _fit(capsys, tmp_path, base, data_dir, "--lora-rank", 2, "--lora-alpha", 3, "--lora-targets",
+                  "q_map,V_map", "--adapter-out", tmp_path / "adapter")  # fmt: skip
+    assert result["lora_rank"] == 2
+    assert result["trainable_parameters"] == 2 * (2 * (32 + 32) + 2 * (64 + 32))  # layers x (q: 32->32, V: 64->32)
+    assert result["final_loss"] < result["loss"]
+    before, after = load_checkpoint(base), load_checkpoint(tmp_path / "tuned.safetensors")
+    adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert after.tensors.keys() == before.tensors.keys() and after.config == before.config
+    changed = 0
+    for name, w in before.tensors.items():
+        got = after.tensors[name]
+        assert got.dtype == w.dtype and got.shape == w.shape
+        prefix = f"base_model.model.{name.removesuffix('.weight')}"
+        if f"{prefix}.lora_A.weight" not in adapter:
+            assert torch.equal(got, w), f"{name} changed"
+            continue
+        A, B = adapter[f"{prefix}.lora_A.weight"].double(), adapter[f"{prefix}.lora_B.weight"].double()
+        assert torch.allclose(got.double(), w.double() + 1.5 * B @ A, rtol=0, atol=1e-6), name
+        changed += not torch.equal(got, w)
+    assert changed == 4
+    merged = PerformerLM.from_pretrained(tmp_path / "tuned.safetensors")
+    adapted_model = lora.load_adapter(PerformerLM.from_pretrained(base), tmp_path / "adapter")
+    ids = windows()[:, :64]
+    assert_close(merged(ids), adapted_model(ids), 1e-5, "merged against base + adapter")
+
+
+def test_a_bf16_base_exports_every_untouched_tensor_bit_for_bit(capsys, tmp_path, data_dir):
+    """The frozen maps lived in bf16; the export re-reads them from the fp32 input rather than widening the bf16."""
+    from slimtune.checkpoint import load_checkpoint
+
+    base = _base(tmp_path)
+    result = _fit(capsys, tmp_path, base, data_dir, "--lora-rank", 4, "--lora-targets", "q_map", "--base-dtype", "bf16")
+    assert result["run"]["compute_dtype"] == "bfloat16"
+    before, after = load_checkpoint(base), load_checkpoint(tmp_path / "tuned.safetensors")
+    for name, w in before.tensors.items():
+        if "q_map.weight" not in name:
+            assert torch.equal(after.tensors[name], w) and after.tensors[name].dtype == torch.float32, name
+
+
+def test_a_resumed_lora_run_is_bit_for_bit_the_uninterrupted_one(capsys, tmp_path, data_dir):
+    base = _base(tmp_path)
+    _fit(capsys, tmp_path, base, data_dir, "--lora-rank", 2, "--steps", 4, out="once.safetensors")
+    _fit(capsys, tmp_path, base, data_dir, "--lora-rank", 2, "--steps", 2, out="twice.safetensors")
+    _fit(capsys, tmp_path, base, data_dir, "--lora-rank", 2, "--steps", 4, "--resume", out="twice.safetensors")
+    once, twice = load_file(str(tmp_path / "once.safetensors")), load_file(str(tmp_path / "twice.safetensors"))
+    assert all(torch.equal(once[n], twice[n]) for n in once)
+    code, _, err = _cli(capsys, "fit", "--checkpoint", base, "--data", data_dir / "tinyshakespeare.txt", "--seq-len",
+                        128, "--chunk-size", 32, "--lr", 0.01, "--steps", 5, "--lora-rank", 3, "--resume", "--out",
+                        tmp_path / "twice.safetensors")  # fmt: skip
+    assert code == 2 and "was started with --lora-rank 2 (now 3)" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--base-dtype", "bf16"], "needs LoRA: give --lora-rank"),
+        (["--adapter-out", "ad"], "needs LoRA: give --lora-rank"),
+        (["--lora-rank", 2, "--lora-targets", "q_map,out_proj"], "unknown out_proj"),
+        (["--lora-rank", -1], "--lora-rank"),
+        (["--lora-rank", 2, "--adapter-out", "OUT"], "same path as --out"),
+    ],
+)
+def test_bad_lora_flags_exit_2_with_one_line_and_write_nothing(capsys, tmp_path, data_dir, args, message):
+    base = _base(tmp_path)
+    out = tmp_path / "o.safetensors"
+    args = [out if a == "OUT" else tmp_path / a if a == "ad" else a for a in args]
+    code, _, err = _cli(capsys, "fit", "--checkpoint", base, "--data", data_dir / "tinyshakespeare.txt", "--seq-len",
+                        64, "--out", out, *args)  # fmt: skip
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]
+
+
+def test_one_step_adaptation_of_a_lora_model_steps_only_its_adapters(data_dir):
+    from slimtune.data import read_bytes
+    from slimtune.evaluation import adapt_one_step
+
+    model = lora.add(tiny_model(dtype=torch.float32, hidden_dim=32, n_layers=2, ffn_dim=64), rank=2)
+    frozen = {n: p.clone() for n, p in model.named_parameters()}
+    result = adapt_one_step(model, read_bytes(data_dir / "ptb.valid.txt")[:20_000], seq_len=64, windows=2, lr=0.5)
+    assert result.bpc_after != result.bpc_before
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters())  # restored after the windows
