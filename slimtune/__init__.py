@@ -48,6 +48,7 @@ _EXPORTS = {
 __all__ = [
     "__version__",
     "data",
+    "lora",
     "SlimtuneError",
     "ConfigError",
     "CheckpointError",
@@ -73,8 +74,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "data":
-        return importlib.import_module(".data", __name__)
+    if name in ("data", "lora"):
+        return importlib.import_module(f".{name}", __name__)
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
@@ -87,7 +88,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from . import data
+    from . import data, lora
     from .config import PerformerConfig
     from .errors import CheckpointError, ConfigError, DataError, Interrupted, OutOfBudgetError, SlimtuneError
     from .evaluation import EvalResult, adapt_one_step, evaluate

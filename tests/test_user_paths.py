@@ -206,6 +206,37 @@ print(type(model).__name__)
 """
 
 
+HF_GENERATE = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+prompt = torch.tensor([list(sys.argv[2].encode())])
+out = model.generate(prompt, max_new_tokens=int(sys.argv[3]), do_sample=False, use_cache=False, pad_token_id=0)
+sys.stdout.buffer.write(bytes(out[0, prompt.shape[1]:].tolist()))
+"""
+
+
+def test_an_hf_export_generates_in_transformers_what_slimtune_generates(tmp_path):
+    """model.generate(...) on the --format hf folder (greedy) continues a prompt byte for byte as slimtune's own
+    recurrent `generate` at temperature 0 does (transformers 5 had no generate for it: no GenerationMixin)."""
+    pytest.importorskip("transformers", reason="transformers is a test extra: pip install -e '.[test]'")
+    from slimtune import PerformerLM, generate
+
+    src = tmp_path / "m.safetensors"
+    save_model(src, tiny_model("sqr", True, dtype=torch.float32, seed=5, hidden_dim=32, n_layers=2, ffn_dim=64))
+    folder = PerformerLM.from_pretrained(src).save_pretrained(tmp_path / "hf", format="hf")
+    env = os.environ | {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", HF_GENERATE, str(folder), "To be, or not", "40"],
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    ours = generate(PerformerLM.from_pretrained(folder), "To be, or not", 40, temperature=0)
+    assert len(ours) == 40 and run.stdout == ours
+
+
 @pytest.mark.parametrize("feature_type, on_gptln", [("sqr", True), ("elu+1", False)])
 def test_an_hf_export_loads_in_transformers_with_the_same_logits(tmp_path, feature_type, on_gptln):
     pytest.importorskip("transformers", reason="transformers is a test extra: pip install -e '.[test]'")

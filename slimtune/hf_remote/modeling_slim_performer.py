@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from .configuration_slim_performer import SLiMPerformerConfig
@@ -56,7 +56,7 @@ class SLiMPerformerLayer(nn.Module):
         return x + ffn(self.layernorm2(x))
 
 
-class SLiMPerformerForCausalLM(PreTrainedModel):
+class SLiMPerformerForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = SLiMPerformerConfig
     base_model_prefix = "slim_performer"
     _no_split_modules = ["SLiMPerformerLayer"]
@@ -79,6 +79,10 @@ class SLiMPerformerForCausalLM(PreTrainedModel):
 
     def get_input_embeddings(self):
         return self.input_map
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs) -> dict:
+        # No cache: each new token reruns the whole prefix (slimtune's own `generate` runs in recurrent mode).
+        return {"input_ids": input_ids}
 
     def forward(self, input_ids: torch.LongTensor, labels: torch.LongTensor | None = None, **kwargs) -> CausalLMOutput:
         B, T = input_ids.shape
