@@ -721,6 +721,11 @@ def pretrain(
     text file's path or its bytes (None for the copy task); the rest as for `fit`."""
     started = time.perf_counter()
     options = _options(options, overrides, out)
+    if options.lora_rank:
+        raise ConfigError(
+            "LoRA adapts a pretrained base: pretrain trains every parameter; give `lora_rank` to fit",
+            params=("lora_rank",),
+        )
     warn = on_warning or _warn
     if data is not None and not isinstance(data, torch.Tensor):
         data_path = data_path or data

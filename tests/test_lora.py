@@ -328,3 +328,13 @@ def test_one_step_adaptation_of_a_lora_model_steps_only_its_adapters(data_dir):
     result = adapt_one_step(model, read_bytes(data_dir / "ptb.valid.txt")[:20_000], seq_len=64, windows=2, lr=0.5)
     assert result.bpc_after != result.bpc_before
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters())  # restored after the windows
+
+
+def test_pretrain_refuses_lora_rather_than_ignoring_it(tmp_path):
+    from slimtune import pretrain
+    from slimtune.config import PerformerConfig
+
+    config = PerformerConfig(vocab_size=256, hidden_dim=16, n_layers=1, ffn_dim=32, n_heads=2)
+    with pytest.raises(ConfigError, match="LoRA adapts a pretrained base"):
+        pretrain(config, None, tmp_path / "p.safetensors", task="copy", lora_rank=4, run_dir=None)
+    assert list(tmp_path.iterdir()) == []
