@@ -86,12 +86,12 @@ def check(rank: int, alpha: float | None) -> float:
     return alpha
 
 
-def _target_maps(model: nn.Module, targets: tuple[str, ...]) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
-    """(full name, parent, attribute, module) of each linear map whose own name is one of `targets`."""
-    for name, module in list(model.named_modules()):
+def _linear_maps(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, map) of every linear map in `model`, listed before any is replaced."""
+    for module in list(model.modules()):
         for attr, child in list(module.named_children()):
-            if attr in targets and isinstance(child, nn.Linear) and not isinstance(module, LoraLinear):
-                yield (f"{name}.{attr}" if name else attr), module, attr, child
+            if isinstance(child, nn.Linear):
+                yield module, attr, child
 
 
 def add(
@@ -120,8 +120,9 @@ def add(
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
-    for _, parent, attr, child in _target_maps(model, targets):
-        setattr(parent, attr, LoraLinear(child, rank, alpha, generator))
+    for parent, attr, child in _linear_maps(model):
+        if attr in targets:
+            setattr(parent, attr, LoraLinear(child, rank, alpha, generator))
     return model
 
 
@@ -147,16 +148,15 @@ def settings(model: nn.Module) -> dict:
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its map's weight (in fp32, cast back to the weight's dtype) and remove it, in
     place; the base's parameters stay frozen. Returns the model."""
-    for module in list(model.modules()):
-        for attr, child in list(module.named_children()):
-            if isinstance(child, LoraLinear):
-                wide = torch.promote_types(torch.float32, child.weight.dtype)  # fp32, or float64's own
-                with torch.no_grad():
-                    child.weight.copy_((child.weight.to(wide) + child.delta(wide)).to(child.weight.dtype))
-                has_bias = child.bias is not None
-                plain = DeferredLinear(child.in_features, child.out_features, bias=has_bias, device="meta")
-                plain.weight, plain.bias = child.weight, child.bias
-                setattr(module, attr, plain)
+    for parent, attr, child in _linear_maps(model):
+        if isinstance(child, LoraLinear):
+            wide = torch.promote_types(torch.float32, child.weight.dtype)  # fp32, or float64's own
+            with torch.no_grad():
+                child.weight.copy_((child.weight.to(wide) + child.delta(wide)).to(child.weight.dtype))
+            has_bias = child.bias is not None
+            plain = DeferredLinear(child.in_features, child.out_features, bias=has_bias, device="meta")
+            plain.weight, plain.bias = child.weight, child.bias
+            setattr(parent, attr, plain)
     return model
 
 
@@ -256,6 +256,6 @@ def freeze_base_to(model: nn.Module, dtype: torch.dtype) -> int:
         if isinstance(m, DeferredLinear) and m is not getattr(model, "output_logit_map", None):
             for p in (m.weight, m.bias):
                 if p is not None and not p.requires_grad and p.dtype != dtype:
-                    saved += p.numel() * (p.element_size() - torch.empty((), dtype=dtype).element_size())
+                    saved += p.numel() * (p.element_size() - dtype.itemsize)
                     p.data = p.data.to(dtype)
     return saved

@@ -211,12 +211,12 @@ class PerformerLM(nn.Module):
         if self.source is None:
             return {n: state[n] for n in names}
         stored = self.source.tensors
-        exact = {torch.float32: (torch.float32, torch.bfloat16, torch.float16)}
-        lossy = [
-            n
-            for n in names
-            if state[n].dtype != stored[n].dtype and stored[n].dtype not in exact.get(state[n].dtype, ())
-        ]
+
+        def exact(n):  # memory holds the stored values: the same dtype, or fp32 holding bf16/fp16
+            held, kept = state[n].dtype, stored[n].dtype
+            return held == kept or (held == torch.float32 and kept in (torch.bfloat16, torch.float16))
+
+        lossy = [n for n in names if not exact(n)]
         reread = read_tensors(self.source, lossy) if lossy else {}
         return {n: reread[n] if n in reread else state[n].detach().to("cpu", stored[n].dtype) for n in names}
 
