@@ -338,3 +338,49 @@ def test_pretrain_refuses_lora_rather_than_ignoring_it(tmp_path):
     with pytest.raises(ConfigError, match="LoRA adapts a pretrained base"):
         pretrain(config, None, tmp_path / "p.safetensors", task="copy", lora_rank=4, run_dir=None)
     assert list(tmp_path.iterdir()) == []
+
+
+PEFT_LOAD = r"""
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+model = PeftModel.from_pretrained(base, sys.argv[2])
+ids = torch.load(sys.argv[3])
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits, sys.argv[4])
+print(type(model).__name__, model.peft_config["default"].r)
+"""
+
+
+def test_peft_loads_the_adapter_onto_the_hf_model_and_gives_the_merged_exports_logits(capsys, tmp_path, data_dir):
+    """CONTRACT.md section 4: --adapter-out is PEFT's format. peft.PeftModel.from_pretrained puts it on the
+    --format hf export of the base (transformers, in a clean process) and computes the merged --out's logits."""
+    pytest.importorskip("peft", reason="peft is a test extra: pip install -e '.[test]'")
+    import os
+    import subprocess
+    import sys
+
+    from slimtune.model import PerformerLM
+
+    base = _base(tmp_path)
+    _fit(capsys, tmp_path, base, data_dir, "--lora-rank", 3, "--lora-targets", "q_map,v_map,U_map,output_logit_map",
+         "--adapter-out", tmp_path / "adapter")  # fmt: skip
+    hf_base = PerformerLM.from_pretrained(base).save_pretrained(tmp_path / "hf-base", format="hf")
+    ids = windows()[:, :96]
+    torch.save(ids, tmp_path / "ids.pt")
+    env = os.environ | {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}  # no network, no shared cache
+    run = subprocess.run(
+        [sys.executable, "-c", PEFT_LOAD, str(hf_base), str(tmp_path / "adapter"), str(tmp_path / "ids.pt"),
+         str(tmp_path / "logits.pt")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-2:] == ["PeftModelForCausalLM", "3"]
+    with torch.no_grad():
+        merged = PerformerLM.from_pretrained(tmp_path / "tuned.safetensors")(ids)
+        unadapted = PerformerLM.from_pretrained(base)(ids)
+    theirs = torch.load(tmp_path / "logits.pt")
+    scale = merged.abs().max().item()
+    assert (merged - unadapted).abs().max().item() > 1e-3 * scale  # the adapter did change the model
+    assert (theirs - merged).abs().max().item() <= 1e-4 * scale
