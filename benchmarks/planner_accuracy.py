@@ -16,7 +16,9 @@ L, BUDGET = 16384, "900MB"
 
 def main():
     ckpt = make_checkpoint(PAPER_CPU, "paper-cpu")
-    plan = run_slimtune("plan", "--checkpoint", ckpt, "--seq-len", L, "--mem-budget", BUDGET, "--optimizer", "adam")
+    plan = run_slimtune(
+        "plan", "--checkpoint", ckpt, "--seq-len", L, "--mem-budget", BUDGET, "--optimizer", "adam", "--no-compare"
+    )
     predicted = {c["chunk_size"]: c["predicted_peak_bytes"] for c in plan["candidates"]}
     rows = []
     measured = {}

@@ -14,6 +14,8 @@ measures at least 80 % of the budget, or the next C on the planner's grid, force
     python benchmarks/planner_sweep.py --cgroup       # the same cases, each inside a memory cgroup of its budget
                                                       # and without --mem-budget (root, cgroup v1): none killed
     python benchmarks/planner_sweep.py --cases 3      # the first cases only
+    python benchmarks/planner_sweep.py --lora 8       # 8 cases with LoRA (rank 4-16, fp32 or bf16 base), drawn
+                                                      # from their own seed: the 24 above stay as they were
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ MAX_WORK = 4e11  # 6 x parameters x tokens of one step, about half a minute on 2
 MB = 1e6
 
 
-def draw(rng: random.Random) -> dict:
-    """One case: a model shape, a workload and a budget above the runtime floor."""
+def draw(rng: random.Random, lora: bool = False) -> dict:
+    """One case: a model shape, a workload and a budget above the runtime floor; with `lora`, LoRA adapters of a
+    drawn rank on a frozen fp32 or bf16 base."""
     while True:
         d = rng.choice([64, 128, 256, 384, 512, 768, 1024])
         heads = rng.choice([h for h in (1, 2, 4, 8, 16) if d % h == 0 and d // h >= 16])
@@ -62,6 +65,11 @@ def draw(rng: random.Random) -> dict:
         if 6 * params * case["batch_size"] * case["seq_len"] > MAX_WORK:
             continue
         fixed = params * 4 * (2 + {"sgd": 0, "adam": 2, "adamw": 2}[case["optimizer"]])  # weights, grads, state
+        if lora:
+            case |= {"lora_rank": rng.choice([4, 8, 16]), "base_dtype": rng.choice(["fp32", "bf16"])}
+            if case["base_dtype"] == "bf16":
+                case["precision"] = "bf16"  # what --base-dtype bf16 implies
+            fixed = params * (2 if case["base_dtype"] == "bf16" else 4)  # the frozen weights; adapters are small
         floor = RUNTIME_FLOOR + fixed
         case["budget_bytes"] = int(floor * 1.15 * (5000e6 / (floor * 1.15)) ** (rng.random() ** 2))
         case["params"] = params
@@ -102,6 +110,8 @@ def fit(case: dict, checkpoint: Path, *, budget: bool = True, chunk: int | None 
         args += ["--chunk-size", chunk]
     if case["eval"]:
         args += ["--eval-data", DATA / "ptb.valid.txt", "--eval-every", 1]
+    if case.get("lora_rank"):
+        args += ["--lora-rank", case["lora_rank"], "--base-dtype", case["base_dtype"]]
     args = [str(a) for a in args]
     folder = _cgroup(case["budget_bytes"]) if cgroup else None
     try:
@@ -131,7 +141,8 @@ def _shape(case: dict) -> str:
 
 
 def _work(case: dict) -> str:
-    return f"B{case['batch_size']} L{case['seq_len']} {case['optimizer']} {case['precision']}" + (
+    lora = f" LoRA r{case['lora_rank']} {case['base_dtype']} base" if case.get("lora_rank") else ""
+    return f"B{case['batch_size']} L{case['seq_len']} {case['optimizer']} {case['precision']}{lora}" + (
         " eval" if case["eval"] else ""
     )
 
@@ -207,16 +218,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=24, help="how many of the drawn cases to run (default 24)")
     parser.add_argument("--cgroup", action="store_true", help="run each case inside a memory cgroup of its budget")
+    parser.add_argument("--lora", type=int, default=0, help="run this many LoRA cases instead (their own draw)")
     args = parser.parse_args()
-    rng = random.Random(SEED)
-    cases = [draw(rng) for _ in range(args.cases)]
+    if args.lora:
+        rng = random.Random(SEED + 1)
+        cases = [draw(rng, lora=True) for _ in range(args.lora)]
+    else:
+        rng = random.Random(SEED)
+        cases = [draw(rng) for _ in range(args.cases)]
+    name = "planner_sweep-lora" if args.lora else "planner_sweep"
     if args.cgroup:
         if os.geteuid() != 0 or not Path("/sys/fs/cgroup/memory/cgroup.procs").exists():
             sys.exit("--cgroup needs root and a cgroup v1 memory hierarchy at /sys/fs/cgroup/memory")
         rows, records = sweep_in_cgroups(cases)
         headers = ["#", "model", "workload", "limit MB", "C", "cgroup peak MB", "result"]
         summary = {"cases": len(records), "killed": sum(r["killed"] for r in records)}
-        report("planner_sweep-cgroup", headers, rows, summary | {"records": records})
+        report(f"{name}-cgroup", headers, rows, summary | {"records": records})
     else:
         rows, records = sweep(cases)
         headers = ["#", "model", "workload", "budget MB", "C", "predicted MB", "peak MB", "error", "of budget", ""]
@@ -229,7 +246,7 @@ def main():
             "worst_prediction_error": max((abs(r["prediction_error"]) for r in ran), default=None),
             "within_10_percent": sum(abs(r["prediction_error"]) <= 0.10 for r in ran),
         }
-        report("planner_sweep", headers, rows, summary | {"records": records})
+        report(name, headers, rows, summary | {"records": records})
     print(json.dumps(summary, indent=2))
 
 

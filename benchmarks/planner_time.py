@@ -27,7 +27,9 @@ def main():
     sizes = [L, *args.chunks]
     predicted, heaps, plan_threads = {c: [] for c in sizes}, {}, []
     for _ in range(args.plans):
-        plan = run_slimtune("plan", "--checkpoint", ckpt, "--seq-len", L, "--mem-budget", args.mem_budget)
+        plan = run_slimtune(
+            "plan", "--checkpoint", ckpt, "--seq-len", L, "--mem-budget", args.mem_budget, "--no-compare"
+        )
         by_size = {c["chunk_size"]: c for c in plan["candidates"]}
         plan_threads.append(plan["threads"])  # a plan timed on another thread count predicts other ratios
         for c in sizes:

@@ -21,6 +21,7 @@ from .cli_options import Stopped, cli_message, command, params, pick
 from .errors import ConfigError, DataError, Interrupted, SlimtuneError
 from .options import (
     TRAINING_GROUPS,
+    Adapters,
     BenchOptions,
     DataOptions,
     EvalOptions,
@@ -32,6 +33,7 @@ from .options import (
     ModelSource,
     Optimization,
     Output,
+    PlanOptions,
     RunFolderOptions,
     Runtime,
     SlimStep,
@@ -207,39 +209,70 @@ def _file_size(path: Path) -> int:
         },
     ),
     params(Optimization, "optimizer"),
+    params(Adapters, exclude=("adapter_out",)),
+    params(PlanOptions),
     RUNTIME,
     JSON,
 )
 def plan(a):
-    """Predict peak memory and relative step time for each chunk size C, and pick the largest C that fits.
+    """Predict peak memory and relative step time for each chunk size C, and pick the largest C that fits; then
+    the same for the other parameter-memory strategies (full fine-tuning with adam, adafactor, sgd; LoRA with an
+    fp32 or bf16 base), so that you see what else would fit. Nothing is switched on for you: fit trains what its
+    flags say.
 
     The prediction is for `slimtune fit` with the same flags (its managed CPU heap included).
 
-    Example: slimtune plan --checkpoint model.safetensors --seq-len 16384 --mem-budget 2GB
+    Example: slimtune plan --checkpoint model.safetensors --seq-len 16384 --mem-budget 2GB --lora-rank 8
     """
     _require("plan", checkpoint=a.checkpoint)
     from .model import PerformerLM
+    from .planner import Workload
     from .planner import plan as run_plan
     from .runplan import fixed
+    from .strategies import Strategy, compare, lineup
 
     _use_threads(a.threads)
+    options = pick(FitOptions, a)
+    options.check()
+    strategy = Strategy.of(options)
     model = PerformerLM.from_pretrained(a.checkpoint, device=a.device, **pick(ModelSource, a).model_flags())
-    result = run_plan(
-        model,
-        seq_len=a.seq_len,
-        batch_size=a.batch_size,
-        mem_budget=a.mem_budget,
-        optimizer=a.optimizer,
-        recovery=a.recovery,
-        precision=a.precision,
-        data_bytes=sum(_file_size(path) for path in a.data or ()),
-        heap=Heap.MANAGED,
-    )
-    for table in plan_tables(result, a.seq_len, a.batch_size, a.optimizer):
+    data_bytes = sum(_file_size(path) for path in a.data or ())
+    runs = {}
+
+    def record_run(planned, result):  # while the model trains as the asked strategy does
+        if planned == strategy:
+            runs["run"] = fixed(model, options, result.chunk_size, source="planned", planner=result.to_json())
+
+    strategies = None
+    if a.compare:
+        work = Workload(a.seq_len, a.batch_size, a.optimizer, a.recovery, a.precision, data_bytes)
+        with Reporter("plan", len(lineup(strategy)), transient=True) as progress:
+            found = compare(
+                model, strategy, work, a.mem_budget, heap=Heap.MANAGED, on_planned=record_run,
+                on_stage=lambda done, total, name: progress.update(done, f"measuring {name}"),
+            )  # fmt: skip
+        if found.error is not None:
+            raise found.error
+        result, strategies = found.asked, found.rows
+    else:
+        strategy.apply(model)
+        result = run_plan(
+            model,
+            seq_len=a.seq_len,
+            batch_size=a.batch_size,
+            mem_budget=a.mem_budget,
+            optimizer=a.optimizer,
+            recovery=a.recovery,
+            precision=strategy.precision(a.precision),
+            data_bytes=data_bytes,
+            heap=Heap.MANAGED,
+        )
+        record_run(strategy, result)
+    for table in plan_tables(result, a.seq_len, a.batch_size, strategy.name, strategies):
         console(a.json).print(table)
     if a.json:
-        run = fixed(model, pick(FitOptions, a), result.chunk_size, source="planned", planner=result.to_json())
-        emit_json(result.to_json() | {"run": {k: v for k, v in run.to_json().items() if k != "planner"}})
+        run = {k: v for k, v in runs["run"].to_json().items() if k != "planner"}
+        emit_json(result.to_json() | {"run": run, "strategies": [r.to_json() for r in strategies or ()]})
 
 
 # -- pretrain --------------------------------------------------------------------------------------------------------

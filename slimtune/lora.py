@@ -251,11 +251,19 @@ def freeze_base_to(model: nn.Module, dtype: torch.dtype) -> int:
     """Keep the frozen weights and biases of the layers' linear maps in `dtype` (bf16: 2 bytes a value); the
     embedding, the layer norms, the output map and the adapters stay as they are (a few percent of the weights,
     and what the attention states' dtype follows). Returns the bytes saved."""
-    saved = 0
+    saved, converted = 0, set()
     for m in model.modules():
         if isinstance(m, DeferredLinear) and m is not getattr(model, "output_logit_map", None):
             for p in (m.weight, m.bias):
                 if p is not None and not p.requires_grad and p.dtype != dtype:
                     saved += p.numel() * (p.element_size() - dtype.itemsize)
                     p.data = p.data.to(dtype)
+                    converted.add(p)
+    if converted:
+        # The weights a checkpoint was loaded into still map its file (safetensors reads zero-copy); one tensor
+        # left on the mapping keeps all of it resident. The few the conversion kept get memory of their own, so
+        # the mapping goes (d 64 x 1 layer, 67 MB of weights: 64 MB less resident).
+        for p in model.parameters():
+            if p not in converted:
+                p.data = p.data.clone()
     return saved

@@ -511,6 +511,18 @@ class BenchOptions(Options):
 
 
 @dataclass(frozen=True)
+class PlanOptions(Options):
+    compare: bool = option(
+        True,
+        "--compare",
+        "Also plan the other parameter-memory strategies under the budget (full fine-tuning with adam, adafactor "
+        "and sgd; LoRA with an fp32 and a bf16 base), each with its largest C: one more probe per kind, so about "
+        "three times as long.",
+        secondary="--no-compare",
+    )
+
+
+@dataclass(frozen=True)
 class Output(Options):
     """How a command reports."""
 
@@ -527,6 +539,7 @@ ALL_GROUPS = (
     EvalOptions,
     GenerateOptions,
     BenchOptions,
+    PlanOptions,
     Output,
 )
 

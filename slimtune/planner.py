@@ -233,7 +233,8 @@ def _tracked_step(model: PerformerLM, windows: torch.Tensor, precision: Precisio
     """Counted bytes of a full-backprop step over `windows`, with the gradients allocated beforehand: their size
     is known exactly, and the step's own peak is then its activations, which are linear in the chunk."""
     for p in model.parameters():
-        p.grad = torch.zeros_like(p)
+        if p.requires_grad:  # a frozen parameter gets no gradient (LoRA's base)
+            p.grad = torch.zeros_like(p)
     tracked = _tracked(lambda: slim_step(model, windows, windows.shape[1] - 1, precision=precision))
     model.zero_grad(set_to_none=True)
     return tracked
@@ -290,7 +291,7 @@ def _time_slim(model: PerformerLM, work: Workload, faults, largest: int) -> tupl
     """A SLiM chunk's seconds as intercept + slope x C, from SLiM steps of SLIM_PROBE_CHUNKS chunks at a small
     and a mid-sized C (at most `largest`, the memory probes' size), less `faults(C)`, a chunk's page faults: the
     intercept is the per-chunk overhead (many small ops) that dominates small C."""
-    small = max(1, min(SLIM_TIME_SIZES[0], work.seq_len // (4 * SLIM_PROBE_CHUNKS)))
+    small = max(1, min(SLIM_TIME_SIZES[0], work.seq_len // (4 * SLIM_PROBE_CHUNKS), largest // 2))
     large = min(SLIM_TIME_SIZES[1], work.seq_len // SLIM_PROBE_CHUNKS, largest)
     if large <= small:
         return 0.0, 0.0
@@ -577,6 +578,43 @@ def _forced_over(forced: int, lines: dict, chosen: int | None, budget_bytes: int
     )
 
 
+@dataclass
+class Measurement:
+    """What the planner measured of a model as it will train, before any C is judged: the probe, the runtime
+    after it, the probes' own peak (a floor), and the budget resolved on the device."""
+
+    probe: Probe
+    runtime: int
+    reached: int
+    budget_bytes: int
+    available: int
+    managed: bool  # CPU with slimtune's managed heap: C chosen under "tight", the run "fast" where that fits
+
+
+def measure(
+    model: PerformerLM, work: Workload, budget: str | int | None, *, resident_data: int = 0, heap=Heap.SYSTEM
+) -> Measurement:
+    """Probe the model on its device for `work` under the budget (the probe steps stay inside it: `fit
+    --chunk-size auto` runs them in its own process). `resident_data`: how much of `work.data_bytes` the process
+    already holds (fit has read its data; plan has not)."""
+    device = next(model.parameters()).device
+    budget_bytes, available = resolve_budget(budget, device)
+    usable = budget_bytes * (1 - HEADROOM)  # what the prediction misses (heap fragmentation) gets the rest
+    managed = device.type == "cpu" and Heap.parse(heap, "heap") == Heap.MANAGED
+    windowed = device.type == "cpu" and new_peak_window()  # the probes' own peak, not the process's earlier ones
+    with heap_policy_during("tight" if managed else None):
+        optimizer = measure_optimizer(model, work.optimizer)
+        room = lambda: probe_room(model, optimizer[0], usable, device)  # noqa: E731
+        measured = probe(model, work, room=room, heap="tight" if managed else "fast", optimizer=optimizer)
+    # What the process held at its peak while probing: measured, and a floor under every prediction of the run's
+    # peak. CPU only (on CUDA the probes' blocks stay reserved in the caching allocator and count in the chunk
+    # line), and only where the kernel's counter could be restarted (else it would hold a library user's earlier
+    # peaks).
+    reached = window_peak_rss() if windowed else 0
+    # After the probes: the kernels' code and caches they loaded stay resident.
+    return Measurement(measured, _runtime_bytes(model, resident_data), reached, budget_bytes, available, managed)
+
+
 def plan_chunk_size(
     model: PerformerLM,
     work: Workload,
@@ -591,28 +629,21 @@ def plan_chunk_size(
     much of `work.data_bytes` the process already holds (fit has read its data; plan has not). `heap` "managed"
     (CPU): the probes run under the "tight" heap policy and the plan picks the run's ("fast" when it fits, else
     "tight"), as `fit` then sets it; "system": glibc's own, which keeps blocks up to 32 MB like "fast"."""
+    measured = measure(model, work, budget, resident_data=resident_data, heap=heap)
+    return decide(model, work, measured, forced=forced)
+
+
+def decide(model: PerformerLM, work: Workload, measured: Measurement, *, forced: int | None = None) -> Plan:
+    """The plan from a measurement: the largest C that fits (or `forced`, checked), its heap and batching."""
     device = next(model.parameters()).device
     L = work.seq_len
-    budget_bytes, available = resolve_budget(budget, device)
-    usable = budget_bytes * (1 - HEADROOM)  # what the prediction misses (heap fragmentation) gets the rest
-    # The probe steps stay inside the budget themselves: `fit --chunk-size auto` runs them in its own process.
-    managed = device.type == "cpu" and Heap.parse(heap, "heap") == Heap.MANAGED
+    budget_bytes, managed = measured.budget_bytes, measured.managed
+    usable = budget_bytes * (1 - HEADROOM)
     least = "tight" if managed else "fast"  # the policy C is chosen under: the one that holds the least
-    windowed = device.type == "cpu" and new_peak_window()  # the probes' own peak, not the process's earlier ones
-    with heap_policy_during("tight" if managed else None):
-        optimizer = measure_optimizer(model, work.optimizer)
-        room = lambda: probe_room(model, optimizer[0], usable, device)  # noqa: E731
-        measured = probe(model, work, room=room, heap=least, optimizer=optimizer)
-    # What the process held at its peak while probing: measured, and a floor under every prediction of the run's
-    # peak. CPU only (on CUDA the probes' blocks stay reserved in the caching allocator and count in the chunk
-    # line), and only where the kernel's counter could be restarted (else it would hold a library user's earlier
-    # peaks).
-    reached = window_peak_rss() if windowed else 0
-    # After the probes: the kernels' code and caches they loaded stay resident.
-    runtime = _runtime_bytes(model, resident_data)
 
     def peak(c, batching=False, heap=least):
-        return predict(model, measured, runtime, work, c, batching=batching, heap=heap, reached=reached)
+        probe_, runtime, reached = measured.probe, measured.runtime, measured.reached
+        return predict(model, probe_, runtime, work, c, batching=batching, heap=heap, reached=reached)
 
     def fits(lines):  # the training's prediction inside the usable budget; the probes' peak is a fact, not judged
         return _training(lines)["total"] <= usable
@@ -624,7 +655,7 @@ def plan_chunk_size(
             raise _forced_over(forced, peak(forced), chosen, budget_bytes)
         chosen = forced
     if chosen is None:
-        raise _nothing_fits(peak(1), measured, work, budget_bytes, available)
+        raise _nothing_fits(peak(1), measured.probe, work, budget_bytes, measured.available)
 
     def heap_for(c, batching=False):  # managed heap: "fast" (no page faults) when its peak fits too
         if not managed:
@@ -637,7 +668,7 @@ def plan_chunk_size(
     for c in sizes:
         heap = heap_for(c)
         lines = peak(c, heap=heap or least)
-        time_ = relative_time(measured, L, c, heap or "fast", full_heap)
+        time_ = relative_time(measured.probe, L, c, heap or "fast", full_heap)
         candidates.append(Candidate(c, lines["total"], lines["total"] / budget_bytes, time_, fits(lines), heap))
     # Small chunks run faster with batched weight gradients (slimtune/deferred.py), whose buffers take a fixed
     # amount: used when they fit beside the chosen C, never at the price of a smaller C.
@@ -648,7 +679,7 @@ def plan_chunk_size(
     return Plan(
         chunk_size=chosen,
         budget_bytes=budget_bytes,
-        available_bytes=available,
+        available_bytes=measured.available,
         available_source=available_source(device),
         device=str(device),
         seq_len=L,
@@ -660,7 +691,7 @@ def plan_chunk_size(
         batch_weight_grads=batching,
         memory_counts=memory_counts(device),
         heap=heap,
-        seconds_full=full_seconds(measured, L, full_heap),
+        seconds_full=full_seconds(measured.probe, L, full_heap),
         threads=torch.get_num_threads(),
         margin_bytes=int(usable - _training(peak(chosen))["total"]),
         next_over_bytes=int(_training(peak(bigger))["total"] - usable) if bigger else None,

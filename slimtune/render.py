@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .cli_options import cli_message
+from .options import flag_for
 from .units import format_size
 
 err = Console(stderr=True)
@@ -143,10 +144,11 @@ def plan_caption(result) -> str:
     return caption
 
 
-def plan_tables(result, seq_len: int, batch_size: int, optimizer) -> tuple[Table, Table]:
-    """The candidates (C, predicted peak, share of the budget, relative time, heap) and the chosen C's breakdown."""
+def plan_tables(result, seq_len: int, batch_size: int, strategy: str, strategies=None) -> list[Table]:
+    """The candidates (C, predicted peak, share of the budget, relative time, heap), the chosen C's breakdown, and
+    (when compared) each strategy's largest C."""
     table = Table(
-        title=f"slimtune plan: L {seq_len}, batch {batch_size}, {optimizer}, budget "
+        title=f"slimtune plan: L {seq_len}, batch {batch_size}, {strategy}, budget "
         f"{format_size(result.budget_bytes)} on {result.device}",
         caption=plan_caption(result),
     )
@@ -165,7 +167,49 @@ def plan_tables(result, seq_len: int, batch_size: int, optimizer) -> tuple[Table
     fixed = Table(title="predicted peak at the chosen C", show_header=False)
     for key, value in result.breakdown.items():
         fixed.add_row(key, format_size(value))
-    return table, fixed
+    tables = [table, fixed]
+    if strategies:
+        tables.append(strategies_table(strategies, seq_len, result.budget_bytes))
+    return tables
+
+
+def strategies_table(rows, seq_len: int, budget_bytes: int) -> Table:
+    """Each parameter-memory strategy's largest C under the budget, its predicted peak and step time; a strategy is
+    named by the flags that turn the asked command into it."""
+    asked = next(r.strategy for r in rows if r.asked)
+    table = Table(
+        title=f"strategies under {format_size(budget_bytes)}: the largest C of each",
+        caption="s/step: predicted seconds per step at that C (same uncertainty as above). Nothing is switched "
+        "on for you: add a row's flags to the command to train that way.",
+    )
+    table.add_column("flags to add", no_wrap=True)
+    for col in ("trains", "largest C", "peak", "s/step"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        if r.chunk_size is None:
+            size, peak, seconds = "none", r.note, ""
+        else:
+            size = f"{r.chunk_size}" + (" (full)" if r.chunk_size >= seq_len else "")
+            peak, seconds = format_size(r.predicted_peak_bytes), f"{r.seconds:.2f}"
+        table.add_row(_flags_to_add(asked, r.strategy), _count(r.trainable_parameters), size, peak, seconds)
+    return table
+
+
+def _count(n: int) -> str:
+    """A parameter count in three digits: 17.5M, 393k."""
+    return (
+        f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e4 else str(n)
+    )
+
+
+def _flags_to_add(asked, strategy) -> str:
+    if strategy == asked:
+        return "(as asked)"
+    wanted, had = strategy.selected(), asked.selected()
+    for name, default in (("lora_rank", "0"), ("base_dtype", "fp32")):  # back to the default where asked otherwise
+        if name in had:
+            wanted.setdefault(name, default)
+    return " ".join(f"{flag_for(k)} {v}" for k, v in wanted.items() if had.get(k) != v)
 
 
 def bench_table(rows, title: str) -> Table:

@@ -39,6 +39,7 @@ from .planner import chunk_sizes, memory_counts
 from .runplan import RunPlan, after_out_of_memory, fixed, resolve_run
 from .runs import RunFolder
 from .slim import slim_step
+from .strategies import Strategy
 
 __all__ = ["FitOptions", "FitResult", "Trainer", "fit", "pretrain"]
 
@@ -573,9 +574,7 @@ def _parameter_strategy(model: PerformerLM, options: FitOptions) -> None:
     """What trains and in which dtype, before the run is planned (the planner measures the model as it will
     train): with `lora_rank`, the base frozen with adapters on the targets (fp32, lora_A from `seed`), the frozen
     layers' weights in `base_dtype`."""
-    if options.lora_rank:
-        lora.add(model, rank=options.lora_rank, alpha=options.lora_alpha, targets=options.targets, seed=options.seed)
-        lora.freeze_base_to(model, options.base_dtype.dtype)
+    Strategy.of(options).apply(model)
 
 
 def _provenance(result: FitResult, options: FitOptions, data_path) -> dict:

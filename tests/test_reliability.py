@@ -55,7 +55,7 @@ FIT = [
     "--device",
     "cpu",
 ]
-PLAN = ["plan", "--checkpoint", "{ckpt}", "--seq-len", "64", "--device", "cpu"]
+PLAN = ["plan", "--checkpoint", "{ckpt}", "--seq-len", "64", "--device", "cpu", "--no-compare"]
 PRETRAIN = [
     "pretrain",
     "--recipe",

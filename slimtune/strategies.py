@@ -1,0 +1,215 @@
+"""Parameter-memory strategies, planned with C under one budget (`slimtune plan`; CONTRACT.md section 4).
+
+A strategy is what trains and in which dtype: full fine-tuning with one optimizer, or LoRA adapters on a frozen
+base in fp32 or bf16. Each has its own memory (gradients and optimizer state of what trains, the base's bytes) and
+its own largest C, so the planner probes each as its fit would, and `compare` puts them side by side. The model is
+converted in place, from the most memory to the least: full -> LoRA (fp32 base) -> LoRA (bf16 base), and each
+strategy's probe runs on the model as that strategy trains it. No strategy is switched on for the user: `compare` only
+reports, and a run trains the strategy it was given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from . import lora
+from .choices import LORA_DEFAULT_TARGETS, BaseDtype, Optimizer, Precision
+from .devices import cuda_context_bytes, resolve_budget
+from .errors import OutOfBudgetError
+from .memory import process_rss, release_free_heap
+from .planner import HEADROOM, Plan, Workload, decide, measure
+from .units import format_size
+
+DEFAULT_RANK = 8  # the LoRA rank compared when the run asked for full fine-tuning
+FULL_OPTIMIZERS = (Optimizer.ADAM, Optimizer.ADAFACTOR, Optimizer.SGD)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """What trains: every parameter (lora_rank 0) or rank-R adapters on a frozen base in `base_dtype`."""
+
+    optimizer: Optimizer = Optimizer.ADAM
+    lora_rank: int = 0
+    base_dtype: BaseDtype = BaseDtype.FP32
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = LORA_DEFAULT_TARGETS
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "optimizer", Optimizer.parse(self.optimizer, "optimizer"))
+        object.__setattr__(self, "base_dtype", BaseDtype.parse(self.base_dtype, "base_dtype"))
+
+    @classmethod
+    def of(cls, options) -> Strategy:
+        """The strategy a run's options (FitOptions) ask for."""
+        return cls(
+            options.optimizer, options.lora_rank, options.base_dtype, options.lora_alpha, options.targets, options.seed
+        )
+
+    @property
+    def stage(self) -> int:
+        """0 full, 1 LoRA on an fp32 base, 2 LoRA on a bf16 base: the order the model converts in place."""
+        return 0 if not self.lora_rank else (2 if self.base_dtype == BaseDtype.BF16 else 1)
+
+    @property
+    def name(self) -> str:
+        if not self.lora_rank:
+            return f"full fine-tuning, {self.optimizer}"
+        return f"LoRA r{self.lora_rank}, {self.base_dtype} base, {self.optimizer}"
+
+    def selected(self) -> dict[str, str]:
+        """The parameters that select it (Python names; the CLI shows them as flags)."""
+        chosen = {"optimizer": str(self.optimizer)}
+        if self.lora_rank:
+            chosen["lora_rank"] = str(self.lora_rank)
+        if self.base_dtype == BaseDtype.BF16:
+            chosen["base_dtype"] = str(self.base_dtype)
+        return chosen
+
+    @property
+    def settings(self) -> str:
+        """The parameters that select it, marked as the library's errors mark them (`optimizer=sgd`)."""
+        return " ".join(f"`{name}={value}`" for name, value in self.selected().items())
+
+    def precision(self, asked: Precision | str) -> Precision:
+        """A bf16 base computes under bf16 autocast; otherwise the precision asked for."""
+        return Precision.BF16 if self.stage == 2 else Precision.parse(asked, "precision")
+
+    def apply(self, model) -> None:
+        """Make `model` train this way, in place: adapters on the targets (lora_A from `seed`), the frozen layers'
+        weights in the base dtype. A model already at an earlier stage moves on; none goes back."""
+        if self.lora_rank and not lora.adapted(model):
+            lora.add(model, rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets, seed=self.seed)
+        if self.lora_rank:
+            lora.freeze_base_to(model, self.base_dtype.dtype)
+
+
+@dataclass
+class StrategyRow:
+    """One strategy under the budget: its largest C (None: none fits) and what it is predicted to hold and take."""
+
+    strategy: Strategy
+    name: str
+    asked: bool
+    chunk_size: int | None
+    predicted_peak_bytes: int | None  # at that C (None where none fits)
+    seconds: float | None  # predicted seconds per step at that C
+    trainable_parameters: int
+    note: str = ""  # why none fits
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"strategy": {k: str(v) if k != "lora_targets" else list(v)
+                                            for k, v in asdict(self.strategy).items()}}  # fmt: skip
+
+
+@dataclass
+class Comparison:
+    asked: Plan | None  # the plan of the strategy asked for (None where it fits no C)
+    error: OutOfBudgetError | None  # why it does not fit, naming the strategies that do
+    rows: list[StrategyRow]
+
+    def to_json(self) -> dict:
+        return {"strategies": [row.to_json() for row in self.rows]}
+
+
+def lineup(asked: Strategy) -> list[Strategy]:
+    """The strategies compared with `asked`: full fine-tuning with adam, adafactor and sgd (and the optimizer asked
+    for, if another), then LoRA of the asked rank (DEFAULT_RANK for a full run) with an fp32 and a bf16 base, with
+    the optimizer asked for."""
+    rank = asked.lora_rank or DEFAULT_RANK
+    optimizers = dict.fromkeys([asked.optimizer, *FULL_OPTIMIZERS] if not asked.lora_rank else FULL_OPTIMIZERS)
+    lora_ = replace(asked, lora_rank=rank)
+    strategies = [replace(asked, optimizer=o, lora_rank=0, base_dtype=BaseDtype.FP32) for o in optimizers]
+    strategies += [replace(lora_, base_dtype=BaseDtype.FP32), replace(lora_, base_dtype=BaseDtype.BF16)]
+    return strategies
+
+
+def compare(
+    model,
+    asked: Strategy,
+    work: Workload,
+    budget,
+    *,
+    heap="system",
+    resident_data: int = 0,
+    on_stage: Callable[[int, int, str], None] | None = None,
+    on_planned: Callable[[Strategy, Plan], None] | None = None,
+) -> Comparison:
+    """Plan each strategy of `lineup(asked)` for `work` under `budget` on the model, converting it in place (it
+    ends as the last strategy trains it: reload it to train another). `model` must start as loaded: every
+    parameter trainable, no adapters. `on_stage(done, total, name)`: progress, before each strategy's probe;
+    `on_planned(strategy, plan)`: each plan, while the model still trains as that strategy does."""
+    strategies = lineup(asked)
+    budget = resolve_budget(budget, next(model.parameters()).device)[0]  # once: "80%" of free memory would move
+    rows: dict[Strategy, StrategyRow] = {}
+    plans: dict[Strategy, Plan] = {}
+    errors: dict[Strategy, OutOfBudgetError] = {}
+    # The order the model converts in; within full fine-tuning the asked optimizer first, in the freshest process.
+    for done, s in enumerate(sorted(strategies, key=lambda s: (s.stage, s != asked))):
+        if on_stage:
+            on_stage(done, len(strategies), s.name)
+        s.apply(model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        try:
+            plan = _plan(model, s, work, budget, heap, resident_data)
+        except OutOfBudgetError as e:
+            errors[s] = e
+            note = getattr(e, "note", "not even C = 1 fits")
+            rows[s] = StrategyRow(s, s.name, s == asked, None, None, None, trainable, note)
+            continue
+        plans[s] = plan
+        if on_planned:
+            on_planned(s, plan)
+        chosen = next(c for c in plan.candidates if c.chunk_size == plan.chunk_size)
+        seconds = chosen.relative_time * plan.seconds_full
+        rows[s] = StrategyRow(s, s.name, s == asked, plan.chunk_size, plan.predicted_peak_bytes, seconds, trainable)
+    ordered = [rows[s] for s in strategies]
+    error = errors.get(asked)
+    return Comparison(plans.get(asked), error and _with_alternatives(error, ordered), ordered)
+
+
+def _plan(model, strategy: Strategy, work: Workload, budget: int, heap, resident_data: int) -> Plan:
+    """The strategy's plan, probed on its own as its fit would probe it (the probes' sizes follow the room its
+    optimizer leaves, and the chunk line their slope: one probe shared across optimizers put sgd at C = 384 where
+    sgd's own chose 192). Where what the process holds and the gradients already exceed the budget, nothing is
+    probed (the probe could not fit in the process)."""
+    usable = budget * (1 - HEADROOM)
+    held, grads = _held_and_gradients(model)
+    if held + grads > usable:
+        note = f"held {format_size(held)} + gradients {format_size(grads)}"
+        error = OutOfBudgetError(
+            f"budget {format_size(budget)} (less {HEADROOM:.0%} headroom) cannot fit even C = 1 with {strategy.name}: "
+            f"the process already holds {format_size(held)}, and the gradients take {format_size(grads)}; try a "
+            f"larger `mem_budget` (at least {format_size((held + grads) / (1 - HEADROOM))} before any chunk)",
+            params=("mem_budget",),
+        )
+        error.note = note
+        raise error
+    work = replace(work, optimizer=strategy.optimizer, precision=strategy.precision(work.precision))
+    return decide(model, work, measure(model, work, budget, resident_data=resident_data, heap=heap))
+
+
+def _held_and_gradients(model) -> tuple[int, int]:
+    """What the job holds now on the model's device (CPU: the process, weights included; CUDA: context and
+    allocated), and one gradient per trainable parameter."""
+    device = next(model.parameters()).device
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    if device.type == "cuda":
+        return cuda_context_bytes(device) + torch.cuda.memory_allocated(device), grads
+    release_free_heap()
+    return process_rss(), grads
+
+
+def _with_alternatives(error: OutOfBudgetError, rows: list[StrategyRow]) -> OutOfBudgetError:
+    """The asked strategy's error, followed by the strategies that do fit, each with its C and its settings."""
+    fitting = [r for r in rows if r.chunk_size is not None]
+    if fitting:
+        names = "; ".join(f"{r.name} at C = {r.chunk_size} ({r.strategy.settings})" for r in fitting)
+        tail = f"; these strategies fit: {names}"
+    else:
+        tail = "; no other strategy fits either"
+    params = {*error.params, "optimizer", "lora_rank", "base_dtype"}
+    return OutOfBudgetError(str(error) + tail, params=tuple(sorted(params)))
