@@ -486,6 +486,17 @@ def recipes(a):
         },
     ),
     _seed("eval"),
+    params(
+        Adapters,
+        "lora_rank",
+        "lora_alpha",
+        "lora_targets",
+        "base_dtype",
+        lora_rank={
+            "help": "--adapt: the step trains rank-R LoRA adapters on a frozen base (e.g. --lora-rank 8) "
+            "instead of every weight; 0: every weight."
+        },
+    ),  # fmt: skip
     params(Runtime, "device", "threads"),
     JSON,
     name="eval",
@@ -497,14 +508,22 @@ def evaluate(a):
               slimtune eval --checkpoint model.safetensors --data doc.txt --adapt one-step --seq-len 2048
     """
     _require("eval", checkpoint=a.checkpoint, data=a.data)
+    from .choices import Optimizer
     from .data import read_bytes
     from .evaluation import adapt_one_step
     from .evaluation import evaluate as run_eval
     from .model import PerformerLM
+    from .strategies import Strategy
 
+    adapters = pick(Adapters, a)
+    adapters.check()
+    if adapters.lora_rank and a.adapt is None:
+        raise ConfigError("`lora_rank` sets what the one step trains: it needs `adapt=one-step`", params=("adapt",))
     _use_threads(a.threads)
     tokens = read_bytes(a.data, min_length=2)
     model = PerformerLM.from_pretrained(a.checkpoint, device=a.device, **pick(ModelSource, a).model_flags())
+    Strategy(Optimizer.SGD, adapters.lora_rank, adapters.base_dtype, adapters.lora_alpha, adapters.targets,
+             a.seed).apply(model)  # fmt: skip
     show = console(a.json)
     if a.adapt is None:
         result = run_eval(model, tokens, seq_len=a.seq_len, max_bytes=a.max_bytes)
@@ -523,7 +542,8 @@ def evaluate(a):
                 on_progress=lambda done, total: progress.update(done),
             )
         show.print(
-            f"one-step adaptation over {a.windows} windows at seq len {a.seq_len}, SGD lr {a.lr}, C = "
+            f"one-step adaptation{f' of LoRA r{adapters.lora_rank} adapters' if adapters.lora_rank else ''} over "
+            f"{a.windows} windows at seq len {a.seq_len}, SGD lr {a.lr}, C = "
             f"{result.chunk_size}: second-half bpc {result.bpc_before:.4f} -> {result.bpc_after:.4f} "
             f"({result.difference:+.4f})"
         )

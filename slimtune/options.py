@@ -302,6 +302,20 @@ class Adapters(Options):
     def targets(self) -> tuple[str, ...]:
         return lora_targets(self.lora_targets)
 
+    def check(self) -> None:
+        super().check()
+        if self.lora_rank:
+            self.targets  # noqa: B018 (checks them)
+            return
+        given = [name for name in ("lora_alpha", "adapter_out") if getattr(self, name) is not None]
+        given += ["base_dtype=bf16"] if self.base_dtype == BaseDtype.BF16 else []
+        if given:
+            raise ConfigError(
+                f"{', '.join(f'`{g}`' for g in given)} {'needs' if len(given) == 1 else 'need'} LoRA: give "
+                "`lora_rank` (e.g. 8)",
+                params=("lora_rank",),
+            )
+
 
 def lora_targets(targets) -> tuple[str, ...]:
     """A comma list (or a sequence) of LoRA target module names, checked (ConfigError naming the unknown ones)."""
@@ -419,18 +433,7 @@ class FitOptions(Runtime, ExportOptions, RunFolderOptions, SlimStep, Adapters, O
             object.__setattr__(self, "precision", Precision.BF16)
 
     def check(self) -> None:
-        super().check()
-        if self.lora_rank:
-            self.targets  # noqa: B018 (checks them)
-        else:
-            given = [name for name in ("lora_alpha", "adapter_out") if getattr(self, name) is not None]
-            given += ["base_dtype=bf16"] if self.base_dtype == BaseDtype.BF16 else []
-            if given:
-                raise ConfigError(
-                    f"{', '.join(f'`{g}`' for g in given)} {'needs' if len(given) == 1 else 'need'} LoRA: give "
-                    "`lora_rank` (e.g. 8)",
-                    params=("lora_rank",),
-                )
+        super().check()  # Adapters' check among them
         chunk_request(self.chunk_size, self.seq_len)
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)):
             raise ConfigError(f"`threads` must be a positive integer, got {self.threads!r}", params=("threads",))

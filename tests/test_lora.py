@@ -384,3 +384,38 @@ def test_peft_loads_the_adapter_onto_the_hf_model_and_gives_the_merged_exports_l
     scale = merged.abs().max().item()
     assert (merged - unadapted).abs().max().item() > 1e-3 * scale  # the adapter did change the model
     assert (theirs - merged).abs().max().item() <= 1e-4 * scale
+
+
+def test_eval_adapts_lora_adapters_in_the_one_step_at_any_chunk_size(capsys, tmp_path, data_dir):
+    """`eval --adapt one-step --lora-rank R`: the step trains adapters added as slimtune.lora.add adds them (same
+    seed), the same after-bpc at C = 16 as with full backprop (SLiM's gradients are exact), and another one than
+    the step over every weight."""
+    from slimtune.data import read_bytes
+    from slimtune.evaluation import adapt_one_step
+    from slimtune.model import PerformerLM
+
+    base = _base(tmp_path)
+    data = data_dir / "ptb.valid.txt"
+
+    def cli_eval(*args):
+        code, out, err = _cli(capsys, "eval", "--checkpoint", base, "--data", data, "--adapt", "one-step",
+                              "--seq-len", 64, "--windows", 2, "--lr", 0.5, "--json", *args)  # fmt: skip
+        assert code == 0, err
+        return json.loads(out.strip().splitlines()[-1])
+
+    full, chunked = cli_eval("--lora-rank", 2, "--chunk-size", "full"), cli_eval("--lora-rank", 2, "--chunk-size", 16)
+    every_weight = cli_eval("--chunk-size", "full")
+    model = lora.add(PerformerLM.from_pretrained(base), rank=2, seed=0)
+    tokens = read_bytes(data, min_length=2)
+    expected = adapt_one_step(model, tokens, seq_len=64, windows=2, lr=0.5, chunk_size="full")
+    assert full["bpc_before"] == expected.bpc_before
+    assert abs(full["bpc_after"] - expected.bpc_after) <= 1e-6
+    assert abs(chunked["bpc_after"] - full["bpc_after"]) <= 1e-5 and chunked["chunk_size"] == 16
+    assert full["bpc_after"] != full["bpc_before"] and abs(every_weight["bpc_after"] - full["bpc_after"]) > 1e-4
+
+
+def test_eval_refuses_lora_flags_without_the_one_step(capsys, tmp_path, data_dir):
+    base = _base(tmp_path)
+    code, out, err = _cli(capsys, "eval", "--checkpoint", base, "--data", data_dir / "ptb.valid.txt",
+                          "--lora-rank", 4)  # fmt: skip
+    assert code == 2 and out == "" and "--lora-rank sets what the one step trains" in err and err.count("\n") == 1
