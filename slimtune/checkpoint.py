@@ -63,18 +63,27 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]
     extra_config: dict = field(default_factory=dict)  # slimtune_config keys beyond the seven (seq_len, ...)
     metadata: dict[str, str] = field(default_factory=dict)  # the file's other metadata (provenance)
+    stored: dict[str, torch.dtype] = field(default_factory=dict)  # the file's dtypes where `tensors` were converted
 
     @property
     def parameters(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
 
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The tensor's dtype in the file (what an export keeps), whatever it was read into."""
+        return self.stored.get(name, self.tensors[name].dtype)
+
     @property
     def dtypes(self) -> list[str]:
-        return sorted({str(t.dtype).removeprefix("torch.") for t in self.tensors.values()})
+        return sorted({str(self.stored_dtype(n)).removeprefix("torch.") for n in self.tensors})
 
     def release(self) -> None:
-        """Drop the tensor data once a model holds the weights, keeping names, shapes and dtypes for export."""
-        self.tensors = {name: t.to("meta") for name, t in self.tensors.items()}
+        """Drop the tensor data once a model holds the weights, keeping names, shapes and the file's dtypes for
+        export."""
+        self.tensors = {
+            name: torch.empty(t.shape, dtype=self.stored_dtype(name), device="meta") for name, t in self.tensors.items()
+        }
+        self.stored = {}
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -106,13 +115,17 @@ def _looks_like_text(path: Path) -> bool:
     return "\x00" not in text and sum(c.isprintable() or c in "\n\r\t" for c in text) >= 0.95 * len(text)
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _check_not_text(path: Path) -> None:
     if path.is_file() and _looks_like_text(path):
         raise CheckpointError(
             f"{path} is not a checkpoint: it holds text. Pass the model file (.safetensors, or a torch.save "
             "state dict .pt/.pth/.bin); text goes to `data`",
             params=("data",),
         )
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    _check_not_text(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -123,6 +136,60 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             "safetensors file; re-export it, or use a .pt/.pth/.bin suffix for a torch.save state dict"
         ) from None
     return tensors, metadata
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _stream_safetensors(path: Path, dtype_for) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
+    """A .safetensors file read tensor by tensor with plain reads, each converted at once to `dtype_for(name)`
+    (None: kept): at most one tensor in the file's dtype is held beside the converted ones. (safe_open maps the
+    file, and every page read stays resident until the last tensor on the mapping goes: converting from it held
+    the whole file beside the result.) Returns the tensors, the metadata, and the file's dtypes of those
+    converted."""
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path} is not a readable checkpoint ({why}): the file is truncated or not a safetensors file; "
+            "re-export it, or use a .pt/.pth/.bin suffix for a torch.save state dict"
+        )
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise bad("no valid header length")
+        try:
+            header = json.loads(f.read(n))
+            metadata = dict(header.pop("__metadata__", None) or {})
+            entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            raise bad(f"header: {e}") from None
+        tensors, stored = {}, {}
+        for name, info in entries:
+            try:
+                dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"])
+                begin, end = info["data_offsets"]
+            except (KeyError, TypeError, ValueError) as e:
+                raise bad(f"tensor {name}: {e}") from None
+            if end - begin != math.prod(shape) * dtype.itemsize or 8 + n + end > size:
+                raise bad(f"tensor {name} runs past the end of the file")
+            tensor = torch.empty(shape, dtype=dtype)
+            f.seek(8 + n + begin)
+            if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
+                raise bad(f"tensor {name} is cut short")
+            target = dtype_for(name) if dtype_for else None
+            if target is not None and target != dtype:
+                tensors[name], stored[name] = tensor.to(target), dtype
+                del tensor
+            else:
+                tensors[name] = tensor
+    return tensors, metadata, stored
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
@@ -231,16 +298,30 @@ def load_checkpoint(
     n_heads: int | None = None,
     feature_type: str | None = None,
     layernorm: str | None = None,
+    dtype=None,
 ) -> Checkpoint:
-    """Read and validate any accepted checkpoint. The keyword arguments fill settings the file does not carry."""
+    """Read and validate any accepted checkpoint. n_heads, feature_type and layernorm fill settings the file does
+    not carry. `dtype`: the dtype to read the tensors into, one torch.dtype for all or a function of the tensor's
+    name (None there: as stored); without it a .safetensors file is mapped, not copied. `Checkpoint.stored` keeps
+    the file's dtypes of those converted, for export."""
     path = Path(path)
     _check_readable(path)
     if path.is_dir():  # a --format hf folder
         path = path / HF_WEIGHTS
     on_gptln = None if layernorm is None else LayerNorm.parse(layernorm, "layernorm").on_gptln
     overrides = dict(n_heads=n_heads, feature_type=feature_type, on_gptln=on_gptln)
+    dtype_for = dtype if dtype is None or callable(dtype) and not isinstance(dtype, torch.dtype) else lambda _: dtype
+    stored = {}
     if path.suffix.lower() in TORCH_SUFFIXES:
         tensors, metadata = _read_torch(path), {}
+        if dtype_for is not None:
+            for name, t in list(tensors.items()):
+                target = dtype_for(name)
+                if target is not None and target != t.dtype:
+                    tensors[name], stored[name] = t.to(target), t.dtype
+    elif dtype_for is not None:
+        _check_not_text(path)
+        tensors, metadata, stored = _stream_safetensors(path, dtype_for)
     else:
         tensors, metadata = _read_safetensors(path)
     saved = None
@@ -256,7 +337,7 @@ def load_checkpoint(
     config, extra = _config(saved, tensors, path, overrides)
     validate_tensors(tensors, config, path)
     other = {k: v for k, v in metadata.items() if k not in ("format", "slimtune_config")}
-    return Checkpoint(path=path, config=config, tensors=tensors, extra_config=extra, metadata=other)
+    return Checkpoint(path=path, config=config, tensors=tensors, extra_config=extra, metadata=other, stored=stored)
 
 
 def read_tensors(checkpoint: Checkpoint, names) -> dict[str, torch.Tensor]:

@@ -247,22 +247,37 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *, trainable: bool
     return model
 
 
+LAYER_MAPS = TARGETS[:5]  # the layers' linear maps: what a frozen base keeps in its own dtype
+
+
+def in_base_dtype(name: str) -> bool:
+    """Whether the checkpoint tensor `name` is one a frozen base keeps in its dtype: the weight or bias of a layer's
+    linear map (not the embedding, a layer norm, the output map or an adapter)."""
+    parts = name.split(".")
+    return parts[0] == "layers" and len(parts) >= 3 and parts[-2] in LAYER_MAPS and parts[-1] in ("weight", "bias")
+
+
+def read_dtypes(dtype: torch.dtype):
+    """The dtype each checkpoint tensor is read into for a frozen base in `dtype` (load_checkpoint's `dtype`):
+    the layers' linear maps in `dtype`, the rest fp32, so that the base never sits in memory in fp32."""
+    return lambda name: dtype if in_base_dtype(name) else torch.float32
+
+
 def freeze_base_to(model: nn.Module, dtype: torch.dtype) -> int:
     """Keep the frozen weights and biases of the layers' linear maps in `dtype` (bf16: 2 bytes a value); the
     embedding, the layer norms, the output map and the adapters stay as they are (a few percent of the weights,
     and what the attention states' dtype follows). Returns the bytes saved."""
     saved, converted = 0, set()
-    for m in model.modules():
-        if isinstance(m, DeferredLinear) and m is not getattr(model, "output_logit_map", None):
-            for p in (m.weight, m.bias):
-                if p is not None and not p.requires_grad and p.dtype != dtype:
-                    saved += p.numel() * (p.element_size() - dtype.itemsize)
-                    p.data = p.data.to(dtype)
-                    converted.add(p)
+    for name, p in model.named_parameters():
+        if in_base_dtype(name) and not p.requires_grad and p.dtype != dtype:
+            saved += p.numel() * (p.element_size() - dtype.itemsize)
+            p.data = p.data.to(dtype)
+            converted.add(p)
     if converted:
         # The weights a checkpoint was loaded into still map its file (safetensors reads zero-copy); one tensor
         # left on the mapping keeps all of it resident. The few the conversion kept get memory of their own, so
-        # the mapping goes (d 64 x 1 layer, 67 MB of weights: 64 MB less resident).
+        # the mapping goes (d 64 x 1 layer, 67 MB of weights: 64 MB less resident). fit reads such a base with
+        # read_dtypes instead, and nothing is left to convert here.
         for p in model.parameters():
             if p not in converted:
                 p.data = p.data.clone()

@@ -117,7 +117,9 @@ class PerformerLM(nn.Module):
         with torch.device("meta"):
             model = cls(checkpoint.config)
         model.load_state_dict(checkpoint.tensors, strict=True, assign=True)
-        model = model.to(device=resolve_device(device or "cpu"), dtype=dtype or torch.float32)
+        model = model.to(device=resolve_device(device or "cpu"))
+        if not checkpoint.stored:  # tensors read as stored: the weights in `dtype` (the converted ones keep theirs)
+            model = model.to(dtype=dtype or torch.float32)
         checkpoint.release()
         model.source = checkpoint
         return model
@@ -152,7 +154,11 @@ class PerformerLM(nn.Module):
         Example:
             model = PerformerLM.from_pretrained("model.safetensors", device="cuda")
         """
-        checkpoint = load_checkpoint(path, n_heads=n_heads, feature_type=feature_type, layernorm=layernorm)
+        # In another dtype, the file is read tensor by tensor into it (a mapping would hold the file beside it).
+        read_as = None if dtype in (None, torch.float32) else dtype
+        checkpoint = load_checkpoint(
+            path, n_heads=n_heads, feature_type=feature_type, layernorm=layernorm, dtype=read_as
+        )
         return cls.from_checkpoint(checkpoint, device=device, dtype=dtype)
 
     def save_pretrained(

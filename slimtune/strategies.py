@@ -78,6 +78,11 @@ class Strategy:
         """A bf16 base computes under bf16 autocast; otherwise the precision asked for."""
         return Precision.BF16 if self.stage == 2 else Precision.parse(asked, "precision")
 
+    @property
+    def read_dtype(self):
+        """What load_checkpoint reads the base into for this strategy (None: as stored, mapped)."""
+        return lora.read_dtypes(self.base_dtype.dtype) if self.stage == 2 else None
+
     def apply(self, model) -> None:
         """Make `model` train this way, in place: adapters on the targets (lora_A from `seed`), the frozen layers'
         weights in the base dtype. A model already at an earlier stage moves on; none goes back."""

@@ -679,8 +679,8 @@ def fit(
                     "give either `eval_data` or `eval_fraction`, not both", params=("eval_data", "eval_fraction")
                 )
             data, eval_data = split_held_out(data, eval_fraction)
-        if not isinstance(checkpoint, Checkpoint):
-            checkpoint = load_checkpoint(checkpoint, **(model_flags or {}))
+        if not isinstance(checkpoint, Checkpoint):  # a bf16 base is read straight into bf16
+            checkpoint = load_checkpoint(checkpoint, **(model_flags or {}), dtype=Strategy.of(options).read_dtype)
         check_vocabulary(data, checkpoint.config.vocab_size)
         if eval_data is not None:
             check_vocabulary(eval_data, checkpoint.config.vocab_size, "eval_data")
