@@ -2,10 +2,11 @@
 against a full one, and how much of full fine-tuning's gain LoRA recovers. Every cell is a fresh `slimtune`
 process, run alone.
 
-- reach: at each budget, models of one family (d from 256 up, d / 64 layers, ffn 4d, d / 64 heads) under each
+- reach: at each budget, models of one family (d from 256 up, d / 128 layers, ffn 4d, d / 64 heads) under each
   strategy (full fine-tuning with adam, adafactor and sgd; LoRA r8 with adam on an fp32 and on a bf16 base): one
   `fit` step with `--mem-budget B`, d growing until fit refuses (exit 2: nothing fits) or the model takes longer
-  than --max-seconds. Reported: the largest d that trained, its parameters, C and measured peak (VmHWM).
+  than --max-seconds. Each strategy starts from the largest d of the one before it (they hold less and less).
+  Reported: the largest d that trained, its parameters, C and measured peak (VmHWM).
 - speed: one model, one C, full fine-tuning and LoRA steps (adam), interleaved and repeated (`slimtune bench`
   does not train adapters, so this times `fit` steps from their JSON: seconds of the training steps only).
 - quality: `pretrain --recipe small` on tinyshakespeare, then the same steps of fine-tuning on wikitext2.valid
@@ -39,13 +40,13 @@ STRATEGIES = {  # name -> fit flags
     "LoRA r8, fp32 base, adam": ["--optimizer", "adam", "--lora-rank", "8"],
     "LoRA r8, bf16 base, adam": ["--optimizer", "adam", "--lora-rank", "8", "--base-dtype", "bf16"],
 }
-FAMILY = (256, 384, 512, 640, 768, 1024, 1280, 1536, 2048)
+FAMILY = (256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048)
 MB = 1e6
 
 
 def family(d: int) -> PerformerConfig:
-    heads = max(1, d // 64)
-    return PerformerConfig(hidden_dim=d, n_layers=max(1, d // 64), ffn_dim=4 * d, n_heads=heads)
+    """d / 128 layers (4 at d 512, 8 at d 1024), ffn 4d, heads of 64."""
+    return PerformerConfig(hidden_dim=d, n_layers=max(1, d // 128), ffn_dim=4 * d, n_heads=max(1, d // 64))
 
 
 def parameters(config: PerformerConfig) -> int:
@@ -78,9 +79,10 @@ def fit(checkpoint, data, *flags, timeout=None):
 def reach(args) -> None:
     rows, records = [], []
     for budget in args.budgets.split(","):
+        start = args.family[0]
         for name, flags in STRATEGIES.items():
             best = None
-            for d in args.family:
+            for d in (d for d in args.family if d >= start):
                 config = family(d)
                 ckpt = make_checkpoint(config, f"family-d{d}")
                 code, result, error, seconds = fit(
@@ -96,13 +98,15 @@ def reach(args) -> None:
                 if code != 0:
                     break
                 best = record
+            start = best["d"] if best else start
             if best is None:
                 rows.append([budget, name, "-", "-", "-", "-", "-", records[-1]["error"][:60]])
                 continue
             within = best["peak_bytes"] <= parse_size(budget)
-            stopped = "nothing fits" if records[-1]["exit_code"] == 2 else records[-1]["error"][:40] or "end of family"
+            last = records[-1]
+            stopped = "nothing fits" if last["exit_code"] == 2 else (last["error"][:40] or "end of family")
             rows.append([budget, name, best["d"], f"{best['parameters'] / 1e6:.1f}M", best["chunk_size"],
-                         f"{best['peak_bytes'] / MB:.0f}", "yes" if within else "NO", f"next d: {stopped}"])  # fmt: skip
+                         f"{best['peak_bytes'] / MB:.0f}", "yes" if within else "NO", f"next: {stopped}"])  # fmt: skip
     headers = ["budget", "strategy", "largest d", "parameters", "C", "peak MB (VmHWM)", "within", ""]
     report(f"param_memory-reach-L{args.seq_len}" + ("-quick" if args.quick else ""), headers, rows,
            {"seq_len": args.seq_len, "records": records})  # fmt: skip
@@ -121,7 +125,7 @@ def speed(args) -> None:
             code, result, error, _ = fit(ckpt, DATA / "tinyshakespeare.txt", *common, *flags)
             if code != 0:
                 sys.exit(f"speed: {name} failed: {error}")
-            seconds[name].append(result["train_seconds"] / result["steps"])
+            seconds[name].append(statistics.median(result["step_seconds"][1:] or result["step_seconds"]))
     rows = []
     full = statistics.median(seconds["full"])
     for name, values in seconds.items():
@@ -181,7 +185,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("part", choices=["reach", "speed", "quality", "all"])
     parser.add_argument("--budgets", default="1GB,2GB")
-    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--max-seconds", type=float, default=600, help="reach: stop a family at a cell this slow")
     parser.add_argument("--speed-d", type=int, default=512)
     parser.add_argument("--chunk", type=int, default=256)

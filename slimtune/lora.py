@@ -62,9 +62,13 @@ class LoraLinear(DeferredLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
         own = self.lora_A.weight.dtype
-        if x.dtype == own or torch.is_autocast_enabled(x.device.type):
-            return y + self.scaling * self.lora_B(self.lora_A(x))
-        return y + (self.scaling * self.lora_B(self.lora_A(x.to(own)))).to(y.dtype)  # e.g. a bf16 model
+        a = self.lora_A(x if x.dtype == own or torch.is_autocast_enabled(x.device.type) else x.to(own))
+        # y += (alpha / rank) a lora_B^T, in place: nothing saves the map's output for backward, and
+        # `y + s * lora_B(a)` made three more output-sized tensors (the product, its scaling, the sum).
+        y.view(-1, y.shape[-1]).addmm_(
+            a.reshape(-1, self.rank).to(y.dtype), self.lora_B.weight.t().to(y.dtype), alpha=self.scaling
+        )
+        return y
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(alpha / rank) lora_B @ lora_A in `dtype` (fp32): what merging adds to the weight."""

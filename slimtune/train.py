@@ -69,6 +69,7 @@ class FitResult:
     run_dir: str | None = None
     lora_rank: int = 0  # 0: full fine-tuning
     trainable_parameters: int = 0  # elements of the parameters that trained
+    step_seconds: list[float] = field(default_factory=list)  # each step of this process, data to update
     adapter_out: str | None = None  # where the adapter alone was written (PEFT's format)
     model: PerformerLM | None = field(default=None, repr=False, compare=False)  # the trained model, in memory
 
@@ -128,6 +129,7 @@ class Trainer:
         self.run = run  # None only until a resumed run's plan is restored
         self.device = next(model.parameters()).device
         self.losses: list[float] = []
+        self.step_seconds: list[float] = []  # this process's steps
         self.completed = 0  # optimizer steps done (skipped ones included)
         self.first_step = 0
         self.skipped = 0
@@ -332,12 +334,13 @@ class Trainer:
             self.completed = step
             self._point = self._here()
         tokens = self.group.world * o.accumulate * o.batch_size * o.seq_len
+        self.step_seconds.append(time.perf_counter() - started)
         metrics = {
             "step": step,
             "loss": loss,
             "lr": lr,
             "chunk_size": self.run.chunk_size,
-            "tokens_per_s": tokens / (time.perf_counter() - started),
+            "tokens_per_s": tokens / self.step_seconds[-1],
             "peak_memory_bytes": peak_memory_bytes(self.device),
         }
         metrics |= self._evaluate(step)
@@ -553,6 +556,7 @@ def _train(model, data, out, options: FitOptions, held, on_step, warn, eval_data
         loss=trainer.losses[0],
         final_loss=trainer.losses[-1],
         losses=trainer.losses,
+        step_seconds=trainer.step_seconds,
         peak_memory_bytes=peak_memory_bytes(trainer.device),
         device=str(trainer.device),
         out=str(out),
