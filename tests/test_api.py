@@ -79,6 +79,39 @@ def test_the_readme_loop_runs_and_equals_slimtune_fit(tmp_path, data_dir, monkey
     assert any(not torch.equal(base.tensors[n], t) for n, t in ours.tensors.items())  # it did train
 
 
+def test_the_readme_lora_loop_runs_and_equals_slimtune_fit(tmp_path, data_dir, monkeypatch):
+    """README's LoRA loop, executed as written; then `slimtune fit --lora-rank 8` with the same settings: the same
+    merged export and the same adapter to 1e-6."""
+    from safetensors.torch import load_file
+
+    from slimtune.cli import main
+
+    blocks = _readme_python_blocks()
+    assert len(blocks) >= 2, "README has no LoRA block under 'Use it from Python'"
+    monkeypatch.chdir(tmp_path)
+    _checkpoint(tmp_path / "model.safetensors", hidden_dim=32, ffn_dim=64)
+    (tmp_path / "my.txt").write_bytes((data_dir / "ptb.test.txt").read_bytes()[:200_000])
+    namespace = {}
+    exec(compile(blocks[1], "README.md", "exec"), namespace)
+    chunk = str(namespace["plan"].chunk_size)
+    args = ["fit", "--checkpoint", "model.safetensors", "--data", "my.txt", "--out", "cli.safetensors", "--steps", "3",
+            "--seq-len", "1024", "--lr", "1e-3", "--optimizer", "adam", "--chunk-size", chunk, "--seed", "0",
+            "--lora-rank", "8", "--adapter-out", "cli.adapter", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    ours, theirs = load_checkpoint("tuned.safetensors"), load_checkpoint("cli.safetensors")
+    base = load_checkpoint("model.safetensors")
+    for name, t in theirs.tensors.items():
+        assert_close(ours.tensors[name], t, 1e-6, name)
+    assert any(not torch.equal(base.tensors[n], t) for n, t in ours.tensors.items())  # the adapters trained
+    adapter, cli_adapter = (
+        load_file("tuned.adapter/adapter_model.safetensors"),
+        load_file("cli.adapter/adapter_model.safetensors"),
+    )
+    assert adapter.keys() == cli_adapter.keys() and len(adapter) == 2 * 5 * 2  # A and B, 5 maps, 2 layers
+    for name, t in cli_adapter.items():
+        assert_close(adapter[name], t, 1e-6, name)
+
+
 def test_slim_step_on_a_loaded_model_equals_full_backprop(tmp_path):
     model = slimtune.PerformerLM.from_pretrained(_checkpoint(tmp_path / "m.safetensors"), dtype=torch.float64)
     windows = torch.randint(0, 256, (2, 101), generator=torch.Generator().manual_seed(0))
