@@ -92,7 +92,8 @@ def reach(args) -> None:
                 record = {"budget": budget, "strategy": name, "d": d, "parameters": parameters(config),
                           "exit_code": code, "seconds": seconds, "error": error if code else ""}  # fmt: skip
                 if result:
-                    record |= {"chunk_size": result["chunk_size"], "peak_bytes": result["peak_memory_bytes"]}
+                    record |= {"chunk_size": result["chunk_size"], "peak_bytes": result["peak_memory_bytes"],
+                               "predicted_bytes": (result["plan"] or {}).get("predicted_peak_bytes")}  # fmt: skip
                 records.append(record)
                 print(json.dumps(record), flush=True)
                 if code != 0:

@@ -190,6 +190,8 @@ class Plan:
     seconds_full: float = 0.0  # predicted seconds of a full-backprop step over L, its own heap (the time unit)
     threads: int = 0  # CPU intra-op threads the timings ran with (a run with another count has other ratios)
     time_uncertainty: float = TIME_UNCERTAINTY  # how far measured relative step times may lie from the column
+    # False where the room left no SLiM timing probe (a tight budget): the relative time of C < L is unknown.
+    time_known: bool = True
     # How close the choice is to the edge: the usable budget less the chosen C's prediction (as judged, without the
     # planning line), and the next C on the grid's prediction less the usable budget (None at C = L).
     margin_bytes: int = 0
@@ -291,7 +293,10 @@ def _time_slim(model: PerformerLM, work: Workload, faults, largest: int) -> tupl
     """A SLiM chunk's seconds as intercept + slope x C, from SLiM steps of SLIM_PROBE_CHUNKS chunks at a small
     and a mid-sized C (at most `largest`, the memory probes' size), less `faults(C)`, a chunk's page faults: the
     intercept is the per-chunk overhead (many small ops) that dominates small C."""
-    small = max(1, min(SLIM_TIME_SIZES[0], work.seq_len // (4 * SLIM_PROBE_CHUNKS), largest // 2))
+    # Not below the memory probes' smaller size: a SLiM step over a few chunks holds more than a full-backprop
+    # step of one chunk, so timing it below `largest` put the probes over a tight budget (d 896, 62M parameters:
+    # 987 MB at C = 8 and 16 under a 1 GB budget). Where the room leaves no two sizes, C's time goes unknown.
+    small = max(1, min(SLIM_TIME_SIZES[0], work.seq_len // (4 * SLIM_PROBE_CHUNKS)))
     large = min(SLIM_TIME_SIZES[1], work.seq_len // SLIM_PROBE_CHUNKS, largest)
     if large <= small:
         return 0.0, 0.0
@@ -692,6 +697,7 @@ def decide(model: PerformerLM, work: Workload, measured: Measurement, *, forced:
         memory_counts=memory_counts(device),
         heap=heap,
         seconds_full=full_seconds(measured.probe, L, full_heap),
+        time_known=measured.probe.slim_per_token > 0,
         threads=torch.get_num_threads(),
         margin_bytes=int(usable - _training(peak(chosen))["total"]),
         next_over_bytes=int(_training(peak(bigger))["total"] - usable) if bigger else None,

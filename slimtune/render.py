@@ -130,11 +130,14 @@ def fit_table(result) -> Table:
 def plan_caption(result) -> str:
     """What the plan's figures count and how far to trust them."""
     where = f" on {result.threads} CPU thread(s)" if result.heap else ""
+    unknown = (
+        "" if result.time_known else "; '?': the budget left no room to time SLiM's chunks, so their time is unknown"
+    )
     caption = (
         f"Memory counts {result.memory_counts}; available {format_size(result.available_bytes)}, from "
         f"{result.available_source}. The runtime alone holds {format_size(result.breakdown['runtime'])}: no budget "
         f"below it fits. Step time is relative to full backprop's (1.00x: predicted {result.seconds_full:.2f} s "
-        f"here{where}), within about {result.time_uncertainty:.0%} of measured steps"
+        f"here{where}), within about {result.time_uncertainty:.0%} of measured steps{unknown}"
     )
     if result.heap:
         caption += (
@@ -160,7 +163,7 @@ def plan_tables(result, seq_len: int, batch_size: int, strategy: str, strategies
             f"{c.chunk_size}" + (" (full)" if c.chunk_size >= seq_len else ""),
             format_size(c.predicted_peak_bytes),
             f"{100 * c.share_of_budget:.0f}%",
-            f"{c.relative_time:.2f}x",
+            f"{c.relative_time:.2f}x" if result.time_known or c.chunk_size >= seq_len else "?",
             c.heap or "-",
             mark,
         )
@@ -190,7 +193,7 @@ def strategies_table(rows, seq_len: int, budget_bytes: int) -> Table:
             size, peak, seconds = "none", r.note, ""
         else:
             size = f"{r.chunk_size}" + (" (full)" if r.chunk_size >= seq_len else "")
-            peak, seconds = format_size(r.predicted_peak_bytes), f"{r.seconds:.2f}"
+            peak, seconds = format_size(r.predicted_peak_bytes), "?" if r.seconds is None else f"{r.seconds:.2f}"
         table.add_row(_flags_to_add(asked, r.strategy), _count(r.trainable_parameters), size, peak, seconds)
     return table
 

@@ -101,7 +101,7 @@ class StrategyRow:
     asked: bool
     chunk_size: int | None
     predicted_peak_bytes: int | None  # at that C (None where none fits)
-    seconds: float | None  # predicted seconds per step at that C
+    seconds: float | None  # predicted seconds per step at that C (None: unknown, or none fits)
     trainable_parameters: int
     note: str = ""  # why none fits
 
@@ -169,7 +169,8 @@ def compare(
         if on_planned:
             on_planned(s, plan)
         chosen = next(c for c in plan.candidates if c.chunk_size == plan.chunk_size)
-        seconds = chosen.relative_time * plan.seconds_full
+        known = plan.time_known or plan.chunk_size >= plan.seq_len
+        seconds = chosen.relative_time * plan.seconds_full if known else None
         rows[s] = StrategyRow(s, s.name, s == asked, plan.chunk_size, plan.predicted_peak_bytes, seconds, trainable)
     ordered = [rows[s] for s in strategies]
     error = errors.get(asked)

@@ -126,3 +126,27 @@ def test_pretrain_under_torchrun(tmp_path, data_dir, capsys):
     assert all(rel_err(a[name], init[name]) > 1e-4 for name in a)  # the steps moved every tensor
     for name in a:
         assert_close(b[name] - init[name], a[name] - init[name], 1e-5, name)
+
+
+def test_two_ranks_train_lora_adapters_as_one_process_does(tmp_path, base, data_dir, capsys):
+    """LoRA under torchrun: the ranks all-reduce the adapters' gradients only (the base has none), and the merged
+    export and the adapter equal one process's on the combined batch."""
+    from safetensors.torch import load_file
+
+    common = ["--data", data_dir / "ptb.test.txt", "--seq-len", L, "--chunk-size", 8, "--steps", 1,
+              "--optimizer", "sgd", "--lr", 0.5, "--device", "cpu", "--lora-rank", 2, "--lora-alpha", 8]  # fmt: skip
+    two, one = tmp_path / "two.safetensors", tmp_path / "one.safetensors"
+    torchrun(tmp_path, "fit", "--checkpoint", base, "--out", two, "--batch-size", B, "--adapter-out",
+             tmp_path / "two.adapter", *common)  # fmt: skip
+    args = ["fit", "--checkpoint", base, "--out", one, "--batch-size", 2 * B, "--adapter-out", tmp_path / "one.adapter"]
+    assert main([str(a) for a in args + common]) == 0
+    capsys.readouterr()
+    start, a, b = (load_checkpoint(p).tensors for p in (base, one, two))
+    assert any(not torch.equal(start[k], a[k]) for k in a)  # the adapters moved the merged weights
+    for name in a:
+        assert_close(b[name] - start[name], a[name] - start[name], 1e-5, name)
+    adapter_one, adapter_two = (load_file(str(tmp_path / f"{n}.adapter" / "adapter_model.safetensors"))
+                                for n in ("one", "two"))  # fmt: skip
+    assert adapter_one.keys() == adapter_two.keys()
+    for name, t in adapter_one.items():
+        assert_close(adapter_two[name], t, 1e-5, name)
