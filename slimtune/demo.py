@@ -163,6 +163,11 @@ def run_demo(
     with torch.no_grad():
         diff = (reloaded(probe) - result.model(probe)).abs().max().item()
     say(f"[bold]5. export[/bold]  {tuned} reloaded into a fresh full model: max |logit difference| = {diff:g}")
+    say(
+        "      less memory still: LoRA adapters on a frozen base (--lora-rank 8, with --base-dtype bf16 the base in "
+        f"2 bytes a weight), adafactor or sgd; `slimtune plan --checkpoint {base} --seq-len {seq_len} "
+        f"--mem-budget {budget}` shows the largest C of each"
+    )
     seconds = time.perf_counter() - started
     say(f"done in {seconds:.0f} s; files in {workdir.resolve()}")
     return {

@@ -269,7 +269,7 @@ class Adapters(Options):
     lora_alpha: float | None = option(
         None,
         "--lora-alpha",
-        "LoRA scale: the adapters add (ALPHA / R) B A x. Default: 2R.",
+        "LoRA scale: the adapters add (ALPHA / R) B A x (e.g. --lora-alpha 16). Default: 2R.",
         above=0.0,
         show_default=False,
         resume=True,
@@ -278,15 +278,17 @@ class Adapters(Options):
     lora_targets: str = option(
         ",".join(LORA_DEFAULT_TARGETS),
         "--lora-targets",
-        f"LoRA: comma list of the maps that get adapters, out of {','.join(LORA_TARGETS)}.",
+        f"LoRA: comma list of the maps that get adapters, out of {','.join(LORA_TARGETS)} (e.g. --lora-targets "
+        "q_map,v_map).",
         resume=True,
         record=True,
     )
     base_dtype: BaseDtype = option(
         BaseDtype.FP32,
         "--base-dtype",
-        "With --lora-rank: bf16 keeps the frozen layers' weights in 2 bytes and computes under bf16 autocast "
-        "(--precision bf16); adapters and their gradients stay fp32.",
+        "With --lora-rank: bf16 keeps the frozen layers' weights in 2 bytes, read straight into bf16, and computes "
+        "under bf16 autocast (--precision bf16); adapters and their gradients stay fp32 (e.g. --lora-rank 8 "
+        "--base-dtype bf16).",
         resume=True,
         record=True,
     )

@@ -143,6 +143,7 @@ class Trainer:
         self._warn = on_warning or _warn
         self._warned: set[str] = set()
         self._load: threads.LoadWatch | None = None  # set by setup() when the thread count was chosen
+        self._base_sha256: str | None = None  # a frozen base's file, hashed once (run states name it)
 
     @property
     def chunk_size(self) -> int | None:
@@ -212,7 +213,7 @@ class Trainer:
                 "losses": self.losses,
                 "skipped": self.skipped,
                 "settings": self.options.resume_settings(),
-                "model": self.model.state_dict(),
+                **self._weights(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "generator": generator,
@@ -221,9 +222,48 @@ class Trainer:
         )
         return step
 
+    def _frozen_base(self) -> tuple[list[str], Path | None]:
+        """The names of the parameters that do not train, and the file they come from (None: not from a file)."""
+        frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad]
+        source = getattr(self.model, "source", None)
+        return frozen, (source.path if frozen and source is not None and source.path.is_file() else None)
+
+    def _weights(self) -> dict:
+        """What a run state keeps of the model: every weight; or, with a frozen base read from a file (LoRA), only
+        the weights that train and the base file's sha256 (a resume reads the base from that file again)."""
+        frozen, path = self._frozen_base()
+        if path is None:
+            return {"model": self.model.state_dict()}
+        self._base_sha256 = self._base_sha256 or file_sha256(path)
+        kept = {n: t for n, t in self.model.state_dict().items() if n not in set(frozen)}
+        return {"model": kept, "base_sha256": self._base_sha256}
+
+    def _restore_weights(self, saved: dict) -> None:
+        if "base_sha256" not in saved:
+            self.model.load_state_dict(saved["model"])
+            return
+        frozen, path = self._frozen_base()
+        now = file_sha256(path) if path is not None else None
+        if now != saved["base_sha256"]:
+            raise SlimtuneError(
+                f"the run in {self.folder.path if self.folder else 'this state'} trained adapters on a base "
+                f"checkpoint with sha256 {saved['base_sha256'][:12]}..., and the base given now "
+                + (f"({path}) has {now[:12]}..." if now else "is not read from a file")
+                + ": `resume` with the same `checkpoint`",
+                params=("resume", "checkpoint"),
+            )
+        missing, unexpected = self.model.load_state_dict(saved["model"], strict=False)
+        if unexpected or set(missing) != set(frozen):
+            raise SlimtuneError(
+                f"the saved run's weights do not fit this model ({len(unexpected)} unexpected, "
+                f"{len(set(missing) - set(frozen))} missing): `resume` with the same LoRA settings",
+                params=("resume",),
+            )
+        self._base_sha256 = now
+
     def restore(self, saved: dict) -> None:
         """Weights, optimizer, schedule, random numbers and the run plan of a saved state, as a unit."""
-        self.model.load_state_dict(saved["model"])
+        self._restore_weights(saved)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.generator.set_state(saved["generator"])

@@ -419,3 +419,22 @@ def test_eval_refuses_lora_flags_without_the_one_step(capsys, tmp_path, data_dir
     code, out, err = _cli(capsys, "eval", "--checkpoint", base, "--data", data_dir / "ptb.valid.txt",
                           "--lora-rank", 4)  # fmt: skip
     assert code == 2 and out == "" and "--lora-rank sets what the one step trains" in err and err.count("\n") == 1
+
+
+def test_a_lora_run_state_keeps_the_adapters_and_names_its_base(capsys, tmp_path, data_dir):
+    """The run state of a LoRA run holds the adapters (not the frozen base) and the base file's sha256; a resume
+    on another base is refused, the same base continues."""
+    import hashlib
+
+    from helpers import save_model
+
+    base = _base(tmp_path)
+    _fit(capsys, tmp_path, base, data_dir, "--lora-rank", 2, "--steps", 2, out="t.safetensors")
+    state = torch.load(tmp_path / "t.safetensors.run" / "state.pt", weights_only=True)
+    assert state["model"] and all(".lora_A." in n or ".lora_B." in n for n in state["model"])
+    assert state["base_sha256"] == hashlib.sha256(base.read_bytes()).hexdigest()
+    save_model(base, tiny_model(dtype=torch.float32, hidden_dim=32, n_layers=2, ffn_dim=64, n_heads=2, seed=9))
+    code, _, err = _cli(capsys, "fit", "--checkpoint", base, "--data", data_dir / "tinyshakespeare.txt", "--seq-len",
+                        128, "--chunk-size", 32, "--lr", 0.01, "--steps", 3, "--lora-rank", 2, "--resume", "--out",
+                        tmp_path / "t.safetensors")  # fmt: skip
+    assert code == 2 and "with the same --checkpoint" in err.strip().splitlines()[-1], err
