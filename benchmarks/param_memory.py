@@ -7,8 +7,9 @@ process, run alone.
   `fit` step with `--mem-budget B`, d growing until fit refuses (exit 2: nothing fits) or the model takes longer
   than --max-seconds. Each strategy starts from the largest d of the one before it (they hold less and less).
   Reported: the largest d that trained, its parameters, C and measured peak (VmHWM).
-- speed: one model, one C, full fine-tuning and LoRA steps (adam), interleaved and repeated (`slimtune bench`
-  does not train adapters, so this times `fit` steps from their JSON: seconds of the training steps only).
+- speed: one model, one C: full fine-tuning (adam, adafactor) and LoRA steps (adam; fp32 and bf16 base),
+  interleaved and repeated; each `fit` reports its steps' seconds (`step_seconds`), of which the first (the
+  optimizer's state being made) is left out.
 - quality: `pretrain --recipe small` on tinyshakespeare, then the same steps of fine-tuning on wikitext2.valid
   with full fine-tuning and with LoRA at two ranks; held-out bpc on wikitext2.test before and after.
 
@@ -117,9 +118,13 @@ def speed(args) -> None:
     """Full fine-tuning against LoRA at the same model and C: the `fit` JSON's step seconds, interleaved."""
     config = family(args.speed_d)
     ckpt = make_checkpoint(config, f"family-d{args.speed_d}")
-    common = ["--steps", args.speed_steps, "--seq-len", args.seq_len, "--chunk-size", args.chunk, "--optimizer", "adam"]
-    variants = {"full": [], "LoRA r8": ["--lora-rank", 8], "LoRA r8, bf16 base": ["--lora-rank", 8, "--base-dtype",
-                                                                                    "bf16"]}  # fmt: skip
+    common = ["--steps", args.speed_steps, "--seq-len", args.seq_len, "--chunk-size", args.chunk]
+    variants = {
+        "full, adam": ["--optimizer", "adam"],
+        "full, adafactor": ["--optimizer", "adafactor"],
+        "LoRA r8, adam": ["--optimizer", "adam", "--lora-rank", 8],
+        "LoRA r8, bf16 base, adam": ["--optimizer", "adam", "--lora-rank", 8, "--base-dtype", "bf16"],
+    }
     seconds = {name: [] for name in variants}
     for _ in range(args.repeats):  # interleaved: each repeat runs every variant once
         for name, flags in variants.items():
@@ -128,7 +133,7 @@ def speed(args) -> None:
                 sys.exit(f"speed: {name} failed: {error}")
             seconds[name].append(statistics.median(result["step_seconds"][1:] or result["step_seconds"]))
     rows = []
-    full = statistics.median(seconds["full"])
+    full = statistics.median(seconds["full, adam"])
     for name, values in seconds.items():
         rows.append([name, f"{min(values):.3f}", f"{statistics.median(values):.3f}", f"{max(values):.3f}",
                      f"{statistics.median(values) / full:.2f}x"])  # fmt: skip

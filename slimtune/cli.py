@@ -225,6 +225,7 @@ def plan(a):
     Example: slimtune plan --checkpoint model.safetensors --seq-len 16384 --mem-budget 2GB --lora-rank 8
     """
     _require("plan", checkpoint=a.checkpoint)
+    from .checkpoint import load_checkpoint
     from .model import PerformerLM
     from .planner import Workload
     from .planner import plan as run_plan
@@ -235,7 +236,11 @@ def plan(a):
     options = pick(FitOptions, a)
     options.check()
     strategy = Strategy.of(options)
-    model = PerformerLM.from_pretrained(a.checkpoint, device=a.device, **pick(ModelSource, a).model_flags())
+    # Loaded as fit loads it: the comparison converts the model in place from full to LoRA, so it starts as read;
+    # the asked strategy alone is read as its fit reads it (a bf16 base straight into bf16).
+    read_as = None if a.compare else strategy.read_dtype
+    checkpoint = load_checkpoint(a.checkpoint, **pick(ModelSource, a).model_flags(), dtype=read_as)
+    model = PerformerLM.from_checkpoint(checkpoint, device=a.device)
     data_bytes = sum(_file_size(path) for path in a.data or ())
     runs = {}
 
