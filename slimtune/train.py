@@ -223,10 +223,12 @@ class Trainer:
         return step
 
     def _frozen_base(self) -> tuple[list[str], Path | None]:
-        """The names of the parameters that do not train, and the file they come from (None: not from a file)."""
+        """The names of the parameters that do not train, and the file they come from: a LoRA model's base, as
+        read from its checkpoint (None otherwise: other frozen weights may have been changed in memory)."""
         frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad]
         source = getattr(self.model, "source", None)
-        return frozen, (source.path if frozen and source is not None and source.path.is_file() else None)
+        from_file = frozen and lora.adapted(self.model) and source is not None and source.path.is_file()
+        return frozen, (source.path if from_file else None)
 
     def _weights(self) -> dict:
         """What a run state keeps of the model: every weight; or, with a frozen base read from a file (LoRA), only
