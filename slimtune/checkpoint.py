@@ -158,6 +158,7 @@ def _stream_safetensors(path: Path, dtype_for) -> tuple[dict[str, torch.Tensor],
             "re-export it, or use a .pt/.pth/.bin suffix for a torch.save state dict"
         )
 
+    _check_not_text(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -310,7 +311,7 @@ def load_checkpoint(
         path = path / HF_WEIGHTS
     on_gptln = None if layernorm is None else LayerNorm.parse(layernorm, "layernorm").on_gptln
     overrides = dict(n_heads=n_heads, feature_type=feature_type, on_gptln=on_gptln)
-    dtype_for = dtype if dtype is None or callable(dtype) and not isinstance(dtype, torch.dtype) else lambda _: dtype
+    dtype_for = dtype if dtype is None or callable(dtype) else lambda _: dtype  # a torch.dtype is not callable
     stored = {}
     if path.suffix.lower() in TORCH_SUFFIXES:
         tensors, metadata = _read_torch(path), {}
@@ -320,7 +321,6 @@ def load_checkpoint(
                 if target is not None and target != t.dtype:
                     tensors[name], stored[name] = t.to(target), t.dtype
     elif dtype_for is not None:
-        _check_not_text(path)
         tensors, metadata, stored = _stream_safetensors(path, dtype_for)
     else:
         tensors, metadata = _read_safetensors(path)

@@ -452,7 +452,7 @@ def predict(
     policy (CPU, memory.py); `reached`: the peak the process has already had (the probes'), a floor."""
     chunk = probe.chunk_bytes(min(chunk_size, work.seq_len), heap, one_pass=chunk_size >= work.seq_len)
     states = _state_bytes(model, work, chunk_size) if chunk_size < work.seq_len else 0
-    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # frozen: none
+    grads = gradient_bytes(model)
     buffers = buffer_bytes(model) if batching else 0
     lines = {
         "runtime": runtime,
@@ -494,28 +494,33 @@ def relative_time(probe: Probe, seq_len: int, chunk_size: int, heap: str = "fast
     return (work + n * probe.fault_seconds(chunk_size, heap)) / unit
 
 
+def held_bytes(device: torch.device) -> int:
+    """What the job holds now on `device`: CPU, the process's RSS (weights included) once the heap has returned
+    what was freed (the probes' activations, measure_optimizer's gradients would otherwise count); CUDA, the
+    context and the allocated tensors."""
+    if device.type == "cuda":
+        return cuda_context_bytes(device) + torch.cuda.memory_allocated(device)
+    release_free_heap()
+    return process_rss()
+
+
+def gradient_bytes(model: PerformerLM) -> int:
+    """One gradient per parameter that trains, in its dtype (frozen ones get none)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
 def probe_room(model: PerformerLM, optimizer_state: int, usable: float, device: torch.device) -> float:
     """Bytes the probe steps may add on the model's own device: the usable budget less what the device already
-    holds for this job (CPU: the process's RSS, weights included; CUDA: the context and the allocated weights),
-    less the gradients the probe allocates and the optimizer state (measured) a run adds later."""
-    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    state = optimizer_state
-    if device.type == "cuda":
-        held = cuda_context_bytes(device) + torch.cuda.memory_allocated(device)
-    else:
-        release_free_heap()  # what measure_optimizer freed would otherwise count as held, and shrink the probes
-        held = process_rss()
-    return usable - held - params - state
+    holds for this job, less the gradients the probe allocates and the optimizer state (measured) a run adds
+    later."""
+    return usable - held_bytes(device) - gradient_bytes(model) - optimizer_state
 
 
 def _runtime_bytes(model: PerformerLM, resident_data: int = 0) -> int:
-    """Measured before training: the process's RSS (CPU, weights included) less the data it already holds (a line
-    of its own, so that `plan`, which does not read the data, measures the same), or context + allocated (CUDA)."""
+    """Measured before training: what the job holds, less the data the process already holds (CPU; a line of its
+    own, so that `plan`, which does not read the data, measures the same)."""
     device = next(model.parameters()).device
-    if device.type == "cuda":
-        return cuda_context_bytes(device) + torch.cuda.memory_allocated(device)
-    release_free_heap()  # the probes' freed activations would otherwise stay resident and count as runtime
-    return process_rss() - resident_data
+    return held_bytes(device) - (resident_data if device.type == "cpu" else 0)
 
 
 def chunk_sizes(seq_len: int) -> list[int]:
@@ -583,43 +588,6 @@ def _forced_over(forced: int, lines: dict, chosen: int | None, budget_bytes: int
     )
 
 
-@dataclass
-class Measurement:
-    """What the planner measured of a model as it will train, before any C is judged: the probe, the runtime
-    after it, the probes' own peak (a floor), and the budget resolved on the device."""
-
-    probe: Probe
-    runtime: int
-    reached: int
-    budget_bytes: int
-    available: int
-    managed: bool  # CPU with slimtune's managed heap: C chosen under "tight", the run "fast" where that fits
-
-
-def measure(
-    model: PerformerLM, work: Workload, budget: str | int | None, *, resident_data: int = 0, heap=Heap.SYSTEM
-) -> Measurement:
-    """Probe the model on its device for `work` under the budget (the probe steps stay inside it: `fit
-    --chunk-size auto` runs them in its own process). `resident_data`: how much of `work.data_bytes` the process
-    already holds (fit has read its data; plan has not)."""
-    device = next(model.parameters()).device
-    budget_bytes, available = resolve_budget(budget, device)
-    usable = budget_bytes * (1 - HEADROOM)  # what the prediction misses (heap fragmentation) gets the rest
-    managed = device.type == "cpu" and Heap.parse(heap, "heap") == Heap.MANAGED
-    windowed = device.type == "cpu" and new_peak_window()  # the probes' own peak, not the process's earlier ones
-    with heap_policy_during("tight" if managed else None):
-        optimizer = measure_optimizer(model, work.optimizer)
-        room = lambda: probe_room(model, optimizer[0], usable, device)  # noqa: E731
-        measured = probe(model, work, room=room, heap="tight" if managed else "fast", optimizer=optimizer)
-    # What the process held at its peak while probing: measured, and a floor under every prediction of the run's
-    # peak. CPU only (on CUDA the probes' blocks stay reserved in the caching allocator and count in the chunk
-    # line), and only where the kernel's counter could be restarted (else it would hold a library user's earlier
-    # peaks).
-    reached = window_peak_rss() if windowed else 0
-    # After the probes: the kernels' code and caches they loaded stay resident.
-    return Measurement(measured, _runtime_bytes(model, resident_data), reached, budget_bytes, available, managed)
-
-
 def plan_chunk_size(
     model: PerformerLM,
     work: Workload,
@@ -634,21 +602,28 @@ def plan_chunk_size(
     much of `work.data_bytes` the process already holds (fit has read its data; plan has not). `heap` "managed"
     (CPU): the probes run under the "tight" heap policy and the plan picks the run's ("fast" when it fits, else
     "tight"), as `fit` then sets it; "system": glibc's own, which keeps blocks up to 32 MB like "fast"."""
-    measured = measure(model, work, budget, resident_data=resident_data, heap=heap)
-    return decide(model, work, measured, forced=forced)
-
-
-def decide(model: PerformerLM, work: Workload, measured: Measurement, *, forced: int | None = None) -> Plan:
-    """The plan from a measurement: the largest C that fits (or `forced`, checked), its heap and batching."""
     device = next(model.parameters()).device
     L = work.seq_len
-    budget_bytes, managed = measured.budget_bytes, measured.managed
-    usable = budget_bytes * (1 - HEADROOM)
+    budget_bytes, available = resolve_budget(budget, device)
+    usable = budget_bytes * (1 - HEADROOM)  # what the prediction misses (heap fragmentation) gets the rest
+    # The probe steps stay inside the budget themselves: `fit --chunk-size auto` runs them in its own process.
+    managed = device.type == "cpu" and Heap.parse(heap, "heap") == Heap.MANAGED
     least = "tight" if managed else "fast"  # the policy C is chosen under: the one that holds the least
+    windowed = device.type == "cpu" and new_peak_window()  # the probes' own peak, not the process's earlier ones
+    with heap_policy_during("tight" if managed else None):
+        optimizer = measure_optimizer(model, work.optimizer)
+        room = lambda: probe_room(model, optimizer[0], usable, device)  # noqa: E731
+        measured = probe(model, work, room=room, heap=least, optimizer=optimizer)
+    # What the process held at its peak while probing: measured, and a floor under every prediction of the run's
+    # peak. CPU only (on CUDA the probes' blocks stay reserved in the caching allocator and count in the chunk
+    # line), and only where the kernel's counter could be restarted (else it would hold a library user's earlier
+    # peaks).
+    reached = window_peak_rss() if windowed else 0
+    # After the probes: the kernels' code and caches they loaded stay resident.
+    runtime = _runtime_bytes(model, resident_data)
 
     def peak(c, batching=False, heap=least):
-        probe_, runtime, reached = measured.probe, measured.runtime, measured.reached
-        return predict(model, probe_, runtime, work, c, batching=batching, heap=heap, reached=reached)
+        return predict(model, measured, runtime, work, c, batching=batching, heap=heap, reached=reached)
 
     def fits(lines):  # the training's prediction inside the usable budget; the probes' peak is a fact, not judged
         return _training(lines)["total"] <= usable
@@ -660,7 +635,7 @@ def decide(model: PerformerLM, work: Workload, measured: Measurement, *, forced:
             raise _forced_over(forced, peak(forced), chosen, budget_bytes)
         chosen = forced
     if chosen is None:
-        raise _nothing_fits(peak(1), measured.probe, work, budget_bytes, measured.available)
+        raise _nothing_fits(peak(1), measured, work, budget_bytes, available)
 
     def heap_for(c, batching=False):  # managed heap: "fast" (no page faults) when its peak fits too
         if not managed:
@@ -673,7 +648,7 @@ def decide(model: PerformerLM, work: Workload, measured: Measurement, *, forced:
     for c in sizes:
         heap = heap_for(c)
         lines = peak(c, heap=heap or least)
-        time_ = relative_time(measured.probe, L, c, heap or "fast", full_heap)
+        time_ = relative_time(measured, L, c, heap or "fast", full_heap)
         candidates.append(Candidate(c, lines["total"], lines["total"] / budget_bytes, time_, fits(lines), heap))
     # Small chunks run faster with batched weight gradients (slimtune/deferred.py), whose buffers take a fixed
     # amount: used when they fit beside the chosen C, never at the price of a smaller C.
@@ -684,7 +659,7 @@ def decide(model: PerformerLM, work: Workload, measured: Measurement, *, forced:
     return Plan(
         chunk_size=chosen,
         budget_bytes=budget_bytes,
-        available_bytes=measured.available,
+        available_bytes=available,
         available_source=available_source(device),
         device=str(device),
         seq_len=L,
@@ -696,8 +671,8 @@ def decide(model: PerformerLM, work: Workload, measured: Measurement, *, forced:
         batch_weight_grads=batching,
         memory_counts=memory_counts(device),
         heap=heap,
-        seconds_full=full_seconds(measured.probe, L, full_heap),
-        time_known=measured.probe.slim_per_token > 0,
+        seconds_full=full_seconds(measured, L, full_heap),
+        time_known=measured.slim_per_token > 0,
         threads=torch.get_num_threads(),
         margin_bytes=int(usable - _training(peak(chosen))["total"]),
         next_over_bytes=int(_training(peak(bigger))["total"] - usable) if bigger else None,

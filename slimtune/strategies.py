@@ -13,14 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
-import torch
-
 from . import lora
 from .choices import LORA_DEFAULT_TARGETS, BaseDtype, Optimizer, Precision
-from .devices import cuda_context_bytes, resolve_budget
+from .devices import resolve_budget
 from .errors import OutOfBudgetError
-from .memory import process_rss, release_free_heap
-from .planner import HEADROOM, Plan, Workload, decide, measure
+from .planner import HEADROOM, Plan, Workload, gradient_bytes, held_bytes, plan_chunk_size
 from .units import format_size
 
 DEFAULT_RANK = 8  # the LoRA rank compared when the run asked for full fine-tuning
@@ -183,7 +180,7 @@ def _plan(model, strategy: Strategy, work: Workload, budget: int, heap, resident
     sgd's own chose 192). Where what the process holds and the gradients already exceed the budget, nothing is
     probed (the probe could not fit in the process)."""
     usable = budget * (1 - HEADROOM)
-    held, grads = _held_and_gradients(model)
+    held, grads = held_bytes(next(model.parameters()).device), gradient_bytes(model)
     if held + grads > usable:
         note = f"held {format_size(held)} + gradients {format_size(grads)}"
         error = OutOfBudgetError(
@@ -195,18 +192,7 @@ def _plan(model, strategy: Strategy, work: Workload, budget: int, heap, resident
         error.note = note
         raise error
     work = replace(work, optimizer=strategy.optimizer, precision=strategy.precision(work.precision))
-    return decide(model, work, measure(model, work, budget, resident_data=resident_data, heap=heap))
-
-
-def _held_and_gradients(model) -> tuple[int, int]:
-    """What the job holds now on the model's device (CPU: the process, weights included; CUDA: context and
-    allocated), and one gradient per trainable parameter."""
-    device = next(model.parameters()).device
-    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    if device.type == "cuda":
-        return cuda_context_bytes(device) + torch.cuda.memory_allocated(device), grads
-    release_free_heap()
-    return process_rss(), grads
+    return plan_chunk_size(model, work, budget, resident_data=resident_data, heap=heap)
 
 
 def _with_alternatives(error: OutOfBudgetError, rows: list[StrategyRow]) -> OutOfBudgetError:
