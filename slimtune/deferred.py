@@ -31,12 +31,16 @@ class DeferredLinear(nn.Linear):
         if self.weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             # A frozen base kept in bf16 (slimtune/lora.py) outside autocast: computed as autocast would.
             return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
-        if self.batcher is None or not torch.is_grad_enabled() or not (self.weight.requires_grad and x.requires_grad):
+        if not self.defers(x):
             return super().forward(x)
         y = F.linear(x, self.weight.detach(), None if self.bias is None else self.bias.detach())
         slot = self.batcher.slot(self)
         y.register_hook(lambda g: slot.add(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])))
         return y
+
+    def defers(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) hands its weight gradient to the batcher (through a hook on its output)."""
+        return self.batcher is not None and torch.is_grad_enabled() and self.weight.requires_grad and x.requires_grad
 
 
 class _Slot:

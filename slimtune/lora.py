@@ -6,7 +6,8 @@ matrices, `lora_A` [R, in] (initialised like torch.nn.Linear's weight, from a se
 nothing. The base's parameters keep their names: a map `P` holds `P.weight`, `P.bias`, `P.lora_A.weight` and
 `P.lora_B.weight`. SLiM needs nothing special: the adapters are ordinary parameters on the chunk's graph, the
 frozen base maps get no weight gradient (and no batching buffer, slimtune/deferred.py), and x's gradient flows
-through both.
+through both. On a frozen base each adapted map is one autograd node (`_FrozenBaseLora`; a LoRA step went from
+0.90x to 0.82x of a full step, benchmarks/RESULTS.md).
 
 `merge` folds the adapters into the weights; `merged_tensors` does it for an export against the input
 checkpoint's own tensors (each target `W + (A / R) lora_B @ lora_A` in fp32, cast to W's dtype; every other
@@ -60,19 +61,67 @@ class LoraLinear(DeferredLinear):
         return self.alpha / self.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused(self, x):
+            return _FrozenBaseLora.apply(
+                x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling
+            )
         y = super().forward(x)
         own = self.lora_A.weight.dtype
         a = self.lora_A(x if x.dtype == own or torch.is_autocast_enabled(x.device.type) else x.to(own))
+        a, b_t = a.reshape(-1, self.rank).to(y.dtype), self.lora_B.weight.t().to(y.dtype)
+        if self.defers(x):  # the batcher's hook on y must see y's own gradient: added out of place
+            return torch.addmm(y.view(-1, y.shape[-1]), a, b_t, alpha=self.scaling).view(y.shape)
         # y += (alpha / rank) a lora_B^T, in place: nothing saves the map's output for backward, and
         # `y + s * lora_B(a)` made three more output-sized tensors (the product, its scaling, the sum).
-        y.view(-1, y.shape[-1]).addmm_(
-            a.reshape(-1, self.rank).to(y.dtype), self.lora_B.weight.t().to(y.dtype), alpha=self.scaling
-        )
+        y.view(-1, y.shape[-1]).addmm_(a, b_t, alpha=self.scaling)
         return y
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(alpha / rank) lora_B @ lora_A in `dtype` (fp32): what merging adds to the weight."""
         return self.scaling * (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype))
+
+
+def _fused(m: LoraLinear, x: torch.Tensor) -> bool:
+    """Whether the map runs as one _FrozenBaseLora: a frozen base, everything in one dtype, no autocast, and
+    autograd on (under no_grad the function is as fast as the plain path; it is taken there too)."""
+    w = m.weight
+    return (
+        not w.requires_grad
+        and (m.bias is None or not m.bias.requires_grad)
+        and x.dtype == w.dtype == m.lora_A.weight.dtype == m.lora_B.weight.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+    )
+
+
+class _FrozenBaseLora(torch.autograd.Function):
+    """y = x W^T + b + s (x A^T) B^T with W and b frozen, as one autograd node. Autograd on the plain path makes
+    six nodes per map and sums the input gradient's two parts in a separate pass; here backward is four products:
+    gB = g B, dx = g W + s gB A (the second added in place), dA = s gB^T x, dB = s g^T (x A^T)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        a = x2 @ lora_a.t()
+        y.addmm_(a, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, a)
+        ctx.scaling, ctx.shape = scaling, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, weight, lora_a, lora_b, a = ctx.saved_tensors
+        s = ctx.scaling
+        g2 = g.reshape(-1, g.shape[-1])
+        # Each product in the layout that runs fastest on CPU (oneDNN): a rank-R operand on the left. g2 @ lora_b
+        # and g2^T @ a, the obvious ones, took 2-5x longer for the feed-forward's 2048-wide maps.
+        gb_t = lora_b.t() @ g2.t()  # [R, N]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (g2 @ weight).addmm_(gb_t.t(), lora_a, alpha=s).view(ctx.shape)
+        da = (gb_t @ x2).mul_(s) if ctx.needs_input_grad[3] else None
+        db = (a.t() @ g2).mul_(s).t() if ctx.needs_input_grad[4] else None
+        return dx, None, None, da, db, None
 
 
 def parse_targets(targets: str | Iterable[str] | None) -> tuple[str, ...]:

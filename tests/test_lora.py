@@ -82,6 +82,22 @@ def test_the_output_map_can_be_a_target_too():
         assert_close(model.get_parameter(name).grad, ref_grads[name], 1e-10, name)
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["plain", "batched"])
+def test_an_adapted_map_whose_base_trains_too_gets_the_reference_gradients(batched):
+    """A frozen base runs each adapted map as one autograd node (lora._FrozenBaseLora); a base weight that trains
+    takes autograd's own path. Both, in one model, give the reference's gradients."""
+    ref_loss, ref_grads = expected("sqr", True, None)
+    model = adapted()
+    trains_too = ["layers.1.U_map.weight", "layers.1.U_map.bias", "layers.0.attention.k_map.weight"]
+    for name in trains_too:
+        model.get_parameter(name).requires_grad_(True)
+    slim_step(model, windows(), 7, batch_weight_grads=batched)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close(p.grad, ref_grads[name], 1e-10, name)
+    assert all(model.get_parameter(name).grad is not None for name in trains_too)
+
+
 @pytest.mark.parametrize("C", [1, 16, L])
 def test_fp32_slim_matches_full_backprop_of_the_same_lora_model(C):
     model = adapted(dtype=torch.float32)
