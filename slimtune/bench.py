@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from . import lora
 from .config import PerformerConfig
 from .devices import cuda_context_bytes, emulate_card, resolve_device
 from .errors import ConfigError
@@ -35,6 +36,7 @@ from .model import PerformerLM
 from .optimizers import make_optimizer
 from .recipes import load_recipe
 from .slim import autocast, chunk_loss, compute_dtype, slim_step
+from .strategies import Strategy
 
 FULL, CHECKPOINTED = "full backprop", "layer checkpointing"  # the latter: torch.utils.checkpoint per layer
 
@@ -86,10 +88,12 @@ def setup(
     device: str = "auto",
     seed: int = 0,
     emulate_memory: str | None = None,
+    strategy: Strategy | None = None,
 ) -> Setup:
     """The model to measure, from exactly one of a checkpoint, a recipe's model or a config (the latter two
     randomly initialised with `seed`), and seeded random windows. L: `seq_len`, else the recipe's, else 1024.
-    `emulate_memory` caps a CUDA process at a smaller card's memory before anything is allocated."""
+    `emulate_memory` caps a CUDA process at a smaller card's memory before anything is allocated. `strategy`
+    (slimtune.strategies): what trains, e.g. LoRA adapters on a frozen base; default every parameter."""
     if sum(x is not None for x in (checkpoint, recipe, config)) != 1:
         raise ConfigError(
             "give exactly one of `checkpoint` (a file) or `recipe` (a name, see `slimtune recipes`)",
@@ -109,6 +113,8 @@ def setup(
     length = seq_len or default_len
     if length < 2:
         raise ConfigError(f"`seq_len` must be at least 2 for a bench, got {length}", params=("seq_len",))
+    if strategy is not None:
+        strategy.apply(model)
     model.redraw_features(torch.Generator().manual_seed(seed))
     generator = torch.Generator().manual_seed(seed)
     windows = torch.randint(0, model.config.vocab_size, (batch_size, length + 1), generator=generator).to(dev)
@@ -298,6 +304,8 @@ def bench_json(run: Setup, rows: list[Row], *, batch_size: int, precision, optim
         "batch_size": batch_size,
         "precision": str(precision),
         "optimizer": str(optimizer),
+        "trainable_parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+        "lora": lora.settings(run.model),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
         "memory_counts": "CUDA reserved + context" if cuda else "tensor bytes",

@@ -395,6 +395,7 @@ def pretrain(a):
     params(Runtime, "device"),
     params(SlimStep, "recovery"),
     params(BenchOptions, "full", "checkpointing", "emulate_memory", "plot"),
+    params(Adapters, "lora_rank", "base_dtype"),
     _seed("bench"),
     params(Runtime, "threads"),
     JSON,
@@ -404,10 +405,17 @@ def bench(a):
 
     Examples: slimtune bench --recipe config-2 --chunks 1024,256,64,16
               slimtune bench --checkpoint model.safetensors --seq-len 8192 --plot tradeoff.png --json
+              slimtune bench --recipe config-4 --lora-rank 8 --chunks 1024 --optimizer adam
     """
     from .bench import bench_json, check_plot_path, chunk_list, methods_for, plot, run_bench, setup
+    from .strategies import Strategy
 
     check_plot_path(a.plot)
+    adapters = pick(Adapters, a)
+    adapters.check()
+    optimizer = None if a.optimizer == BenchOptimizer.NONE else a.optimizer.value
+    strategy = Strategy(optimizer or "sgd", adapters.lora_rank, adapters.base_dtype, seed=a.seed)
+    precision = strategy.precision(a.precision)  # a bf16 base computes under bf16 autocast, as fit does
     _use_threads(a.threads)
     sizes = chunk_list(a.chunks)
     run = setup(
@@ -418,10 +426,12 @@ def bench(a):
         device=a.device,
         seed=a.seed,
         emulate_memory=a.emulate_memory,
+        strategy=strategy,
     )
     methods = methods_for(run.seq_len, sizes, full=a.full, checkpointed=a.checkpointing)
+    lora_note = f", {strategy.name.split(', ' + str(strategy.optimizer))[0]}" if adapters.lora_rank else ""
     title = (
-        f"slimtune bench: {run.name}, L = {run.seq_len}, batch {a.batch_size}, {a.precision}, optimizer "
+        f"slimtune bench: {run.name}{lora_note}, L = {run.seq_len}, batch {a.batch_size}, {precision}, optimizer "
         f"{a.optimizer}, {run.windows.device}"
     )
     total = len(methods) * (1 + a.warmup + a.steps)
@@ -433,12 +443,12 @@ def bench(a):
             methods,
             steps=a.steps,
             warmup=a.warmup,
-            precision=a.precision,
-            optimizer=None if a.optimizer == BenchOptimizer.NONE else a.optimizer.value,
+            precision=precision,
+            optimizer=optimizer,
             recovery=a.recovery,
             on_progress=lambda: progress.update(next(done)),
         )
-    report = bench_json(run, rows, batch_size=a.batch_size, precision=a.precision, optimizer=a.optimizer)
+    report = bench_json(run, rows, batch_size=a.batch_size, precision=precision, optimizer=a.optimizer)
     console(a.json).print(bench_table(rows, title))
     console(a.json).print(f"peak memory: {report['memory_note']}")
     if a.plot is not None:

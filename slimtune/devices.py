@@ -239,12 +239,20 @@ def emulate_card(size: str | int, device: torch.device) -> int:
     wanted = parse_size(size, "emulate_memory")
     torch.zeros(1, device=device)  # creates the context, so that its size can be read
     total = torch.cuda.get_device_properties(device).total_memory
-    cap = wanted - cuda_context_bytes(device)
+    cap, fraction = emulated_cap(wanted, cuda_context_bytes(device), total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return cap
+
+
+def emulated_cap(wanted: int, context: int, total: int) -> tuple[int, float]:
+    """(allocator cap, its fraction of the card) that makes a card of `total` bytes act as one of `wanted` bytes
+    for a process whose CUDA context holds `context`: the context takes its share of a real small card too.
+    Raises ConfigError unless the context < wanted < total."""
+    cap = wanted - context
     if cap <= 0 or wanted >= total:
         raise ConfigError(
-            f"`emulate_memory` {size} must lie between the CUDA context "
-            f"({format_size(cuda_context_bytes(device))}) and the card's {format_size(total)}",
+            f"`emulate_memory` {format_size(wanted)} must lie between the CUDA context ({format_size(context)}) "
+            f"and the card's {format_size(total)}",
             params=("emulate_memory",),
         )
-    torch.cuda.set_per_process_memory_fraction(cap / total, device)
-    return cap
+    return cap, cap / total

@@ -125,6 +125,28 @@ def test_bench_recipe_without_full_methods(capsys):
     assert code == 0 and [r["method"] for r in rows] == ["SLiM C=16"] and rows[0]["vs_full_time"] is None
 
 
+def test_bench_with_lora_trains_only_the_adapters(capsys):
+    """--lora-rank R measures the adapters on a frozen base: R (in + out) values per map train, and without
+    the base's gradients and Adam state full backprop holds less than full fine-tuning's."""
+
+    def bench(*extra):
+        args = ["bench", "--recipe", "small", "--seq-len", "64", "--chunks", "16", "--steps", "1", "--warmup", "0",
+                "--optimizer", "adam", "--no-checkpointing", "--json", *extra]  # fmt: skip
+        assert main(args) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    full, adapted = bench(), bench("--lora-rank", "4")
+    d, f, layers = (full["config"][k] for k in ("hidden_dim", "ffn_dim", "n_layers"))
+    assert adapted["trainable_parameters"] == layers * 4 * (3 * (d + d) + (d + f) + (f + d))
+    assert adapted["lora"]["rank"] == 4 and full["lora"] == {}
+    assert full["trainable_parameters"] > 20 * adapted["trainable_parameters"]
+    by_method = lambda report: {r["method"]: r for r in report["rows"]}  # noqa: E731
+    assert by_method(adapted)["full backprop"]["peak_bytes"] < by_method(full)["full backprop"]["peak_bytes"]
+    assert all(r["median_s"] > 0 for r in adapted["rows"])
+    bf16 = bench("--lora-rank", "4", "--base-dtype", "bf16")
+    assert bf16["precision"] == "bf16"
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -135,6 +157,8 @@ def test_bench_recipe_without_full_methods(capsys):
         (["--optimizer", "lion"], "--optimizer"),
         (["--emulate-memory", "2GB", "--device", "cpu"], "CUDA"),
         (["--plot", "out.pdf"], ".png"),
+        (["--base-dtype", "bf16"], "--lora-rank"),
+        (["--lora-rank", "-1"], "--lora-rank"),
         (["--chunks", "512", "--no-full", "--no-checkpointing", "--seq-len", "256"], "nothing to measure"),
     ],
 )

@@ -135,6 +135,28 @@ def test_emulating_a_card_needs_cuda():
     assert info.value.params == ("emulate_memory", "device")
 
 
+@pytest.mark.parametrize(
+    "wanted, context, total, cap",
+    [
+        (2 * 10**9, 500 * 2**20, 141 * 10**9, 2 * 10**9 - 500 * 2**20),  # 2GB on an H200, a 500 MiB context
+        (4 * 2**30, 0, 80 * 2**30, 4 * 2**30),
+    ],  # fmt: skip
+)
+def test_an_emulated_card_leaves_the_context_its_share(wanted, context, total, cap):
+    got, fraction = devices.emulated_cap(wanted, context, total)
+    assert got == cap and fraction * total == pytest.approx(cap, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "wanted, context, total", [(400 * 2**20, 500 * 2**20, 80 * 2**30), (81 * 2**30, 500 * 2**20, 80 * 2**30)]
+)
+def test_an_emulated_card_must_lie_between_the_context_and_the_card(wanted, context, total):
+    with pytest.raises(ConfigError, match="between the CUDA context") as info:
+        devices.emulated_cap(wanted, context, total)
+    assert info.value.params == ("emulate_memory",)
+
+
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_real_card():
     cuda = resolve_device("cuda:0")
