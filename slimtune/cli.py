@@ -429,7 +429,7 @@ def bench(a):
         strategy=strategy,
     )
     methods = methods_for(run.seq_len, sizes, full=a.full, checkpointed=a.checkpointing)
-    lora_note = f", {strategy.name.split(', ' + str(strategy.optimizer))[0]}" if adapters.lora_rank else ""
+    lora_note = f", LoRA r{adapters.lora_rank}, frozen {adapters.base_dtype} base" if adapters.lora_rank else ""
     title = (
         f"slimtune bench: {run.name}{lora_note}, L = {run.seq_len}, batch {a.batch_size}, {precision}, optimizer "
         f"{a.optimizer}, {run.windows.device}"

@@ -82,8 +82,8 @@ class LoraLinear(DeferredLinear):
 
 
 def _fused(m: LoraLinear, x: torch.Tensor) -> bool:
-    """Whether the map runs as one _FrozenBaseLora: a frozen base, everything in one dtype, no autocast, and
-    autograd on (under no_grad the function is as fast as the plain path; it is taken there too)."""
+    """Whether the map runs as one _FrozenBaseLora: a frozen base, everything in one dtype, no autocast. Under
+    no_grad too (SLiM's forward sweep), where it records nothing and does the forward's three products."""
     w = m.weight
     return (
         not w.requires_grad
@@ -114,7 +114,7 @@ class _FrozenBaseLora(torch.autograd.Function):
         s = ctx.scaling
         g2 = g.reshape(-1, g.shape[-1])
         # Each product in the layout that runs fastest on CPU (oneDNN): a rank-R operand on the left. g2 @ lora_b
-        # and g2^T @ a, the obvious ones, took 2-5x longer for the feed-forward's 2048-wide maps.
+        # and g2^T @ a, the obvious ones, took 1.7x and 5x longer for a 2048-wide map.
         gb_t = lora_b.t() @ g2.t()  # [R, N]
         dx = None
         if ctx.needs_input_grad[0]:
