@@ -44,7 +44,13 @@ PAPER_CPU = PerformerConfig(hidden_dim=256, n_layers=3, ffn_dim=1024, n_heads=4,
 
 
 def machine() -> str:
+    """The CPU's model name (platform.processor() is empty on Linux), threads and torch."""
     cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
     return f"CPU ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
