@@ -18,7 +18,7 @@ from .deferred import defers
 from .distributed import Group, agree_min
 from .errors import OutOfBudgetError, SlimtuneError
 from .options import FitOptions, chunk_request
-from .planner import Workload, plan_if_needed
+from .planner import Workload, gradient_bytes, plan_if_needed
 
 # Where the chunk size came from: the planner's choice, a given C it checked against a given budget, a given C,
 # or the run being resumed.
@@ -121,9 +121,7 @@ def resolve_run(model, options: FitOptions, group: Group = Group(), *, data_byte
 def _copies_bytes(model, group: Group) -> int:
     """What a run holds besides weights, gradients, optimizer state and a chunk: under torchrun the all-reduce's
     flat buffer of every gradient (distributed.average_gradients)."""
-    if group.world <= 1:
-        return 0
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return gradient_bytes(model) if group.world > 1 else 0
 
 
 def after_out_of_memory(run: RunPlan, chunk_size: int) -> RunPlan:

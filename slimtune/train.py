@@ -237,7 +237,8 @@ class Trainer:
         if path is None:
             return {"model": self.model.state_dict()}
         self._base_sha256 = self._base_sha256 or file_sha256(path)
-        kept = {n: t for n, t in self.model.state_dict().items() if n not in set(frozen)}
+        frozen = set(frozen)
+        kept = {n: t for n, t in self.model.state_dict().items() if n not in frozen}
         return {"model": kept, "base_sha256": self._base_sha256}
 
     def _restore_weights(self, saved: dict) -> None:
