@@ -106,6 +106,7 @@ class Workload:
     precision: Precision = Precision.FP32  # bf16 autocast: other activations, and the weights' bf16 copies
     data_bytes: int = 0  # the training and held-out files: fit maps them and reads them through, so they stay resident
     copies_bytes: int = 0  # held besides: the one-step adaptation's copy of the weights, torchrun's all-reduce buffer
+    batch_weight_grads: bool | None = None  # None: batch small chunks' weight gradients when the buffers fit
 
     def __post_init__(self):
         object.__setattr__(self, "optimizer", Optimizer.parse(self.optimizer, "optimizer"))
@@ -652,7 +653,18 @@ def plan_chunk_size(
         candidates.append(Candidate(c, lines["total"], lines["total"] / budget_bytes, time_, fits(lines), heap))
     # Small chunks run faster with batched weight gradients (slimtune/deferred.py), whose buffers take a fixed
     # amount: used when they fit beside the chosen C, never at the price of a smaller C.
-    batching = defers(work.batch_size, chosen, L, compute_dtype(work.precision)) and fits(peak(chosen, True))
+    # A caller's True is counted as asked (and checked against the budget); False never batches.
+    can_batch = defers(work.batch_size, chosen, L, compute_dtype(work.precision))
+    if work.batch_weight_grads is None:
+        batching = can_batch and fits(peak(chosen, True))
+    else:
+        batching = can_batch and work.batch_weight_grads
+        if batching and not fits(peak(chosen, True)):
+            raise OutOfBudgetError(
+                f"batched weight gradients (`batch_weight_grads=True`) do not fit beside chunk size {chosen} in the "
+                f"budget {format_size(budget_bytes)}: leave `batch_weight_grads` None to batch only when they fit",
+                params=("batch_weight_grads", "mem_budget"),
+            )
     heap = heap_for(chosen, batching)
     lines = peak(chosen, batching, heap or least)
     bigger = next((c for c in chunk_sizes(L) + [L] if c > chosen), None)

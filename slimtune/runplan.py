@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from .choices import Heap, Precision
-from .deferred import defers
+from .deferred import defers, use_batching
 from .distributed import Group, agree_min
 from .errors import OutOfBudgetError, SlimtuneError
 from .options import FitOptions, chunk_request
-from .planner import Workload, gradient_bytes, plan_if_needed
+from .planner import Workload, chunk_sizes, gradient_bytes, plan_if_needed
 
 # Where the chunk size came from: the planner's choice, a given C it checked against a given budget, a given C,
 # or the run being resumed.
@@ -60,12 +60,12 @@ def fixed(model, options: FitOptions, chunk_size: int, *, world: int = 1, source
     on_cpu_managed = device.type == "cpu" and options.heap == Heap.MANAGED
     precision = Precision.parse(options.precision, "precision")
     chunk_size = min(chunk_size, options.seq_len)
-    if options.batch_weight_grads is not None:
-        batching = bool(options.batch_weight_grads)
-    elif planner is not None:
+    if planner is not None:  # the planner took the request into account, and counted the buffers it batches in
         batching = bool(planner["batch_weight_grads"])
-    else:
-        batching = defers(options.batch_size, chunk_size, options.seq_len, precision.dtype)
+    else:  # what slim_step will do: batch when asked (None: whenever it can) and when it can
+        batching = use_batching(
+            options.batch_size, chunk_size, options.seq_len, precision.dtype, options.batch_weight_grads
+        )
     heap = ((planner or {}).get("heap") or "fast") if on_cpu_managed else ""
     trainable, frozen = _parameters(model)
     return RunPlan(
@@ -97,6 +97,7 @@ def resolve_run(model, options: FitOptions, group: Group = Group(), *, data_byte
         options.precision,
         data_bytes,
         copies_bytes=_copies_bytes(model, group),
+        batch_weight_grads=options.batch_weight_grads,
     )
     try:
         plan = plan_if_needed(model, work, options.mem_budget, given, resident_data=data_bytes, heap=options.heap)
@@ -124,6 +125,22 @@ def _copies_bytes(model, group: Group) -> int:
     return gradient_bytes(model) if group.world > 1 else 0
 
 
-def after_out_of_memory(run: RunPlan, chunk_size: int) -> RunPlan:
-    """The plan with the smaller C the Trainer falls back to when a step ran out of memory anyway."""
-    return replace(run, chunk_size=chunk_size, chunk_source=f"{run.chunk_source}, then out of memory")
+def after_out_of_memory(run: RunPlan, options: FitOptions) -> RunPlan | None:
+    """The plan the Trainer falls back to when a step ran out of memory anyway: the next smaller C on the grid
+    (batching kept where it still applies), or None at C = 1."""
+    L = options.seq_len
+    smaller = [c for c in chunk_sizes(L) if c < min(run.chunk_size, L)]
+    if not smaller:
+        return None
+    batching = run.batch_weight_grads and defers(options.batch_size, smaller[-1], L, autocast_dtype(run))
+    return replace(
+        run,
+        chunk_size=smaller[-1],
+        chunk_source=f"{run.chunk_source}, then out of memory",
+        batch_weight_grads=batching,
+    )
+
+
+def autocast_dtype(run: RunPlan) -> torch.dtype | None:
+    """What the plan's steps compute under: bf16 autocast, or None (the weights' own dtype)."""
+    return torch.bfloat16 if run.compute_dtype == "bfloat16" else None

@@ -35,8 +35,8 @@ from .memory import heap_policy_during, is_out_of_memory, peak_memory_bytes
 from .model import PerformerConfig, PerformerLM
 from .optimizers import make_optimizer
 from .options import FitOptions
-from .planner import chunk_sizes, memory_counts
-from .runplan import RunPlan, after_out_of_memory, fixed, resolve_run
+from .planner import memory_counts
+from .runplan import RunPlan, after_out_of_memory, autocast_dtype, fixed, resolve_run
 from .runs import RunFolder
 from .slim import slim_step
 from .strategies import Strategy
@@ -313,7 +313,7 @@ class Trainer:
                 self.run.chunk_size,
                 None if mask is None else mask.to(self.device),
                 recovery=self.options.recovery,
-                precision=self.options.precision,
+                precision=autocast_dtype(self.run),
                 batch_weight_grads=self.run.batch_weight_grads,
                 between_chunks=self._follow_load if self._load else None,
             )
@@ -338,18 +338,18 @@ class Trainer:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            L = self.options.seq_len
-            smaller = [c for c in chunk_sizes(L) if c < min(self.run.chunk_size, L)]
-            if not smaller:
+            fallback = after_out_of_memory(self.run, self.options)
+            if fallback is None:
                 raise OutOfBudgetError(
                     "out of memory even at chunk size 1: free memory on the device, or use a smaller `batch_size`, "
                     "`seq_len` or model",
                     params=("batch_size", "seq_len"),
                 )
             self._warn_once(
-                f"out of memory at chunk size {self.run.chunk_size}; retrying this step with chunk size {smaller[-1]}"
+                f"out of memory at chunk size {self.run.chunk_size}; retrying this step with chunk size "
+                f"{fallback.chunk_size}"
             )
-            self.run = after_out_of_memory(self.run, smaller[-1])
+            self.run = fallback
 
     def step(self) -> dict:
         """One optimizer step: `accumulate` batches, one FAVOR+ draw, the SLiM steps, the all-reduce (torchrun),

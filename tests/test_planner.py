@@ -206,6 +206,11 @@ def test_weight_gradient_buffers_are_counted_and_used_only_when_they_fit(monkeyp
     assert batched["gradient batching"] == allocated[0] and batched["total"] - plain["total"] == allocated[0]
     loose = plan_chunk_size(model, Workload(4096, 1, "sgd"), "95%")
     assert loose.chunk_size == 4096 and not loose.batch_weight_grads  # one chunk: nothing to batch
+    # Asked for at a small given C: counted in the plan's peak, and refused when it does not fit.
+    asked = plan_chunk_size(model, Workload(4096, 1, "sgd", batch_weight_grads=True), "95%", forced=32)
+    assert asked.batch_weight_grads and asked.breakdown["gradient batching"] == allocated[0]
+    refused = plan_chunk_size(model, Workload(4096, 1, "sgd", batch_weight_grads=False), "95%", forced=32)
+    assert not refused.batch_weight_grads and refused.breakdown["gradient batching"] == 0
 
 
 @pytest.mark.parametrize("optimizer, state_copies", [("sgd", 0), ("adam", 2)])

@@ -4,6 +4,7 @@ trainable and frozen parameters against a count made here from the model's shape
 relies on; the out-of-memory fallback; and resolve_run's sources of C."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -59,6 +60,11 @@ def test_fixed_derives_the_rest_of_the_plan():
     assert fixed(model, FitOptions(seq_len=64, batch_size=16, device="cpu"), 16).batch_weight_grads is False
     off = fixed(model, FitOptions(seq_len=64, device="cpu", batch_weight_grads=False), 16)
     assert off.batch_weight_grads is False
+    # Asked for where slim_step cannot batch (32 x 16 rows >= 256; one chunk): the plan says what will happen.
+    asked = dict(device="cpu", batch_weight_grads=True)
+    assert fixed(model, FitOptions(seq_len=64, batch_size=16, **asked), 16).batch_weight_grads is False
+    assert fixed(model, FitOptions(seq_len=64, **asked), 64).batch_weight_grads is False
+    assert fixed(model, FitOptions(seq_len=64, **asked), 16).batch_weight_grads is True
     bf16 = fixed(tiny_model(dtype=torch.float32), FitOptions(seq_len=64, precision="bf16", device="cpu"), 16)
     assert (bf16.weight_dtype, bf16.compute_dtype, bf16.batch_weight_grads) == ("float32", "bfloat16", False)
     assert fixed(model, FitOptions(seq_len=64, heap="system", device="cpu"), 16).heap == ""
@@ -96,12 +102,28 @@ def test_a_run_plan_round_trips_through_json():
     }
 
 
-def test_the_out_of_memory_fallback_changes_only_c_and_says_so():
-    plan = fixed(tiny_model(dtype=torch.float32), FitOptions(seq_len=64, device="cpu"), 32, source="planned")
-    smaller = after_out_of_memory(plan, 16)
+def test_the_out_of_memory_fallback_takes_the_next_smaller_c_and_says_so():
+    options = FitOptions(seq_len=64, device="cpu")
+    plan = fixed(tiny_model(dtype=torch.float32), options, 32, source="planned")
+    smaller = after_out_of_memory(plan, options)
     assert smaller.chunk_size == 16 and smaller.chunk_source == "planned, then out of memory"
     assert smaller.to_json() | {"chunk_size": 32, "chunk_source": "planned"} == plan.to_json()
     assert plan.chunk_size == 32  # frozen: the original plan is unchanged
+    from_full = after_out_of_memory(fixed(tiny_model(dtype=torch.float32), options, 64), options)
+    assert from_full.chunk_size == 32  # C = L falls back to the grid below L
+    assert after_out_of_memory(replace(plan, chunk_size=1), options) is None  # nothing below C = 1
+
+
+def test_the_fallback_keeps_batching_only_where_slim_step_can_batch():
+    model = tiny_model(dtype=torch.float32)
+    batched = fixed(model, FitOptions(seq_len=64, batch_size=4, device="cpu"), 64)
+    assert batched.batch_weight_grads is False  # one chunk
+    batched = replace(batched, batch_weight_grads=True)  # as a saved run's plan might say
+    options = FitOptions(seq_len=64, batch_size=16, device="cpu")
+    assert after_out_of_memory(batched, options).batch_weight_grads is False  # 16 x 32 rows: too many to batch
+    assert after_out_of_memory(batched, FitOptions(seq_len=64, device="cpu")).batch_weight_grads is True
+    bf16 = replace(batched, compute_dtype="bfloat16")
+    assert after_out_of_memory(bf16, FitOptions(seq_len=64, device="cpu")).batch_weight_grads is False  # autocast
 
 
 def test_resolve_run_takes_a_given_c_without_planning(monkeypatch):
