@@ -78,6 +78,11 @@ class BaseDtype(Choice):
 
         return torch.bfloat16 if self is BaseDtype.BF16 else torch.float32
 
+    def compute(self, asked) -> Precision:
+        """The one rule of a base's compute precision: a bf16 base computes under bf16 autocast; an fp32 base
+        in the precision asked for."""
+        return Precision.BF16 if self is BaseDtype.BF16 else Precision.parse(asked, "precision")
+
 
 # The linear maps LoRA may adapt (CONTRACT.md section 4), and the default: every layer's (all but the output map).
 LORA_TARGETS = ("q_map", "k_map", "v_map", "U_map", "V_map", "output_logit_map")

@@ -16,9 +16,9 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .choices import BenchOptimizer, ExportDtype, Heap
+from .choices import BenchOptimizer, ExportDtype
 from .cli_options import Stopped, cli_message, command, params, pick
-from .errors import ConfigError, DataError, Interrupted, SlimtuneError
+from .errors import ConfigError, Interrupted, SlimtuneError
 from .options import (
     TRAINING_GROUPS,
     Adapters,
@@ -187,13 +187,6 @@ def fit(a):
         emit_json(result.to_json())
 
 
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError as e:
-        raise DataError(f"--data {path}: cannot read it ({e.strerror}); pass an existing file") from None
-
-
 @command(
     app,
     MODEL,
@@ -225,59 +218,22 @@ def plan(a):
     Example: slimtune plan --checkpoint model.safetensors --seq-len 16384 --mem-budget 2GB --lora-rank 8
     """
     _require("plan", checkpoint=a.checkpoint)
-    from .checkpoint import load_checkpoint
-    from .model import PerformerLM
-    from .planner import Workload
-    from .planner import plan as run_plan
-    from .runplan import fixed
-    from .strategies import Strategy, compare, lineup
+    from .strategies import Strategy, lineup, plan_fit
 
     _use_threads(a.threads)
     options = pick(FitOptions, a)
     options.check()
     strategy = Strategy.of(options)
-    # Loaded as fit loads it: the comparison converts the model in place from full to LoRA, so it starts as read;
-    # the asked strategy alone is read as its fit reads it (a bf16 base straight into bf16).
-    read_as = None if a.compare else strategy.read_dtype
-    checkpoint = load_checkpoint(a.checkpoint, **pick(ModelSource, a).model_flags(), dtype=read_as)
-    model = PerformerLM.from_checkpoint(checkpoint, device=a.device)
-    data_bytes = sum(_file_size(path) for path in a.data or ())
-    runs = {}
-
-    def record_run(planned, result):  # while the model trains as the asked strategy does
-        if planned == strategy:
-            runs["run"] = fixed(model, options, result.chunk_size, source="planned", planner=result.to_json())
-
-    strategies = None
-    if a.compare:
-        work = Workload(a.seq_len, a.batch_size, a.optimizer, a.recovery, a.precision, data_bytes)
-        with Reporter("plan", len(lineup(strategy)), transient=True) as progress:
-            found = compare(
-                model, strategy, work, a.mem_budget, heap=Heap.MANAGED, on_planned=record_run,
-                on_stage=lambda done, total, name: progress.update(done, f"measuring {name}"),
-            )  # fmt: skip
-        if found.error is not None:
-            raise found.error
-        result, strategies = found.asked, found.rows
-    else:
-        strategy.apply(model)
-        result = run_plan(
-            model,
-            seq_len=a.seq_len,
-            batch_size=a.batch_size,
-            mem_budget=a.mem_budget,
-            optimizer=a.optimizer,
-            recovery=a.recovery,
-            precision=strategy.precision(a.precision),
-            data_bytes=data_bytes,
-            heap=Heap.MANAGED,
-        )
-        record_run(strategy, result)
-    for table in plan_tables(result, a.seq_len, a.batch_size, strategy.name, strategies):
+    with Reporter("plan", len(lineup(strategy)) if a.compare else 1, transient=True) as progress:
+        found = plan_fit(
+            a.checkpoint, options, data=a.data or (), compare_strategies=a.compare,
+            model_flags=pick(ModelSource, a).model_flags(),
+            on_stage=lambda done, total, name: progress.update(done, f"measuring {name}"),
+        )  # fmt: skip
+    for table in plan_tables(found.plan, a.seq_len, a.batch_size, strategy.name, found.strategies):
         console(a.json).print(table)
     if a.json:
-        run = {k: v for k, v in runs["run"].to_json().items() if k != "planner"}
-        emit_json(result.to_json() | {"run": run, "strategies": [r.to_json() for r in strategies or ()]})
+        emit_json(found.to_json())
 
 
 # -- pretrain --------------------------------------------------------------------------------------------------------

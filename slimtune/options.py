@@ -429,11 +429,6 @@ class Runtime(Options):
 class FitOptions(Runtime, ExportOptions, RunFolderOptions, SlimStep, Adapters, Optimization, DataOptions):
     """What `slimtune.fit` and `slimtune.pretrain` take: the training groups, flat (`options.seq_len`)."""
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.base_dtype == BaseDtype.BF16:  # a bf16 base computes under bf16 autocast (its flag's help says so)
-            object.__setattr__(self, "precision", Precision.BF16)
-
     def check(self) -> None:
         super().check()  # Adapters' check among them
         chunk_request(self.chunk_size, self.seq_len)
@@ -457,11 +452,19 @@ class FitOptions(Runtime, ExportOptions, RunFolderOptions, SlimStep, Adapters, O
             return self.weight_decay
         return self.optimizer.default_weight_decay
 
+    @property
+    def compute_precision(self) -> Precision:
+        """What the steps compute in: a bf16 base under bf16 autocast, else `precision` (BaseDtype.compute)."""
+        return self.base_dtype.compute(self.precision)
+
+    def _effective(self) -> dict:  # what the run does, where a default or another option decides it
+        return {"weight_decay": self.effective_weight_decay, "precision": _plain(self.compute_precision)}
+
     def resume_settings(self) -> dict:
-        return super().resume_settings() | {"weight_decay": self.effective_weight_decay}
+        return super().resume_settings() | self._effective()
 
     def recorded(self) -> dict:
-        return super().recorded() | {"weight_decay": self.effective_weight_decay}
+        return super().recorded() | self._effective()
 
 
 TRAINING_GROUPS = tuple(c for c in reversed(FitOptions.__mro__[1:]) if issubclass(c, Options) and c is not Options)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .choices import Heap, Precision
+from .choices import Heap
 from .deferred import defers, use_batching
 from .distributed import Group, agree_min
 from .errors import OutOfBudgetError, SlimtuneError
@@ -58,7 +58,7 @@ def fixed(model, options: FitOptions, chunk_size: int, *, world: int = 1, source
     """The run plan where C is known (given, or chosen by the planner): the rest is derived here."""
     device = next(model.parameters()).device
     on_cpu_managed = device.type == "cpu" and options.heap == Heap.MANAGED
-    precision = Precision.parse(options.precision, "precision")
+    precision = options.compute_precision
     chunk_size = min(chunk_size, options.seq_len)
     if planner is not None:  # the planner took the request into account, and counted the buffers it batches in
         batching = bool(planner["batch_weight_grads"])
@@ -94,7 +94,7 @@ def resolve_run(model, options: FitOptions, group: Group = Group(), *, data_byte
         options.batch_size,
         options.optimizer,
         options.recovery,
-        options.precision,
+        options.compute_precision,
         data_bytes,
         copies_bytes=_copies_bytes(model, group),
         batch_weight_grads=options.batch_weight_grads,

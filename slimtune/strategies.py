@@ -10,14 +10,18 @@ reports, and a run trains the strategy it was given.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 from . import lora
 from .choices import LORA_DEFAULT_TARGETS, BaseDtype, Optimizer, Precision
 from .devices import resolve_budget
-from .errors import OutOfBudgetError
+from .errors import DataError, OutOfBudgetError
+from .options import FitOptions
 from .planner import HEADROOM, Plan, Workload, gradient_bytes, held_bytes, plan_chunk_size
+from .runplan import RunPlan
 from .units import format_size
 
 DEFAULT_RANK = 8  # the LoRA rank compared when the run asked for full fine-tuning
@@ -72,8 +76,8 @@ class Strategy:
         return " ".join(f"`{name}={value}`" for name, value in self.selected().items())
 
     def precision(self, asked: Precision | str) -> Precision:
-        """A bf16 base computes under bf16 autocast; otherwise the precision asked for."""
-        return Precision.BF16 if self.stage == 2 else Precision.parse(asked, "precision")
+        """What a step computes in under this strategy (BaseDtype.compute: a bf16 base under bf16 autocast)."""
+        return (self.base_dtype if self.lora_rank else BaseDtype.FP32).compute(asked)
 
     @property
     def read_dtype(self):
@@ -205,3 +209,74 @@ def _with_alternatives(error: OutOfBudgetError, rows: list[StrategyRow]) -> OutO
         tail = "; no other strategy fits either"
     params = {*error.params, "optimizer", "lora_rank", "base_dtype"}
     return OutOfBudgetError(str(error) + tail, params=tuple(sorted(params)))
+
+
+@dataclass
+class FitPlan:
+    """What `fit` with the same options would plan: the asked strategy's Plan, the run plan it would resolve, and
+    (with `compare`) every strategy's row."""
+
+    plan: Plan
+    run: RunPlan
+    strategies: list[StrategyRow] | None = None
+
+    def to_json(self) -> dict:
+        run = {k: v for k, v in self.run.to_json().items() if k != "planner"}
+        return self.plan.to_json() | {"run": run, "strategies": [r.to_json() for r in self.strategies or ()]}
+
+
+def plan_fit(
+    checkpoint,
+    options: FitOptions | None = None,
+    *,
+    data: Sequence[str | os.PathLike] = (),
+    compare_strategies: bool = True,
+    model_flags: dict | None = None,
+    on_stage: Callable[[int, int, str], None] | None = None,
+    **overrides,
+) -> FitPlan:
+    """Plan `slimtune.fit(checkpoint, ...)` with the same options without training: the largest C of the asked
+    strategy under `mem_budget` (its heap policy included), and with `compare_strategies` the same for the others
+    (`lineup`). `data`: the files the run will read (fit holds them resident, so their sizes count). Raises
+    OutOfBudgetError when the asked strategy fits no C, naming the strategies that do."""
+    from .checkpoint import load_checkpoint
+    from .model import PerformerLM
+    from .runplan import fixed
+
+    options = replace(options or FitOptions(), **overrides)
+    options.check()
+    strategy = Strategy.of(options)
+    # Loaded as fit loads it, except where the comparison converts the model in place from full to LoRA: there
+    # it starts as stored.
+    read_as = None if compare_strategies else strategy.read_dtype
+    model = PerformerLM.from_checkpoint(
+        load_checkpoint(checkpoint, **(model_flags or {}), dtype=read_as), device=options.device
+    )
+    work = Workload(
+        options.seq_len, options.batch_size, options.optimizer, options.recovery, options.precision,
+        data_bytes=sum(_file_size(path) for path in data), batch_weight_grads=options.batch_weight_grads,
+    )  # fmt: skip
+    runs = {}
+
+    def record_run(planned: Strategy, result: Plan) -> None:  # while the model trains as the asked strategy does
+        if planned == strategy:
+            runs["run"] = fixed(model, options, result.chunk_size, source="planned", planner=result.to_json())
+
+    if not compare_strategies:
+        strategy.apply(model)
+        work = replace(work, precision=options.compute_precision)
+        result = plan_chunk_size(model, work, options.mem_budget, heap=options.heap)
+        record_run(strategy, result)
+        return FitPlan(result, runs["run"])
+    found = compare(model, strategy, work, options.mem_budget, heap=options.heap, on_planned=record_run,
+                    on_stage=on_stage)  # fmt: skip
+    if found.error is not None:
+        raise found.error
+    return FitPlan(found.asked, runs["run"], found.rows)
+
+
+def _file_size(path: str | os.PathLike) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError as e:
+        raise DataError(f"`data` file {path}: cannot read it ({e.strerror}); pass an existing file") from None

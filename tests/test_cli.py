@@ -343,45 +343,38 @@ def test_pretrain_flags_override_the_recipe(monkeypatch, tmp_path):
 def test_plan_flags_reach_the_planner(monkeypatch, ckpt):
     seen = _invoke(
         monkeypatch,
-        "planner",
-        "plan",
-        [
-            "plan",
-            "--checkpoint",
-            ckpt,
-            "--seq-len",
-            2048,
-            "--batch-size",
-            2,
-            "--mem-budget",
-            "80%",
-            "--optimizer",
-            "sgd",
-            "--state-recovery",
-            "subtract",
-            "--precision",
-            "bf16",
-            "--data",
-            ckpt,
-            "--data",
-            ckpt,
-            "--device",
-            "cpu",
-            "--no-compare",
-        ],
-    )
-    size = Path(ckpt).stat().st_size
-    assert seen["kwargs"] == dict(
-        seq_len=2048,
-        batch_size=2,
-        mem_budget="80%",
-        optimizer="sgd",
-        recovery="subtract",
-        precision="bf16",
-        data_bytes=2 * size,  # each --data file's size
-        heap="managed",  # as fit, whose run it predicts, manages the heap
-    )
+        "strategies",
+        "plan_fit",
+        ["plan", "--checkpoint", ckpt, "--seq-len", 2048, "--batch-size", 2, "--mem-budget", "80%", "--optimizer",
+         "sgd", "--state-recovery", "subtract", "--precision", "bf16", "--data", ckpt, "--data", ckpt, "--device",
+         "cpu", "--no-compare"],
+    )  # fmt: skip
+    options = seen["args"][1]
+    assert seen["args"][0] == Path(ckpt) and seen["kwargs"]["data"] == [Path(ckpt), Path(ckpt)]
+    assert seen["kwargs"]["compare_strategies"] is False
+    got = {k: str(getattr(options, k)) for k in ("seq_len", "batch_size", "mem_budget", "optimizer", "recovery")}
+    assert got == dict(seq_len="2048", batch_size="2", mem_budget="80%", optimizer="sgd", recovery="subtract")
+    assert (str(options.precision), str(options.heap), options.device) == ("bf16", "managed", "cpu")
 
+
+def test_plan_fit_predicts_fits_own_workload(monkeypatch, ckpt):
+    """The library's plan of a fit: each data file's size counts, the heap is fit's (managed), and a bf16 base
+    plans under bf16 autocast as its fit computes."""
+    from slimtune import strategies
+
+    seen = {}
+
+    def record(model, work, budget, **kw):
+        seen.update(work=work, budget=budget, **kw)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(strategies, "plan_chunk_size", record)
+    with pytest.raises(SystemExit):
+        strategies.plan_fit(ckpt, data=[ckpt, ckpt], compare_strategies=False, seq_len=2048, mem_budget="80%",
+                            device="cpu", lora_rank=2, base_dtype="bf16")  # fmt: skip
+    work = seen["work"]
+    assert work.data_bytes == 2 * Path(ckpt).stat().st_size and str(seen["heap"]) == "managed"
+    assert (work.seq_len, str(work.precision), seen["budget"]) == (2048, "bf16", "80%")
 
 def test_bad_files_exit_2(capsys, tmp_path, ckpt, data_dir):
     empty = tmp_path / "empty.txt"

@@ -131,3 +131,14 @@ def test_help_and_recipes_load_no_torch(args):
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "slimtune.cli" in imported  # the listing is real
     assert not {m for m in imported if m == "torch" or m.startswith("torch.")}
+
+
+def test_a_bf16_base_computes_in_bf16_and_the_run_records_what_it_computed():
+    from slimtune.options import FitOptions
+
+    asked = FitOptions(lora_rank=2, base_dtype="bf16")
+    assert str(asked.precision) == "fp32" and str(asked.compute_precision) == "bf16"  # asked, and what runs
+    assert asked.recorded()["precision"] == "bf16" and asked.resume_settings()["precision"] == "bf16"
+    plain = FitOptions(precision="bf16")
+    assert str(plain.compute_precision) == "bf16" and str(FitOptions().compute_precision) == "fp32"
+    assert FitOptions().recorded()["precision"] == "fp32"
