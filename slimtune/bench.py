@@ -34,6 +34,7 @@ from .errors import ConfigError
 from .memory import TensorBytes, heap_policy, heap_policy_during, is_out_of_memory
 from .model import PerformerLM
 from .optimizers import make_optimizer
+from .options import BENCH_SEQ_LEN, BENCH_STEPS, BENCH_WARMUP
 from .recipes import load_recipe
 from .slim import autocast, chunk_loss, compute_dtype, slim_step
 from .strategies import Strategy
@@ -104,12 +105,13 @@ def setup(
         emulate_card(emulate_memory, dev)
     torch.manual_seed(seed)
     if checkpoint is not None:
-        model, name, default_len = PerformerLM.from_pretrained(checkpoint, device=dev), Path(checkpoint).name, 1024
+        model, name = PerformerLM.from_pretrained(checkpoint, device=dev), Path(checkpoint).name
+        default_len = BENCH_SEQ_LEN
     else:
         base = load_recipe(recipe) if recipe is not None else None
         model = PerformerLM(base.model if base else config).to(dev)
         name = f"recipe {base.path.stem}" if base else "model"
-        default_len = int(base.train.get("seq_len", 1024)) if base else 1024
+        default_len = int(base.train.get("seq_len", BENCH_SEQ_LEN)) if base else BENCH_SEQ_LEN
     length = seq_len or default_len
     if length < 2:
         raise ConfigError(f"`seq_len` must be at least 2 for a bench, got {length}", params=("seq_len",))
@@ -223,8 +225,8 @@ def run_bench(
     windows: torch.Tensor,
     methods: list[Method],
     *,
-    steps: int = 3,
-    warmup: int = 1,
+    steps: int = BENCH_STEPS,
+    warmup: int = BENCH_WARMUP,
     optimizer: str | None = None,
     precision=None,
     recovery: str = "subtract64",

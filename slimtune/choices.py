@@ -87,6 +87,7 @@ class BaseDtype(Choice):
 # The linear maps LoRA may adapt (CONTRACT.md section 4), and the default: every layer's (all but the output map).
 LORA_TARGETS = ("q_map", "k_map", "v_map", "U_map", "V_map", "output_logit_map")
 LORA_DEFAULT_TARGETS = LORA_TARGETS[:5]
+LORA_ALPHA_PER_RANK = 2.0  # the default scale: alpha = 2 R
 
 
 class Recovery(Choice):

@@ -20,6 +20,11 @@ from .choices import BenchOptimizer, ExportDtype
 from .cli_options import Stopped, cli_message, command, params, pick
 from .errors import ConfigError, Interrupted, SlimtuneError
 from .options import (
+    ADAPT_CHUNK,
+    ADAPT_LR,
+    BENCH_SEQ_LEN,
+    BENCH_STEPS,
+    BENCH_WARMUP,
     TRAINING_GROUPS,
     Adapters,
     BenchOptions,
@@ -327,15 +332,15 @@ def pretrain(a):
         DataOptions,
         "seq_len",
         "batch_size",
-        seq_len={"default": None, "show_default": False, "help": "L. Default: the recipe's, else 1024."},
+        seq_len={"default": None, "show_default": False, "help": f"L. Default: the recipe's, else {BENCH_SEQ_LEN}."},
     ),
     params(BenchOptions, "chunks"),
     params(
         Optimization,
         "steps",
         "warmup",
-        steps={"default": 3, "help": "Timed steps per method; the table shows their median."},
-        warmup={"default": 1, "help": "Untimed steps per method first."},
+        steps={"default": BENCH_STEPS, "help": "Timed steps per method; the table shows their median."},
+        warmup={"default": BENCH_WARMUP, "help": "Untimed steps per method first."},
     ),
     params(
         Optimization,
@@ -445,13 +450,13 @@ def recipes(a):
     params(Files, "data"),
     params(DataOptions, "seq_len", seq_len={"help": "Bytes per sequence, the same default for every checkpoint."}),
     params(EvalOptions, "max_bytes", "adapt", "windows"),
-    params(Optimization, "lr", lr={"default": 0.01, "help": "--adapt: learning rate of the SGD step (> 0)."}),
+    params(Optimization, "lr", lr={"default": ADAPT_LR, "help": "--adapt: learning rate of the SGD step (> 0)."}),
     params(
         SlimStep,
         "chunk_size",
         "mem_budget",
         chunk_size={
-            "default": "auto",
+            "default": ADAPT_CHUNK,
             "help": "--adapt: C of the SLiM step over each window's first half: "
             "auto (largest that fits --mem-budget), full or N.",
         },
@@ -510,6 +515,7 @@ def evaluate(a):
                 chunk_size=a.chunk_size,
                 mem_budget=a.mem_budget,
                 seed=a.seed,
+                precision=adapters.base_dtype.compute("fp32"),  # a bf16 base under bf16 autocast, as in fit
                 on_progress=lambda done, total: progress.update(done),
             )
         show.print(

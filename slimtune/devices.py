@@ -23,9 +23,8 @@ import torch
 
 from .cgroups import Limit, memory_limits, tightest
 from .errors import ConfigError
+from .options import SAFETY_MARGIN
 from .units import format_size, parse_size
-
-SAFETY_MARGIN = 0.10  # with no --mem-budget, leave this share of the free memory alone
 
 
 @dataclass

@@ -10,10 +10,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .choices import Precision
 from .data import check_vocabulary, copy_windows, read_bytes
 from .errors import ConfigError
 from .model import PerformerLM
-from .options import DataOptions, chunk_request, default_of
+from .options import ADAPT_CHUNK, ADAPT_LR, DataOptions, EvalOptions, chunk_request, default_of
 from .planner import Workload, plan_if_needed
 from .slim import slim_step
 
@@ -164,18 +165,20 @@ def adapt_one_step(
     data: torch.Tensor,
     *,
     seq_len: int = DEFAULT_SEQ_LEN,
-    windows: int = 8,
-    lr: float = 0.01,
-    chunk_size: int | str | None = "auto",
+    windows: int = default_of(EvalOptions, "windows"),
+    lr: float = ADAPT_LR,
+    chunk_size: int | str | None = ADAPT_CHUNK,
     mem_budget: int | str | None = None,
     seed: int = 0,
+    precision: Precision | str = Precision.FP32,
     on_progress=None,
 ) -> AdaptResult:
     """The paper's on-device protocol: for `windows` windows of seq_len + 1 bytes at seeded random offsets, the
     bpc of the second half before and after one plain-SGD step on the first half's loss, each window starting
     again from the original weights (of the parameters that train: a LoRA model's adapters). The step runs SLiM
     at `chunk_size` over the first half: an integer, "full" (ordinary backprop), or "auto"/None (the largest C
-    that fits `mem_budget`, counting the copy of the trainable weights this keeps to start each window from)."""
+    that fits `mem_budget`, counting the copy of the trainable weights this keeps to start each window from), in
+    `precision` ("bf16": under autocast, as a fit on a bf16 base computes)."""
     if seq_len < 4 or data.numel() < seq_len + 1:
         raise ConfigError(
             f"one-step adaptation needs `seq_len` >= 4 and at least `seq_len` + 1 = {seq_len + 1} bytes of data",
@@ -185,7 +188,8 @@ def adapt_one_step(
     given = chunk_request(chunk_size, half_len)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}  # a LoRA model: its adapters
     copy = sum(p.numel() * p.element_size() for p in trainable.values())
-    planned = plan_if_needed(model, Workload(half_len, 1, "sgd", copies_bytes=copy), mem_budget, given)
+    work = Workload(half_len, 1, "sgd", precision=precision, copies_bytes=copy)
+    planned = plan_if_needed(model, work, mem_budget, given)
     chunk_size = given if planned is None else planned.chunk_size
     check_vocabulary(data, model.config.vocab_size)
     generator = torch.Generator().manual_seed(seed)
@@ -200,7 +204,7 @@ def adapt_one_step(
         model.redraw_features(generator)
         before.append(_half_bpc(model, window, half, chunk_size))
         model.zero_grad(set_to_none=True)
-        slim_step(model, window[:, : half + 1], chunk_size)  # the first half: its predictions only
+        slim_step(model, window[:, : half + 1], chunk_size, precision=precision)  # the first half's predictions
         with torch.no_grad():
             for p in trainable.values():
                 p -= lr * p.grad

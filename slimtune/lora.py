@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write
-from .choices import LORA_DEFAULT_TARGETS, LORA_TARGETS
+from .choices import LORA_ALPHA_PER_RANK, LORA_DEFAULT_TARGETS, LORA_TARGETS
 from .deferred import DeferredLinear
 from .errors import CheckpointError, ConfigError
 from .options import lora_targets
@@ -133,7 +133,7 @@ def check(rank: int, alpha: float | None) -> float:
     """alpha for `rank` (default 2 * rank), checked."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"`lora_rank` must be an integer >= 1, got {rank!r}", params=("lora_rank",))
-    alpha = 2.0 * rank if alpha is None else float(alpha)
+    alpha = LORA_ALPHA_PER_RANK * rank if alpha is None else float(alpha)
     if not math.isfinite(alpha) or alpha <= 0:
         raise ConfigError(f"`lora_alpha` must be a positive number, got {alpha!r}", params=("lora_alpha",))
     return alpha

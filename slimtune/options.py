@@ -19,6 +19,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from .choices import (
+    ADAMW_WEIGHT_DECAY,
+    LORA_ALPHA_PER_RANK,
     LORA_DEFAULT_TARGETS,
     LORA_TARGETS,
     Adapt,
@@ -116,6 +118,10 @@ def _plain(value):
     return value.value if isinstance(value, Choice) else value
 
 
+DEFAULT_RECIPE = "small"  # the model and training of `pretrain` without a recipe
+SAFETY_MARGIN = 0.10  # with no `mem_budget`, leave this share of the free memory alone
+
+
 # -- the groups -----------------------------------------------------------------------------------------------------
 
 
@@ -153,7 +159,7 @@ class ModelShape(Options):
     recipe: str | None = option(
         None,
         "--recipe",
-        "A recipe name (see `slimtune recipes`) or .toml path; flags override it. Default: small.",
+        f"A recipe name (see `slimtune recipes`) or .toml path; flags override it. Default: {DEFAULT_RECIPE}.",
         show_default=False,
     )
     hidden_dim: int | None = option(
@@ -223,7 +229,8 @@ class Optimization(Options):
     weight_decay: float | None = option(
         None,
         "--weight-decay",
-        "Weight decay of the weight matrices (never LayerNorm gains or biases). Default: 0.01 with adamw, else 0.",
+        f"Weight decay of the weight matrices (never LayerNorm gains or biases). Default: {ADAMW_WEIGHT_DECAY} with "
+        "adamw, else 0.",
         min=0.0,
         show_default=False,
         resume=True,
@@ -269,7 +276,7 @@ class Adapters(Options):
     lora_alpha: float | None = option(
         None,
         "--lora-alpha",
-        "LoRA scale: the adapters add (ALPHA / R) B A x (e.g. --lora-alpha 16). Default: 2R.",
+        f"LoRA scale: the adapters add (ALPHA / R) B A x (e.g. --lora-alpha 16). Default: {LORA_ALPHA_PER_RANK:g}R.",
         above=0.0,
         show_default=False,
         resume=True,
@@ -349,7 +356,7 @@ class SlimStep(Options):
         "--mem-budget",
         "Memory the job may hold in all (weights, gradients, optimizer state, one chunk's activations, states, "
         "runtime): a size (2GB = 2e9 bytes, 1.5GiB, 512MB) or a share of free memory (80%). Default: free memory "
-        "less 10%.",
+        f"less {SAFETY_MARGIN:.0%}.",
         cli_type=str | None,
         show_default=False,
     )
@@ -468,6 +475,14 @@ class FitOptions(Runtime, ExportOptions, RunFolderOptions, SlimStep, Adapters, O
 
 
 TRAINING_GROUPS = tuple(c for c in reversed(FitOptions.__mro__[1:]) if issubclass(c, Options) and c is not Options)
+
+
+# Defaults of commands that share another group's flag but not its default (`eval --lr`, `bench --steps`): the
+# library functions and the command line read them from here.
+ADAPT_LR = 0.01  # adapt_one_step's SGD step (eval --adapt --lr)
+ADAPT_CHUNK = "auto"  # its C (eval --adapt --chunk-size)
+BENCH_STEPS, BENCH_WARMUP = 3, 1  # run_bench's timed and untimed steps per method
+BENCH_SEQ_LEN = 1024  # bench's L without a recipe's
 
 
 @dataclass(frozen=True)

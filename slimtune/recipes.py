@@ -13,7 +13,7 @@ from pathlib import Path
 from .choices import LayerNorm
 from .config import PerformerConfig
 from .errors import ConfigError
-from .options import chunk_request
+from .options import DEFAULT_RECIPE, chunk_request
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -21,7 +21,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TRAIN_KEYS = {"task", "copy_symbols", "seq_len", "batch_size", "steps", "optimizer", "lr", "chunk_size"}
-DEFAULT_RECIPE = "small"  # the model and training of `pretrain` without a recipe
 # [train] keys a recipe leaves out
 TRAIN_DEFAULTS = {
     "task": "text",
