@@ -217,11 +217,12 @@ def merged_tensors(model: nn.Module, base: Iterable[tuple[str, torch.Tensor]]) -
     """The export of an adapted model against its input checkpoint's tensors `base` ((name, tensor) pairs, in
     the input's dtypes): each target weight W + (alpha / R) lora_B @ lora_A computed in fp32 and cast to W's
     dtype; every other tensor as it is."""
-    deltas = {f"{name}.weight": m.delta().detach().cpu() for name, m in adapters(model).items()}
+    maps = {f"{name}.weight": m for name, m in adapters(model).items()}
     out = {}
     for name, tensor in base:
-        if name in deltas:
-            tensor = (tensor.float() + deltas[name]).to(tensor.dtype)
+        if name in maps:  # one delta at a time: the export holds the merged weights, not their deltas too
+            with torch.no_grad():
+                tensor = (tensor.float() + maps[name].delta().cpu()).to(tensor.dtype)
         out[name] = tensor.contiguous()
     return out
 

@@ -210,6 +210,29 @@ class PerformerLM(nn.Module):
             fmt=ExportFormat.parse(format, "format"),
         )
 
+    def export_bytes(self, dtype: str | None = "auto") -> int:
+        """What save_pretrained(dtype=...) allocates besides the model at its peak, in bytes (the planner's
+        export line): each tensor it must copy (an adapted weight merged, a base weight read again or cast to the
+        input's dtype, a tensor cast to `dtype`) and one merge's fp32 temporaries."""
+        cast = ExportDtype.parse(dtype, "dtype").dtype
+        state = self.state_dict()
+        names = list(expected_shapes(self.config))
+        stored = {n: (self.source.tensors[n] if self.source else state[n]).dtype for n in names}
+        merged = {f"{name}.weight" for name in lora.adapters(self)}
+        copies = temporaries = casts = 0
+        for n in names:
+            held, count = state[n].dtype, state[n].numel()
+            if merged:  # _base_tensors (the input's dtype: read again or cast unless held so), then the merge
+                copies += ((held != stored[n]) + (n in merged)) * count * stored[n].itemsize
+                held = stored[n]
+            if n in merged:  # the delta; from another dtype than fp32 also the weight in fp32 and the sum
+                temporaries = max(temporaries, count * 4 * (1 if held == torch.float32 else 3))
+            out = cast or stored[n]
+            casts += count * out.itemsize if out != held else 0  # export_tensors, after the merge
+        if next(self.parameters()).device.type != "cpu":  # the copies are made on the host: a delta is made here
+            return max((self.get_submodule(n.removesuffix(".weight")).weight.numel() * 4 for n in merged), default=0)
+        return copies + max(temporaries, casts)
+
     def _base_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The base weights as the input checkpoint holds them: from memory where it holds them without loss (an
         fp32 copy of fp32, bf16 or fp16), else read again from the checkpoint's file (a bf16 base of an fp32 input)."""

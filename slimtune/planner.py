@@ -26,6 +26,8 @@ the lines add up to the total:
 - gradient batching  computed: the weight-gradient buffers of small chunks (deferred.py), where used.
 - optimizer step     measured: where the optimizer step's own peak (gradients + state + temporaries, counted)
               exceeds the backward's, the difference.
+- export      computed: where the export's copies (PerformerLM.export_bytes: merged adapters, a cast) exceed
+              what the steps held besides the weights, gradients and optimizer state, the difference.
 - planning    measured: where the process's peak while probing exceeds the rest,
               the difference. The process has held it already, so the choice of C does not charge it.
 C fits when the lines but planning add up to at most the budget less HEADROOM.
@@ -107,6 +109,7 @@ class Workload:
     data_bytes: int = 0  # the training and held-out files: fit maps them and reads them through, so they stay resident
     copies_bytes: int = 0  # held besides: the one-step adaptation's copy of the weights, torchrun's all-reduce buffer
     batch_weight_grads: bool | None = None  # None: batch small chunks' weight gradients when the buffers fit
+    export_dtype: str | None = None  # the export after the steps, in this dtype ("auto": the input's); None: none
 
     def __post_init__(self):
         object.__setattr__(self, "optimizer", Optimizer.parse(self.optimizer, "optimizer"))
@@ -469,6 +472,9 @@ def predict(
     # (gradients there) where its temporaries exceed a chunk's: then they stand in the chunk's place.
     backward = probe.optimizer_state + grads + int(chunk) + states + buffers + work.copies_bytes
     lines["optimizer step"] = max(0, grads + probe.optimizer_peak - backward)
+    # The export after the last step: its copies (merged adapters, casts) in place of the freed chunk.
+    export = 0 if work.export_dtype is None else model.export_bytes(work.export_dtype)
+    lines["export"] = max(0, export - int(chunk) - states - buffers - lines["optimizer step"])
     # The probes' own peak where it is the higher: the process has held it already (inside the budget, as the
     # probes are sized to stay), so it is no prediction and the choice of C does not charge it.
     lines["planning"] = max(0, reached - sum(lines.values()))

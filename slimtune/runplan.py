@@ -98,6 +98,7 @@ def resolve_run(model, options: FitOptions, group: Group = Group(), *, data_byte
         data_bytes,
         copies_bytes=_copies_bytes(model, group),
         batch_weight_grads=options.batch_weight_grads,
+        export_dtype=options.dtype,
     )
     try:
         plan = plan_if_needed(model, work, options.mem_budget, given, resident_data=data_bytes, heap=options.heap)

@@ -255,6 +255,7 @@ def plan_fit(
     work = Workload(
         options.seq_len, options.batch_size, options.optimizer, options.recovery, options.precision,
         data_bytes=sum(_file_size(path) for path in data), batch_weight_grads=options.batch_weight_grads,
+        export_dtype=options.dtype,
     )  # fmt: skip
     runs = {}
 

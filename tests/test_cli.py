@@ -376,6 +376,7 @@ def test_plan_fit_predicts_fits_own_workload(monkeypatch, ckpt):
     assert work.data_bytes == 2 * Path(ckpt).stat().st_size and str(seen["heap"]) == "managed"
     assert (work.seq_len, str(work.precision), seen["budget"]) == (2048, "bf16", "80%")
 
+
 def test_bad_files_exit_2(capsys, tmp_path, ckpt, data_dir):
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")

@@ -170,3 +170,48 @@ def test_an_hf_folder_loads(tmp_path):
     ids = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
         assert torch.equal(again(ids), model(ids))
+
+
+@pytest.mark.parametrize(
+    "stored, adapters, base_dtype, export",
+    [
+        (torch.float32, False, None, "auto"),  # nothing to copy
+        (torch.float32, False, None, "bf16"),  # a cast of every tensor
+        (torch.bfloat16, False, None, "auto"),  # held in fp32, written back in bf16
+        (torch.float32, True, None, "auto"),  # the merged adapted weights
+        (torch.float32, True, None, "bf16"),  # merged, then cast
+        (torch.float32, True, torch.bfloat16, "auto"),  # a bf16 base of an fp32 input: read again, then merged
+        (torch.bfloat16, True, None, "auto"),  # merged from bf16 through fp32
+    ],
+    ids=["fp32", "fp32-cast", "bf16-input", "lora", "lora-cast", "lora-bf16-base", "lora-bf16-input"],
+)
+def test_export_bytes_is_what_save_pretrained_allocates(tmp_path, monkeypatch, stored, adapters, base_dtype, export):
+    """The planner's export line: PerformerLM.export_bytes against the tensor bytes save_pretrained allocates at
+    its peak (memory.TensorBytes), plus what it reads again from the input file (outside the dispatcher)."""
+    from slimtune import lora
+    from slimtune import model as model_module
+    from slimtune.memory import TensorBytes
+
+    model = PerformerLM.from_pretrained(_checkpoint(tmp_path / "in.safetensors", stored))
+    if adapters:
+        lora.add(model, rank=2)
+        with torch.no_grad():
+            for m in lora.adapters(model).values():
+                m.lora_B.weight.normal_()  # a non-zero delta
+        if base_dtype is not None:
+            lora.freeze_base_to(model, base_dtype)
+    reread = []
+    real_read = model_module.read_tensors
+
+    def counted(checkpoint, names):
+        tensors = real_read(checkpoint, names)
+        reread.append(sum(t.numel() * t.element_size() for t in tensors.values()))
+        return tensors
+
+    monkeypatch.setattr(model_module, "read_tensors", counted)
+    with TensorBytes() as allocated:
+        model.save_pretrained(tmp_path / "out.safetensors", dtype=export)
+    measured = allocated.peak + sum(reread)
+    predicted = model.export_bytes(export)
+    assert measured <= predicted <= measured * 1.05 + 4096, (predicted, measured)
+    assert (predicted == 0) == (stored == torch.float32 and not adapters and export == "auto")

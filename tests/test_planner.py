@@ -357,3 +357,17 @@ def test_a_partly_frozen_model_plans_and_is_charged_gradients_only_for_what_trai
     plan = slimtune.plan(model, seq_len=4096, mem_budget="95%", optimizer="adam")
     assert plan.breakdown["gradients"] == 4 * trainable and plan.breakdown["optimizer"] == 8 * trainable
     assert all(p.grad is None for p in model.parameters())  # the probes leave no gradients behind
+
+
+def test_the_export_line_counts_a_merged_adapter_where_it_exceeds_the_freed_chunk():
+    from slimtune import lora
+
+    model = tiny_model(dtype=torch.float32, hidden_dim=256, ffn_dim=1024, n_heads=4)  # 5.8 MB of targets
+    lora.add(model, rank=2)
+    probe_ = tight_probe(model)
+    without = predict(model, probe_, 0, Workload(4096), 1)
+    with_export = predict(model, probe_, 0, Workload(4096, export_dtype="auto"), 1)
+    assert without["export"] == 0 and with_export["export"] > 0  # C = 1: the merged weights outweigh a chunk
+    assert with_export["total"] - without["total"] == with_export["export"] <= model.export_bytes("auto")
+    at_full = predict(model, probe_, 0, Workload(4096, export_dtype="auto"), 4096)
+    assert at_full["export"] == 0  # full backprop's activations, freed, leave room for the copies
