@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from . import lora, threads
-from .checkpoint import Checkpoint, check_output_path, file_sha256, load_checkpoint
+from . import lora, recipes, threads
+from .checkpoint import Checkpoint, check_output_path, default_out, file_sha256, load_checkpoint
 from .choices import Schedule, Task
 from .data import check_vocabulary, copy_windows, first_windows, random_windows, read_bytes, split_held_out
 from .devices import resolve_device
@@ -648,8 +648,8 @@ def run_folder_path(run_dir: str | os.PathLike | None, out: str | os.PathLike) -
     return f"{out}.run" if str(run_dir) == "auto" else (str(run_dir) if run_dir else None)
 
 
-def _options(options: FitOptions | None, overrides: dict, out) -> FitOptions:
-    """The options of a call, checked, with run_dir "auto" made OUT.run (as on the command line)."""
+def _options(options: FitOptions | None, overrides: dict) -> FitOptions:
+    """The options of a call, checked (run_dir "auto" is made OUT.run once OUT is known)."""
     try:
         options = replace(options, **overrides) if options is not None else FitOptions(**overrides)
     except TypeError as e:
@@ -659,13 +659,13 @@ def _options(options: FitOptions | None, overrides: dict, out) -> FitOptions:
         raise ConfigError(
             "`resume` needs the run folder of the run to continue: give `run_dir`", params=("resume", "run_dir")
         )
-    return replace(options, run_dir=run_folder_path(options.run_dir, out))
+    return options
 
 
 def fit(
     checkpoint: Checkpoint | str | os.PathLike,
     data: torch.Tensor | str | os.PathLike,
-    out: str | os.PathLike,
+    out: str | os.PathLike | None = None,
     options: FitOptions | None = None,
     *,
     data_path: str | os.PathLike | None = None,
@@ -683,7 +683,9 @@ def fit(
             layernorm) fill what a checkpoint without slimtune_config lacks. A path is read once the run folder
             is held.
         data: a text file's path, or its bytes as a uint8 tensor [N].
-        out: where to write the fine-tuned checkpoint (never an input).
+        out: where to write the fine-tuned checkpoint (never an input); None: NAME-tuned.safetensors beside the
+            checkpoint (-2, -3, ... when taken; with resume, the one whose run folder holds the saved run), as on
+            the command line.
         options: a FitOptions; keyword `overrides` (seq_len=, steps=, mem_budget=, ...) replace its fields.
             run_dir defaults to OUT.run, as on the command line (run_dir=None: no run folder).
         data_path: the data file, for provenance, when `data` is a tensor.
@@ -703,11 +705,13 @@ def fit(
         result = slimtune.fit("model.safetensors", "my.txt", "tuned.safetensors", mem_budget="2GB", steps=100)
     """
     started = time.perf_counter()
-    options = _options(options, overrides, out)
+    source = checkpoint.path if isinstance(checkpoint, Checkpoint) else checkpoint
+    options = _options(options, overrides)
+    out = out if out is not None else default_out(source, options.format, resume=options.resume)
+    options = replace(options, run_dir=run_folder_path(options.run_dir, out))
     warn = on_warning or _warn
     if not isinstance(data, torch.Tensor):
         data_path = data_path or data
-    source = checkpoint.path if isinstance(checkpoint, Checkpoint) else checkpoint
     out = check_output_path(out, source, data_path, fmt=options.format)
     if options.adapter_out is not None:
         if Path(options.adapter_out).resolve() == out.resolve():
@@ -753,7 +757,7 @@ def fit(
 
 
 def pretrain(
-    config: PerformerConfig,
+    config: PerformerConfig | str | os.PathLike,
     data: torch.Tensor | str | os.PathLike | None,
     out: str | os.PathLike,
     options: FitOptions | None = None,
@@ -763,10 +767,16 @@ def pretrain(
     on_warning: OnWarning | None = None,
     **overrides,
 ) -> FitResult:
-    """Train a model from random initialisation (the server side) and write a contract checkpoint. `data`: a
-    text file's path or its bytes (None for the copy task); the rest as for `fit`."""
+    """Train a model from random initialisation (the server side) and write a contract checkpoint. `config`: a
+    PerformerConfig, or a recipe's name or .toml path (`slimtune recipes`), whose [train] settings then stand
+    under `overrides`, as `slimtune pretrain --recipe` reads them. `data`: a text file's path or its bytes (None
+    for the copy task); the rest as for `fit`."""
     started = time.perf_counter()
-    options = _options(options, overrides, out)
+    if not isinstance(config, PerformerConfig):
+        config, settings = recipes.resolve(config)
+        overrides = settings | overrides
+    options = _options(options, overrides)
+    options = replace(options, run_dir=run_folder_path(options.run_dir, out))
     if options.lora_rank:
         raise ConfigError(
             "LoRA adapts a pretrained base: pretrain trains every parameter; give `lora_rank` to fit",

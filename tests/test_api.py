@@ -198,3 +198,38 @@ def test_examples_run(tmp_path, data_dir, script):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "tuned.safetensors").is_file()
+
+
+def test_fit_without_out_writes_beside_the_checkpoint_as_the_command_line_does(tmp_path, data_dir):
+    """slimtune.fit(out=None) and `slimtune fit` without --out: NAME-tuned.safetensors with its run folder, then
+    NAME-tuned-2 (nothing overwritten); both runs give the same weights."""
+    from slimtune.cli import main
+
+    base = _checkpoint(tmp_path / "model.safetensors")
+    data = tmp_path / "my.txt"
+    data.write_bytes((data_dir / "ptb.test.txt").read_bytes()[:50_000])
+    result = slimtune.fit(base, data, steps=2, seq_len=64, chunk_size=16, device="cpu")
+    first = tmp_path / "model-tuned.safetensors"
+    assert Path(result.out) == first and first.is_file() and (tmp_path / "model-tuned.safetensors.run").is_dir()
+    args = ["fit", "--checkpoint", str(base), "--data", str(data), "--steps", "2", "--seq-len", "64",
+            "--chunk-size", "16", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    second = load_checkpoint(tmp_path / "model-tuned-2.safetensors")
+    for name, t in load_checkpoint(first).tensors.items():
+        assert torch.equal(second.tensors[name], t), name
+
+
+def test_pretrain_from_a_recipe_name_equals_slimtune_pretrain_recipe(tmp_path):
+    """slimtune.pretrain("copy", ...) reads the recipe's model and [train] settings as `slimtune pretrain --recipe
+    copy` does; keyword overrides stand above them, as flags do: the same weights bit for bit."""
+    from slimtune.cli import main
+
+    result = slimtune.pretrain("copy", None, tmp_path / "api.safetensors", steps=2, batch_size=2, device="cpu")
+    assert result.steps == 2 and result.chunk_size == 512  # the recipe's L and chunk_size "full"
+    args = ["pretrain", "--recipe", "copy", "--out", str(tmp_path / "cli.safetensors"), "--steps", "2",
+            "--batch-size", "2", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    ours, theirs = load_checkpoint(tmp_path / "api.safetensors"), load_checkpoint(tmp_path / "cli.safetensors")
+    assert ours.config == theirs.config and ours.config.hidden_dim == 256 and ours.config.n_layers == 1
+    for name, t in theirs.tensors.items():
+        assert torch.equal(ours.tensors[name], t), name
