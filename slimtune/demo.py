@@ -21,6 +21,7 @@ from .data import read_bytes
 from .evaluation import evaluate
 from .memory import release_free_heap, reset_peak_rss
 from .model import PerformerConfig, PerformerLM
+from .options import Runtime, default_of
 from .planner import Workload, plan_chunk_size
 from .train import FitOptions, fit, pretrain
 
@@ -112,7 +113,7 @@ def run_demo(
 
     seq_len = 8192
     model = PerformerLM.from_pretrained(base)
-    unconstrained = plan_chunk_size(model, Workload(seq_len, 1, "adam"), None, heap="managed")  # as fit's
+    unconstrained = plan_chunk_size(model, Workload(seq_len, 1, "adam"), None, heap=default_of(Runtime, "heap"))
     by_size = {c.chunk_size: c.predicted_peak_bytes for c in unconstrained.candidates}
     # Emulate a small device: a budget between the predicted peaks at C = L/4 and C = L/2.
     budget = (by_size[seq_len // 4] + by_size[seq_len // 2]) // 2
