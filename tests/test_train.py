@@ -64,7 +64,7 @@ def test_trainer_interrupted_in_process_resumes_bit_for_bit(tmp_path, setup):
 def test_a_resumed_auto_run_does_not_plan_again(tmp_path, setup, monkeypatch):
 
     base, data = setup
-    fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, chunk_size=None, steps=2, mem_budget="2GB"))
+    first = fit(base, data, tmp_path / "a.safetensors", _options(tmp_path, chunk_size=None, steps=2, mem_budget="2GB"))
     from slimtune import planner
 
     monkeypatch.setattr(planner, "plan_chunk_size", lambda *a, **k: pytest.fail("planned again on resume"))
@@ -74,7 +74,8 @@ def test_a_resumed_auto_run_does_not_plan_again(tmp_path, setup, monkeypatch):
         tmp_path / "a.safetensors",
         _options(tmp_path, chunk_size=None, steps=2, mem_budget="2GB", resume=True),
     )
-    assert result.plan is not None and result.chunk_size == result.plan["chunk_size"]
+    assert result.plan is not None and result.chunk_size == first.chunk_size  # the first run's choice, kept
+    assert result.run == first.run | {"chunk_source": "resumed"}  # restored as a unit
 
 
 @pytest.mark.parametrize(
