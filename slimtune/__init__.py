@@ -33,6 +33,7 @@ _EXPORTS = {
     "PerformerLM": "model",
     "Plan": "planner",
     "plan": "planner",
+    "plan_fit": "strategies",
     "slim_step": "slim",
     "FitOptions": "options",
     "RunPlan": "runplan",
@@ -59,6 +60,7 @@ __all__ = [
     "PerformerLM",
     "Plan",
     "plan",
+    "plan_fit",
     "slim_step",
     "FitOptions",
     "RunPlan",
@@ -98,4 +100,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .planner import Plan, plan
     from .runplan import RunPlan
     from .slim import slim_step
+    from .strategies import plan_fit
     from .train import FitResult, Trainer, fit, pretrain

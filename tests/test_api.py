@@ -233,3 +233,24 @@ def test_pretrain_from_a_recipe_name_equals_slimtune_pretrain_recipe(tmp_path):
     assert ours.config == theirs.config and ours.config.hidden_dim == 256 and ours.config.n_layers == 1
     for name, t in theirs.tensors.items():
         assert torch.equal(ours.tensors[name], t), name
+
+
+def test_plan_fit_is_what_slimtune_plan_prints(tmp_path, capsys):
+    """slimtune.plan_fit and `slimtune plan --json` on the same checkpoint and flags: the same chunk size and the
+    same strategies, each with its C (the largest that fits, judged by each call's own probes)."""
+    from slimtune.cli import main
+
+    base = _checkpoint(tmp_path / "model.safetensors", hidden_dim=32, ffn_dim=64)
+    ours = slimtune.plan_fit(base, seq_len=512, mem_budget="4GB", device="cpu")
+    capsys.readouterr()
+    assert main(["plan", "--checkpoint", str(base), "--seq-len", "512", "--mem-budget", "4GB", "--device", "cpu",
+                 "--json"]) == 0  # fmt: skip
+    theirs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ours.plan.chunk_size == theirs["chunk_size"] == 512  # 4 GB: full backprop fits
+    assert [(r.name, r.chunk_size) for r in ours.strategies] == [
+        (r["name"], r["chunk_size"]) for r in theirs["strategies"]
+    ]
+    assert ours.run.chunk_source == theirs["run"]["chunk_source"] == "planned"
+    with pytest.raises(slimtune.DataError, match="`data` file .*nothere.txt: cannot read it") as caught:
+        slimtune.plan_fit(base, data=[tmp_path / "nothere.txt"], seq_len=512, device="cpu")
+    assert "--" not in str(caught.value)
