@@ -57,7 +57,8 @@ def test_compare_plans_each_strategy_with_its_own_trainable_parameters_and_memor
     seen, stages = {}, []
     found = compare(
         model, asked, Workload(64), "95%", heap="managed",
-        on_planned=lambda s, plan: seen.setdefault(s, sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        on_planned=lambda s, plan: seen.setdefault(s, (sum(p.numel() for p in model.parameters() if p.requires_grad),
+                                                       plan.breakdown)),
         on_stage=lambda done, total, name: stages.append((done, total, name)),
     )  # fmt: skip
     assert [d for d, _, _ in stages] == [0, 1, 2, 3, 4] and stages[-1][2] == "LoRA r2, bf16 base, adam"
@@ -68,10 +69,13 @@ def test_compare_plans_each_strategy_with_its_own_trainable_parameters_and_memor
     adapters = _lora_parameters(model.config, 2)
     for key, row in rows.items():
         assert row.trainable_parameters == (adapters if key[1] else total), key
-        assert seen[row.strategy] == row.trainable_parameters  # on_planned saw the model as that strategy trains
+        assert seen[row.strategy][0] == row.trainable_parameters  # on_planned saw the model as that strategy trains
+    state = {(s.optimizer, s.lora_rank, s.base_dtype): lines["optimizer"] for s, (_, lines) in seen.items()}
+    assert state[("adam", 0, "fp32")] == 2 * weights and state[("sgd", 0, "fp32")] == 0  # measured, not assumed
     peak = {key: row.predicted_peak_bytes for key, row in rows.items()}
     full_adam, full_sgd = peak[("adam", 0, "fp32")], peak[("sgd", 0, "fp32")]
-    assert full_adam - full_sgd >= 1.8 * weights  # adam's two moments, measured, not assumed
+    # The totals differ by the moments less what the runtime line (RSS) moved between the two probes.
+    assert full_adam - full_sgd >= 1.5 * weights
     assert peak[("adam", 2, "fp32")] < full_sgd - 0.8 * weights  # no weight gradients, no moments
     assert found.asked.chunk_size == rows[("adam", 2, "fp32")].chunk_size
     assert model.layers[0].attention.q_map.weight.dtype == torch.bfloat16  # converted in place, as documented
