@@ -219,18 +219,19 @@ class PerformerLM(nn.Module):
         names = list(expected_shapes(self.config))
         stored = {n: (self.source.tensors[n] if self.source else state[n]).dtype for n in names}
         merged = {f"{name}.weight" for name in lora.adapters(self)}
-        copies = temporaries = casts = 0
+        copies = delta = temporaries = casts = 0
         for n in names:
             held, count = state[n].dtype, state[n].numel()
             if merged:  # _base_tensors (the input's dtype: read again or cast unless held so), then the merge
                 copies += ((held != stored[n]) + (n in merged)) * count * stored[n].itemsize
                 held = stored[n]
-            if n in merged:  # the delta; from another dtype than fp32 also the weight in fp32 and the sum
+            if n in merged:  # the delta in fp32; from another dtype than fp32 also the weight in fp32 and the sum
+                delta = max(delta, count * 4)
                 temporaries = max(temporaries, count * 4 * (1 if held == torch.float32 else 3))
             out = cast or stored[n]
             casts += count * out.itemsize if out != held else 0  # export_tensors, after the merge
-        if next(self.parameters()).device.type != "cpu":  # the copies are made on the host: a delta is made here
-            return max((self.get_submodule(n.removesuffix(".weight")).weight.numel() * 4 for n in merged), default=0)
+        if next(self.parameters()).device.type != "cpu":  # the copies are made on the host; the delta here
+            return delta
         return copies + max(temporaries, casts)
 
     def _base_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

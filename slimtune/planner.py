@@ -450,10 +450,12 @@ def predict(
     batching: bool = False,
     heap: str = "tight",
     reached: int = 0,
+    export: int = 0,
 ) -> dict:
     """The predicted peak of a run with chunk size C, line by line (bytes), the lines adding up to "total";
     `batching`: with the weight-gradient buffers of slimtune/deferred.py (computed, not probed); `heap`: the heap
-    policy (CPU, memory.py); `reached`: the peak the process has already had (the probes'), a floor."""
+    policy (CPU, memory.py); `reached`: the peak the process has already had (the probes'), a floor; `export`:
+    what the export after the steps allocates (PerformerLM.export_bytes)."""
     chunk = probe.chunk_bytes(min(chunk_size, work.seq_len), heap, one_pass=chunk_size >= work.seq_len)
     states = _state_bytes(model, work, chunk_size) if chunk_size < work.seq_len else 0
     grads = gradient_bytes(model)
@@ -473,7 +475,6 @@ def predict(
     backward = probe.optimizer_state + grads + int(chunk) + states + buffers + work.copies_bytes
     lines["optimizer step"] = max(0, grads + probe.optimizer_peak - backward)
     # The export after the last step: its copies (merged adapters, casts) in place of the freed chunk.
-    export = 0 if work.export_dtype is None else model.export_bytes(work.export_dtype)
     lines["export"] = max(0, export - int(chunk) - states - buffers - lines["optimizer step"])
     # The probes' own peak where it is the higher: the process has held it already (inside the budget, as the
     # probes are sized to stay), so it is no prediction and the choice of C does not charge it.
@@ -628,9 +629,10 @@ def plan_chunk_size(
     reached = window_peak_rss() if windowed else 0
     # After the probes: the kernels' code and caches they loaded stay resident.
     runtime = _runtime_bytes(model, resident_data)
+    export = 0 if work.export_dtype is None else model.export_bytes(work.export_dtype)  # the same at every C
 
     def peak(c, batching=False, heap=least):
-        return predict(model, measured, runtime, work, c, batching=batching, heap=heap, reached=reached)
+        return predict(model, measured, runtime, work, c, batching=batching, heap=heap, reached=reached, export=export)
 
     def fits(lines):  # the training's prediction inside the usable budget; the probes' peak is a fact, not judged
         return _training(lines)["total"] <= usable

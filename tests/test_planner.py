@@ -365,9 +365,10 @@ def test_the_export_line_counts_a_merged_adapter_where_it_exceeds_the_freed_chun
     model = tiny_model(dtype=torch.float32, hidden_dim=256, ffn_dim=1024, n_heads=4)  # 5.8 MB of targets
     lora.add(model, rank=2)
     probe_ = tight_probe(model)
+    export = model.export_bytes("auto")
     without = predict(model, probe_, 0, Workload(4096), 1)
-    with_export = predict(model, probe_, 0, Workload(4096, export_dtype="auto"), 1)
+    with_export = predict(model, probe_, 0, Workload(4096), 1, export=export)
     assert without["export"] == 0 and with_export["export"] > 0  # C = 1: the merged weights outweigh a chunk
-    assert with_export["total"] - without["total"] == with_export["export"] <= model.export_bytes("auto")
-    at_full = predict(model, probe_, 0, Workload(4096, export_dtype="auto"), 4096)
+    assert with_export["total"] - without["total"] == with_export["export"] <= export
+    at_full = predict(model, probe_, 0, Workload(4096), 4096, export=export)
     assert at_full["export"] == 0  # full backprop's activations, freed, leave room for the copies
