@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 from .choices import (
@@ -472,6 +472,17 @@ class FitOptions(Runtime, ExportOptions, RunFolderOptions, SlimStep, Adapters, O
 
     def recorded(self) -> dict:
         return super().recorded() | self._effective()
+
+
+def fit_options(options: FitOptions | None, overrides: dict) -> FitOptions:
+    """`options` (FitOptions() when None) with keyword `overrides` replacing its fields, checked: what the
+    library calls that take FitOptions and keywords (fit, pretrain, plan_fit) start from."""
+    try:
+        options = replace(options, **overrides) if options is not None else FitOptions(**overrides)
+    except TypeError as e:
+        raise ConfigError(f"unknown fit option ({e}): see slimtune.FitOptions for the names") from None
+    options.check()
+    return options
 
 
 TRAINING_GROUPS = tuple(c for c in reversed(FitOptions.__mro__[1:]) if issubclass(c, Options) and c is not Options)

@@ -19,7 +19,7 @@ from . import lora
 from .choices import LORA_DEFAULT_TARGETS, BaseDtype, Optimizer, Precision
 from .devices import resolve_budget
 from .errors import DataError, OutOfBudgetError
-from .options import FitOptions
+from .options import FitOptions, fit_options
 from .planner import HEADROOM, Plan, Workload, gradient_bytes, held_bytes, plan_chunk_size
 from .runplan import RunPlan
 from .units import format_size
@@ -243,8 +243,7 @@ def plan_fit(
     from .model import PerformerLM
     from .runplan import fixed
 
-    options = replace(options or FitOptions(), **overrides)
-    options.check()
+    options = fit_options(options, overrides)
     strategy = Strategy.of(options)
     # Loaded as fit loads it, except where the comparison converts the model in place from full to LoRA: there
     # it starts as stored.

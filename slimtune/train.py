@@ -34,7 +34,7 @@ from .evaluation import copy_accuracy, evaluate
 from .memory import heap_policy_during, is_out_of_memory, peak_memory_bytes
 from .model import PerformerConfig, PerformerLM
 from .optimizers import make_optimizer
-from .options import FitOptions
+from .options import FitOptions, fit_options
 from .planner import memory_counts
 from .runplan import RunPlan, after_out_of_memory, autocast_dtype, fixed, resolve_run
 from .runs import RunFolder
@@ -650,11 +650,7 @@ def run_folder_path(run_dir: str | os.PathLike | None, out: str | os.PathLike) -
 
 def _options(options: FitOptions | None, overrides: dict) -> FitOptions:
     """The options of a call, checked (run_dir "auto" is made OUT.run once OUT is known)."""
-    try:
-        options = replace(options, **overrides) if options is not None else FitOptions(**overrides)
-    except TypeError as e:
-        raise ConfigError(f"unknown fit option ({e}): see slimtune.FitOptions for the names") from None
-    options.check()
+    options = fit_options(options, overrides)
     if options.resume and not options.run_dir:
         raise ConfigError(
             "`resume` needs the run folder of the run to continue: give `run_dir`", params=("resume", "run_dir")

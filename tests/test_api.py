@@ -254,3 +254,18 @@ def test_plan_fit_is_what_slimtune_plan_prints(tmp_path, capsys):
     with pytest.raises(slimtune.DataError, match="`data` file .*nothere.txt: cannot read it") as caught:
         slimtune.plan_fit(base, data=[tmp_path / "nothere.txt"], seq_len=512, device="cpu")
     assert "--" not in str(caught.value)
+
+
+@pytest.mark.parametrize("call", ["fit", "pretrain", "plan_fit"])
+def test_a_misspelt_option_is_a_config_error_naming_it(tmp_path, call):
+    """Every call that takes FitOptions keywords refuses a name FitOptions lacks with one ConfigError, before any
+    work (nothing written)."""
+    base = _checkpoint(tmp_path / "model.safetensors")
+    args = {
+        "fit": (base, tmp_path / "missing.txt", tmp_path / "out.safetensors"),
+        "pretrain": ("copy", None, tmp_path / "out.safetensors"),
+        "plan_fit": (base,),
+    }[call]
+    with pytest.raises(slimtune.ConfigError, match="unknown fit option .*seq_lenn.*see slimtune.FitOptions"):
+        getattr(slimtune, call)(*args, seq_lenn=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
