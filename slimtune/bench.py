@@ -36,6 +36,7 @@ from .model import PerformerLM
 from .optimizers import make_optimizer
 from .options import BENCH_SEQ_LEN, BENCH_STEPS, BENCH_WARMUP
 from .recipes import load_recipe
+from .runplan import parameter_counts
 from .slim import autocast, chunk_loss, compute_dtype, slim_step
 from .strategies import Strategy
 
@@ -306,7 +307,7 @@ def bench_json(run: Setup, rows: list[Row], *, batch_size: int, precision, optim
         "batch_size": batch_size,
         "precision": str(precision),
         "optimizer": str(optimizer),
-        "trainable_parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+        "trainable_parameters": parameter_counts(run.model)[0],
         "lora": lora.settings(run.model),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",

@@ -48,7 +48,8 @@ class RunPlan:
         return cls(**values)
 
 
-def _parameters(model) -> tuple[int, int]:
+def parameter_counts(model) -> tuple[int, int]:
+    """Elements of the parameters that train, and of those that do not."""
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return trainable, sum(p.numel() for p in params) - trainable
@@ -67,7 +68,7 @@ def fixed(model, options: FitOptions, chunk_size: int, *, world: int = 1, source
             options.batch_size, chunk_size, options.seq_len, precision.dtype, options.batch_weight_grads
         )
     heap = ((planner or {}).get("heap") or "fast") if on_cpu_managed else ""
-    trainable, frozen = _parameters(model)
+    trainable, frozen = parameter_counts(model)
     return RunPlan(
         chunk_size=chunk_size,
         chunk_source=source,

@@ -21,7 +21,7 @@ from .devices import resolve_budget
 from .errors import DataError, OutOfBudgetError
 from .options import FitOptions, fit_options
 from .planner import HEADROOM, Plan, Workload, gradient_bytes, held_bytes, plan_chunk_size
-from .runplan import RunPlan
+from .runplan import RunPlan, parameter_counts
 from .units import format_size
 
 DEFAULT_RANK = 8  # the LoRA rank compared when the run asked for full fine-tuning
@@ -158,7 +158,7 @@ def compare(
         if on_stage:
             on_stage(done, len(strategies), s.name)
         s.apply(model)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainable = parameter_counts(model)[0]
         try:
             plan = _plan(model, s, work, budget, heap, resident_data)
         except OutOfBudgetError as e:
