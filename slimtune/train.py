@@ -38,7 +38,7 @@ from .options import FitOptions, fit_options
 from .planner import memory_counts
 from .runplan import RunPlan, after_out_of_memory, autocast_dtype, fixed, resolve_run
 from .runs import RunFolder
-from .slim import slim_step
+from .slim import autocast, slim_step
 from .strategies import Strategy
 
 __all__ = ["FitOptions", "FitResult", "Trainer", "fit", "pretrain"]
@@ -409,20 +409,22 @@ class Trainer:
         return {"step": step, "skipped": True}
 
     def _evaluate(self, step: int) -> dict:
-        """Held-out bpc every eval_every steps and after the last. At the run's C and batch, without gradients:
-        inside what a training chunk holds, so inside the plan."""
+        """Held-out bpc every eval_every steps and after the last. At the run's C, batch and compute dtype, without
+        gradients: inside what a training chunk holds, so inside the plan (in fp32 beside bf16 steps it was not:
+        25-70 MB over, benchmarks/RESULTS.md)."""
         o = self.options
         due = (o.eval_every and step % o.eval_every == 0) or step == o.total_steps
         if not (self.group.main and self.eval_data is not None and due):
             return {}
-        scored = evaluate(
-            self.model,
-            self.eval_data,
-            seq_len=o.seq_len,
-            max_bytes=o.eval_bytes,
-            chunk_size=self.run.chunk_size,
-            batch_size=o.batch_size,
-        )
+        with autocast(self.device, autocast_dtype(self.run)):
+            scored = evaluate(
+                self.model,
+                self.eval_data,
+                seq_len=o.seq_len,
+                max_bytes=o.eval_bytes,
+                chunk_size=self.run.chunk_size,
+                batch_size=o.batch_size,
+            )
         return {"bpc": scored.bpc, "bpc_bytes": scored.predicted_bytes}
 
     def _record(self, step: int, metrics: dict) -> None:

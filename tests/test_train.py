@@ -283,3 +283,23 @@ def test_an_adafactor_run_resumes_bit_for_bit(tmp_path, setup):
     a, b = load_checkpoint(tmp_path / "a.safetensors"), load_checkpoint(tmp_path / "whole.safetensors")
     for name, t in b.tensors.items():
         assert torch.equal(a.tensors[name], t), name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_held_out_bpc_is_scored_as_the_steps_compute(tmp_path, setup, precision):
+    """The run's evaluation uses its C, batch and compute dtype (bf16 steps: bf16 autocast, whose memory the plan
+    holds; an fp32 evaluation beside bf16 steps went over a budget): fit's bpc equals evaluate() called here
+    that way, and for bf16 differs from the fp32 score of the same weights."""
+    from slimtune.evaluation import evaluate
+
+    base, data = setup
+    held_out = data[:4000]
+    result = fit(base, data, tmp_path / "t.safetensors", _options(tmp_path, steps=1, precision=precision),
+                 eval_data=held_out)  # fmt: skip
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    kw = dict(seq_len=32, chunk_size=result.chunk_size, batch_size=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+        expected = evaluate(result.model, held_out, **kw).bpc
+    assert result.metrics["bpc"] == pytest.approx(expected, rel=1e-12)
+    fp32 = evaluate(result.model, held_out, **kw).bpc
+    assert (result.metrics["bpc"] == pytest.approx(fp32, rel=1e-12)) == (precision == "fp32")
