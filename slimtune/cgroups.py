@@ -7,9 +7,13 @@ process's cgroup is read from /proc/self/cgroup, where its hierarchy is mounted 
   kernel throttles and reclaims hard), against `memory.current`;
 - cgroup v1 (the `memory` controller's hierarchy): each level's `memory.limit_in_bytes` against
   `memory.usage_in_bytes`.
-Both usage figures count the page cache; its inactive file pages (`inactive_file`, v1 `total_inactive_file`, in
-`memory.stat`) are the first the kernel takes back under the limit, so they count as free, as `docker stats` does.
-A limit at or above UNLIMITED is no limit (v1 writes "no limit" as the largest page-aligned 64-bit number).
+Both usage figures count the page cache. Its file pages (`active_file` + `inactive_file`, v1 `total_active_file` +
+`total_inactive_file`, in `memory.stat`) are what the kernel can take back under the limit; the rest (anonymous
+memory, shared memory, the kernel's own) cannot be reclaimed: that is what a level's `used` counts. A process's own
+file-backed pages (torch's libraries, a mapped checkpoint or data file) are in its resident memory and on those
+file lists: they are counted once, in the process's share (`Limit.room`), so that a budget leaves them their room
+and the run does not thrash at the limit. A limit at or above UNLIMITED is no limit (v1 writes "no limit" as the
+largest page-aligned 64-bit number).
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ UNLIMITED = 2**60
 
 @dataclass(frozen=True)
 class Limit:
-    """One cgroup level's cap: `limit` bytes in all, `used` of them taken (reclaimable page cache excluded), by
-    this process and everything else in that cgroup; `where`: the file the limit was read from."""
+    """One cgroup level's cap: `limit` bytes in all, `used` of them taken and not reclaimable (the file pages of the
+    page cache excluded), by this process and everything else in that cgroup; `where`: the file the limit was read
+    from."""
 
     limit: int
     used: int
@@ -36,6 +41,12 @@ class Limit:
     @property
     def free(self) -> int:
         return max(0, self.limit - self.used)
+
+    def room(self, own: int) -> int:
+        """What a process of this cgroup may hold in all (its resident memory, file-backed pages included) when
+        `own` bytes of `used` are its own (its anonymous and shared memory): the limit less what the rest of the
+        cgroup holds and cannot give back. Each page counted once."""
+        return max(0, self.limit - max(0, self.used - own))
 
     def describe(self) -> str:
         return f"cgroup v{self.version} limit {format_size(self.limit)} ({self.where}), {format_size(self.free)} free"
@@ -92,7 +103,7 @@ def _v2_limits(folder: Path) -> list[Limit]:
     current = _number(_read(folder / "memory.current"))
     if current is None:
         return []
-    used = max(0, current - _stat(folder, "inactive_file"))
+    used = max(0, current - _stat(folder, "active_file") - _stat(folder, "inactive_file"))
     limits = []
     for name in ("memory.max", "memory.high"):
         value = _number(_read(folder / name))
@@ -106,7 +117,7 @@ def _v1_limits(folder: Path) -> list[Limit]:
     usage = _number(_read(folder / "memory.usage_in_bytes"))
     if value is None or usage is None:
         return []
-    used = max(0, usage - _stat(folder, "total_inactive_file"))
+    used = max(0, usage - _stat(folder, "total_active_file") - _stat(folder, "total_inactive_file"))
     return [Limit(value, used, str(folder / "memory.limit_in_bytes"), 1)]
 
 
@@ -133,6 +144,6 @@ def memory_limits(proc: str | os.PathLike = "/proc/self") -> list[Limit]:
     return limits
 
 
-def tightest(limits: list[Limit]) -> Limit | None:
-    """The limit that leaves the least free memory, or None."""
-    return min(limits, key=lambda limit: limit.free, default=None)
+def tightest(limits: list[Limit], own: int = 0) -> Limit | None:
+    """The limit that leaves a process owning `own` bytes of each level's `used` the least room, or None."""
+    return min(limits, key=lambda limit: limit.room(own), default=None)

@@ -133,6 +133,13 @@ class Heap(Choice):
     SYSTEM = "system"  # glibc's own dynamic threshold, untouched
 
 
+class ChunkRule(Choice):
+    """How the planner picks C among those whose predicted peak fits the budget."""
+
+    FASTEST = "auto"  # the one predicted fastest (on a GPU normally the largest; on a CPU often a smaller one)
+    LARGEST = "max"  # the largest (the paper's rule)
+
+
 class Task(Choice):
     TEXT = "text"  # windows of a byte file
     COPY = "copy"  # the paper's synthetic copying task

@@ -195,30 +195,27 @@ def fit(a):
 @command(
     app,
     MODEL,
-    params(DataOptions, "seq_len", "batch_size"),
-    params(SlimStep, "mem_budget", "recovery", "precision"),
     params(
         Files,
-        "data",
         data={
             "type": list[Path] | None,
-            "help": "The data files the run will read (training and held-out; repeat the flag): fit holds them "
-            "resident, so their sizes count.",
+            "help": "The data files the run will read (repeat the flag): fit holds them resident, so their sizes "
+            "count.",
         },
     ),
-    params(Optimization, "optimizer"),
-    params(Adapters, exclude=("adapter_out",)),
+    FIT_OPTIONS,
     params(PlanOptions),
-    RUNTIME,
     JSON,
 )
 def plan(a):
-    """Predict peak memory and relative step time for each chunk size C, and pick the largest C that fits; then
+    """Predict peak memory and relative step time for each chunk size C, and pick C as fit would (the fastest that
+    fits, or with --chunk-size max the largest); then
     the same for the other parameter-memory strategies (full fine-tuning with adam, adafactor, sgd; LoRA with an
     fp32 or bf16 base), so that you see what else would fit. Nothing is switched on for you: fit trains what its
     flags say.
 
-    The prediction is for `slimtune fit` with the same flags (its managed CPU heap included).
+    The prediction is for `slimtune fit` with the same flags (its managed CPU heap included): paste a fit
+    command here to see the C it would choose and why.
 
     Example: slimtune plan --checkpoint model.safetensors --seq-len 16384 --mem-budget 2GB --lora-rank 8
     """
@@ -231,7 +228,7 @@ def plan(a):
     strategy = Strategy.of(options)
     with Reporter("plan", len(lineup(strategy)) if a.compare else 1, transient=True) as progress:
         found = plan_fit(
-            a.checkpoint, options, data=a.data or (), compare_strategies=a.compare,
+            a.checkpoint, options, data=[*(a.data or ()), *filter(None, [a.eval_data])], compare_strategies=a.compare,
             model_flags=pick(ModelSource, a).model_flags(),
             on_stage=lambda done, total, name: progress.update(done, f"measuring {name}"),
         )  # fmt: skip

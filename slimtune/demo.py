@@ -167,7 +167,7 @@ def run_demo(
     say(
         "      less memory still: LoRA adapters on a frozen base (--lora-rank 8, with --base-dtype bf16 the base in "
         f"2 bytes a weight), adafactor or sgd; `slimtune plan --checkpoint {base} --seq-len {seq_len} "
-        f"--mem-budget {budget}` shows the largest C of each"
+        f"--mem-budget {budget}` shows the C of each"
     )
     seconds = time.perf_counter() - started
     say(f"done in {seconds:.0f} s; files in {workdir.resolve()}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import psutil
 import torch
@@ -171,35 +172,62 @@ def cuda_context_bytes(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class HostMemory:
-    """What a CPU process may add to its resident memory: the least of the system's available memory and what
-    the memory cgroups it runs in (a container's, a pod's, a systemd slice's; cgroups.py) leave free."""
+    """What a CPU process may hold: the least of its resident memory plus the system's available memory and the
+    room the memory cgroups it runs in (a container's, a pod's, a systemd slice's; cgroups.py) leave it."""
 
-    free_bytes: int
+    free_bytes: int  # what it may still add to its resident memory
     system_available_bytes: int
     limit: Limit | None  # the tightest cgroup limit, if any
+    resident_bytes: int = 0  # what it holds now (RSS)
+    own_bytes: int = 0  # of that, what a cgroup charges as not reclaimable: anonymous and shared memory
+
+    @property
+    def total_bytes(self) -> int:
+        """What the process may hold in all: its resident memory plus what it may add."""
+        return self.resident_bytes + self.free_bytes
 
     @property
     def source(self) -> str:
         """Where the ceiling comes from, for `env` and `plan`."""
-        if self.limit is not None and self.limit.free < self.system_available_bytes:
+        system = self.resident_bytes + self.system_available_bytes
+        if self.limit is not None and self.limit.room(self.own_bytes) < system:
             return self.limit.describe()
         return "the system's available memory" + (f"; {self.limit.describe()}" if self.limit else ", no cgroup limit")
 
 
+def own_memory() -> tuple[int, int]:
+    """(resident bytes, of them anonymous and shared: what a memory cgroup cannot reclaim) of this process, from
+    /proc/self/status (RssAnon + RssShmem); elsewhere psutil's RSS less its shared pages."""
+    fields = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "RssAnon", "RssShmem"):
+                fields[name] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        fields = {}
+    if "VmRSS" in fields and "RssAnon" in fields:
+        return fields["VmRSS"], fields["RssAnon"] + fields.get("RssShmem", 0)
+    info = psutil.Process().memory_info()
+    return info.rss, max(0, info.rss - getattr(info, "shared", 0))
+
+
 def host_memory() -> HostMemory:
-    limit = tightest(memory_limits())
+    resident, own = own_memory()
     system = psutil.virtual_memory().available
-    return HostMemory(min(system, limit.free) if limit else system, system, limit)
+    limit = tightest(memory_limits(), own)
+    total = resident + system if limit is None else min(resident + system, limit.room(own))
+    return HostMemory(max(0, total - resident), system, limit, resident, own)
 
 
 def available_bytes(device: torch.device) -> int:
-    """What this job could hold in all: RSS plus what the process may still add (CPU: the least of the system's
-    available memory and its cgroups' free memory, `host_memory`), or the card's free memory plus what this
-    process already reserved (CUDA)."""
+    """What this job could hold in all: on CPU its resident memory plus what it may still add (the least of the
+    system's available memory and the room its cgroups leave it, `host_memory`); on CUDA the card's free memory plus
+    what this process already reserved."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) + cuda_context_bytes(device)
-    return psutil.Process().memory_info().rss + host_memory().free_bytes
+    return host_memory().total_bytes
 
 
 def available_source(device: torch.device) -> str:

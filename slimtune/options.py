@@ -26,6 +26,7 @@ from .choices import (
     Adapt,
     BaseDtype,
     Choice,
+    ChunkRule,
     ExportDtype,
     ExportFormat,
     Heap,
@@ -348,7 +349,9 @@ class SlimStep(Options):
     chunk_size: int | str | None = option(
         None,
         "--chunk-size",
-        "C: 'auto' picks the largest that fits --mem-budget; 'full' or C >= L is ordinary backprop.",
+        "C: 'auto' picks the C predicted fastest among those that fit --mem-budget (on a GPU normally the "
+        "largest; on a CPU often a smaller one); 'max' the largest that fits (the paper's rule); 'full' or C >= L "
+        "is ordinary backprop.",
         cli_type=str,
     )
     mem_budget: int | str | None = option(
@@ -550,7 +553,7 @@ class PlanOptions(Options):
         True,
         "--compare",
         "Also plan the other parameter-memory strategies under the budget (full fine-tuning with adam, adafactor "
-        "and sgd; LoRA with an fp32 and a bf16 base), each with its largest C: one more probe per kind, so about "
+        "and sgd; LoRA with an fp32 and a bf16 base), each with its C: one more probe per kind, so about "
         "three times as long.",
         secondary="--no-compare",
     )
@@ -592,9 +595,9 @@ def declared() -> dict[str, tuple[type, Flag]]:
 
 
 def chunk_request(value: int | str | None, seq_len: int) -> int | None:
-    """A chunk_size option as an integer: 'full' -> L (ordinary backprop), 'auto' or None -> None (the planner
-    picks), else an integer >= 1."""
-    if value is None or value == "auto":
+    """A chunk_size option as an integer: 'full' -> L (ordinary backprop), 'auto', 'max' or None -> None (the
+    planner picks, by `chunk_rule`), else an integer >= 1."""
+    if value is None or value in tuple(ChunkRule):
         return None
     if value == "full":
         return seq_len
@@ -603,8 +606,15 @@ def chunk_request(value: int | str | None, seq_len: int) -> int | None:
     except (TypeError, ValueError):
         size = 0
     if isinstance(value, bool) or size < 1 or str(size) != str(value).strip():
-        raise ConfigError(f"`chunk_size` must be full, auto or an integer >= 1, got {value!r}", params=("chunk_size",))
+        raise ConfigError(
+            f"`chunk_size` must be auto, max, full or an integer >= 1, got {value!r}", params=("chunk_size",)
+        )
     return size
+
+
+def chunk_rule(value: int | str | None) -> ChunkRule:
+    """How the planner picks C for a chunk_size option: 'max' the largest that fits, else the fastest."""
+    return ChunkRule.LARGEST if value == ChunkRule.LARGEST else ChunkRule.FASTEST
 
 
 def default_of(group: type, name: str):

@@ -1,9 +1,12 @@
-"""The planner: predict a step's peak memory for each chunk size C and pick the largest C that fits the budget.
+"""The planner: predict a step's peak memory and time for each chunk size C and pick a C that fits the budget.
 
-Rounding rule for C: C = L (ordinary backprop) when that fits; otherwise the largest C below L that fits among
-powers of two up to 128, then 192, and from 256 on numbers with three significant binary digits (256, 320, 384,
-448, 512, 640, 768, 896, 1024, 1280, ...): from 128 on multiples of the 64-token attention block, 12-50 % apart.
-If not even C = 1 fits, `plan_chunk_size` raises OutOfBudgetError with the breakdown and what to change.
+The grid of C: powers of two up to 128, then 192, and from 256 on numbers with three significant binary digits
+(256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, ...): from 128 on multiples of the 64-token attention block,
+12-50 % apart; and L itself (ordinary backprop). Below L the predicted peak never falls as C grows (`_monotone`),
+so the C < L that fit are the grid up to the largest that fits. Among them the rule picks (`choose_chunk`): "auto",
+the one predicted fastest (on a CPU a smaller C can run faster, where its blocks stay in the heap and fault no pages);
+"max", the largest (the paper's rule). If not even C = 1 fits, `plan_chunk_size` raises OutOfBudgetError with the
+breakdown and what to change.
 
 Two probe steps on the real model and device, at C = 256 and C = 1024 (or L when shorter, and shorter still
 when the budget leaves no room for them: two tiny steps size them), count the tensor bytes a chunk's step holds at
@@ -48,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .choices import Heap, Optimizer, Precision, Recovery
+from .choices import ChunkRule, Heap, Optimizer, Precision, Recovery
 from .deferred import buffer_bytes, defers
 from .devices import available_source, cuda_context_bytes, resolve_budget
 from .errors import ConfigError, OutOfBudgetError
@@ -74,6 +77,8 @@ HEADROOM = 0.05  # share of the budget the choice leaves free
 SLIM_TIME_SIZES = (16, 256)  # C of the SLiM timing probes (smaller for short L)
 SLIM_PROBE_CHUNKS = 4  # chunks per SLiM timing probe: the sweep, the recovery and the chained backward all run
 TIME_REPEATS = 5  # each timing probe runs this often; the fastest counts
+# C auto: where C's predicted times lie within this share of the fastest, the largest of them is taken.
+CHOICE_TIE = 0.05
 # The time column against measured steps (benchmarks/planner_time.py), stated in the plan: 8 % on a quiet machine
 # (2026-11-24), 27-34 % in the runs of 2026-12-01 on a noisy one.
 TIME_UNCERTAINTY = 0.35
@@ -200,6 +205,9 @@ class Plan:
     # planning line), and the next C on the grid's prediction less the usable budget (None at C = L).
     margin_bytes: int = 0
     next_over_bytes: int | None = None
+    rule: str = str(ChunkRule.FASTEST)  # how C was picked among those that fit: auto (fastest) or max (largest)
+    reason: str = ""  # why this C: "the fastest that fits; the largest that fits, 8192, is predicted at 2.20x ..."
+    largest_fitting: int = 0  # the largest C that fits (0: none)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -212,6 +220,8 @@ class Plan:
             f"{self.time_uncertainty:.0%})" + (f"; heap policy: {self.heap}" if self.heap else ""),
             f"{'C':>16}  {'predicted peak':>14}  {'of budget':>9}  {'time':>7}",
         ]
+        if self.reason:
+            lines.insert(2, f"chose C = {self.chunk_size}: {self.reason}")
         for c in self.candidates:
             mark = "<- chosen" if c.chunk_size == self.chunk_size else ("" if c.fits else "does not fit")
             label = f"{c.chunk_size}" + (" (full)" if c.chunk_size >= self.seq_len else "")
@@ -491,15 +501,19 @@ def full_seconds(probe: Probe, seq_len: int, heap: str = "fast") -> float:
 def relative_time(probe: Probe, seq_len: int, chunk_size: int, heap: str = "fast", full_heap: str = "fast") -> float:
     """Predicted step time at C with the heap policy `heap` over full backprop's with its own heap `full_heap` (so
     full backprop is 1.00x): ceil(L / C) chunks' overhead plus L tokens' work plus page faults, against one pass
-    over L tokens."""
+    over L tokens. Never below full backprop's own time over the same chunks with the same heap: a SLiM chunk does
+    all that backprop over it does, and a forward sweep besides (the two lines come from different probes, and
+    extrapolated from small C the SLiM line put C = 3584 of L = 4096 at 0.92x)."""
     unit = full_seconds(probe, seq_len, full_heap)
     if unit <= 0 or chunk_size >= seq_len:
         return 1.0
     if probe.slim_per_token <= 0:
         return 1.0
-    n = math.ceil(seq_len / chunk_size)
-    work = n * probe.slim_base + probe.slim_per_token * seq_len
-    return (work + n * probe.fault_seconds(chunk_size, heap)) / unit
+    n, rest = divmod(seq_len, chunk_size)
+    work = math.ceil(seq_len / chunk_size) * probe.slim_base + probe.slim_per_token * seq_len
+    slim = work + (n + (rest > 0)) * probe.fault_seconds(chunk_size, heap)
+    backprop = n * full_seconds(probe, chunk_size, heap) + (full_seconds(probe, rest, heap) if rest else 0.0)
+    return max(slim, backprop) / unit
 
 
 def held_bytes(device: torch.device) -> int:
@@ -545,11 +559,44 @@ def chunk_sizes(seq_len: int) -> list[int]:
     return sorted(c for c in sizes if c < seq_len)
 
 
-def choose(fits, seq_len: int) -> int | None:
-    """L when full backprop fits, else the largest allowed C below L that fits, else None."""
-    if fits(seq_len):
-        return seq_len
-    return next((c for c in reversed(chunk_sizes(seq_len)) if fits(c)), None)
+def _monotone(predicted, chunk_size: int, seq_len: int, batching: bool, heap: str) -> dict:
+    """predicted(C, batching, heap)'s lines at C < L, its chunk line raised to the largest total any smaller C of
+    the grid is predicted to need under the same heap policy: a larger chunk never needs less. (The heap model
+    alone is not monotone: where a chunk's blocks grow past the mmap threshold they leave the fragmenting heap, and
+    d 384 x 3 at L 24576 was predicted 946 MB at C = 2048 but 855 MB at C = 3072.) Full backprop (C >= L) is one
+    pass with no chunk states, whose heap fragments less (HEAP_OVERHEAD_ONE_PASS, measured): it keeps its own
+    prediction, and may fit where the C just below L do not."""
+    lines = dict(predicted(chunk_size, batching, heap))
+    if chunk_size >= seq_len:
+        return lines
+    smaller = [c for c in chunk_sizes(seq_len) if c < chunk_size]
+    floor = max((_training(predicted(c, batching, heap))["total"] for c in smaller), default=0)
+    short = floor - _training(lines)["total"]
+    if short > 0:
+        lines["chunk"] += short
+        lines["total"] += short
+    return lines
+
+
+def choose_chunk(fitting: list[int], seconds, rule: ChunkRule, time_known: bool) -> tuple[int | None, str]:
+    """(C, why) among `fitting`, the C that fit in increasing order (None where none does). FASTEST: the least
+    predicted `seconds(C)`, where several lie within CHOICE_TIE of the least, the largest of them (fewer chunks,
+    and the time model's errors are smallest at large C); LARGEST, or where no SLiM timing could run: the largest."""
+    if not fitting:
+        return None, "nothing fits"
+    largest = fitting[-1]
+    if rule == ChunkRule.LARGEST:
+        return largest, "the largest C that fits (chunk rule max)"
+    if not time_known:
+        return largest, "the largest C that fits: the budget left no room to time smaller ones"
+    least = min(seconds(c) for c in fitting)
+    chosen = max(c for c in fitting if seconds(c) <= least * (1 + CHOICE_TIE))
+    if chosen == largest:
+        return chosen, "the fastest that fits, and the largest"
+    return chosen, (
+        f"the fastest that fits; the largest that fits, {largest}, is predicted at "
+        f"{seconds(largest) / seconds(chosen):.2f}x its time"
+    )
 
 
 def _training(lines: dict) -> dict:
@@ -604,12 +651,14 @@ def plan_chunk_size(
     forced: int | None = None,
     resident_data: int = 0,
     heap: Heap | str = Heap.SYSTEM,
+    rule: ChunkRule | str = ChunkRule.FASTEST,
 ) -> Plan:
-    """Probe the model, predict each candidate's peak, and pick the largest C that fits the budget; with `forced`,
-    check that C instead (OutOfBudgetError naming the largest C that fits when it does not). `resident_data`: how
-    much of `work.data_bytes` the process already holds (fit has read its data; plan has not). `heap` "managed"
-    (CPU): the probes run under the "tight" heap policy and the plan picks the run's ("fast" when it fits, else
-    "tight"), as `fit` then sets it; "system": glibc's own, which keeps blocks up to 32 MB like "fast"."""
+    """Probe the model, predict each candidate's peak and time, and pick by `rule` among the C that fit the budget
+    (`choose_chunk`: the fastest, or the largest); with `forced`, check that C instead (OutOfBudgetError naming the
+    largest C that fits when it does not). `resident_data`: how much of `work.data_bytes` the process already holds
+    (fit has read its data; plan has not). `heap` "managed" (CPU): the probes run under the "tight" heap policy and
+    the plan picks the run's ("fast" when it fits, else "tight"), as `fit` then sets it; "system": glibc's own,
+    which keeps blocks up to 32 MB like "fast"."""
     device = next(model.parameters()).device
     L = work.seq_len
     budget_bytes, available = resolve_budget(budget, device)
@@ -631,34 +680,50 @@ def plan_chunk_size(
     runtime = _runtime_bytes(model, resident_data)
     export = 0 if work.export_dtype is None else model.export_bytes(work.export_dtype)  # the same at every C
 
+    raw = {}  # (C, batching, heap) -> predict's lines: pure, so each is computed once
+
+    def predicted(c, batching, heap):
+        key = (c, batching, heap)
+        if key not in raw:
+            raw[key] = predict(
+                model, measured, runtime, work, c, batching=batching, heap=heap, reached=reached, export=export
+            )
+        return raw[key]
+
     def peak(c, batching=False, heap=least):
-        return predict(model, measured, runtime, work, c, batching=batching, heap=heap, reached=reached, export=export)
+        return _monotone(predicted, c, L, batching, heap)
 
     def fits(lines):  # the training's prediction inside the usable budget; the probes' peak is a fact, not judged
         return _training(lines)["total"] <= usable
-
-    chosen = choose(lambda c: fits(peak(c)), L)
-    if forced is not None:
-        forced = min(forced, L)
-        if not fits(peak(forced)):
-            raise _forced_over(forced, peak(forced), chosen, budget_bytes)
-        chosen = forced
-    if chosen is None:
-        raise _nothing_fits(peak(1), measured, work, budget_bytes, available)
 
     def heap_for(c, batching=False):  # managed heap: "fast" (no page faults) when its peak fits too
         if not managed:
             return ""
         return "fast" if fits(peak(c, batching, "fast")) else "tight"
 
-    sizes = sorted({2**k for k in range(int(math.log2(L)) + 1)} | {L, chosen})
     full_heap = heap_for(L) or "fast"
+
+    def seconds(c):  # relative to full backprop's step, with the heap policy C would run with
+        return relative_time(measured, L, c, heap_for(c) or "fast", full_heap)
+
+    fitting = [c for c in chunk_sizes(L) + [L] if fits(peak(c))]  # C < L: a prefix of the grid (_monotone)
+    time_known = measured.slim_per_token > 0
+    rule = ChunkRule.parse(rule, "chunk rule")
+    chosen, reason = choose_chunk(fitting, seconds, rule, time_known)
+    if forced is not None:
+        forced = min(forced, L)
+        if not fits(peak(forced)):
+            raise _forced_over(forced, peak(forced), fitting[-1] if fitting else None, budget_bytes)
+        chosen, reason = forced, "given"
+    if chosen is None:
+        raise _nothing_fits(peak(1), measured, work, budget_bytes, available)
+
+    sizes = sorted({2**k for k in range(int(math.log2(L)) + 1)} | {L, chosen} | set(fitting[-1:]))
     candidates = []
     for c in sizes:
         heap = heap_for(c)
         lines = peak(c, heap=heap or least)
-        time_ = relative_time(measured, L, c, heap or "fast", full_heap)
-        candidates.append(Candidate(c, lines["total"], lines["total"] / budget_bytes, time_, fits(lines), heap))
+        candidates.append(Candidate(c, lines["total"], lines["total"] / budget_bytes, seconds(c), fits(lines), heap))
     # Small chunks run faster with batched weight gradients (slimtune/deferred.py), whose buffers take a fixed
     # amount: used when they fit beside the chosen C, never at the price of a smaller C.
     # A caller's True is counted as asked (and checked against the budget); False never batches.
@@ -692,7 +757,10 @@ def plan_chunk_size(
         memory_counts=memory_counts(device),
         heap=heap,
         seconds_full=full_seconds(measured, L, full_heap),
-        time_known=measured.slim_per_token > 0,
+        time_known=time_known,
+        rule=str(rule),
+        reason=reason,
+        largest_fitting=fitting[-1] if fitting else 0,
         threads=torch.get_num_threads(),
         margin_bytes=int(usable - _training(peak(chosen))["total"]),
         next_over_bytes=int(_training(peak(bigger))["total"] - usable) if bigger else None,
@@ -718,8 +786,10 @@ def plan(
     precision: Precision | str = Precision.FP32,
     data_bytes: int = 0,
     heap: Heap | str = Heap.SYSTEM,
+    chunk_rule: ChunkRule | str = ChunkRule.FASTEST,
 ) -> Plan:
-    """Pick the largest chunk size C whose training step fits the memory budget on the model's device.
+    """Pick the chunk size C for a training step that fits the memory budget on the model's device: the one
+    predicted fastest among those that fit (`chunk_rule="max"`: the largest).
 
     Args:
         model: the model, on the device it will train on (two short probe steps run on it).
@@ -729,7 +799,8 @@ def plan(
         optimizer: "sgd", "adam", "adamw" or "adafactor" (its state counts, measured); recovery: the SLiM state
             recovery; precision: "fp32" or "bf16" (autocast), as the run will use; data_bytes: the sizes of the
             data files a run will read (fit holds them resident); heap: "system" (glibc's own, as in your
-            process) or "managed" (as `slimtune.fit` sets it, see plan_chunk_size).
+            process) or "managed" (as `slimtune.fit` sets it, see plan_chunk_size); chunk_rule: "auto" (the
+            fastest C that fits) or "max" (the largest).
 
     Returns:
         Plan: `chunk_size` (L when full backprop fits), `predicted_peak_bytes`, `candidates`; print() shows a table.
@@ -746,4 +817,4 @@ def plan(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"`batch_size` must be a positive integer, got {batch_size!r}", params=("batch_size",))
     work = Workload(seq_len, batch_size, optimizer, recovery, precision, data_bytes)
-    return plan_chunk_size(model, work, mem_budget, heap=heap)
+    return plan_chunk_size(model, work, mem_budget, heap=heap, rule=chunk_rule)

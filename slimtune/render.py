@@ -103,6 +103,7 @@ def fit_table(result) -> Table:
         ("device", result.device),
         ("seq len / batch", f"{result.seq_len} / {result.batch_size}"),
         ("chunk size C", f"{result.chunk_size}{CHUNK_SOURCE.get(source, f' ({source})')}"),
+        ("why this C", plan["reason"] if plan and plan.get("reason") and source == "planned" else "-"),
         ("resumed from step", str(result.first_step) if result.first_step else "-"),
         ("budget", format_size(plan["budget_bytes"]) if plan else "-"),
         ("predicted peak", format_size(plan["predicted_peak_bytes"]) if plan else "-"),
@@ -148,11 +149,11 @@ def plan_caption(result) -> str:
 
 
 def plan_tables(result, seq_len: int, batch_size: int, strategy: str, strategies=None) -> list[Table]:
-    """The candidates (C, predicted peak, share of the budget, relative time, heap), the chosen C's breakdown, and
-    (when compared) each strategy's largest C."""
+    """The candidates (C, predicted peak, share of the budget, relative time, heap) with why C was chosen, the chosen
+    C's breakdown, and (when compared) each strategy's C."""
     table = Table(
         title=f"slimtune plan: L {seq_len}, batch {batch_size}, {strategy}, budget "
-        f"{format_size(result.budget_bytes)} on {result.device}",
+        f"{format_size(result.budget_bytes)} on {result.device}\nC = {result.chunk_size}: {result.reason}",
         caption=plan_caption(result),
     )
     for col in ("C", "predicted peak", "of budget", f"time ±{result.time_uncertainty:.0%}", "heap", ""):
@@ -177,16 +178,16 @@ def plan_tables(result, seq_len: int, batch_size: int, strategy: str, strategies
 
 
 def strategies_table(rows, seq_len: int, budget_bytes: int) -> Table:
-    """Each parameter-memory strategy's largest C under the budget, its predicted peak and step time; a strategy is
-    named by the flags that turn the asked command into it."""
+    """Each parameter-memory strategy's C under the budget (chosen by the same rule as the asked one's), its
+    predicted peak and step time; a strategy is named by the flags that turn the asked command into it."""
     asked = next(r.strategy for r in rows if r.asked)
     table = Table(
-        title=f"strategies under {format_size(budget_bytes)}: the largest C of each",
+        title=f"strategies under {format_size(budget_bytes)}: the C of each",
         caption="s/step: predicted seconds per step at that C (same uncertainty as above). Nothing is switched "
         "on for you: add a row's flags to the command to train that way.",
     )
     table.add_column("flags to add", no_wrap=True)
-    for col in ("trains", "largest C", "peak", "s/step"):
+    for col in ("trains", "C", "peak", "s/step"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         if r.chunk_size is None:

@@ -17,7 +17,7 @@ from .choices import Heap
 from .deferred import defers, use_batching
 from .distributed import Group, agree_min
 from .errors import OutOfBudgetError, SlimtuneError
-from .options import FitOptions, chunk_request
+from .options import FitOptions, chunk_request, chunk_rule
 from .planner import Workload, chunk_sizes, gradient_bytes, plan_if_needed
 
 # Where the chunk size came from: the planner's choice, a given C it checked against a given budget, a given C,
@@ -102,7 +102,15 @@ def resolve_run(model, options: FitOptions, group: Group = Group(), *, data_byte
         export_dtype=options.dtype,
     )
     try:
-        plan = plan_if_needed(model, work, options.mem_budget, given, resident_data=data_bytes, heap=options.heap)
+        plan = plan_if_needed(
+            model,
+            work,
+            options.mem_budget,
+            given,
+            resident_data=data_bytes,
+            heap=options.heap,
+            rule=chunk_rule(options.chunk_size),
+        )
     except SlimtuneError:
         agree_min(0, device)
         raise

@@ -2,7 +2,7 @@
 
 A strategy is what trains and in which dtype: full fine-tuning with one optimizer, or LoRA adapters on a frozen
 base in fp32 or bf16. Each has its own memory (gradients and optimizer state of what trains, the base's bytes) and
-its own largest C, so the planner probes each as its fit would, and `compare` puts them side by side. The model is
+its own C, so the planner probes each as its fit would, and `compare` puts them side by side. The model is
 converted in place, from the most memory to the least: full -> LoRA (fp32 base) -> LoRA (bf16 base), and each
 strategy's probe runs on the model as that strategy trains it. No strategy is switched on for the user: `compare` only
 reports, and a run trains the strategy it was given.
@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import lora
-from .choices import LORA_DEFAULT_TARGETS, BaseDtype, Optimizer, Precision
+from .choices import LORA_DEFAULT_TARGETS, BaseDtype, ChunkRule, Optimizer, Precision
 from .devices import resolve_budget
 from .errors import DataError, OutOfBudgetError
-from .options import FitOptions, fit_options
+from .options import FitOptions, chunk_request, chunk_rule, fit_options
 from .planner import HEADROOM, Plan, Workload, gradient_bytes, held_bytes, plan_chunk_size
 from .runplan import RunPlan, parameter_counts
 from .units import format_size
@@ -95,7 +95,7 @@ class Strategy:
 
 @dataclass
 class StrategyRow:
-    """One strategy under the budget: its largest C (None: none fits) and what it is predicted to hold and take."""
+    """One strategy under the budget: its C (None: none fits) and what it is predicted to hold and take."""
 
     strategy: Strategy
     name: str
@@ -141,11 +141,14 @@ def compare(
     *,
     heap="system",
     resident_data: int = 0,
+    rule: ChunkRule | str = ChunkRule.FASTEST,
+    forced: int | None = None,
     on_stage: Callable[[int, int, str], None] | None = None,
     on_planned: Callable[[Strategy, Plan], None] | None = None,
 ) -> Comparison:
     """Plan each strategy of `lineup(asked)` for `work` under `budget` on the model, converting it in place (it
-    ends as the last strategy trains it: reload it to train another). `model` must start as loaded: every
+    ends as the last strategy trains it: reload it to train another), each picking its C by `rule`; `forced`: the
+    asked strategy's given C, checked. `model` must start as loaded: every
     parameter trainable, no adapters. `on_stage(done, total, name)`: progress, before each strategy's probe;
     `on_planned(strategy, plan)`: each plan, while the model still trains as that strategy does."""
     strategies = lineup(asked)
@@ -160,7 +163,7 @@ def compare(
         s.apply(model)
         trainable = parameter_counts(model)[0]
         try:
-            plan = _plan(model, s, work, budget, heap, resident_data)
+            plan = _plan(model, s, work, budget, heap, resident_data, rule, forced if s == asked else None)
         except OutOfBudgetError as e:
             errors[s] = e
             note = getattr(e, "note", "not even C = 1 fits")
@@ -178,7 +181,7 @@ def compare(
     return Comparison(plans.get(asked), error and _with_alternatives(error, ordered), ordered)
 
 
-def _plan(model, strategy: Strategy, work: Workload, budget: int, heap, resident_data: int) -> Plan:
+def _plan(model, strategy: Strategy, work: Workload, budget: int, heap, resident_data: int, rule, forced) -> Plan:
     """The strategy's plan, probed on its own as its fit would probe it (the probes' sizes follow the room its
     optimizer leaves, and the chunk line their slope: one probe shared across optimizers put sgd at C = 384 where
     sgd's own chose 192). Where what the process holds and the gradients already exceed the budget, nothing is
@@ -196,7 +199,7 @@ def _plan(model, strategy: Strategy, work: Workload, budget: int, heap, resident
         error.note = note
         raise error
     work = replace(work, optimizer=strategy.optimizer, precision=strategy.precision(work.precision))
-    return plan_chunk_size(model, work, budget, resident_data=resident_data, heap=heap)
+    return plan_chunk_size(model, work, budget, resident_data=resident_data, heap=heap, rule=rule, forced=forced)
 
 
 def _with_alternatives(error: OutOfBudgetError, rows: list[StrategyRow]) -> OutOfBudgetError:
@@ -235,10 +238,11 @@ def plan_fit(
     on_stage: Callable[[int, int, str], None] | None = None,
     **overrides,
 ) -> FitPlan:
-    """Plan `slimtune.fit(checkpoint, ...)` with the same options without training: the largest C of the asked
-    strategy under `mem_budget` (its heap policy included), and with `compare_strategies` the same for the others
-    (`lineup`). `data`: the files the run will read (fit holds them resident, so their sizes count). Raises
-    OutOfBudgetError when the asked strategy fits no C, naming the strategies that do."""
+    """Plan `slimtune.fit(checkpoint, ...)` with the same options without training: the C of the asked strategy
+    under `mem_budget` (its heap policy and its chunk_size rule included; a given C is checked), and with
+    `compare_strategies` the same for the others (`lineup`). `data`: the files the run will read (fit holds them
+    resident, so their sizes count). Raises OutOfBudgetError when the asked strategy fits no C, naming the
+    strategies that do."""
     from .checkpoint import load_checkpoint
     from .model import PerformerLM
     from .runplan import fixed
@@ -256,20 +260,22 @@ def plan_fit(
         data_bytes=sum(_file_size(path) for path in data), batch_weight_grads=options.batch_weight_grads,
         export_dtype=options.dtype,
     )  # fmt: skip
+    rule, forced = chunk_rule(options.chunk_size), chunk_request(options.chunk_size, options.seq_len)
     runs = {}
 
     def record_run(planned: Strategy, result: Plan) -> None:  # while the model trains as the asked strategy does
         if planned == strategy:
-            runs["run"] = fixed(model, options, result.chunk_size, source="planned", planner=result.to_json())
+            source = "planned" if forced is None else "checked"
+            runs["run"] = fixed(model, options, result.chunk_size, source=source, planner=result.to_json())
 
     if not compare_strategies:
         strategy.apply(model)
         work = replace(work, precision=options.compute_precision)
-        result = plan_chunk_size(model, work, options.mem_budget, heap=options.heap)
+        result = plan_chunk_size(model, work, options.mem_budget, heap=options.heap, rule=rule, forced=forced)
         record_run(strategy, result)
         return FitPlan(result, runs["run"])
-    found = compare(model, strategy, work, options.mem_budget, heap=options.heap, on_planned=record_run,
-                    on_stage=on_stage)  # fmt: skip
+    found = compare(model, strategy, work, options.mem_budget, heap=options.heap, rule=rule, forced=forced,
+                    on_planned=record_run, on_stage=on_stage)  # fmt: skip
     if found.error is not None:
         raise found.error
     return FitPlan(found.asked, runs["run"], found.rows)

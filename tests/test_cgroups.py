@@ -41,11 +41,13 @@ def _v1_mount(point: Path, controllers: str = "memory", root: str = "/") -> str:
 
 def test_v2_limit_of_the_process_cgroup_less_its_usage_and_reclaimable_cache(tmp_path):
     fs = tmp_path / "fs"
-    _write(fs / "app", memory__max=700 * MB, memory__current=300 * MB, memory__stat=f"anon 1\ninactive_file {50 * MB}")
+    stat = f"anon 1\nactive_file {30 * MB}\ninactive_file {50 * MB}\nshmem {10 * MB}"
+    _write(fs / "app", memory__max=700 * MB, memory__current=300 * MB, memory__stat=stat)
     proc = _proc(tmp_path, "0::/app\n", [_v2_mount(fs)])
     (limit,) = memory_limits(proc)
-    assert (limit.limit, limit.used, limit.version) == (700 * MB, 250 * MB, 2)
-    assert limit.free == 450 * MB
+    assert (limit.limit, limit.used, limit.version) == (700 * MB, 220 * MB, 2)  # file pages reclaimable, shmem not
+    assert limit.free == 480 * MB
+    assert limit.room(own=200 * MB) == 680 * MB  # the process's own 200 MB are inside its room, not counted twice
     assert limit.where.endswith("app/memory.max")
 
 
@@ -76,7 +78,7 @@ def test_v1_memory_controller_with_ancestors_and_a_mount_rooted_at_the_container
         fs / "inner",
         memory__limit_in_bytes=600 * MB,
         memory__usage_in_bytes=250 * MB,
-        memory__stat=f"cache 1\ntotal_inactive_file {50 * MB}",
+        memory__stat=f"cache 1\ntotal_active_file {20 * MB}\ntotal_inactive_file {30 * MB}",
     )
     # Inside a container the mount shows the hierarchy from the container's own cgroup down.
     proc = _proc(

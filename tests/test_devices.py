@@ -87,9 +87,10 @@ def test_a_bad_size_is_refused(ten_gb):
     assert caught.value.params == ("mem_budget",)  # the CLI names --mem-budget
 
 
-def _fake_host(monkeypatch, system_available, limits):
+def _fake_host(monkeypatch, system_available, limits, resident=0, own=0):
     monkeypatch.setattr(devices.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=system_available))
     monkeypatch.setattr(devices, "memory_limits", lambda: limits)
+    monkeypatch.setattr(devices, "own_memory", lambda: (resident, own))
 
 
 def test_host_memory_is_the_least_of_the_system_and_the_tightest_cgroup(monkeypatch):
@@ -108,10 +109,28 @@ def test_host_memory_is_the_least_of_the_system_and_the_tightest_cgroup(monkeypa
     assert host_memory().source == "the system's available memory, no cgroup limit"
 
 
+def test_in_a_cgroup_the_process_may_hold_the_limit_less_what_the_rest_holds_each_page_counted_once(monkeypatch):
+    """A 786 MB container whose cgroup holds 500 MB that cannot be reclaimed, 300 MB of it this process's own
+    anonymous memory; the process's resident memory is 450 MB, 150 MB of it file-backed (libraries, a mapped
+    checkpoint: on the cgroup's file lists, not in `used`). It may hold 786 - (500 - 300) = 586 MB in all: the
+    file pages it has are inside that, not added to it (RSS + the limit's free memory would say 450 + 286 =
+    736 MB), and it may add 136 MB."""
+    box = Limit(786 * MB, 500 * MB, "/sys/fs/cgroup/memory/box/memory.limit_in_bytes", 1)
+    _fake_host(monkeypatch, 20_000 * MB, [box], resident=450 * MB, own=300 * MB)
+    host = host_memory()
+    assert host.total_bytes == 586 * MB and host.free_bytes == 136 * MB
+    assert available_bytes(CPU) == 586 * MB <= box.limit
+    assert host.source == box.describe()
+    _fake_host(monkeypatch, 20_000 * MB, [box], resident=450 * MB, own=600 * MB)  # charged elsewhere: no credit
+    assert host_memory().total_bytes == 786 * MB
+
+
 def test_available_bytes_on_cpu_is_resident_memory_plus_what_may_be_added(monkeypatch):
-    monkeypatch.setattr(devices, "host_memory", lambda: HostMemory(123 * MB, 999 * MB, None))
     rss = devices.psutil.Process().memory_info().rss
-    assert abs(available_bytes(CPU) - (rss + 123 * MB)) < 50 * MB  # resident memory drifts a little
+    monkeypatch.setattr(devices, "host_memory", lambda: HostMemory(123 * MB, 999 * MB, None, rss))
+    assert available_bytes(CPU) == rss + 123 * MB
+    resident, own = devices.own_memory()  # /proc/self/status, against psutil's figure
+    assert abs(resident - devices.psutil.Process().memory_info().rss) < 50 * MB and 0 < own <= resident
 
 
 def test_uuids_are_compared_without_their_prefix_and_case():

@@ -13,15 +13,17 @@ from hypothesis import strategies as st
 
 from slimtune import devices, train
 from slimtune.checkpoint import load_checkpoint
+from slimtune.choices import ChunkRule
 from slimtune.devices import resolve_budget
 from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.planner import (
     HEADROOM,
     Probe,
     Workload,
+    _monotone,
     _tracked_step,
     _windows,
-    choose,
+    choose_chunk,
     chunk_sizes,
     full_seconds,
     plan_chunk_size,
@@ -87,12 +89,44 @@ def test_chunk_sizes_rule():
     assert max(sizes) < 16384 and 14336 in sizes
 
 
-def test_choose_picks_largest_that_fits():
-    assert choose(lambda c: c <= 5000, 4096) == 4096  # full backprop fits
-    assert choose(lambda c: c <= 5000, 16384) == 4096
-    assert choose(lambda c: c <= 5200, 16384) == 5120
-    assert choose(lambda c: c <= 40, 16384) == 32
-    assert choose(lambda c: False, 16384) is None
+def test_choose_chunk_takes_the_fastest_or_the_largest_that_fits():
+    fitting = [64, 128, 256, 512, 1024]
+    seconds = {64: 3.0, 128: 1.5, 256: 1.0, 512: 1.04, 1024: 2.2}.get
+    chosen, why = choose_chunk(fitting, seconds, ChunkRule.FASTEST, time_known=True)
+    assert chosen == 512  # 256 is the fastest, 512 lies within CHOICE_TIE of it: the larger of the two
+    assert "1024" in why and "2.12x" in why  # the largest that fits, at 2.2 / 1.04 the time
+    assert choose_chunk(fitting, seconds, ChunkRule.LARGEST, time_known=True)[0] == 1024
+    assert choose_chunk(fitting, seconds, ChunkRule.FASTEST, time_known=False)[0] == 1024  # no timing: the paper's
+    assert choose_chunk(fitting, lambda c: 1.0, ChunkRule.FASTEST, time_known=True) == (
+        1024,
+        "the fastest that fits, and the largest",
+    )
+    assert choose_chunk([], seconds, ChunkRule.FASTEST, time_known=True)[0] is None
+
+
+def test_predicted_peaks_never_fall_as_c_grows_under_one_heap_policy():
+    """A 3 MB block at C = 1024 sits in the fragmenting heap (2.5x) up to C = 1365 and is mmap'ed (1.15x) above
+    the tight policy's 4 MB threshold: the raw prediction falls there; the plan's does not (below L; full backprop
+    keeps its own one-pass prediction)."""
+    mb = 2**20
+    model = tiny_model("sqr", True, dtype=torch.float32, hidden_dim=32, ffn_dim=64, n_heads=2)
+    p = Probe(
+        base=0, per_token=3 * mb / 1024, optimizer_state=0, optimizer_peak=0, heap_overhead=2.5,
+        mapped_overhead=1.15, probe_tokens=1024, sizes=[3 * mb],
+    )  # fmt: skip
+    work = Workload(4096, 1, "sgd")
+
+    def raw(c, batching, heap):
+        return predict(model, p, 100 * mb, work, c, batching=batching, heap=heap)
+
+    grid = [c for c in chunk_sizes(4096) if c >= 256]  # below L
+    assert raw(1280, False, "tight")["total"] > raw(1536, False, "tight")["total"]  # the case is real
+    for heap in ("tight", "fast"):
+        peaks = [_monotone(raw, c, 4096, False, heap) for c in grid]
+        assert [lines["total"] for lines in peaks] == sorted(lines["total"] for lines in peaks)
+        for lines in peaks:  # the lines still add up
+            assert sum(v for k, v in lines.items() if k != "total") == lines["total"]
+        assert _monotone(raw, 1536, 4096, False, heap)["total"] >= raw(1280, False, heap)["total"]
 
 
 def tight_probe(model):
@@ -287,7 +321,7 @@ def test_the_fast_heap_is_planned_only_where_its_peak_fits(monkeypatch):
     monkeypatch.setattr(planner, "_runtime_bytes", lambda model, data=0: runtime)  # RSS drifts by MB between plans
     unmanaged = plan_chunk_size(model, Workload(4096, 1, "adam"), budget, heap="system")
     assert unmanaged.chunk_size < 4096 and unmanaged.heap == ""
-    between = plan_chunk_size(model, Workload(4096, 1, "adam"), budget, heap="managed")
+    between = plan_chunk_size(model, Workload(4096, 1, "adam"), budget, heap="managed", rule="max")
     assert between.chunk_size == 4096 and between.heap == "tight"
     assert between.predicted_peak_bytes < fast_peak
 
