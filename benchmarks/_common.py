@@ -54,7 +54,8 @@ def run_fit(checkpoint: Path, *args) -> dict:
     """`slimtune fit` of `checkpoint` on tinyshakespeare, a new run each call; returns its JSON."""
     out = OUT / "fit-out.safetensors"
     shutil.rmtree(OUT / "fit-out.safetensors.run", ignore_errors=True)  # each call is a new run
-    return run_slimtune("fit", "--checkpoint", checkpoint, "--out", out, "--data", DATA / "tinyshakespeare.txt", *args)
+    fit = ("fit", "--checkpoint", checkpoint, "--out", out, "--overwrite", "--data", DATA / "tinyshakespeare.txt")
+    return run_slimtune(*fit, *args)
 
 
 def environment() -> dict:

@@ -43,6 +43,7 @@ def main():
             "--device",
             "cpu",
             "--restart",  # a run folder left by an earlier run of this script is moved aside
+            "--overwrite",
         ],
         check=True,
     )

@@ -72,7 +72,8 @@ def fit(checkpoint, data, *flags, timeout=None):
     out = OUT / "param-out.safetensors"
     shutil.rmtree(OUT / "param-out.safetensors.run", ignore_errors=True)
     try:
-        return slimtune("fit", "--checkpoint", checkpoint, "--data", data, "--out", out, *flags, timeout=timeout)
+        return slimtune("fit", "--checkpoint", checkpoint, "--data", data, "--out", out, "--overwrite", *flags,
+                        timeout=timeout)  # fmt: skip
     finally:
         out.unlink(missing_ok=True)
 
@@ -147,7 +148,7 @@ def quality(args) -> None:
     base = OUT / "quality-base.safetensors"
     steps = ["--steps", args.pretrain_steps] if args.pretrain_steps else []
     code, _, error, seconds = slimtune("pretrain", "--recipe", "small", "--data", DATA / "tinyshakespeare.txt",
-                                       "--out", base, "--run-dir", "", *steps)  # fmt: skip
+                                       "--out", base, "--run-dir", "", "--overwrite", *steps)  # fmt: skip
     if code != 0:
         sys.exit(f"quality: pretrain failed: {error}")
     print(f"pretrained the base in {seconds:.0f} s", flush=True)
@@ -169,7 +170,8 @@ def quality(args) -> None:
         lr = [] if name == "full" else ["--lr", args.lr_lora]
         shutil.rmtree(f"{tuned}.run", ignore_errors=True)
         code, result, error, seconds = slimtune(
-            "fit", "--checkpoint", base, "--data", DATA / "wikitext2.valid.txt", "--out", tuned, "--seq-len", 256,
+            "fit", "--checkpoint", base, "--data", DATA / "wikitext2.valid.txt", "--out", tuned, "--overwrite",
+            "--seq-len", 256,
             "--batch-size", 8, "--steps", args.steps, "--optimizer", "adam", "--chunk-size", 64, *lr, *flags,
         )  # fmt: skip
         if code != 0:

@@ -16,6 +16,13 @@ measures at least 80 % of the budget, or the next C on the planner's grid, force
     python benchmarks/planner_sweep.py --cases 3      # the first cases only
     python benchmarks/planner_sweep.py --lora 8       # 8 cases with LoRA (rank 4-16, fp32 or bf16 base), drawn
                                                       # from their own seed: the 24 above stay as they were
+    python benchmarks/planner_sweep.py --speed 6      # the speed column (issue 32): issue 32's case, then the drawn
+                                                      # cases whose step is short, up to 6 in all: C auto's tokens/s
+                                                      # against each C of the plan's grid that fits, forced under the
+                                                      # same budget, interleaved and repeated; goal >= 0.9x the fastest
+
+The --cgroup mode empties the page cache before each case (as root), so that each starts as a fresh container does,
+and also runs the same C outside the cgroup, with the budget the cgroup run took: the time inside over outside.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import uuid
@@ -37,6 +45,14 @@ from slimtune.planner import chunk_sizes
 
 SEED = 21
 STEPS = 2
+SPEED_STEPS = 4  # a speed run's steps; its time is the median of steps 2-4 (the first warms the allocator up)
+SPEED_REPEATS = 2  # each C of a case runs this often, interleaved with the others
+SPEED_MAX_WORK = 3e10  # about two seconds a step on 2 cores: the speed column's cases
+ISSUE_32 = {  # the `small` recipe's shape, the issue's workload: C auto took 8192 at 0.45x of C = 2048's speed
+    "hidden_dim": 128, "n_layers": 2, "ffn_dim": 512, "n_heads": 4, "feature_type": "sqr", "layernorm": "post",
+    "batch_size": 1, "seq_len": 32768, "optimizer": "adam", "precision": "fp32", "eval": False,
+    "budget_bytes": 700_000_000, "params": 2 * (3 * 128 * 128 + 2 * 128 * 512) + 256 * 128,
+}  # fmt: skip
 RUNTIME_FLOOR = 380e6  # about what the process holds before training (Python, torch, kernels): a budget's base
 MAX_WORK = 4e11  # 6 x parameters x tokens of one step, about half a minute on 2 cores: larger shapes are redrawn
 MB = 1e6
@@ -95,27 +111,41 @@ def _cgroup(limit: int) -> Path:
     return folder
 
 
-def fit(case: dict, checkpoint: Path, *, budget: bool = True, chunk: int | None = None, cgroup: bool = False):
-    """One fresh `slimtune fit` process: (exit code, its JSON or None, stderr's last line, cgroup peak or None)."""
+def _drop_page_cache() -> None:
+    Path("/proc/sys/vm/drop_caches").write_text("1")
+
+
+def fit(
+    case: dict,
+    checkpoint: Path,
+    *,
+    budget: bool | int = True,
+    chunk: int | str | None = None,
+    cgroup: bool = False,
+    steps: int = STEPS,
+):
+    """One fresh `slimtune fit` process: (exit code, its JSON or None, stderr's last line, cgroup peak or None).
+    `budget`: True the case's, an int that one, False none."""
     out = OUT / "sweep-out.safetensors"
     shutil.rmtree(OUT / "sweep-out.safetensors.run", ignore_errors=True)  # each call is a new run
     args = [
         sys.executable, "-m", "slimtune", "fit", "--checkpoint", checkpoint, "--data", DATA / "tinyshakespeare.txt",
-        "--out", out, "--device", "cpu", "--json", "--steps", STEPS, "--seq-len", case["seq_len"],
+        "--out", out, "--device", "cpu", "--json", "--steps", steps, "--seq-len", case["seq_len"],
         "--batch-size", case["batch_size"], "--optimizer", case["optimizer"], "--precision", case["precision"],
     ]  # fmt: skip
     if budget:
-        args += ["--mem-budget", case["budget_bytes"]]
+        args += ["--mem-budget", case["budget_bytes"] if budget is True else budget]
     if chunk:
         args += ["--chunk-size", chunk]
     if case["eval"]:
         args += ["--eval-data", DATA / "ptb.valid.txt", "--eval-every", 1]
     if case.get("lora_rank"):
         args += ["--lora-rank", case["lora_rank"], "--base-dtype", case["base_dtype"]]
-    args = [str(a) for a in args]
+    args = [str(a) for a in args] + ["--overwrite"]
     folder = _cgroup(case["budget_bytes"]) if cgroup else None
     try:
-        if folder:  # join the cgroup, then become slimtune
+        if folder:  # a cold page cache, as in a container that has just started; join the cgroup, become slimtune
+            _drop_page_cache()
             args = ["sh", "-c", f'echo $$ > {folder}/cgroup.procs && exec "$@"', "sh", *args]
         proc = subprocess.run(args, capture_output=True, text=True)
         charged = int((folder / "memory.max_usage_in_bytes").read_text()) if folder else None
@@ -189,26 +219,94 @@ def sweep(cases: list[dict]) -> tuple[list, list]:
     return rows, records
 
 
+def _step_seconds(result: dict) -> float:
+    """A run's step time: the median of its steps after the first."""
+    return statistics.median(result["step_seconds"][1:] or result["step_seconds"])
+
+
 def sweep_in_cgroups(cases: list[dict]) -> tuple[list, list]:
+    """Each case without --mem-budget inside a cgroup of its budget, from a cold page cache; then the same C outside
+    under the budget the cgroup run took: both runs' step time (median of steps 2-4)."""
     rows, records = [], []
     for i, case in enumerate(cases, 1):
         ckpt = make_checkpoint(_config(case), f"sweep-{i}")
-        code, result, error, charged = fit(case, ckpt, budget=False, cgroup=True)
+        code, result, error, charged = fit(case, ckpt, budget=False, cgroup=True, steps=SPEED_STEPS)
         killed = code in (137, -9)
         record = dict(case, case=i, exit_code=code, killed=killed, cgroup_peak_bytes=charged)
+        cells = ["-"] * 5
         if result:
-            record |= {"chunk_size": result["chunk_size"], "measured_peak_bytes": result["peak_memory_bytes"]}
+            plan = result["plan"]
+            record |= {
+                "chunk_size": result["chunk_size"],
+                "measured_peak_bytes": result["peak_memory_bytes"],
+                "available_bytes": plan["available_bytes"],
+                "budget_bytes_taken": plan["budget_bytes"],
+                "budget_within_limit": plan["budget_bytes"] <= case["budget_bytes"],
+                "seconds_inside": _step_seconds(result),
+            }
+            out_code, outside, _, _ = fit(
+                case, ckpt, budget=plan["budget_bytes"], chunk=result["chunk_size"], steps=SPEED_STEPS
+            )
+            if out_code == 0:
+                record["seconds_outside"] = _step_seconds(outside)
+                record["time_inside_over_outside"] = record["seconds_inside"] / record["seconds_outside"]
+            cells = [
+                result["chunk_size"],
+                f"{plan['budget_bytes'] / MB:.0f}",
+                f"{result['peak_memory_bytes'] / MB:.0f}",
+                f"{charged / MB:.0f}" if charged else "-",
+                f"{record['time_inside_over_outside']:.2f}x" if "time_inside_over_outside" in record else "-",
+            ]
+        verdict = "KILLED" if killed else ("ok" if code == 0 else f"exit {code}: {error[:60]}")
+        if code == 0 and not record["budget_within_limit"]:
+            verdict = "BUDGET OVER LIMIT"
+        rows.append([i, _shape(case), _work(case), f"{case['budget_bytes'] / MB:.0f}", *cells, verdict])
+        records.append(record)
+        print(" | ".join(map(str, rows[-1])), flush=True)
+    return rows, records
+
+
+def speed_sweep(cases: list[dict]) -> tuple[list, list]:
+    """C auto's tokens/s against each C of the plan's grid that fits, forced under the same budget: all of a case's
+    runs interleaved and repeated SPEED_REPEATS times, each a fresh process, its step time the median of steps 2-4;
+    a C's figure is the median over its repeats."""
+    rows, records = [], []
+    for i, case in enumerate(cases, 1):
+        ckpt = make_checkpoint(_config(case), f"speed-{i}")
+        code, first, error, _ = fit(case, ckpt, steps=SPEED_STEPS)
+        if code != 0:
+            rows.append([i, _shape(case), _work(case), f"{case['budget_bytes'] / MB:.0f}", "-", "-", "-", "-", error])
+            records.append(dict(case, case=i, exit_code=code, error=error))
+            continue
+        plan = first["plan"]
+        grid = sorted({c["chunk_size"] for c in plan["candidates"] if c["fits"] and c["chunk_size"] >= 256})
+        runs = {"auto": [first]}
+        for _ in range(SPEED_REPEATS):
+            for chunk in ["auto", *grid]:
+                if chunk == "auto" and len(runs["auto"]) < SPEED_REPEATS:
+                    runs["auto"].append(fit(case, ckpt, steps=SPEED_STEPS)[1])
+                elif chunk != "auto" and len(runs.setdefault(chunk, [])) < SPEED_REPEATS:
+                    runs[chunk].append(fit(case, ckpt, chunk=chunk, steps=SPEED_STEPS)[1])
+        tokens = case["batch_size"] * case["seq_len"]
+        speed = {c: tokens / statistics.median(_step_seconds(r) for r in rs if r) for c, rs in runs.items() if any(rs)}
+        forced = {c: v for c, v in speed.items() if c != "auto"}
+        fastest = max(forced, key=forced.get)
+        peaks = [r["peak_memory_bytes"] for rs in runs.values() for r in rs if r]
+        record = dict(
+            case, case=i, exit_code=0, chunk_size=first["chunk_size"], reason=plan.get("reason", ""),
+            largest_fitting=plan.get("largest_fitting"), tokens_per_s={str(c): v for c, v in speed.items()},
+            fastest_chunk_size=fastest, auto_over_fastest=speed["auto"] / forced[fastest],
+            largest_over_fastest=forced.get(max(forced), 0) / forced[fastest],
+            over_budget=any(p > case["budget_bytes"] for p in peaks), worst_peak_bytes=max(peaks),
+        )  # fmt: skip
         rows.append(
             [
-                i,
-                _shape(case),
-                _work(case),
-                f"{case['budget_bytes'] / MB:.0f}",
-                result["chunk_size"] if result else "-",
-                f"{charged / MB:.0f}" if charged else "-",
-                "KILLED" if killed else ("ok" if code == 0 else f"exit {code}: {error[:60]}"),
+                i, _shape(case), _work(case), f"{case['budget_bytes'] / MB:.0f}", first["chunk_size"],
+                f"{fastest} ({forced[fastest]:,.0f} tok/s)", f"{record['auto_over_fastest']:.2f}x",
+                f"{max(forced)}: {record['largest_over_fastest']:.2f}x",
+                "OVER" if record["over_budget"] else "ok",
             ]
-        )
+        )  # fmt: skip
         records.append(record)
         print(" | ".join(map(str, rows[-1])), flush=True)
     return rows, records
@@ -219,7 +317,26 @@ def main():
     parser.add_argument("--cases", type=int, default=24, help="how many of the drawn cases to run (default 24)")
     parser.add_argument("--cgroup", action="store_true", help="run each case inside a memory cgroup of its budget")
     parser.add_argument("--lora", type=int, default=0, help="run this many LoRA cases instead (their own draw)")
+    parser.add_argument("--speed", type=int, default=0, help="the speed column for this many cases (issue 32's first)")
     args = parser.parse_args()
+    if args.speed:
+        rng = random.Random(SEED)
+        drawn = [draw(rng) for _ in range(args.cases)]
+        short = [c for c in drawn if 6 * c["params"] * c["batch_size"] * c["seq_len"] <= SPEED_MAX_WORK]
+        cases = [ISSUE_32, *short][: args.speed]
+        rows, records = speed_sweep(cases)
+        headers = ["#", "model", "workload", "budget MB", "auto C", "fastest forced C", "auto/fastest", "largest", ""]
+        ran = [r for r in records if r["exit_code"] == 0]
+        summary = {
+            "cases": len(records),
+            "ran": len(ran),
+            "worst_auto_over_fastest": min((r["auto_over_fastest"] for r in ran), default=None),
+            "at_least_0.9": sum(r["auto_over_fastest"] >= 0.9 for r in ran),
+            "over_budget": sum(r["over_budget"] for r in ran),
+        }
+        report("planner_sweep-speed", headers, rows, summary | {"records": records})
+        print(json.dumps(summary, indent=2))
+        return
     if args.lora:
         rng = random.Random(SEED + 1)
         cases = [draw(rng, lora=True) for _ in range(args.lora)]
@@ -231,8 +348,25 @@ def main():
         if os.geteuid() != 0 or not Path("/sys/fs/cgroup/memory/cgroup.procs").exists():
             sys.exit("--cgroup needs root and a cgroup v1 memory hierarchy at /sys/fs/cgroup/memory")
         rows, records = sweep_in_cgroups(cases)
-        headers = ["#", "model", "workload", "limit MB", "C", "cgroup peak MB", "result"]
-        summary = {"cases": len(records), "killed": sum(r["killed"] for r in records)}
+        headers = [
+            "#",
+            "model",
+            "workload",
+            "limit MB",
+            "C",
+            "budget MB",
+            "peak MB",
+            "cgroup peak MB",
+            "time in/out",
+            "",
+        ]
+        ratios = [r["time_inside_over_outside"] for r in records if "time_inside_over_outside" in r]
+        summary = {
+            "cases": len(records),
+            "killed": sum(r["killed"] for r in records),
+            "budget_over_limit": sum(not r.get("budget_within_limit", True) for r in records),
+            "worst_time_inside_over_outside": max(ratios, default=None),
+        }
         report(f"{name}-cgroup", headers, rows, summary | {"records": records})
     else:
         rows, records = sweep(cases)

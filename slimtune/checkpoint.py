@@ -368,11 +368,19 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
-def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike, fmt: str = "safetensors") -> Path:
-    """Refuse an output that would overwrite an input or cannot be written. Nothing is created here: a missing
-    folder is made when the checkpoint is saved."""
+def check_output_path(
+    out: str | os.PathLike, *inputs: str | os.PathLike, fmt: str = "safetensors", replace: bool = True
+) -> Path:
+    """Refuse an output that would overwrite an input, or (without `replace`) any existing file or folder, or that
+    cannot be written. Nothing is created here: a missing folder is made when the checkpoint is saved."""
     out = Path(out)
     fmt = ExportFormat.parse(fmt, "format")
+    if not replace and out.exists():
+        raise CheckpointError(
+            f"output {out} exists and is not the output of the run being resumed or restarted: give `overwrite` to "
+            "replace it, or another `out`",
+            params=("overwrite", "out"),
+        )
     for src in inputs:
         if src is not None and Path(src).is_dir():  # an hf folder: its weights file is the input
             src = Path(src) / HF_WEIGHTS

@@ -107,7 +107,7 @@ def _train(what: str, options: FitOptions, call):
     from .runs import RunFolder
 
     folder = RunFolder(options.run_dir) if options.run_dir else None
-    if options.resume and folder is not None and folder.has_state():
+    if options.resume and folder is not None and folder.has_state() and folder.state_error() is None:
         err.print(f"resuming the run in {folder.path} ({folder.summary()})")
     with Reporter(what, options.total_steps) as progress:
         try:
@@ -278,10 +278,14 @@ FROM_RECIPE = {"default": None, "show_default": False}
         "mem_budget",
         "precision",
         chunk_size=FROM_RECIPE
-        | {"help": "full (ordinary backprop), auto (largest that fits --mem-budget) or N (default: the recipe's)."},
+        | {
+            "help": "full (ordinary backprop), auto (the fastest that fits --mem-budget), max (the largest that "
+            "fits) or N (default: the recipe's)."
+        },
     ),
     _seed("pretrain"),
     params(RunFolderOptions),
+    params(ExportOptions, "overwrite"),
     RUNTIME,
     JSON,
 )

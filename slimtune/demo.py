@@ -101,6 +101,7 @@ def run_demo(
             device="cpu",
             threads=threads,
             run_dir=None,
+            overwrite=True,  # the demo's own files in its workdir, written again by each demo
         ),
         data_path=corpus,
         on_warning=on_warning,
@@ -140,6 +141,7 @@ def run_demo(
             device="cpu",
             threads=threads,
             run_dir=None,
+            overwrite=True,
         ),
         data_path=document,
         on_warning=on_warning,

@@ -413,6 +413,12 @@ class ExportOptions(Options):
         "--format",
         "safetensors (one file) or hf (a folder with model.safetensors and config.json).",
     )
+    overwrite: bool = option(
+        False,
+        "--overwrite",
+        "Replace an existing --out. Without it an existing --out is refused, unless it is the output of the run "
+        "being resumed or restarted (--resume, --restart).",
+    )
 
 
 @dataclass(frozen=True)

@@ -111,12 +111,23 @@ class RunFolder:
     def summary(self) -> str:
         """Where the saved run stands, e.g. "stopped after step 17 of 30" or "finished: 30 of 30 steps"."""
         try:  # mmap: the weights are not read
-            state = torch.load(self.path / STATE, map_location="cpu", weights_only=True, mmap=True)
+            state = self._read(mmap=True)
             step, settings = state["step"], state["settings"]
             total = 1 if settings.get("one_step") else settings.get("steps")
         except Exception:
             return "a saved state that cannot be read"
         return f"finished: {step} of {total} steps" if step >= total else f"stopped after step {step} of {total}"
+
+    def state_error(self) -> str | None:
+        """Why the saved state cannot be read (the whole error, on one line), or None when it can."""
+        try:
+            self._read(mmap=True)
+        except Exception as e:
+            return _one_line(e)
+        return None
+
+    def _read(self, mmap: bool = False) -> dict:
+        return torch.load(self.path / STATE, map_location="cpu", weights_only=True, mmap=mmap)
 
     def move_aside(self) -> Path:
         """Move what the folder holds to PATH.old-N (the first free N), keeping everything; the folder itself and
@@ -148,8 +159,16 @@ class RunFolder:
                 f"nothing to `resume` in {self.path}: no {STATE} there; run without `resume`", params=("resume",)
             )
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return self._read()
         except Exception as e:
             raise SlimtuneError(
-                f"cannot read {path} ({str(e).splitlines()[0][:120]}): run without `resume`", params=("resume",)
+                f"cannot read the saved run state {path} ({_one_line(e)}): start over with `restart` (the unreadable "
+                "state is moved aside, kept)",
+                params=("restart",),
             ) from None
+
+
+def _one_line(error: Exception) -> str:
+    """An exception's whole message on one line: its lines joined, runs of blanks closed up."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

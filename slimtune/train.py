@@ -34,7 +34,7 @@ from .evaluation import copy_accuracy, evaluate
 from .memory import heap_policy_during, is_out_of_memory, peak_memory_bytes
 from .model import PerformerConfig, PerformerLM
 from .optimizers import make_optimizer
-from .options import FitOptions, fit_options
+from .options import FitOptions, chunk_request, fit_options
 from .planner import memory_counts
 from .runplan import RunPlan, after_out_of_memory, autocast_dtype, fixed, resolve_run
 from .runs import RunFolder
@@ -526,6 +526,12 @@ def _held_folder(options: FitOptions):
         if options.resume:
             saved = folder.load()
             check_resume(saved, options, launch.world, folder.path)
+        elif not options.restart and folder.has_state() and (unreadable := folder.state_error()):
+            raise SlimtuneError(
+                f"run folder {folder.path} holds a saved run state that cannot be read ({unreadable}): add `restart` "
+                "to start over (the unreadable state is moved aside, kept)",
+                params=("restart",),
+            )
         elif not options.restart and folder.has_state():
             raise SlimtuneError(
                 f"run folder {folder.path} holds a saved run ({folder.summary()}): add `resume` to continue it, or "
@@ -650,6 +656,27 @@ def run_folder_path(run_dir: str | os.PathLike | None, out: str | os.PathLike) -
     return f"{out}.run" if str(run_dir) == "auto" else (str(run_dir) if run_dir else None)
 
 
+def _may_replace(options: FitOptions) -> bool:
+    """An existing `out` is replaced when asked to (`overwrite`), or when it is the output of the run whose state the
+    run folder holds (which then must be resumed, or restarted with its old state kept aside: `_held_folder`); any
+    other is refused, so that no finished fine-tune is lost to a run that only shares its `out`."""
+    return bool(options.overwrite or (options.run_dir and RunFolder(options.run_dir).has_state()))
+
+
+def _with_strategies_that_fit(
+    error: OutOfBudgetError, checkpoint: Path, options: FitOptions, files: list, model_flags: dict | None
+) -> OutOfBudgetError:
+    """A run that fits no C: its error, followed by the parameter-memory strategies that do fit under the same
+    budget, each with its C (what `plan_fit` compares: adafactor, sgd, LoRA with an fp32 or a bf16 base)."""
+    from .strategies import plan_fit
+
+    try:
+        plan_fit(checkpoint, options, data=files, compare_strategies=True, model_flags=model_flags)
+    except OutOfBudgetError as compared:
+        return compared
+    return error
+
+
 def _options(options: FitOptions | None, overrides: dict) -> FitOptions:
     """The options of a call, checked (run_dir "auto" is made OUT.run once OUT is known)."""
     options = fit_options(options, overrides)
@@ -710,13 +737,14 @@ def fit(
     warn = on_warning or _warn
     if not isinstance(data, torch.Tensor):
         data_path = data_path or data
-    out = check_output_path(out, source, data_path, fmt=options.format)
+    eval_path = None if isinstance(eval_data, torch.Tensor) else eval_data
+    out = check_output_path(out, source, data_path, fmt=options.format, replace=_may_replace(options))
     if options.adapter_out is not None:
         if Path(options.adapter_out).resolve() == out.resolve():
             raise ConfigError(
                 "`adapter_out` is the same path as `out`: give it a folder of its own", params=("adapter_out",)
             )
-        check_output_path(options.adapter_out, source, data_path, fmt="hf")
+        check_output_path(options.adapter_out, source, data_path, fmt="hf", replace=_may_replace(options))
     with _held_folder(options) as held:
         if not isinstance(data, torch.Tensor):
             data = read_bytes(data, min_length=2)
@@ -736,7 +764,15 @@ def fit(
         device, group = _start(data, options)
         model = PerformerLM.from_checkpoint(checkpoint, device=device)  # holds the weights: one copy in memory
         _parameter_strategy(model, options)
-        result = _train(model, data, out, options, held, on_step, warn, eval_data, group, started)
+        try:
+            result = _train(model, data, out, options, held, on_step, warn, eval_data, group, started)
+        except OutOfBudgetError as error:
+            if chunk_request(options.chunk_size, options.seq_len) is not None or group.world > 1:
+                raise  # a given C is refused naming the largest that fits; torchrun's ranks plan alike
+            del model  # the comparison loads the checkpoint again, inside the same budget
+            gc.collect()
+            files = [f for f in (data_path, eval_path) if f is not None]
+            raise _with_strategies_that_fit(error, checkpoint.path, options, files, model_flags) from None
         if group.main:
             provenance = {"world_size": group.world} | _provenance(result, options, data_path)
             model.save_pretrained(
@@ -783,7 +819,7 @@ def pretrain(
     warn = on_warning or _warn
     if data is not None and not isinstance(data, torch.Tensor):
         data_path = data_path or data
-    out = check_output_path(out, data_path, fmt=options.format)
+    out = check_output_path(out, data_path, fmt=options.format, replace=_may_replace(options))
     with _held_folder(options) as held:
         if data is not None and not isinstance(data, torch.Tensor):
             data = read_bytes(data, min_length=2)

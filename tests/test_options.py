@@ -38,7 +38,7 @@ def test_every_flag_of_every_command_comes_from_one_declaration():
             if param.param_type_name == "option" and param.opts[0] not in ("--help", "--version"):
                 assert declared.get(param.opts[0]) == param.name, f"{command} {param.opts[0]} is not declared"
                 seen.setdefault(param.opts[0], set()).add(command)
-    assert seen["--seed"] == {"fit", "pretrain", "eval", "generate", "bench"}
+    assert seen["--seed"] == {"fit", "plan", "pretrain", "eval", "generate", "bench"}
     assert seen["--threads"] >= {"fit", "plan", "eval", "generate", "bench", "pretrain", "demo"}
 
 
@@ -49,6 +49,13 @@ def test_fit_has_a_flag_for_every_option_a_user_sets():
     assert flagged - {"task"} <= fit  # the copy task is pretrain's
     groups = {f.name for g in options.TRAINING_GROUPS for f in fields(g)}
     assert groups == {f.name for f in fields(options.FitOptions)}
+
+
+def test_plan_takes_every_flag_fit_takes():
+    """A fit command pasted into plan is read whole (`--eval-data` was refused): plan predicts that very run."""
+    fit = {p.opts[0] for p in _commands()["fit"].params if p.param_type_name == "option"}
+    plan = {p.opts[0] for p in _commands()["plan"].params if p.param_type_name == "option"}
+    assert fit <= plan and "--eval-data" in plan and "--chunk-size" in plan
 
 
 def test_resume_and_provenance_follow_the_declaration():

@@ -254,7 +254,8 @@ def test_disk_full_during_export_keeps_the_previous_file(capsys, files, monkeypa
     out.write_bytes(files["ckpt"].read_bytes())  # a previous export
     before = snapshot(files["dir"])
     monkeypatch.setattr("slimtune.checkpoint.save_file", _half_then(OSError(errno.ENOSPC, "No space left on device")))
-    code = main([a.format(**files) for a in with_(FIT, steps="1", chunk_size="8", run_dir="{dir}/run")])
+    args = with_(FIT, steps="1", chunk_size="8", run_dir="{dir}/run")
+    code = main([a.format(**files) for a in args] + ["--overwrite"])
     err = capsys.readouterr().err
     assert code == 2 and "No space left" in err and len(err.strip().splitlines()) == 1, err
     after = snapshot(files["dir"])
@@ -356,7 +357,7 @@ def test_kill_9_while_exporting_keeps_the_previous_checkpoint(tmp_path, files, r
     out, run = tmp_path / "out.safetensors", tmp_path / "run"
     out.write_bytes(files["ckpt"].read_bytes())  # a previous export at the destination
     previous = out.read_bytes()
-    killed = _child(tmp_path, "export", 1, run_args(out, run))
+    killed = _child(tmp_path, "export", 1, [*run_args(out, run), "--overwrite"])
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert out.read_bytes() == previous
     # The run had finished its steps: --resume only exports, and the result equals an uninterrupted run's.

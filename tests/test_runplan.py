@@ -10,21 +10,28 @@ import pytest
 import torch
 from helpers import tiny_model
 
+from slimtune.choices import ChunkRule
 from slimtune.errors import ConfigError
-from slimtune.options import FitOptions
+from slimtune.options import FitOptions, chunk_rule
 from slimtune.runplan import SOURCES, RunPlan, after_out_of_memory, chunk_request, fixed, resolve_run
 
 
 @pytest.mark.parametrize(
-    "value, expected", [("auto", None), (None, None), ("full", 512), ("64", 64), (64, 64), (" 7 ", 7), (1, 1)]
+    "value, expected",
+    [("auto", None), ("max", None), (None, None), ("full", 512), ("64", 64), (64, 64), (" 7 ", 7), (1, 1)],
 )
 def test_chunk_request_reads_each_form(value, expected):
     assert chunk_request(value, 512) == expected
 
 
+def test_the_chunk_rule_is_the_fastest_unless_max_is_asked():
+    assert chunk_rule("max") == ChunkRule.LARGEST
+    assert {chunk_rule(v) for v in ("auto", None, 64, "full")} == {ChunkRule.FASTEST}
+
+
 @pytest.mark.parametrize("value", ["x", "", "0", 0, -3, "-3", "1.5", 1.5, "064", True, False, "Full", "AUTO"])
 def test_chunk_request_refuses_the_rest_naming_chunk_size(value):
-    with pytest.raises(ConfigError, match="`chunk_size` must be full, auto or an integer >= 1") as info:
+    with pytest.raises(ConfigError, match="`chunk_size` must be auto, max, full or an integer >= 1") as info:
         chunk_request(value, 512)
     assert info.value.params == ("chunk_size",)
 

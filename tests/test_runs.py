@@ -133,14 +133,20 @@ def test_state_round_trips_and_is_summarised(tmp_path):
     folder.release()
 
 
-def test_nothing_to_resume_and_a_broken_state_name_resume(tmp_path):
+def test_nothing_to_resume_names_resume_and_a_broken_state_restart_with_its_whole_error(tmp_path):
     folder = RunFolder(tmp_path / "run")
     with pytest.raises(SlimtuneError, match="nothing to `resume`") as info:
         folder.load()
     assert info.value.params == ("resume",)
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / STATE).write_bytes(b"not a torch file")
+    (tmp_path / "run" / STATE).write_bytes(b"not a torch file" * 20)
+    try:  # the error torch itself gives, every line of it
+        torch.load(tmp_path / "run" / STATE, weights_only=True)
+    except Exception as e:
+        whole = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
     with pytest.raises(SlimtuneError, match="cannot read") as info:
         folder.load()
-    assert info.value.params == ("resume",)
+    assert info.value.params == ("restart",) and whole in str(info.value) and "\n" not in str(info.value)
+    assert "`resume`" not in str(info.value)  # no advice in a circle
     assert folder.summary() == "a saved state that cannot be read"
+    assert folder.state_error()  # read through a mapping (the weights stay on disk): torch words it otherwise

@@ -59,6 +59,44 @@ def test_a_saved_run_is_never_restarted_by_accident(capsys, tmp_path, ckpt, data
     assert steps == [1, 2, 3]
 
 
+def test_an_existing_out_is_replaced_only_when_asked_or_when_it_is_the_runs_own(capsys, tmp_path, ckpt, data_dir):
+    """A run that only shares `--out` with a finished fine-tune (another --run-dir) is refused, nothing written;
+    --overwrite replaces it; resuming or restarting the run that wrote it may replace it."""
+    out = tmp_path / "tuned.safetensors"
+    assert main(_fit(ckpt, data_dir, out, "--steps", 2)) == 0
+    finished = out.read_bytes()
+    capsys.readouterr()
+    other = tmp_path / "other.run"
+    assert main(_fit(ckpt, data_dir, out, "--steps", 1, "--run-dir", other)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err and "--overwrite" in err, err
+    assert out.read_bytes() == finished and not other.exists()  # nothing written, nothing lost
+    assert main(_fit(ckpt, data_dir, out, "--steps", 3, "--resume")) == 0  # the run that wrote it, continued
+    resumed = out.read_bytes()
+    assert resumed != finished
+    assert main(_fit(ckpt, data_dir, out, "--steps", 1, "--run-dir", other, "--overwrite", "--seed", 7)) == 0
+    assert out.read_bytes() != resumed
+
+
+def test_a_corrupt_run_state_shows_its_whole_error_and_points_to_restart(capsys, tmp_path, ckpt, data_dir):
+    out = tmp_path / "tuned.safetensors"
+    assert main(_fit(ckpt, data_dir, out, "--steps", 2)) == 0
+    state = tmp_path / "tuned.safetensors.run" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # cut short, as a full disk would
+    capsys.readouterr()
+    for extra in ([], ["--resume"]):
+        assert main(_fit(ckpt, data_dir, out, "--steps", 2, *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--restart" in err and "--resume" not in err, err
+    try:
+        torch.load(state, weights_only=True)
+    except Exception as e:
+        assert str(e).splitlines()[-1].strip() in err  # the whole error, its last line included
+    broken = state.read_bytes()
+    assert main(_fit(ckpt, data_dir, out, "--steps", 2, "--restart")) == 0
+    assert (tmp_path / "tuned.safetensors.run.old-1" / "state.pt").read_bytes() == broken  # kept aside
+
+
 def _slimtune(cwd, *args, env=None, timeout=600):
     """`python -m slimtune ARGS` in a fresh process, run in `cwd`; its CompletedProcess (text output captured)."""
     cmd = [sys.executable, "-m", "slimtune", *map(str, args)]
