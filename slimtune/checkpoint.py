@@ -14,13 +14,13 @@ import json
 import math
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import __version__
 from .atomic import atomic_write
@@ -143,6 +143,49 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }  # fmt: skip
+SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+# The order save_file lays tensors out in: by dtype, its Dtype enum descending (the widest alignment first), then by
+# name. Measured with safetensors 0.8.0 (tests/test_checkpoint.py compares the layouts).
+SAFETENSORS_ORDER = ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8", "U8", "BOOL")
+
+
+def _unreadable(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a readable checkpoint ({why}): the file is truncated or not a safetensors file; "
+        "re-export it, or use a .pt/.pth/.bin suffix for a torch.save state dict"
+    )
+
+
+def _safetensors_header(f, path: Path) -> tuple[int, dict[str, str], list[tuple[str, dict]]]:
+    """An open .safetensors file's header: its length, the metadata, and the tensor entries in file order."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < n <= size - 8:
+        raise _unreadable(path, "no valid header length")
+    try:
+        header = json.loads(f.read(n))
+        metadata = dict(header.pop("__metadata__", None) or {})
+        entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise _unreadable(path, f"header: {e}") from None
+    return n, metadata, entries
+
+
+def _read_entry(f, path: Path, n: int, name: str, info: dict) -> torch.Tensor:
+    """The tensor of header entry `info`, read into memory of its own with plain reads."""
+    try:
+        dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"])
+        begin, end = info["data_offsets"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise _unreadable(path, f"tensor {name}: {e}") from None
+    if end - begin != math.prod(shape) * dtype.itemsize or 8 + n + end > os.fstat(f.fileno()).st_size:
+        raise _unreadable(path, f"tensor {name} runs past the end of the file")
+    tensor = torch.empty(shape, dtype=dtype)
+    f.seek(8 + n + begin)
+    if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
+        raise _unreadable(path, f"tensor {name} is cut short")
+    return tensor
 
 
 def _stream_safetensors(path: Path, dtype_for) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
@@ -151,51 +194,24 @@ def _stream_safetensors(path: Path, dtype_for) -> tuple[dict[str, torch.Tensor],
     file, and every page read stays resident until the last tensor on the mapping goes: converting from it held
     the whole file beside the result.) Returns the tensors, the metadata, and the file's dtypes of those
     converted."""
-
-    def bad(why: str) -> CheckpointError:
-        return CheckpointError(
-            f"{path} is not a readable checkpoint ({why}): the file is truncated or not a safetensors file; "
-            "re-export it, or use a .pt/.pth/.bin suffix for a torch.save state dict"
-        )
-
     _check_not_text(path)
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < n <= size - 8:
-            raise bad("no valid header length")
-        try:
-            header = json.loads(f.read(n))
-            metadata = dict(header.pop("__metadata__", None) or {})
-            entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-            raise bad(f"header: {e}") from None
+        n, metadata, entries = _safetensors_header(f, path)
         tensors, stored = {}, {}
         for name, info in entries:
-            try:
-                dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"])
-                begin, end = info["data_offsets"]
-            except (KeyError, TypeError, ValueError) as e:
-                raise bad(f"tensor {name}: {e}") from None
-            if end - begin != math.prod(shape) * dtype.itemsize or 8 + n + end > size:
-                raise bad(f"tensor {name} runs past the end of the file")
-            tensor = torch.empty(shape, dtype=dtype)
-            f.seek(8 + n + begin)
-            if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
-                raise bad(f"tensor {name} is cut short")
+            tensor = _read_entry(f, path, n, name, info)
             target = dtype_for(name) if dtype_for else None
-            if target is not None and target != dtype:
-                tensors[name], stored[name] = tensor.to(target), dtype
+            if target is not None and target != tensor.dtype:
+                tensors[name], stored[name] = tensor.to(target), tensor.dtype
                 del tensor
             else:
                 tensors[name] = tensor
     return tensors, metadata, stored
 
 
-def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+def _read_torch(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it holds pickled objects other than tensors ({str(e).splitlines()[0][:120]}); "
@@ -340,24 +356,19 @@ def load_checkpoint(
     return Checkpoint(path=path, config=config, tensors=tensors, extra_config=extra, metadata=other, stored=stored)
 
 
-def read_tensors(checkpoint: Checkpoint, names) -> dict[str, torch.Tensor]:
-    """Tensors `names` of a checkpoint's file, as stored (a .safetensors file reads only these)."""
-    names = list(names)
-    if checkpoint.path.suffix.lower() in TORCH_SUFFIXES:
-        tensors = _read_torch(checkpoint.path)
-        return {n: tensors[n] for n in names}
-    with safe_open(str(checkpoint.path), framework="pt") as f:
-        return {n: f.get_tensor(n) for n in names}
-
-
-def export_tensors(
-    state: dict[str, torch.Tensor], like: Checkpoint, dtype: torch.dtype | None = None
-) -> dict[str, torch.Tensor]:
-    """A model's state dict under the contract names, each in `dtype` or else in the input checkpoint's dtype."""
-    return {
-        n: state[n].detach().to("cpu", dtype or like.tensors[n].dtype).contiguous()
-        for n in expected_shapes(like.config)
-    }
+def read_tensor(checkpoint: Checkpoint, name: str) -> torch.Tensor:
+    """Tensor `name` of a checkpoint's file, as stored, read on its own (an export reads its base again one tensor
+    at a time): from a .safetensors file with plain reads of its bytes alone; from a torch.save file through a
+    mapping, of which only this tensor's pages are read (an old, non-zip file cannot be mapped and is read whole)."""
+    path = checkpoint.path
+    if path.suffix.lower() in TORCH_SUFFIXES:
+        try:
+            return _read_torch(path, mmap=True)[name]
+        except CheckpointError:
+            return _read_torch(path)[name]
+    with open(path, "rb") as f:
+        n, _, entries = _safetensors_header(f, path)
+        return _read_entry(f, path, n, name, dict(entries)[name])
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -375,12 +386,6 @@ def check_output_path(
     cannot be written. Nothing is created here: a missing folder is made when the checkpoint is saved."""
     out = Path(out)
     fmt = ExportFormat.parse(fmt, "format")
-    if not replace and out.exists():
-        raise CheckpointError(
-            f"output {out} exists and is not the output of the run being resumed or restarted: give `overwrite` to "
-            "replace it, or another `out`",
-            params=("overwrite", "out"),
-        )
     for src in inputs:
         if src is not None and Path(src).is_dir():  # an hf folder: its weights file is the input
             src = Path(src) / HF_WEIGHTS
@@ -394,6 +399,12 @@ def check_output_path(
         raise CheckpointError(
             f"`format` hf writes a folder, but {out} is a file: choose another `out`", params=("format", "out")
         )
+    if not replace and out.exists():
+        raise CheckpointError(
+            f"output {out} exists and is not the output of the run its run folder holds: give `overwrite` to "
+            "replace it, or another `out`",
+            params=("overwrite", "out"),
+        )
     existing = out.parent
     while not existing.exists():
         existing = existing.parent
@@ -402,15 +413,57 @@ def check_output_path(
     return out
 
 
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+@dataclass(frozen=True)
+class LazyTensors:
+    """Tensors made one at a time, for a write that holds one of them: each one's shape and dtype known up front
+    (they make the file's header), its values made by `make(name)` when it is written."""
+
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]]  # name -> (shape, dtype), in the caller's order
+    make: Callable[[str], torch.Tensor]
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor]) -> LazyTensors:
+        return cls({n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}, tensors.__getitem__)
+
+
+def save_file(
+    tensors: dict[str, torch.Tensor] | LazyTensors, path: str | os.PathLike, metadata: dict[str, str]
+) -> None:
+    """safetensors.torch.save_file, tensor by tensor: the header from the shapes and dtypes, then each tensor made,
+    written and dropped before the next is made, so that writing holds one tensor, never the whole state
+    (safetensors has no incremental writer). The layout is save_file's: tensors in SAFETENSORS_ORDER, the header
+    JSON without spaces and padded with spaces to a multiple of 8 bytes. Only the metadata's order differs: here
+    the dict's, there a hash map's (it varies from one call to the next)."""
+    lazy = tensors if isinstance(tensors, LazyTensors) else LazyTensors.of(tensors)
+    order = sorted(lazy.specs, key=lambda n: (SAFETENSORS_ORDER.index(SAFETENSORS_CODES[lazy.specs[n][1]]), n))
+    header, offset = {"__metadata__": metadata}, 0
+    for name in order:
+        shape, dtype = lazy.specs[name]
+        size = math.prod(shape) * dtype.itemsize
+        code = SAFETENSORS_CODES[dtype]
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name in order:
+            tensor = lazy.make(name).detach().to("cpu").contiguous()
+            if (tuple(tensor.shape), tensor.dtype) != lazy.specs[name]:
+                raise ValueError(f"{name} was made {tensor.dtype} {list(tensor.shape)}, not as its header says")
+            f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            del tensor  # freed before the next one is made
+
+
+def _write_safetensors(path: Path, tensors: LazyTensors, metadata: dict[str, str]) -> None:
     with atomic_write(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_file(tensors, tmp, metadata)
 
 
 HF_CODE = ("configuration_slim_performer.py", "modeling_slim_performer.py")  # slimtune/hf_remote, copied as they are
 
 
-def _write_hf_folder(folder: Path, tensors, metadata: dict[str, str], config: dict) -> None:
+def _write_hf_folder(folder: Path, tensors: LazyTensors, metadata: dict[str, str], config: dict) -> None:
     """A Hugging Face model folder, built beside `folder` and swapped into place: model.safetensors, config.json
     with an auto_map to the modeling code written beside it, so that transformers loads it with
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)."""
@@ -422,10 +475,10 @@ def _write_hf_folder(folder: Path, tensors, metadata: dict[str, str], config: di
             "AutoConfig": "configuration_slim_performer.SLiMPerformerConfig",
             "AutoModelForCausalLM": "modeling_slim_performer.SLiMPerformerForCausalLM",
         },
-        "torch_dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+        "torch_dtype": str(next(iter(tensors.specs.values()))[1]).removeprefix("torch."),
     }
     with atomic_write(folder, folder=True) as tmp:
-        save_file(tensors, str(tmp / HF_WEIGHTS), metadata=metadata)
+        save_file(tensors, tmp / HF_WEIGHTS, metadata)
         with open(tmp / "config.json", "w") as f:
             json.dump(hf_config | config, f, indent=2)
         for name in HF_CODE:
@@ -434,7 +487,7 @@ def _write_hf_folder(folder: Path, tensors, metadata: dict[str, str], config: di
 
 def save_checkpoint(
     path: str | os.PathLike,
-    tensors: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor] | LazyTensors,
     config: PerformerConfig,
     *,
     extra_config: dict | None = None,
@@ -443,8 +496,9 @@ def save_checkpoint(
 ) -> Path:
     """Write a contract checkpoint atomically (a temporary file in the destination folder, fsync, rename), so a
     crash leaves the previous file or the new one, never half of one. fmt "hf" writes a folder with
-    model.safetensors and config.json instead."""
+    model.safetensors and config.json instead. `tensors` as LazyTensors are made and written one at a time."""
     path, fmt = Path(path), ExportFormat.parse(fmt, "format")
+    tensors = tensors if isinstance(tensors, LazyTensors) else LazyTensors.of(tensors)
     full_config = config.to_dict() | (extra_config or {})
     metadata = {"format": "pt", "slimtune_config": json.dumps(full_config), "slimtune_version": __version__}
     if provenance:
@@ -533,7 +587,8 @@ def convert(
     cast = ExportDtype.parse(dtype, "dtype").dtype
     target = check_output_path(out, src, fmt=fmt)
     ckpt = load_checkpoint(src, n_heads=n_heads, feature_type=feature_type, layernorm=layernorm)
-    tensors = {name: t.to(cast or t.dtype) for name, t in ckpt.tensors.items()}
+    specs = {name: (tuple(t.shape), cast or t.dtype) for name, t in ckpt.tensors.items()}
+    tensors = LazyTensors(specs, lambda name: ckpt.tensors[name].to(specs[name][1]))  # cast one at a time
     save_checkpoint(
         target,
         tensors,

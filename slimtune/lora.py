@@ -9,9 +9,9 @@ frozen base maps get no weight gradient (and no batching buffer, slimtune/deferr
 through both. On a frozen base each adapted map is one autograd node (`_FrozenBaseLora`; a LoRA step went from
 0.90x to 0.82x of a full step, benchmarks/RESULTS.md).
 
-`merge` folds the adapters into the weights; `merged_tensors` does it for an export against the input
-checkpoint's own tensors (each target `W + (A / R) lora_B @ lora_A` in fp32, cast to W's dtype; every other
-tensor bit for bit the input's). `save_adapter` / `load_adapter` read and write PEFT's format.
+`merge` folds the adapters into the weights; `merged_weight` does it for an export, one target weight of the input
+checkpoint at a time (`W + (A / R) lora_B @ lora_A` in fp32, cast to W's dtype; every other tensor is exported bit
+for bit the input's). `save_adapter` / `load_adapter` read and write PEFT's format.
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ class LoraLinear(DeferredLinear):
         return y
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(alpha / rank) lora_B @ lora_A in `dtype` (fp32): what merging adds to the weight."""
-        return self.scaling * (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype))
+        """(alpha / rank) lora_B @ lora_A in `dtype` (fp32): what merging adds to the weight. Scaled in place: one
+        weight-sized tensor, not two."""
+        return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)).mul_(self.scaling)
 
 
 def _fused(m: LoraLinear, x: torch.Tensor) -> bool:
@@ -213,18 +214,15 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-def merged_tensors(model: nn.Module, base: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The export of an adapted model against its input checkpoint's tensors `base` ((name, tensor) pairs, in
-    the input's dtypes): each target weight W + (alpha / R) lora_B @ lora_A computed in fp32 and cast to W's
-    dtype; every other tensor as it is."""
-    maps = {f"{name}.weight": m for name, m in adapters(model).items()}
-    out = {}
-    for name, tensor in base:
-        if name in maps:  # one delta at a time: the export holds the merged weights, not their deltas too
-            with torch.no_grad():
-                tensor = (tensor.float() + maps[name].delta().cpu()).to(tensor.dtype)
-        out[name] = tensor.contiguous()
-    return out
+def merged_weight(m: LoraLinear, weight: torch.Tensor) -> torch.Tensor:
+    """The export of target map `m`'s weight against `weight`, the input checkpoint's (in its dtype, on the host):
+    W + (alpha / R) lora_B @ lora_A computed in fp32 and cast to W's dtype. Its one fp32 temporary is the delta, to
+    which W is added in place (the same sum, bit for bit, as W + delta)."""
+    with torch.no_grad():
+        merged = m.delta().to(weight.device)  # [out, in] fp32; on a GPU the delta is made there and copied
+        # bf16 and fp16 widen to fp32 exactly inside the add, without an fp32 copy of W; fp64 is rounded to fp32 first
+        merged.add_(weight if weight.dtype.itemsize <= 4 else weight.float())
+    return merged.to(weight.dtype)
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -23,11 +23,11 @@ from . import lora
 from .attention import causal_linear_attention, state_contribution
 from .checkpoint import (
     Checkpoint,
+    LazyTensors,
     expected_shapes,
-    export_tensors,
     file_sha256,
     load_checkpoint,
-    read_tensors,
+    read_tensor,
     save_checkpoint,
 )
 from .choices import ExportDtype, ExportFormat
@@ -95,6 +95,24 @@ class PerformerLayer(nn.Module):
         """Only the state after this chunk (needs k and v, not q, attention or the feed-forward block)."""
         _, fk, v = self.features(x)
         return state + state_contribution(fk, v).to(state.dtype)
+
+
+def _export_cost(count: int, held, stored, out, *, adapted: bool, target: bool) -> int:
+    """Bytes _export_tensor allocates at its peak for a tensor of `count` values, held in memory in `held`, stored in
+    the input checkpoint in `stored`, exported in `out`."""
+
+    def cast(dtype) -> int:  # the final cast to `out`, from a tensor in `dtype`
+        return count * out.itemsize if out != dtype else 0
+
+    if not adapted:
+        return cast(held)
+    base = count * stored.itemsize if held != stored else 0  # the input's tensor read again, or cast to its dtype
+    if not target:
+        return base + cast(stored)
+    # lora.merged_weight: the fp32 sum beside the base, then its cast back to the input's dtype; the base goes, and
+    # the merged weight (the sum itself when fp32) is cast to `out`.
+    merge = base + count * 4 + (count * stored.itemsize if stored != torch.float32 else 0)
+    return max(merge, count * stored.itemsize + cast(stored))
 
 
 class PerformerLM(nn.Module):
@@ -190,16 +208,19 @@ class PerformerLM(nn.Module):
         """
         cast = ExportDtype.parse(dtype, "dtype").dtype
         state = self.state_dict()
-        if lora.adapted(self):  # the adapters merged into the input's own tensors (CONTRACT.md section 4)
-            state = lora.merged_tensors(self, self._base_tensors(state).items())
+        maps = {f"{name}.weight": m for name, m in lora.adapters(self).items()}  # merged into the input's tensors
+        out = {n: cast or self._stored_dtype(n, state) for n in expected_shapes(self.config)}
+        # Made, written and freed one at a time: the export holds one tensor, never a second copy of the model.
+        tensors = LazyTensors(
+            {n: (shape, out[n]) for n, shape in expected_shapes(self.config).items()},
+            lambda n: self._export_tensor(n, state, maps, out[n]),
+        )
         if self.source is not None:
-            tensors = export_tensors(state, self.source, cast)
             config = self.source.extra_config | (extra_config or {})
             provenance = {"base_checkpoint": self.source.path.name}
             if self.source.path.is_file():
                 provenance["base_sha256"] = file_sha256(self.source.path)
         else:
-            tensors = {n: t.detach().to("cpu", cast or t.dtype).contiguous() for n, t in state.items()}
             config, provenance = dict(extra_config or {}), {}
         return save_checkpoint(
             path,
@@ -210,45 +231,46 @@ class PerformerLM(nn.Module):
             fmt=ExportFormat.parse(format, "format"),
         )
 
+    def _stored_dtype(self, name: str, state: dict[str, torch.Tensor]) -> torch.dtype:
+        """The tensor's dtype in the checkpoint the model was loaded from (its own for a new model)."""
+        return (self.source.tensors[name] if self.source is not None else state[name]).dtype
+
+    def _export_tensor(self, name: str, state, maps: dict[str, lora.LoraLinear], out: torch.dtype) -> torch.Tensor:
+        """One tensor of the export, on the host in `out`: the model's, or for an adapted model the input's own
+        (CONTRACT.md section 4), with a target's adapter merged into it."""
+        tensor = self._base_tensor(name, state) if maps else state[name].detach()
+        if name in maps:
+            tensor = lora.merged_weight(maps[name], tensor)
+        return tensor.to("cpu", out).contiguous()
+
+    def _base_tensor(self, name: str, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A base tensor as the input checkpoint holds it: from memory where memory holds it without loss (an fp32
+        copy of fp32, bf16 or fp16), else read again from the checkpoint's file (a bf16 base of an fp32 input)."""
+        held = state[name].detach()
+        if self.source is None:
+            return held
+        kept = self.source.tensors[name].dtype
+        if held.dtype == kept or (held.dtype == torch.float32 and kept in (torch.bfloat16, torch.float16)):
+            return held.to("cpu", kept)
+        return read_tensor(self.source, name)
+
     def export_bytes(self, dtype: str | None = "auto") -> int:
-        """What save_pretrained(dtype=...) allocates besides the model at its peak, in bytes (the planner's
-        export line): each tensor it must copy (an adapted weight merged, a base weight read again or cast to the
-        input's dtype, a tensor cast to `dtype`) and one merge's fp32 temporaries."""
+        """What save_pretrained(dtype=...) allocates besides the model at its peak, in bytes (the planner's export
+        line). The export makes one tensor at a time and frees it once written, so this is the costliest single
+        tensor (_export_cost). On a GPU the copies are the host's, and the device holds one merge's delta."""
         cast = ExportDtype.parse(dtype, "dtype").dtype
         state = self.state_dict()
-        names = list(expected_shapes(self.config))
-        stored = {n: (self.source.tensors[n] if self.source else state[n]).dtype for n in names}
-        merged = {f"{name}.weight" for name in lora.adapters(self)}
-        copies = delta = temporaries = casts = 0
-        for n in names:
-            held, count = state[n].dtype, state[n].numel()
-            if merged:  # _base_tensors (the input's dtype: read again or cast unless held so), then the merge
-                copies += ((held != stored[n]) + (n in merged)) * count * stored[n].itemsize
-                held = stored[n]
-            if n in merged:  # the delta in fp32; from another dtype than fp32 also the weight in fp32 and the sum
-                delta = max(delta, count * 4)
-                temporaries = max(temporaries, count * 4 * (1 if held == torch.float32 else 3))
-            out = cast or stored[n]
-            casts += count * out.itemsize if out != held else 0  # export_tensors, after the merge
-        if next(self.parameters()).device.type != "cpu":  # the copies are made on the host; the delta here
-            return delta
-        return copies + max(temporaries, casts)
-
-    def _base_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The base weights as the input checkpoint holds them: from memory where it holds them without loss (an
-        fp32 copy of fp32, bf16 or fp16), else read again from the checkpoint's file (a bf16 base of an fp32 input)."""
-        names = list(expected_shapes(self.config))
-        if self.source is None:
-            return {n: state[n] for n in names}
-        stored = self.source.tensors
-
-        def exact(n):  # memory holds the stored values: the same dtype, or fp32 holding bf16/fp16
-            held, kept = state[n].dtype, stored[n].dtype
-            return held == kept or (held == torch.float32 and kept in (torch.bfloat16, torch.float16))
-
-        lossy = [n for n in names if not exact(n)]
-        reread = read_tensors(self.source, lossy) if lossy else {}
-        return {n: reread[n] if n in reread else state[n].detach().to("cpu", stored[n].dtype) for n in names}
+        targets = {f"{name}.weight" for name in lora.adapters(self)}
+        if next(self.parameters()).device.type != "cpu":
+            return max((state[n].numel() * 4 for n in targets), default=0)
+        peak = 0
+        for n in expected_shapes(self.config):
+            stored = self._stored_dtype(n, state)
+            cost = _export_cost(
+                state[n].numel(), state[n].dtype, stored, cast or stored, adapted=bool(targets), target=n in targets
+            )
+            peak = max(peak, cost)
+        return peak
 
     @property
     def dtype(self) -> torch.dtype:

@@ -56,7 +56,7 @@ class FitResult:
     loss: float  # the first step's loss, nats per byte
     final_loss: float
     losses: list[float]
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # the process's peak over the whole call, the export included
     device: str
     out: str
     seconds: float  # the whole call: loading, planning, the steps and the export
@@ -786,6 +786,7 @@ def fit(
                 lora.save_adapter(model, options.adapter_out, metadata=provenance)
                 result.adapter_out = str(options.adapter_out)
         barrier()  # the other ranks wait until rank 0 has exported
+        result.peak_memory_bytes = peak_memory_bytes(device)  # measured again: the export's peak counts too
     result.seconds = time.perf_counter() - started
     return result
 
@@ -838,5 +839,6 @@ def pretrain(
                 metadata={"pretrained": True, "world_size": group.world} | _provenance(result, options, data_path),
             )
         barrier()
+        result.peak_memory_bytes = peak_memory_bytes(device)  # measured again: the export's peak counts too
     result.seconds = time.perf_counter() - started
     return result

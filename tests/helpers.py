@@ -1,4 +1,7 @@
-"""Shared test helpers: one tolerance check, small model builders."""
+"""Shared test helpers: one tolerance check, small model builders, a safetensors file's layout."""
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -32,6 +35,16 @@ def save_model(path, model: PerformerLM):
     """Write `model` as a contract checkpoint at `path`; returns the path."""
     save_checkpoint(path, {k: v.contiguous() for k, v in model.state_dict().items()}, model.config)
     return path
+
+
+def safetensors_layout(path):
+    """A safetensors file as (header length, tensor entries in header order, metadata, data bytes): what two files
+    must share to be the same but for the metadata's key order."""
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n], object_pairs_hook=list)
+    entries = [(name, info) for name, info in header if name != "__metadata__"]
+    return n, entries, dict(dict(header)["__metadata__"]), raw[8 + n :]
 
 
 def projections(model: PerformerLM):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import safetensors_layout, tiny_model
 from safetensors.torch import save_file
 from torch import nn
 
@@ -307,3 +307,56 @@ def test_reading_into_other_dtypes_converts_each_tensor_and_remembers_the_files(
     model.save_pretrained(tmp_path / "again.safetensors")
     again = load_file(str(tmp_path / "again.safetensors"))
     assert all(again[n].dtype == stored for n in truth)  # the export keeps the input's dtypes
+
+
+def test_the_tensor_by_tensor_writer_lays_out_the_file_as_safetensors_does(tmp_path):
+    """checkpoint.save_file against safetensors.torch.save_file on every dtype a checkpoint may hold, names that
+    sort differently by dtype and by name, an empty tensor, a scalar, and non-ASCII text: the same header length,
+    tensor entries in the same order, the same data bytes, the same metadata (whose key order save_file takes from
+    a hash map), and load_file reads back the same tensors. The tensors are made only when written, one at a time."""
+    from safetensors.torch import load_file
+
+    from slimtune.checkpoint import SAFETENSORS_DTYPES, LazyTensors
+    from slimtune.checkpoint import save_file as write
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        f"t{i}.{code.lower()}": (torch.randn(3, i + 1, generator=g) * 50).to(dtype)
+        for i, (code, dtype) in enumerate(SAFETENSORS_DTYPES.items())
+    }
+    tensors |= {"a.empty": torch.zeros(0, 4), "z.scalar": torch.tensor(2.5, dtype=torch.float64), "é": torch.ones(2)}
+    metadata = {"format": "pt", "note": json.dumps({"text": 'café\n"quoted"'}), "zz": "", "aa": "x"}
+    save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata=metadata)
+    made = []
+
+    def make(name):
+        assert name not in made  # each one once
+        made.append(name)
+        return tensors[name].clone()  # a tensor of its own, dropped once written
+
+    lazy = LazyTensors({n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}, make)
+    write(lazy, tmp_path / "ours.safetensors", metadata)
+    assert sorted(made) == sorted(tensors)
+    assert safetensors_layout(tmp_path / "ours.safetensors") == safetensors_layout(tmp_path / "theirs.safetensors")
+    ours, theirs = load_file(str(tmp_path / "ours.safetensors")), load_file(str(tmp_path / "theirs.safetensors"))
+    assert ours.keys() == theirs.keys() == tensors.keys()
+    assert all(ours[n].dtype == t.dtype and torch.equal(ours[n], t) for n, t in theirs.items())
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "pt", "pt-legacy"])
+def test_read_tensor_reads_one_tensor_as_stored(tmp_path, state_dict, kind):
+    """What an export reads again, one tensor at a time, against the state dict the file was written from."""
+    from slimtune.checkpoint import read_tensor
+
+    tensors = {k: v.to(torch.bfloat16) if "U_map" in k else v for k, v in state_dict.items()}
+    if kind == "safetensors":
+        path = tmp_path / "m.safetensors"
+        save_checkpoint(path, tensors, tiny_model(seed=2).config)
+    else:
+        path = tmp_path / "m.pt"
+        torch.save(tensors, path, _use_new_zipfile_serialization=kind == "pt")
+    checkpoint = load_checkpoint(path, n_heads=2, feature_type="sqr", layernorm="post")
+    checkpoint.release()  # as after loading a model: names, shapes and dtypes only
+    for name, t in tensors.items():
+        read = read_tensor(checkpoint, name)
+        assert read.dtype == t.dtype and torch.equal(read, t), name

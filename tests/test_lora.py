@@ -149,22 +149,19 @@ def test_merge_gives_the_adapted_models_logits_and_the_base_names():
     assert_close(model(ids), before, 1e-12, "merged logits")
 
 
-def test_the_merged_export_changes_only_the_targets_against_the_input_tensors():
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_a_merged_export_weight_is_the_sum_in_fp32_cast_to_the_inputs_dtype(stored):
     model = adapted(dtype=torch.float32, targets="k_map,V_map")
-    base = {n: t.to(torch.bfloat16 if "V_map" in n else torch.float32) for n, t in tiny_model().state_dict().items()}
-    merged = lora.merged_tensors(model, base.items())
-    for name, tensor in base.items():
-        assert merged[name].dtype == tensor.dtype and merged[name].shape == tensor.shape
-        target = name.endswith(("k_map.weight", "V_map.weight"))
-        if not target:
-            assert torch.equal(merged[name], tensor), name
-            continue
-        prefix = name.removesuffix(".weight")
-        A = model.get_parameter(f"{prefix}.lora_A.weight").double()
-        B = model.get_parameter(f"{prefix}.lora_B.weight").double()
-        want = (tensor.double() + 2.0 * B @ A).to(tensor.dtype)  # alpha 2R over R
-        assert torch.allclose(merged[name].double(), want.double(), rtol=0, atol=2e-2 if "V_map" in name else 1e-6)
-        assert not torch.equal(merged[name], tensor)
+    maps = lora.adapters(model)
+    for name, m in maps.items():
+        weight = tiny_model().get_parameter(f"{name}.weight").to(stored)  # the input checkpoint's tensor
+        merged = lora.merged_weight(m, weight)
+        A, B = m.lora_A.weight.detach(), m.lora_B.weight.detach()
+        assert merged.dtype == stored and merged.shape == weight.shape
+        assert torch.equal(merged, (weight.float() + 2.0 * (B @ A)).to(stored)), name  # alpha 2R over R, in fp32
+        want = weight.double() + 2.0 * B.double() @ A.double()
+        assert torch.allclose(merged.double(), want, rtol=0, atol=2e-2 if stored != torch.float32 else 1e-6)
+        assert not torch.equal(merged, weight)
 
 
 def test_the_adapter_is_written_in_peft_format_and_reads_back(tmp_path):

@@ -396,13 +396,13 @@ def test_a_partly_frozen_model_plans_and_is_charged_gradients_only_for_what_trai
 def test_the_export_line_counts_a_merged_adapter_where_it_exceeds_the_freed_chunk():
     from slimtune import lora
 
-    model = tiny_model(dtype=torch.float32, hidden_dim=256, ffn_dim=1024, n_heads=4)  # 5.8 MB of targets
+    model = tiny_model(dtype=torch.float32, hidden_dim=256, ffn_dim=4096, n_heads=4)  # U_map, V_map: 4 MB each
     lora.add(model, rank=2)
     probe_ = tight_probe(model)
-    export = model.export_bytes("auto")
+    export = model.export_bytes("auto")  # the export merges one weight at a time
     without = predict(model, probe_, 0, Workload(4096), 1)
     with_export = predict(model, probe_, 0, Workload(4096), 1, export=export)
-    assert without["export"] == 0 and with_export["export"] > 0  # C = 1: the merged weights outweigh a chunk
+    assert without["export"] == 0 and with_export["export"] > 0  # C = 1: one merged weight outweighs a chunk
     assert with_export["total"] - without["total"] == with_export["export"] <= export
     at_full = predict(model, probe_, 0, Workload(4096), 4096, export=export)
     assert at_full["export"] == 0  # full backprop's activations, freed, leave room for the copies
