@@ -6,7 +6,8 @@ stopped, its JSON keeps what it finished, and the next part runs):
            and the fallback to a smaller C, NVML finding the card by UUID, resume, LoRA with a bf16 base.
 - planner  the paper's configurations II, III and IV at their L under an emulated 2 GB and 4 GB card
            (`torch.cuda.set_per_process_memory_fraction`): `fit --mem-budget` with two steps, the chosen C, its
-           predicted and measured peak (CUDA context + max_memory_reserved), then the next larger C forced.
+           predicted and measured peak (CUDA context + max_memory_reserved), then the next larger C forced; whether
+           C auto (the fastest that fits) is the largest that fits, and where not, both step times.
 - bench    `slimtune bench` of configuration IV (fp32 and bf16) at C in {4096, 1024, 256, 64} against full
            backprop (C = L = 16384) and layer checkpointing, with `--plot`; and LoRA r8 at C = 1024.
 - profile  torch.profiler over SLiM steps of configuration IV at C = 64 and C = 1024: kernels launched and time
@@ -244,6 +245,14 @@ def planner_cell(recipe: str, seq_len: int, budget: str, device: str) -> dict:
                 "memory_counts": chosen.get("memory_counts"), "seconds": chosen["seconds"],
                 "next_chunk_size": larger[0] if larger else None, "next_measured_peak_bytes": None,
                 "next_note": "C = L: nothing larger" if not larger else ""}  # fmt: skip
+        # C auto is the fastest that fits; on a card that should be the largest (issue 32): where it is not, the
+        # largest is run too, and the two step times say which was right.
+        largest = chosen["plan"].get("largest_fitting", C)
+        cell |= {"largest_fitting": largest, "auto_is_largest": C == largest, "reason": chosen["plan"].get("reason"),
+                 "auto_step_seconds": chosen["step_seconds"][-1]}  # fmt: skip
+        if largest != C:
+            widest = fit(mem_budget=budget, chunk_size="max")
+            cell["largest_step_seconds"] = widest["step_seconds"][-1]
         if larger:
             nxt = fit(chunk_size=larger[0])
             if nxt["chunk_size"] != larger[0]:

@@ -275,7 +275,8 @@ def speed_sweep(cases: list[dict]) -> tuple[list, list]:
         ckpt = make_checkpoint(_config(case), f"speed-{i}")
         code, first, error, _ = fit(case, ckpt, steps=SPEED_STEPS)
         if code != 0:
-            rows.append([i, _shape(case), _work(case), f"{case['budget_bytes'] / MB:.0f}", "-", "-", "-", "-", error])
+            cells = [i, _shape(case), _work(case), f"{case['budget_bytes'] / MB:.0f}", "-", "-", "-", "-", "-", error]
+            rows.append(cells)
             records.append(dict(case, case=i, exit_code=code, error=error))
             continue
         plan = first["plan"]
@@ -292,18 +293,27 @@ def speed_sweep(cases: list[dict]) -> tuple[list, list]:
         forced = {c: v for c, v in speed.items() if c != "auto"}
         fastest = max(forced, key=forced.get)
         peaks = [r["peak_memory_bytes"] for rs in runs.values() for r in rs if r]
+        # The time model's error where the choice uses it: each C's predicted time over the largest's, against
+        # the measured ratio.
+        predicted = {c["chunk_size"]: c["relative_time"] for c in plan["candidates"]}
+        top = max(forced)
+        ratio_errors = {
+            str(c): (predicted[c] / predicted[top]) / (forced[top] / forced[c]) - 1 for c in forced if c in predicted
+        }
         record = dict(
             case, case=i, exit_code=0, chunk_size=first["chunk_size"], reason=plan.get("reason", ""),
             largest_fitting=plan.get("largest_fitting"), tokens_per_s={str(c): v for c, v in speed.items()},
             fastest_chunk_size=fastest, auto_over_fastest=speed["auto"] / forced[fastest],
             largest_over_fastest=forced.get(max(forced), 0) / forced[fastest],
             over_budget=any(p > case["budget_bytes"] for p in peaks), worst_peak_bytes=max(peaks),
+            ratio_errors=ratio_errors, worst_ratio_error=max(map(abs, ratio_errors.values()), default=0.0),
         )  # fmt: skip
         rows.append(
             [
                 i, _shape(case), _work(case), f"{case['budget_bytes'] / MB:.0f}", first["chunk_size"],
                 f"{fastest} ({forced[fastest]:,.0f} tok/s)", f"{record['auto_over_fastest']:.2f}x",
                 f"{max(forced)}: {record['largest_over_fastest']:.2f}x",
+                f"{record['worst_ratio_error']:.0%}",
                 "OVER" if record["over_budget"] else "ok",
             ]
         )  # fmt: skip
@@ -325,7 +335,8 @@ def main():
         short = [c for c in drawn if 6 * c["params"] * c["batch_size"] * c["seq_len"] <= SPEED_MAX_WORK]
         cases = [ISSUE_32, *short][: args.speed]
         rows, records = speed_sweep(cases)
-        headers = ["#", "model", "workload", "budget MB", "auto C", "fastest forced C", "auto/fastest", "largest", ""]
+        headers = ["#", "model", "workload", "budget MB", "auto C", "fastest forced C", "auto/fastest", "largest"]
+        headers += ["time ratio error", ""]
         ran = [r for r in records if r["exit_code"] == 0]
         summary = {
             "cases": len(records),
@@ -333,6 +344,7 @@ def main():
             "worst_auto_over_fastest": min((r["auto_over_fastest"] for r in ran), default=None),
             "at_least_0.9": sum(r["auto_over_fastest"] >= 0.9 for r in ran),
             "over_budget": sum(r["over_budget"] for r in ran),
+            "worst_ratio_error": max((r["worst_ratio_error"] for r in ran), default=None),
         }
         report("planner_sweep-speed", headers, rows, summary | {"records": records})
         print(json.dumps(summary, indent=2))
