@@ -445,6 +445,17 @@ def recipes(a):
         )
 
 
+def _forward_budget_help(data: str) -> str:
+    """--mem-budget's help for the commands that run the model forward only (eval, generate)."""
+    from .options import SAFETY_MARGIN
+
+    return (
+        f"Memory the whole process may hold (runtime, weights, {data}, one chunk's activations and logits, states): "
+        f"a size (1GB = 1e9 bytes, 512MB) or a share of free memory (80%). Default: free memory less "
+        f"{SAFETY_MARGIN:.0%}."
+    )
+
+
 @command(
     app,
     MODEL,
@@ -458,9 +469,10 @@ def recipes(a):
         "mem_budget",
         chunk_size={
             "default": ADAPT_CHUNK,
-            "help": "--adapt: C of the SLiM step over each window's first half: "
-            "auto (largest that fits --mem-budget), full or N.",
+            "help": "C, tokens per forward: auto (the largest whose peak fits --mem-budget), full (--seq-len) or N; "
+            "--adapt: C of the SLiM step over each window's first half.",
         },
+        mem_budget={"help": _forward_budget_help("the data")},
     ),
     _seed("eval"),
     params(
@@ -503,8 +515,14 @@ def evaluate(a):
              a.seed).apply(model)  # fmt: skip
     show = console(a.json)
     if a.adapt is None:
-        result = run_eval(model, tokens, seq_len=a.seq_len, max_bytes=a.max_bytes)
-        show.print(f"bpc {result.bpc:.4f} at seq len {result.seq_len} over {result.predicted_bytes:,} bytes")
+        result = run_eval(
+            model, tokens, seq_len=a.seq_len, max_bytes=a.max_bytes, chunk_size=a.chunk_size, mem_budget=a.mem_budget
+        )
+        show.print(
+            f"bpc {result.bpc:.4f} at seq len {result.seq_len} over {result.predicted_bytes:,} bytes; C = "
+            f"{result.chunk_size}, {plural(result.batch_size, 'sequence')} per forward, "
+            + _budget_words(result.budget_bytes, result.predicted_peak_bytes, result.peak_memory_bytes)
+        )
     else:
         with Reporter("adapt", a.windows) as progress:
             result = adapt_one_step(
@@ -523,13 +541,37 @@ def evaluate(a):
             f"one-step adaptation{f' of LoRA r{adapters.lora_rank} adapters' if adapters.lora_rank else ''} over "
             f"{a.windows} windows at seq len {a.seq_len}, SGD lr {a.lr}, C = "
             f"{result.chunk_size}: second-half bpc {result.bpc_before:.4f} -> {result.bpc_after:.4f} "
-            f"({result.difference:+.4f})"
+            f"({result.difference:+.4f}); "
+            + _budget_words(result.budget_bytes, result.predicted_peak_bytes, result.peak_memory_bytes)
         )
     if a.json:
         emit_json(result.to_json())
 
 
-@command(app, MODEL, params(GenerateOptions), _seed("generate"), params(Runtime, "device", "threads"), JSON)
+def _budget_words(budget: int | None, predicted: int | None, peak: int) -> str:
+    """What an eval or generate said about memory: the budget it planned for (none: C was given), and its peak."""
+    from .units import format_size
+
+    if budget is None:
+        return f"C given without a budget; peak {format_size(peak)}"
+    return f"budget {format_size(budget)} (predicted peak {format_size(predicted)}, measured {format_size(peak)})"
+
+
+@command(
+    app,
+    MODEL,
+    params(GenerateOptions),
+    params(
+        SlimStep,
+        "chunk_size",
+        "mem_budget",
+        chunk_size={"help": "C, the prompt's tokens per forward: auto (the largest that fits --mem-budget), full or N"},
+        mem_budget={"help": _forward_budget_help("the prompt")},
+    ),
+    _seed("generate"),
+    params(Runtime, "device", "threads"),
+    JSON,
+)
 def generate(a):
     """Sample a continuation of a prompt in recurrent mode (constant memory per new byte).
 
@@ -541,9 +583,34 @@ def generate(a):
 
     _use_threads(a.threads)
     model = PerformerLM.from_pretrained(a.checkpoint, device=a.device, **pick(ModelSource, a).model_flags())
-    text = run_generate(model, a.prompt, a.n_bytes, temperature=a.temperature, top_k=a.top_k, seed=a.seed)
+    planned = []
+    text = run_generate(
+        model,
+        a.prompt,
+        a.n_bytes,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        seed=a.seed,
+        chunk_size=a.chunk_size,
+        mem_budget=a.mem_budget,
+        on_plan=planned.append,
+    )
     if a.json:
-        emit_json({"prompt": a.prompt, "text": text.decode("utf-8", errors="replace"), "bytes": len(text)})
+        from .memory import peak_memory_bytes
+        from .options import chunk_request
+
+        plan = planned[0] if planned else None
+        emit_json(
+            {
+                "prompt": a.prompt,
+                "text": text.decode("utf-8", errors="replace"),
+                "bytes": len(text),
+                "chunk_size": plan.chunk_size if plan else chunk_request(a.chunk_size, len(a.prompt.encode())),
+                "budget_bytes": plan.budget_bytes if plan else None,
+                "predicted_peak_bytes": plan.predicted_peak_bytes if plan else None,
+                "peak_memory_bytes": peak_memory_bytes(next(model.parameters()).device),
+            }
+        )
     else:
         sys.stdout.write(a.prompt + text.decode("utf-8", errors="replace") + "\n")
 

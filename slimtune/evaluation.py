@@ -1,33 +1,43 @@
 """Bits per character of a model on a byte file, computed chunk by chunk with carried states, so memory does not
-grow with the sequence length."""
+grow with the sequence length: at the chunk size and the sequences per forward whose peak fits the memory budget
+(eval_plan.py); and the paper's one-step adaptation protocol, whose SLiM step planner.py plans."""
 
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from .choices import Precision
 from .data import check_vocabulary, copy_windows, read_bytes
-from .errors import ConfigError
+from .errors import ConfigError, DataError
+from .eval_plan import ForwardWork, plan_forward_if_needed, run_heap
+from .memory import peak_memory_bytes
 from .model import PerformerLM
 from .options import ADAPT_CHUNK, ADAPT_LR, DataOptions, EvalOptions, chunk_request, default_of
 from .planner import Workload, plan_if_needed
 from .slim import slim_step
 
 DEFAULT_SEQ_LEN = default_of(DataOptions, "seq_len")  # fit's default L: a base and its fine-tune score alike
+DEFAULT_BATCH = 8  # sequences per forward at most: beyond it a forward hardly runs faster per token
 
 
 @dataclass
 class EvalResult:
-    bpc: float  # mean next-byte cross-entropy in bits
+    bpc: float  # mean next-byte cross-entropy in bits (bits per token for token data)
     loss: float  # the same in nats
     predicted_bytes: int
     seq_len: int
     chunk_size: int
+    batch_size: int = 0  # sequences per forward
+    budget_bytes: int | None = None  # the budget planned for; None: C was given without a budget
+    predicted_peak_bytes: int | None = None  # the plan's prediction of the process's peak
+    peak_memory_bytes: int = 0  # measured, the whole process's (memory.peak_memory_bytes): RSS on CPU
+    plan: dict | None = None  # the plan (eval_plan.ForwardPlan) where one was made
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -59,64 +69,116 @@ def _needs_draw(model: PerformerLM) -> bool:
     )
 
 
+def check_ids(data: torch.Tensor, vocab_size: int, what: str = "data") -> None:
+    """Token ids must lie in 0..vocab_size - 1 (data.check_vocabulary, for any vocabulary). Reads every id, so that
+    memory-mapped data is resident before a plan measures what the process holds."""
+    check_vocabulary(data, vocab_size, what)
+    low, high = (int(data.min()), int(data.max())) if data.numel() else (0, 0)
+    if low < 0 or high >= vocab_size:
+        raise DataError(
+            f"`{what}` holds token ids from {low} to {high}, but the model's vocabulary has ids 0..{vocab_size - 1}: "
+            "pass data encoded for this model",
+            params=(what,),
+        )
+
+
+def _sequences(n: int, seq_len: int) -> tuple[list[int], list[int]]:
+    """(starts of every sequence, starts of the full ones): consecutive sequences of L predictions over n tokens."""
+    starts = list(range(0, n - 1, seq_len))
+    return starts, [s for s in starts if s + seq_len + 1 <= n]
+
+
 def evaluate(
     model: PerformerLM,
     data: torch.Tensor | str | os.PathLike,
     *,
     seq_len: int | None = None,
-    chunk_size: int = 1024,
-    batch_size: int = 8,
+    chunk_size: int | str | None = "auto",
+    batch_size: int | None = None,
+    mem_budget: int | str | None = None,
     max_bytes: int | None = None,
     feature_seed: int = 0,
     on_progress=None,
 ) -> EvalResult:
-    """Bits per character of `model` on bytes.
+    """Bits per character of `model` on bytes (bits per token on token ids).
 
     Args:
         model: the model. A FAVOR+ model uses its current draw; one without a draw (freshly loaded) gets the
             seeded draw `feature_seed`, so that scoring it is repeatable.
-        data: a text file's path, or its bytes as a uint8 tensor [N].
+        data: a text file's path, or its token ids as an integer tensor [N] (bytes: uint8).
         seq_len: predictions per sequence; the data is cut into consecutive sequences, each starting from
             position 0 with fresh states, the last, shorter one included. Default: DEFAULT_SEQ_LEN (1024, fit's),
             whatever L the checkpoint was trained at, so that two checkpoints are scored alike.
-        chunk_size: tokens run at a time (memory does not grow with seq_len).
-        max_bytes: score only the first N bytes.
+        chunk_size: tokens run at a time: "auto" (or None) plans the largest C whose peak fits `mem_budget`
+            (eval_plan.py), "full" is L, an integer is taken as it is (checked against a given `mem_budget`).
+        batch_size: sequences per forward; None: planned (at most DEFAULT_BATCH, where C = L fits), or
+            DEFAULT_BATCH with a given C.
+        mem_budget: everything the process may hold (bytes, "1GB", "80%" of the available memory); None: the
+            available memory less a margin, as fit.
+        max_bytes: score only the first N tokens.
 
     Returns:
-        EvalResult with bpc, loss (nats) and the number of bytes scored.
+        EvalResult with bpc, loss (nats), the number of tokens scored, the C and batch used, the plan and the
+        process's measured peak.
+
+    Raises:
+        OutOfBudgetError: the budget cannot fit even C = 1 with one sequence, or a given C does not fit it.
 
     Example:
-        bpc = slimtune.evaluate(model, "valid.txt").bpc
+        bpc = slimtune.evaluate(model, "valid.txt", mem_budget="1GB").bpc
     """
     if not isinstance(data, torch.Tensor):
         data = read_bytes(data, min_length=2)
     seq_len = DEFAULT_SEQ_LEN if seq_len is None else seq_len
-    if seq_len < 1 or chunk_size < 1:
+    if seq_len < 1 or (isinstance(chunk_size, int) and chunk_size < 1):
         raise ConfigError(
             f"`seq_len` and `chunk_size` must be >= 1, got {seq_len} and {chunk_size}", params=("seq_len", "chunk_size")
         )
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"`batch_size` must be an integer >= 1, got {batch_size!r}", params=("batch_size",))
     n = data.numel() if max_bytes is None else min(data.numel(), max_bytes)
     if n < 2:
         raise ConfigError("eval needs at least 2 bytes of data", params=("max_bytes",))
     if _needs_draw(model):
         fixed_features(model, feature_seed)
-    check_vocabulary(data[:n], model.config.vocab_size)
+    data = data[:n]
+    check_ids(data, model.config.vocab_size)  # reads it all: resident before the plan measures the process
     device = next(model.parameters()).device
-    starts = list(range(0, n - 1, seq_len))
+    starts, full = _sequences(n, seq_len)
+    longest = min(seq_len, n - 1)  # no C beyond the longest sequence there is
+    given = chunk_request(chunk_size, longest)
+    cap = min(batch_size or DEFAULT_BATCH, max(1, len(full)))  # sequences per forward: no more than there are
+    fixed = None if batch_size is None else cap
+    work = ForwardWork(longest, cap, data.numel() * data.element_size())
+    forward = partial(position_nll, model)
+    plan = plan_forward_if_needed(model, work, mem_budget, forward, chunk_size=given, batch_size=fixed)
+    chunk, batch = (plan.chunk_size, plan.batch_size) if plan else (given, cap)
     total, count = 0.0, 0
-    full = [s for s in starts if s + seq_len + 1 <= n]
-    for i in range(0, len(full), batch_size):
-        batch = torch.stack([data[s : s + seq_len + 1].long() for s in full[i : i + batch_size]]).to(device)
-        total += position_nll(model, batch, chunk_size).sum().item()
-        count += batch.shape[0] * seq_len
-        if on_progress:
-            on_progress(count, n - 1)
-    if len(full) < len(starts):  # the tail
-        tail = data[starts[-1] : n].long()[None].to(device)
-        total += position_nll(model, tail, chunk_size).sum().item()
-        count += tail.shape[1] - 1
+    with run_heap(plan):
+        for i in range(0, len(full), batch):
+            windows = torch.stack([data[s : s + seq_len + 1] for s in full[i : i + batch]]).long().to(device)
+            total += position_nll(model, windows, chunk).sum().item()
+            count += windows.shape[0] * seq_len
+            del windows
+            if on_progress:
+                on_progress(count, n - 1)
+        if len(full) < len(starts):  # the tail, shorter than L
+            tail = data[starts[-1] : n].long()[None].to(device)
+            total += position_nll(model, tail, chunk).sum().item()
+            count += tail.shape[1] - 1
     loss = total / count
-    return EvalResult(bpc=loss / math.log(2), loss=loss, predicted_bytes=count, seq_len=seq_len, chunk_size=chunk_size)
+    return EvalResult(
+        bpc=loss / math.log(2),
+        loss=loss,
+        predicted_bytes=count,
+        seq_len=seq_len,
+        chunk_size=chunk,
+        batch_size=batch,
+        budget_bytes=plan.budget_bytes if plan else None,
+        predicted_peak_bytes=plan.predicted_peak_bytes if plan else None,
+        peak_memory_bytes=peak_memory_bytes(device),
+        plan=plan.to_json() if plan else None,
+    )
 
 
 @torch.no_grad()
@@ -144,6 +206,9 @@ class AdaptResult:
     seq_len: int
     chunk_size: int
     lr: float
+    budget_bytes: int | None = None  # the budget planned for; None: C was given without a budget
+    predicted_peak_bytes: int | None = None  # the plan's prediction of the process's peak
+    peak_memory_bytes: int = 0  # measured, the whole process's (memory.peak_memory_bytes): RSS on CPU
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -188,10 +253,11 @@ def adapt_one_step(
     given = chunk_request(chunk_size, half_len)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}  # a LoRA model: its adapters
     copy = sum(p.numel() * p.element_size() for p in trainable.values())
-    work = Workload(half_len, 1, "sgd", precision=precision, copies_bytes=copy)
-    planned = plan_if_needed(model, work, mem_budget, given)
+    check_ids(data, model.config.vocab_size)  # reads it all: resident before the plan measures the process
+    held = data.numel() * data.element_size()  # the data, read whole
+    work = Workload(half_len, 1, "sgd", precision=precision, data_bytes=held, copies_bytes=copy)
+    planned = plan_if_needed(model, work, mem_budget, given, resident_data=held)
     chunk_size = given if planned is None else planned.chunk_size
-    check_vocabulary(data, model.config.vocab_size)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     original = {name: p.detach().clone() for name, p in trainable.items()}
@@ -215,5 +281,14 @@ def adapt_one_step(
     _restore(trainable, original)
     b, a = sum(before) / len(before), sum(after) / len(after)
     return AdaptResult(
-        bpc_before=b, bpc_after=a, difference=a - b, windows=windows, seq_len=seq_len, chunk_size=chunk_size, lr=lr
+        bpc_before=b,
+        bpc_after=a,
+        difference=a - b,
+        windows=windows,
+        seq_len=seq_len,
+        chunk_size=chunk_size,
+        lr=lr,
+        budget_bytes=planned.budget_bytes if planned else None,
+        predicted_peak_bytes=planned.predicted_peak_bytes if planned else None,
+        peak_memory_bytes=peak_memory_bytes(device),
     )

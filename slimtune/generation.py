@@ -1,13 +1,29 @@
-"""Sampling a continuation in recurrent mode: the prompt runs chunk by chunk, then each new byte is one step
-from the carried states, so memory per new byte is O(1) whatever the length."""
+"""Sampling a continuation in recurrent mode: the prompt runs chunk by chunk, at the largest chunk size whose peak
+fits the memory budget (eval_plan.py), then each new byte is one step from the carried states, so memory per new
+byte is O(1) whatever the length."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from .data import check_vocabulary
 from .errors import ConfigError
+from .eval_plan import ForwardPlan, ForwardWork, plan_forward_if_needed, run_heap
 from .model import PerformerLM
+from .options import chunk_request
+
+
+def prompt_pass(model: PerformerLM, ids: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run ids [B, T] from position 0, `chunk_size` tokens at a time. Returns (the last position's logits [B, V],
+    the states after it)."""
+    states = model.initial_states(ids.shape[0], dtype=torch.float64)
+    for s in range(0, ids.shape[1], chunk_size):
+        logits, states = model.forward_chunk(ids[:, s : s + chunk_size], s, states)
+        last = logits[:, -1].clone()  # the chunk's logits [B, C, V] go now, not at the next chunk's
+        del logits
+    return last, states
 
 
 @torch.no_grad()
@@ -18,19 +34,28 @@ def generate(
     *,
     temperature: float = 0.8,
     top_k: int | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | str | None = "auto",
+    mem_budget: int | str | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    on_plan: Callable[[ForwardPlan | None], None] | None = None,
 ) -> bytes:
     """Sample a continuation of `prompt` in recurrent mode.
 
     Args:
         model: the model; prompt: bytes (or text, encoded as UTF-8) to continue; n_bytes: how many to sample.
         temperature: 0 is greedy; top_k: sample among the k likeliest bytes.
+        chunk_size: the prompt's tokens run at a time: "auto" (or None) plans the largest C whose peak fits
+            `mem_budget` (eval_plan.py); "full" or an integer is taken as it is (checked against a given budget).
+        mem_budget: everything the process may hold (bytes, "1GB", "80%"); None: the available memory less a margin.
         generator or seed: the random numbers (a seed also fixes a FAVOR+ model's feature draw).
+        on_plan: called with the prompt's plan (None where C was given without a budget).
 
     Returns:
         The `n_bytes` sampled bytes (without the prompt).
+
+    Raises:
+        OutOfBudgetError: the budget cannot fit the prompt even at C = 1, or a given C does not fit it.
 
     Example:
         text = slimtune.generate(model, "Day 12: wind", 300, seed=0).decode("utf-8", errors="replace")
@@ -51,12 +76,17 @@ def generate(
         model.redraw_features(generator)
     device = next(model.parameters()).device
     ids = prompt_ids.to(device=device, dtype=torch.long)[None]
-    states = model.initial_states(1, dtype=torch.float64)
-    for s in range(0, ids.shape[1], chunk_size):
-        logits, states = model.forward_chunk(ids[:, s : s + chunk_size], s, states)
+    given = chunk_request(chunk_size, ids.shape[1])
+    work = ForwardWork(ids.shape[1], 1, prompt_ids.numel() * (1 + ids.element_size()))  # the prompt, twice
+    forward = lambda windows, c: prompt_pass(model, windows[:, :-1], c)  # noqa: E731
+    plan = plan_forward_if_needed(model, work, mem_budget, forward, chunk_size=given)
+    if on_plan:
+        on_plan(plan)
+    with run_heap(plan):
+        last, states = prompt_pass(model, ids, plan.chunk_size if plan else given)
     position, out = ids.shape[1], []
     for _ in range(n_bytes):
-        last = logits[0, -1].float()
+        last = last[0].float()
         if temperature == 0:
             token = int(last.argmax())
         else:
@@ -69,5 +99,6 @@ def generate(
             raise ConfigError(f"the model sampled id {token}, which is no byte: generate works with byte-level models")
         out.append(token)
         logits, states = model.forward_chunk(torch.tensor([[token]], device=device), position, states)
+        last = logits[:, -1]
         position += 1
     return bytes(out)

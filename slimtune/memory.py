@@ -14,6 +14,12 @@ A run uses "fast" when its predicted peak under that setting fits the budget, el
 of SLiM at C <= 512 (d 256) are below 4 MB and live in the heap either way. planner.py says how the prediction
 accounts for the heap. (Huge pages, THP_MEM_ALLOC_ENABLE=1, are not asked for: with the kernel's default
 "defrag=madvise" every huge-page fault may compact memory, and full backprop's step time varied 0.73-1.87 s.)
+
+A third setting, "lean", is for the no-grad forward of `eval` and `generate` (eval_plan.py): blocks of 1 MB or more
+are mmap'ed, so a chunk's temporaries of 1-4 MB leave the process when freed instead of fragmenting a heap shaped
+by what the process did before (loading, the probes). At d 512 x 4, C = 1280 the loop held 1.2-1.3x its tensor
+bytes this way (eval_plan.py has the calibration), against 2.2-3.1x under "tight" (the more chunks had run, the
+more), and took as long (94 s against 95 s, 50 kB).
 """
 
 from __future__ import annotations
@@ -34,10 +40,10 @@ try:  # POSIX only; /proc or psutil stand in elsewhere
 except ImportError:  # pragma: no cover - Windows
     resource = None
 
-HEAP_THRESHOLDS = {"tight": 4 * 2**20, "fast": 32 * 2**20}  # glibc's mmap threshold under each heap policy
-# Free memory at the top of the heap that glibc keeps rather than returning: its default (128 kB) for "tight";
-# for "fast" twice the mmap threshold, as glibc itself sets it when it raises the threshold.
-TRIM_THRESHOLDS = {"tight": 128 * 2**10, "fast": 64 * 2**20}
+HEAP_THRESHOLDS = {"lean": 2**20, "tight": 4 * 2**20, "fast": 32 * 2**20}  # glibc's mmap threshold under each policy
+# Free memory at the top of the heap that glibc keeps rather than returning: its default (128 kB) for "tight" and
+# "lean"; for "fast" twice the mmap threshold, as glibc itself sets it when it raises the threshold.
+TRIM_THRESHOLDS = {"lean": 128 * 2**10, "tight": 128 * 2**10, "fast": 64 * 2**20}
 _heap_policy: str | None = None  # what is set now; None: glibc's own dynamic threshold, untouched. Read by `env`.
 
 
@@ -99,10 +105,10 @@ def window_peak_rss() -> int:
 
 
 def set_heap_policy(policy: str) -> bool:
-    """Fix glibc's mmap and trim thresholds for `policy` ("tight" or "fast", see the module docstring): blocks of
-    at least the mmap threshold are mmap'ed and leave the process when freed; smaller ones stay in the heap, which
-    keeps up to the trim threshold free at its top. Affects allocations from now on. False where the C library is
-    not glibc (nothing changes there)."""
+    """Fix glibc's mmap and trim thresholds for `policy` ("tight", "fast" or "lean", see the module docstring):
+    blocks of at least the mmap threshold are mmap'ed and leave the process when freed; smaller ones stay in the
+    heap, which keeps up to the trim threshold free at its top. Affects allocations from now on. False where the C
+    library is not glibc (nothing changes there)."""
     global _heap_policy
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -2,19 +2,28 @@
 computed by hand from the full forward pass over the same sequences (the last, shorter one included), at 1024 bytes
 a sequence by default whatever L the checkpoint was trained at; the one-step adaptation protocol against the same
 steps written out with plain autograd, and with SLiM at any C against full backprop; the copy task's accuracy by
-hand; and bad arguments named."""
+hand; and bad arguments named. Under a memory budget (eval_plan.py): the same bpc at every C the plan chooses, a
+smaller C for a smaller budget or a larger vocabulary, an impossible budget refused (exit 2 on the command line),
+and a fresh eval process whose peak resident memory stays within its budget."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
 from helpers import save_model, tiny_model
 
+from slimtune import eval_plan, evaluation
 from slimtune.checkpoint import save_checkpoint
 from slimtune.data import copy_windows
-from slimtune.errors import ConfigError
+from slimtune.errors import ConfigError, DataError, OutOfBudgetError
 from slimtune.evaluation import DEFAULT_SEQ_LEN, adapt_one_step, copy_accuracy, evaluate
 from slimtune.model import PerformerLM
+from slimtune.planner import HEADROOM
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +207,131 @@ def test_a_given_adaptation_chunk_is_checked_against_a_budget(text):
 
     with pytest.raises(OutOfBudgetError, match="cannot fit even C = 1|chunk size 8 is predicted"):
         adapt_one_step(tiny_model(dtype=torch.float32), text, seq_len=64, windows=1, chunk_size=8, mem_budget="1KB")
+
+
+# ---------------------------------------------------------------- under a memory budget
+
+RUNTIME = 100_000_000  # what the process holds as the plan sees it (the `runtime` fixture)
+
+
+@pytest.fixture
+def runtime(monkeypatch):
+    """The process as the plan measures it, fixed: it holds RUNTIME bytes and the probes' own peak is not read, so
+    that a budget picks the same C on any machine (the probes' tensor bytes are counted, deterministic)."""
+    monkeypatch.setattr(eval_plan, "held_bytes", lambda device: RUNTIME)
+    monkeypatch.setattr(eval_plan, "new_peak_window", lambda: False)
+    return RUNTIME
+
+
+def _budget(extra: float) -> int:
+    """A budget whose usable share (less the headroom) leaves `extra` bytes beside the runtime."""
+    return int((RUNTIME + extra) / (1 - HEADROOM))
+
+
+def test_planned_eval_scores_as_the_full_forward_at_every_chosen_c(text, runtime):
+    model = tiny_model("elu+1", True, dtype=torch.float64, seed=8)
+    n, L = 3000, 512
+    expected, count = _bpc_by_hand(model, text[:n], L)
+    chosen = []
+    for extra in (50e3, 200e3, 1e6, 10e6, 50e6):
+        result = evaluate(model, text, seq_len=L, max_bytes=n, mem_budget=_budget(extra))
+        assert result.predicted_bytes == count and abs(result.bpc - expected) <= 1e-6 * expected
+        assert result.budget_bytes == _budget(extra) and result.predicted_peak_bytes <= result.budget_bytes
+        assert result.plan["breakdown"]["data"] == n  # the data, read whole, is counted
+        chosen.append((result.chunk_size, result.batch_size))
+    assert chosen == sorted(chosen), chosen  # a smaller budget never a larger C, nor at C = L a larger batch
+    sizes = {c for c, _ in chosen}
+    assert len(sizes) >= 3 and min(sizes) < 64 and chosen[-1] == (L, n // (L + 1)), chosen
+
+
+def test_a_large_vocabulary_gets_a_smaller_c_and_scores_tokens_as_the_full_forward(runtime):
+    """Token ids of a 32000-token model: its logits [B, C, V] count, so the same room fits a smaller C than a byte
+    model's, and bits per token are those of the full forward pass."""
+    ids = torch.randint(0, 32000, (600,), generator=torch.Generator().manual_seed(0))
+    big = tiny_model("sqr", True, dtype=torch.float32, seed=9, vocab_size=32000)
+    small = tiny_model("sqr", True, dtype=torch.float32, seed=9)
+    result = evaluate(big, ids, seq_len=256, mem_budget=_budget(10e6))
+    byte_level = evaluate(small, ids % 256, seq_len=256, mem_budget=_budget(10e6))
+    assert result.chunk_size < byte_level.chunk_size and result.chunk_size < 256
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, ids.numel() - 1, 256):
+            seq = ids[start : start + 257][None]
+            logp = torch.log_softmax(big(seq[:, :-1]).double(), dim=-1)
+            total -= logp.gather(-1, seq[:, 1:, None]).sum().item()
+            count += seq.shape[1] - 1
+    assert result.predicted_bytes == count
+    assert abs(result.bpc - total / count / math.log(2)) <= 1e-5 * result.bpc
+
+
+def test_a_given_chunk_is_taken_without_a_budget_and_checked_against_one(text, runtime):
+    model = tiny_model(dtype=torch.float32, seed=10)
+    alone = evaluate(model, text, seq_len=512, max_bytes=3000, chunk_size=512, batch_size=2)
+    assert (alone.chunk_size, alone.batch_size, alone.budget_bytes) == (512, 2, None)
+    checked = evaluate(model, text, seq_len=512, max_bytes=3000, chunk_size=512, mem_budget=_budget(50e6))
+    assert checked.chunk_size == 512 and checked.bpc == pytest.approx(alone.bpc, rel=1e-6)
+    with pytest.raises(OutOfBudgetError, match="chunk size 512 with 1 sequence.* the largest C that fits is") as info:
+        evaluate(model, text, seq_len=512, max_bytes=3000, chunk_size="full", mem_budget=_budget(200e3))
+    assert "mem_budget" in info.value.params
+
+
+def test_an_impossible_budget_is_refused_naming_what_is_missing(text):
+    with pytest.raises(OutOfBudgetError, match="cannot fit even C = 1") as info:
+        evaluate(tiny_model(dtype=torch.float32), text, max_bytes=3000, mem_budget="1MB")
+    assert "runtime" in str(info.value) and "`mem_budget`" in str(info.value) and "mem_budget" in info.value.params
+
+
+def test_ids_beyond_the_vocabulary_are_refused():
+    model = tiny_model(dtype=torch.float32, vocab_size=300)
+    with pytest.raises(DataError, match="token ids from 0 to 300"):
+        evaluate(model, torch.tensor([0, 5, 300, 2]), seq_len=4, chunk_size=2)
+
+
+def test_adaptation_counts_the_data_it_holds(text, monkeypatch):
+    """--adapt plans its SLiM step with the data (read whole) in the workload, and reports the plan and the peak."""
+    seen = []
+    real = evaluation.plan_if_needed
+    monkeypatch.setattr(evaluation, "plan_if_needed", lambda *a, **kw: seen.append((a[1], kw)) or real(*a, **kw))
+    result = adapt_one_step(tiny_model(dtype=torch.float32), text, seq_len=64, windows=1, mem_budget="4GB")
+    work, kw = seen[0]
+    assert work.data_bytes == text.numel() and kw["resident_data"] == text.numel()
+    assert result.budget_bytes is not None and result.predicted_peak_bytes <= result.budget_bytes
+    assert result.peak_memory_bytes > 0
+
+
+def _slimtune(*args) -> tuple[int, str, str, int]:
+    """`python -m slimtune ARGS` in a fresh process: (exit code, stdout, stderr, its peak resident memory in bytes:
+    this child's own ru_maxrss, from os.wait4, not the running maximum over every child of the test process)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen([sys.executable, "-m", "slimtune", *map(str, args)], stdout=out, stderr=err)
+        _, status, usage = os.wait4(child.pid, 0)
+        out.seek(0), err.seek(0)
+        return os.waitstatus_to_exitcode(status), out.read(), err.read(), usage.ru_maxrss * 1024
+
+
+def test_the_command_line_refuses_an_impossible_budget_in_one_line(tmp_path, data_dir):
+    ckpt = save_model(tmp_path / "m.safetensors", tiny_model(dtype=torch.float32))
+    code, stdout, stderr, _ = _slimtune(
+        "eval", "--checkpoint", ckpt, "--data", data_dir / "ptb.valid.txt", "--mem-budget", "1MB", "--device", "cpu"
+    )
+    assert code == 2 and stdout == ""
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert "cannot fit even C = 1" in stderr and "--mem-budget" in stderr
+
+
+def test_a_fresh_eval_process_peaks_within_its_budget(tmp_path, data_dir):
+    """Unplanned, 8 sequences of L = 8192 at once would hold about 1 GB of activations; under 550MB the plan picks a
+    smaller forward, and the process's peak resident memory (VmHWM, from the kernel) stays within the budget."""
+    L, budget = 8192, 550_000_000
+    model = tiny_model(dtype=torch.float32, hidden_dim=64, ffn_dim=256, n_heads=2, n_layers=2)
+    ckpt = save_model(tmp_path / "m.safetensors", model)
+    code, stdout, stderr, peak = _slimtune(
+        "eval", "--checkpoint", ckpt, "--data", data_dir / "ptb.valid.txt", "--seq-len", L, "--max-bytes", 8 * L + 1,
+        "--mem-budget", "550MB", "--device", "cpu", "--json",
+    )  # fmt: skip
+    assert code == 0, stderr
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["budget_bytes"] == budget and result["predicted_peak_bytes"] <= budget
+    assert (result["chunk_size"], result["batch_size"]) < (L, 8)  # the budget bound the choice
+    assert result["peak_memory_bytes"] <= budget and peak <= budget, (peak, result)
+    assert f"C = {result['chunk_size']}" in stderr and "budget 550.00 MB" in stderr
