@@ -135,3 +135,19 @@ def test_plan_refuses_lora_flags_that_make_no_sense(capsys, tmp_path, args, mess
     path = save_model(tmp_path / "m.safetensors", tiny_model(dtype=torch.float32))
     code, out, err = _cli(capsys, "plan", "--checkpoint", path, "--seq-len", 64, *args)
     assert code == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_fit_that_fits_no_c_names_the_strategies_that_do(tmp_path, data_dir):
+    """Full fine-tuning with adam needs the weights three times over (gradients, two moments) beside what the process
+    holds; a budget of that plus 1.5 weights cannot fit it at any C, but LoRA (no base gradients) fits. The refusal
+    names LoRA with its C, as `plan` would list it, and writes nothing."""
+    from slimtune.errors import OutOfBudgetError
+    from slimtune.planner import HEADROOM, held_bytes
+    from slimtune.train import fit
+
+    path, weights = _wide(tmp_path)
+    budget = int((held_bytes(torch.device("cpu")) + weights + 1.5 * weights) / (1 - HEADROOM))
+    out = tmp_path / "never.safetensors"
+    with pytest.raises(OutOfBudgetError, match=r"cannot fit even C = 1.*these strategies fit: .*LoRA r8.* at C = \d+"):
+        fit(path, data_dir / "ptb.test.txt", out, seq_len=64, optimizer="adam", mem_budget=budget, run_dir=None)
+    assert not out.exists()
