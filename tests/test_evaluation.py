@@ -333,5 +333,8 @@ def test_a_fresh_eval_process_peaks_within_its_budget(tmp_path, data_dir):
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["budget_bytes"] == budget and result["predicted_peak_bytes"] <= budget
     assert (result["chunk_size"], result["batch_size"]) < (L, 8)  # the budget bound the choice
-    assert result["peak_memory_bytes"] <= budget and peak <= budget, (peak, result)
+    # The process's own VmHWM (a new address space's, from exec on). Not the child's ru_maxrss: Linux carries the
+    # forked parent's high-water mark into it, and beside a test run grown to 684 MB it read 684 MB for a child
+    # whose VmHWM was 497 MB.
+    assert result["peak_memory_bytes"] <= budget, (peak, result)
     assert f"C = {result['chunk_size']}" in stderr and "budget 550.00 MB" in stderr
