@@ -42,13 +42,13 @@ from .planner import (
     PROBE_SIZES,
     TINY_PROBE_SIZES,
     Probe,
-    _line,
     _some_feature_draw,
     _terms,
     _windows,
     chunk_sizes,
     held_bytes,
     memory_counts,
+    probe_sizes,
 )
 from .units import format_size
 
@@ -101,21 +101,8 @@ def _tracked(model: PerformerLM, forward: Forward, tokens: int) -> TensorBytes:
 
 
 def _probe_sizes(model: PerformerLM, forward: Forward, seq_len: int, room: float, overhead: float) -> tuple[int, int]:
-    """PROBE_SIZES (at most L), halved until a line through two tiny forwards, times the heap's overhead, fits half
-    the room (the rest for what the line misses), c1 not below the tiny size and c2 not below 2 x c1."""
-    c1, c2 = min(PROBE_SIZES[0], seq_len), min(PROBE_SIZES[1], seq_len)
-    tiny = [min(t, seq_len) for t in TINY_PROBE_SIZES]
-    peaks = [_tracked(model, forward, t).peak for t in tiny]
-    base, slope = _line(tiny[0], peaks[0], tiny[1], peaks[1]) if tiny[1] > tiny[0] else (peaks[0], 0.0)
-
-    def fits(c):
-        return (base + slope * c) * overhead <= room / 2
-
-    while c1 > tiny[0] and not fits(c1):
-        c1 //= 2
-    while c2 > 2 * c1 and not fits(c2):
-        c2 //= 2
-    return c1, max(c1, min(c2, seq_len))
+    """planner.probe_sizes over tiny forwards of one sequence."""
+    return probe_sizes(lambda tokens: _tracked(model, forward, tokens).peak, seq_len, room, overhead)
 
 
 @torch.no_grad()

@@ -374,17 +374,26 @@ def probe(model: PerformerLM, work: Workload, room=None, *, heap: str = "fast", 
 
 
 def _probe_sizes(model: PerformerLM, work: Workload, room: float | None, overhead: float) -> tuple[int, int]:
-    """The probe steps' chunk sizes (c1, c2), PROBE_SIZES where the room allows, else halved until a line through
-    two tiny steps (16 and 64 tokens) times the heap's overhead fits half the room (c1 not below 16, c2 not below
-    2 x c1). The probes' peak is measured and counted (the "planning" line); in a tight case (d 256, batch 4,
-    bf16, 87 MB of room) they held 102 MB where the line said 35 MB x 2.5, and the run's runtime grew 25 MB with
-    the kernels' code the larger probe steps loaded."""
-    seq_len = work.seq_len
-    c1, c2 = min(PROBE_SIZES[0], seq_len), min(PROBE_SIZES[1], seq_len)
+    """The probe steps' chunk sizes (c1, c2): `probe_sizes` over tiny training steps. The probes' peak is measured
+    and counted (the "planning" line); in a tight case (d 256, batch 4, bf16, 87 MB of room) they held 102 MB where
+    the line said 35 MB x 2.5, and the run's runtime grew 25 MB with the kernels' code the larger probe steps
+    loaded."""
     if room is None:
-        return c1, c2
+        return min(PROBE_SIZES[0], work.seq_len), min(PROBE_SIZES[1], work.seq_len)
+
+    def peak(tokens):
+        return _tracked_step(model, _windows(model, work.batch_size, tokens), work.precision).peak
+
+    return probe_sizes(peak, work.seq_len, room, overhead)
+
+
+def probe_sizes(peak, seq_len: int, room: float, overhead: float) -> tuple[int, int]:
+    """Chunk sizes (c1, c2) of two probes: PROBE_SIZES (at most L) where the room allows, else halved until a line
+    through `peak(tokens)` of two tiny probes (16 and 64 tokens) times the heap's overhead fits half the room (c1 not
+    below 16, c2 not below 2 x c1). Training steps and eval's forward share it."""
+    c1, c2 = min(PROBE_SIZES[0], seq_len), min(PROBE_SIZES[1], seq_len)
     tiny = [min(t, seq_len) for t in TINY_PROBE_SIZES]
-    peaks = [_tracked_step(model, _windows(model, work.batch_size, t), work.precision).peak for t in tiny]
+    peaks = [peak(t) for t in tiny]
     base, slope = _line(tiny[0], peaks[0], tiny[1], peaks[1]) if tiny[1] > tiny[0] else (peaks[0], 0.0)
 
     def fits(c):  # half the room: the rest for what the estimate misses (kernels' code that larger steps load)
