@@ -22,7 +22,7 @@ from .evaluation import evaluate
 from .memory import release_free_heap, reset_peak_rss
 from .model import PerformerConfig, PerformerLM
 from .options import Runtime, default_of
-from .planner import Workload, plan_chunk_size
+from .planner import HEADROOM, Workload, plan_chunk_size
 from .train import FitOptions, fit, pretrain
 
 CONFIG = PerformerConfig(
@@ -114,10 +114,18 @@ def run_demo(
 
     seq_len = 8192
     model = PerformerLM.from_pretrained(base)
-    unconstrained = plan_chunk_size(model, Workload(seq_len, 1, "adam"), None, heap=default_of(Runtime, "heap"))
-    by_size = {c.chunk_size: c.predicted_peak_bytes for c in unconstrained.candidates}
-    # Emulate a small device: a budget between the predicted peaks at C = L/4 and C = L/2.
-    budget = (by_size[seq_len // 4] + by_size[seq_len // 2]) // 2
+    # C = L/4 checked without a budget: its prediction, the next C on the grid's, and every power of two's.
+    quarter = plan_chunk_size(
+        model, Workload(seq_len, 1, "adam"), None, forced=seq_len // 4, heap=default_of(Runtime, "heap")
+    )
+    by_size = {c.chunk_size: c.predicted_peak_bytes for c in quarter.candidates}
+    # Emulate a small device: a budget whose usable share (less the planner's headroom) lies halfway between what
+    # the planner judges at C = L/4 and at the next C of its grid, as far from either edge as the grid allows (a
+    # budget halfway between L/4 and L/2 left L/4 a few MB inside the usable share). Another process, such as the
+    # `slimtune plan` printed below, measures its own runtime and may still land one C of the grid away.
+    usable = quarter.budget_bytes * (1 - HEADROOM)
+    at_quarter, at_next = usable - quarter.margin_bytes, usable + quarter.next_over_bytes
+    budget = int((at_quarter + at_next) / 2 / (1 - HEADROOM))
     say(
         f"[bold]3. plan[/bold]  L {seq_len} under a budget of {budget / 1e6:.1f} MB (a small device); "
         f"full backprop would need {by_size[seq_len] / 1e6:.1f} MB"

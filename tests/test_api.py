@@ -221,13 +221,16 @@ def test_fit_without_out_writes_beside_the_checkpoint_as_the_command_line_does(t
 
 def test_pretrain_from_a_recipe_name_equals_slimtune_pretrain_recipe(tmp_path):
     """slimtune.pretrain("copy", ...) reads the recipe's model and [train] settings as `slimtune pretrain --recipe
-    copy` does; keyword overrides stand above them, as flags do: the same weights bit for bit."""
+    copy` does; keyword overrides stand above them, as flags do: the same weights bit for bit (on one thread each:
+    the last bits depend on the count, which otherwise follows the machine's load)."""
     from slimtune.cli import main
 
-    result = slimtune.pretrain("copy", None, tmp_path / "api.safetensors", steps=2, batch_size=2, device="cpu")
+    result = slimtune.pretrain(
+        "copy", None, tmp_path / "api.safetensors", steps=2, batch_size=2, device="cpu", threads=1
+    )
     assert result.steps == 2 and result.chunk_size == 512  # the recipe's L and chunk_size "full"
     args = ["pretrain", "--recipe", "copy", "--out", str(tmp_path / "cli.safetensors"), "--steps", "2",
-            "--batch-size", "2", "--device", "cpu"]  # fmt: skip
+            "--batch-size", "2", "--device", "cpu", "--threads", "1"]  # fmt: skip
     assert main(args) == 0
     ours, theirs = load_checkpoint(tmp_path / "api.safetensors"), load_checkpoint(tmp_path / "cli.safetensors")
     assert ours.config == theirs.config and ours.config.hidden_dim == 256 and ours.config.n_layers == 1
