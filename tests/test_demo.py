@@ -62,6 +62,7 @@ def test_the_plan_command_it_prints_runs_and_picks_the_chunk_size_fit_chose_or_i
     assert abs(grid.index(planned["chunk_size"]) - grid.index(result["chunk_size"])) <= 1
     assert planned["predicted_peak_bytes"] <= planned["budget_bytes"] and planned["margin_bytes"] >= 0
 
+
 def test_the_corpora_are_seeded_and_the_log_differs_from_the_server_text():
     assert server_text(5000, seed=3) == server_text(5000, seed=3) != server_text(5000, seed=4)
     log = log_text(5000)
