@@ -55,6 +55,11 @@ ISSUE_32 = {  # the `small` recipe's shape, the issue's workload: C auto took 81
     "batch_size": 1, "seq_len": 32768, "optimizer": "adam", "precision": "fp32", "eval": False,
     "budget_bytes": 700_000_000, "params": 2 * (3 * 128 * 128 + 2 * 128 * 512) + 256 * 128,
 }  # fmt: skip
+ISSUE_32_CGROUP = {  # the issue's case in a 750M cgroup (786 MB): with no budget it took 854 MB and thrashed
+    "hidden_dim": 576, "n_layers": 5, "ffn_dim": 2304, "n_heads": 8, "feature_type": "sqr", "layernorm": "post",
+    "batch_size": 1, "seq_len": 4096, "optimizer": "adam", "precision": "fp32", "eval": False,
+    "budget_bytes": 750 * 2**20, "params": 5 * (3 * 576 * 576 + 2 * 576 * 2304) + 256 * 576,
+}  # fmt: skip
 RUNTIME_FLOOR = 380e6  # about what the process holds before training (Python, torch, kernels): a budget's base
 MAX_WORK = 4e11  # 6 x parameters x tokens of one step, about half a minute on 2 cores: larger shapes are redrawn
 MB = 1e6
@@ -264,6 +269,8 @@ def sweep_in_cgroups(cases: list[dict]) -> tuple[list, list]:
         verdict = "KILLED" if killed else ("ok" if code == 0 else f"exit {code}: {error[:60]}")
         if code == 0 and not record["budget_within_limit"]:
             verdict = "BUDGET OVER LIMIT"
+        elif code == 0 and record["measured_peak_bytes"] > record["budget_bytes_taken"]:
+            verdict = "PEAK OVER BUDGET"
         rows.append([i, _shape(case), _work(case), f"{case['budget_bytes'] / MB:.0f}", *cells, verdict])
         records.append(record)
         print(" | ".join(map(str, rows[-1])), flush=True)
@@ -363,7 +370,7 @@ def main():
     if args.cgroup:
         if os.geteuid() != 0 or not Path("/sys/fs/cgroup/memory/cgroup.procs").exists():
             sys.exit("--cgroup needs root and a cgroup v1 memory hierarchy at /sys/fs/cgroup/memory")
-        rows, records = sweep_in_cgroups(cases)
+        rows, records = sweep_in_cgroups([ISSUE_32_CGROUP, *cases])  # "#" 1: the issue's case, then the drawn
         headers = [
             "#",
             "model",
@@ -381,6 +388,9 @@ def main():
             "cases": len(records),
             "killed": sum(r["killed"] for r in records),
             "budget_over_limit": sum(not r.get("budget_within_limit", True) for r in records),
+            "peak_over_budget": sum(
+                r.get("measured_peak_bytes", 0) > r.get("budget_bytes_taken", 1e30) for r in records
+            ),
             "worst_time_inside_over_outside": max(ratios, default=None),
         }
         report(f"{name}-cgroup", headers, rows, summary | {"records": records})

@@ -31,7 +31,7 @@ from .devices import resolve_device
 from .distributed import Group, average_gradients, barrier, broadcast_parameters, join, launched, mean, rank_device
 from .errors import ConfigError, Interrupted, Notice, OutOfBudgetError, SlimtuneError
 from .evaluation import copy_accuracy, evaluate
-from .memory import heap_policy_during, is_out_of_memory, peak_memory_bytes
+from .memory import heap_policy_during, is_out_of_memory, peak_memory_bytes, release_free_heap
 from .model import PerformerConfig, PerformerLM
 from .optimizers import make_optimizer
 from .options import FitOptions, chunk_request, fit_options
@@ -425,6 +425,9 @@ class Trainer:
                 chunk_size=self.run.chunk_size,
                 batch_size=o.batch_size,
             )
+        # What the scoring freed leaves the heap before the next step: its blocks, interleaved with the steps',
+        # otherwise stay resident (d 256 x 2, C 32, batch 3 under 436 MB: VmHWM 439 MB, 436 with the trim).
+        release_free_heap()
         return {"bpc": scored.bpc, "bpc_bytes": scored.predicted_bytes}
 
     def _record(self, step: int, metrics: dict) -> None:
