@@ -317,6 +317,8 @@ def speed_sweep(cases: list[dict]) -> tuple[list, list]:
             fastest_chunk_size=fastest, auto_over_fastest=speed["auto"] / forced[fastest],
             largest_over_fastest=forced.get(max(forced), 0) / forced[fastest],
             over_budget=any(p > case["budget_bytes"] for p in peaks), worst_peak_bytes=max(peaks),
+            peaks_by_chunk={str(c): [r["peak_memory_bytes"] for r in rs if r] for c, rs in runs.items()},
+            predicted_by_chunk={str(c["chunk_size"]): c["predicted_peak_bytes"] for c in plan["candidates"]},
             ratio_errors=ratio_errors, worst_ratio_error=max(map(abs, ratio_errors.values()), default=0.0),
         )  # fmt: skip
         rows.append(
@@ -339,12 +341,17 @@ def main():
     parser.add_argument("--cgroup", action="store_true", help="run each case inside a memory cgroup of its budget")
     parser.add_argument("--lora", type=int, default=0, help="run this many LoRA cases instead (their own draw)")
     parser.add_argument("--speed", type=int, default=0, help="the speed column for this many cases (issue 32's first)")
+    parser.add_argument(
+        "--speed-cases", default="", help="with --speed: these drawn cases instead (numbers as in the memory sweep, 1,2)"
+    )
     args = parser.parse_args()
     if args.speed:
         rng = random.Random(SEED)
         drawn = [draw(rng) for _ in range(args.cases)]
         short = [c for c in drawn if 6 * c["params"] * c["batch_size"] * c["seq_len"] <= SPEED_MAX_WORK]
         cases = [ISSUE_32, *short][: args.speed]
+        if args.speed_cases:  # cases where the memory sweep's C auto took less than the largest C that fits
+            cases = [drawn[int(n) - 1] for n in args.speed_cases.split(",")]
         rows, records = speed_sweep(cases)
         headers = ["#", "model", "workload", "budget MB", "auto C", "fastest forced C", "auto/fastest", "largest"]
         headers += ["time ratio error", ""]
