@@ -16,7 +16,7 @@ import torch
 
 from slimtune.checkpoint import save_checkpoint
 from slimtune.memory import set_heap_policy
-from slimtune.model import PerformerConfig, PerformerLM
+from slimtune.pretrained import PerformerConfig, PerformerLM
 
 # The heap policy of the process (slimtune/memory.py): BENCH_HEAP=tight (what fit plans under, the default), fast (what
 # a run picks when that fits its budget), or default (glibc's defaults untouched: a plain-PyTorch script).

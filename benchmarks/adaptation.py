@@ -14,7 +14,7 @@ from _common import DATA, OUT, report
 
 from slimtune.data import read_bytes
 from slimtune.evaluation import adapt_one_step
-from slimtune.model import PerformerLM
+from slimtune.pretrained import PerformerLM
 
 
 def main():

@@ -23,7 +23,7 @@ sys.path.insert(0, "benchmarks")
 import _common  # the CLI's process settings
 import torch
 from slimtune import threads
-from slimtune.model import PerformerLM
+from slimtune.pretrained import PerformerLM
 from slimtune.slim import slim_step
 policy, C, L, steps, cap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 choice = threads.choose(2 if policy == "2 threads" else None)

@@ -38,7 +38,7 @@ MB = 1e6
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from slimtune.config import PerformerConfig  # noqa: E402
-from slimtune.model import PerformerLM  # noqa: E402
+from slimtune.pretrained import PerformerLM  # noqa: E402
 
 PAPER_CPU = PerformerConfig(hidden_dim=256, n_layers=3, ffn_dim=1024, n_heads=4, feature_type="sqr")
 

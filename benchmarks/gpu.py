@@ -270,7 +270,7 @@ def _random_checkpoint(config, folder: Path) -> Path:
     import torch
 
     from slimtune.checkpoint import save_checkpoint
-    from slimtune.model import PerformerLM
+    from slimtune.pretrained import PerformerLM
 
     torch.manual_seed(0)
     model = PerformerLM(config)
@@ -330,7 +330,7 @@ def part_profile(out: Path, args) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from slimtune.devices import resolve_device
-    from slimtune.model import PerformerLM
+    from slimtune.pretrained import PerformerLM
     from slimtune.recipes import load_recipe
     from slimtune.slim import slim_step
 

@@ -21,7 +21,7 @@ import _common  # the CLI's process settings
 import torch
 from slimtune import threads
 from slimtune.data import read_bytes
-from slimtune.model import PerformerLM
+from slimtune.pretrained import PerformerLM
 from slimtune.train import FitOptions, Trainer
 given, C, steps, start = (None if sys.argv[1] == "chosen" else int(sys.argv[1])), *map(int, sys.argv[2:5])
 threads.apply(threads.choose(given).count)

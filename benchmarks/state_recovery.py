@@ -17,7 +17,7 @@ import time
 import torch
 from _common import report
 
-from slimtune.model import PerformerConfig, PerformerLM
+from slimtune.pretrained import PerformerConfig, PerformerLM
 from slimtune.slim import slim_step
 
 

@@ -12,7 +12,7 @@ Implements SLiM ("Sub-Linear Memory: How to Make Performers SLiM", Likhosherstov
         opt.step(); opt.zero_grad(set_to_none=True)
     model.save_pretrained("tuned.safetensors")
 
-The names below are loaded on first use, so `import slimtune` (and the CLI's --help) does not import torch.
+The names below are loaded on first use, so `import slimtune` (and the command line's help) does not import torch.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _EXPORTS = {
     "SlimtuneError": "errors",
@@ -30,7 +30,7 @@ _EXPORTS = {
     "OutOfBudgetError": "errors",
     "Interrupted": "errors",
     "PerformerConfig": "config",
-    "PerformerLM": "model",
+    "PerformerLM": "pretrained",
     "Plan": "planner",
     "plan": "planner",
     "plan_fit": "strategies",
@@ -95,9 +95,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .errors import CheckpointError, ConfigError, DataError, Interrupted, OutOfBudgetError, SlimtuneError
     from .evaluation import EvalResult, adapt_one_step, evaluate
     from .generation import generate
-    from .model import PerformerLM
     from .options import FitOptions
     from .planner import Plan, plan
+    from .pretrained import PerformerLM
     from .runplan import RunPlan
     from .slim import slim_step
     from .strategies import plan_fit

@@ -32,9 +32,9 @@ from .config import PerformerConfig
 from .devices import cuda_context_bytes, emulate_card, resolve_device
 from .errors import ConfigError
 from .memory import TensorBytes, heap_policy, heap_policy_during, is_out_of_memory
-from .model import PerformerLM
 from .optimizers import make_optimizer
 from .options import BENCH_SEQ_LEN, BENCH_STEPS, BENCH_WARMUP
+from .pretrained import PerformerLM
 from .recipes import load_recipe
 from .runplan import parameter_counts
 from .slim import autocast, chunk_loss, compute_dtype, slim_step
@@ -297,7 +297,7 @@ def rows_json(rows: list[Row]) -> list[dict]:
 
 
 def bench_json(run: Setup, rows: list[Row], *, batch_size: int, precision, optimizer) -> dict:
-    """What `slimtune bench --json` prints: the model, the settings, the machine and every row."""
+    """What bench's JSON holds: the model, the settings, the machine and every row."""
     device = run.windows.device
     cuda = device.type == "cuda"
     return {

@@ -3,8 +3,8 @@
 A contract checkpoint is one .safetensors file with the reference's tensor names and the model config as JSON in
 the `slimtune_config` metadata. Also accepted: .safetensors files without that metadata, and state dicts saved
 with torch.save (.pt/.pth/.bin), loaded with weights_only=True so no pickled code runs. What shapes cannot tell
-(heads, feature type, layer-norm placement) comes from the caller (the CLI's --n-heads, --feature-type,
---layernorm). Every problem is found before any work starts and raised as a CheckpointError naming the fix.
+(heads, feature type, layer-norm placement) comes from the caller (`n_heads`, `feature_type`,
+`layernorm`). Every problem is found before any work starts and raised as a CheckpointError naming the fix.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from . import __version__
 from .atomic import atomic_write
-from .choices import ExportDtype, ExportFormat, LayerNorm, Optimizer
+from .choices import ExportDtype, ExportFormat, LayerNorm
 from .config import PerformerConfig
 from .errors import CheckpointError, ConfigError
+from .version import __version__
 
 CONTRACT_KEYS = ("vocab_size", "hidden_dim", "n_layers", "ffn_dim", "n_heads", "feature_type", "on_gptln")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -513,46 +513,6 @@ def save_checkpoint(
             f"cannot write {path} ({e.strerror or e}): free some space or choose another `out`", params=("out",)
         ) from None
     return path
-
-
-def describe(checkpoint: Checkpoint) -> dict:
-    """What `slimtune inspect` shows of the file alone: config, size, dtypes, provenance, tensors."""
-    provenance = {}
-    for key, value in checkpoint.metadata.items():
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        if isinstance(parsed, dict):
-            provenance.update({f"{key.removeprefix('slimtune_')}.{k}": v for k, v in parsed.items()})
-        else:
-            provenance[key] = parsed
-    return {
-        "path": str(checkpoint.path),
-        "config": checkpoint.config.to_dict() | checkpoint.extra_config,
-        "parameters": checkpoint.parameters,
-        "dtypes": checkpoint.dtypes,
-        "file_bytes": checkpoint.path.stat().st_size,
-        "provenance": provenance,
-        "tensors": {
-            name: (list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in checkpoint.tensors.items()
-        },
-    }
-
-
-def inspect_checkpoint(path: str | os.PathLike, **model_flags) -> dict:
-    """`describe` and the fixed memory cost of fine-tuning it with each optimizer in fp32: weights, gradients
-    and the optimizer's state, measured (planner.measure_optimizer, as the planner measures it) one parameter
-    shape at a time, so that inspecting a large checkpoint holds no more than its largest tensor."""
-    from .planner import measure_optimizer_by_shape  # here: planner.py reads checkpoints through this module
-
-    checkpoint = load_checkpoint(path, **model_flags)
-    shapes: dict[tuple[int, ...], int] = {}
-    for t in checkpoint.tensors.values():
-        shapes[tuple(t.shape)] = shapes.get(tuple(t.shape), 0) + 1
-    weights = sum(4 * math.prod(shape) * count for shape, count in shapes.items())  # fp32
-    costs = {name.value: 2 * weights + measure_optimizer_by_shape(shapes, name) for name in Optimizer}
-    return describe(checkpoint) | {"fine_tuning_bytes": costs}
 
 
 def default_out(checkpoint: str | os.PathLike, fmt: str = "safetensors", *, resume: bool = False) -> Path:

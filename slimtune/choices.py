@@ -1,5 +1,5 @@
 """The named choices of the library and the command line (optimizer, precision, state recovery, ...). No torch
-here: the command line reads this module for its --help.
+here: the command line reads this module for its help.
 
 Each is a `str` enum: members compare, hash and print as their values (`Optimizer.ADAM == "adam"`), so options
 read from a recipe, a saved run or a caller's string work unchanged, and typer lists and validates them on the
@@ -63,7 +63,7 @@ class Precision(Choice):
     @property
     def dtype(self):
         """The autocast torch.dtype; None: the weights' own dtype, no autocast."""
-        import torch  # here, not at the top: the command line's --help reads this module and must not load torch
+        import torch  # here, not at the top: the command line's help reads this module and must not load torch
 
         return torch.bfloat16 if self is Precision.BF16 else None
 

@@ -15,9 +15,8 @@ from typing import Annotated
 
 import typer
 
-from . import __version__
 from .choices import BenchOptimizer, ExportDtype
-from .cli_options import Stopped, cli_message, command, params, pick
+from .cli_options import Stopped, cli_message, command, flag_for, params, pick
 from .errors import ConfigError, Interrupted, SlimtuneError
 from .options import (
     ADAPT_CHUNK,
@@ -42,7 +41,6 @@ from .options import (
     RunFolderOptions,
     Runtime,
     SlimStep,
-    flag_for,
 )
 from .render import (
     Reporter,
@@ -60,6 +58,7 @@ from .render import (
     step_info,
     warning,
 )
+from .version import __version__
 
 app = typer.Typer(
     name="slimtune",
@@ -501,7 +500,7 @@ def evaluate(a):
     from .data import read_bytes
     from .evaluation import adapt_one_step
     from .evaluation import evaluate as run_eval
-    from .model import PerformerLM
+    from .pretrained import PerformerLM
     from .strategies import Strategy
 
     adapters = pick(Adapters, a)
@@ -579,7 +578,7 @@ def generate(a):
     """
     _require("generate", checkpoint=a.checkpoint)
     from .generation import generate as run_generate
-    from .model import PerformerLM
+    from .pretrained import PerformerLM
 
     _use_threads(a.threads)
     model = PerformerLM.from_pretrained(a.checkpoint, device=a.device, **pick(ModelSource, a).model_flags())
@@ -630,7 +629,7 @@ def inspect(a):
 
     Example: slimtune inspect model.safetensors --tensors
     """
-    from .checkpoint import inspect_checkpoint
+    from .inspection import inspect_checkpoint
 
     info = inspect_checkpoint(a.checkpoint, **pick(ModelSource, a).model_flags())
     for table in inspect_tables(info, str(a.checkpoint), a.tensors):

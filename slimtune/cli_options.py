@@ -1,6 +1,7 @@
-"""The command line's options, made from their one declaration (options.py): `params(...)` turns the fields a
-command has into typer parameters, `command(...)` gives a command body those parameters as one namespace, and
-`cli_message(error)` shows the Python parameters a library message names as the flags the user typed. No torch.
+"""The command line's options: each library option (options.py: name, type, default, bounds) with the flag and
+help the command line shows for it (FLAGS). `params(...)` turns the fields a command has into typer parameters,
+`command(...)` gives a command body those parameters as one namespace, and `cli_message(error)` shows the Python
+parameters a library message names as the flags the user typed. No torch.
 """
 
 from __future__ import annotations
@@ -8,14 +9,221 @@ from __future__ import annotations
 import inspect
 import re
 import typing
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from types import SimpleNamespace
 from typing import Annotated
 
 import typer
 
 from . import options as declarations
-from .options import flag_for
+from .choices import ADAMW_WEIGHT_DECAY, LORA_ALPHA_PER_RANK, LORA_TARGETS
+from .options import DEFAULT_RECIPE, SAFETY_MARGIN, spec_of
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How one option appears on the command line."""
+
+    flag: str  # e.g. "--seq-len"
+    help: str
+    cli_type: typing.Any = None  # the command line's type where it differs from the Python one (text parsed later)
+    show_default: bool = True
+    secondary: str = ""  # a boolean's off switch, e.g. "--no-full"
+
+
+FLAGS = {  # Python name -> how the command line shows it
+    # ModelSource
+    "checkpoint": Flag(
+        "--checkpoint",
+        "Model: a .safetensors checkpoint, an hf folder, or a .pt/.pth/.bin state dict. (required)",
+        show_default=False,
+    ),
+    "n_heads": Flag("--n-heads", "Heads, for checkpoints without slimtune_config.", show_default=False),
+    "feature_type": Flag(
+        "--feature-type",
+        "sqr, relu, elu+1, abs, favor+ or favor+_N, for checkpoints without slimtune_config.",
+        show_default=False,
+    ),
+    "layernorm": Flag("--layernorm", "post or pre, for checkpoints without slimtune_config.", show_default=False),
+    # ModelShape
+    "recipe": Flag(
+        "--recipe",
+        f"A recipe name (see `slimtune recipes`) or .toml path; flags override it. Default: {DEFAULT_RECIPE}.",
+        show_default=False,
+    ),
+    "hidden_dim": Flag("--hidden-dim", "d (a multiple of 4 and of --n-heads).", show_default=False),
+    "n_layers": Flag("--n-layers", "Layers.", show_default=False),
+    "ffn_dim": Flag("--ffn-dim", "Feed-forward width (default 4d).", show_default=False),
+    # Files
+    "data": Flag("--data", "Text: a file of raw bytes. (required)", show_default=False),
+    "eval_data": Flag("--eval-data", "Held-out text scored in bits per character.", show_default=False),
+    "eval_fraction": Flag(
+        "--eval-fraction",
+        "Hold out the last share of --data (e.g. 0.05) for evaluation instead of --eval-data.",
+        show_default=False,
+    ),
+    "out": Flag(
+        "--out",
+        "Where to write the fine-tuned checkpoint. Default: NAME-tuned.safetensors beside the input (never "
+        "overwriting a file).",
+        show_default=False,
+    ),
+    # DataOptions
+    "seq_len": Flag("--seq-len", "L: bytes per training window."),
+    "batch_size": Flag("--batch-size", "Windows per step."),
+    "task": Flag("--task", "text, or copy: the paper's synthetic copying task."),
+    "eval_every": Flag("--eval-every", "With held-out data: bpc every N steps (0: at the end)."),
+    # Optimization
+    "steps": Flag("--steps", "Optimizer steps on seeded random windows."),
+    "one_step": Flag(
+        "--one-step",
+        "Exactly one step on the first batch (row b = bytes [bL, bL+L+1)), as in the paper's on-device experiment.",
+    ),
+    "optimizer": Flag(
+        "--optimizer", "sgd (plain, no momentum), adam, adamw or adafactor (factored second moments: least state)."
+    ),
+    "lr": Flag("--lr", "Learning rate."),
+    "weight_decay": Flag(
+        "--weight-decay",
+        f"Weight decay of the weight matrices (never LayerNorm gains or biases). Default: {ADAMW_WEIGHT_DECAY} with "
+        "adamw, else 0.",
+        show_default=False,
+    ),
+    "schedule": Flag("--schedule", "Learning rate: constant, or cosine decay after the warmup."),
+    "warmup": Flag("--warmup", "Steps of linear learning-rate warmup."),
+    "clip_grad": Flag("--clip-grad", "Clip the gradients' global norm (opt-in).", show_default=False),
+    "accumulate": Flag("--accumulate", "Batches whose gradients make one optimizer step."),
+    "seed": Flag("--seed", "Seed for window sampling and FAVOR+ draws."),
+    "skip_nonfinite": Flag(
+        "--skip-nonfinite", "Skip (and count) steps with a non-finite loss or gradient instead of stopping."
+    ),
+    # Adapters
+    "lora_rank": Flag(
+        "--lora-rank",
+        "LoRA: freeze the base and train rank-R adapters on each target map (e.g. --lora-rank 8); 0: full "
+        "fine-tuning. --out is still the whole model, with the adapters merged in.",
+    ),
+    "lora_alpha": Flag(
+        "--lora-alpha",
+        f"LoRA scale: the adapters add (ALPHA / R) B A x (e.g. --lora-alpha 16). Default: {LORA_ALPHA_PER_RANK:g}R.",
+        show_default=False,
+    ),
+    "lora_targets": Flag(
+        "--lora-targets",
+        f"LoRA: comma list of the maps that get adapters, out of {','.join(LORA_TARGETS)} (e.g. --lora-targets "
+        "q_map,v_map).",
+    ),
+    "base_dtype": Flag(
+        "--base-dtype",
+        "With --lora-rank: bf16 keeps the frozen layers' weights in 2 bytes, read straight into bf16, and computes "
+        "under bf16 autocast (--precision bf16); adapters and their gradients stay fp32 (e.g. --lora-rank 8 "
+        "--base-dtype bf16).",
+    ),
+    "adapter_out": Flag(
+        "--adapter-out",
+        "With --lora-rank: also write the adapter alone, in PEFT's format, to this folder (e.g. --adapter-out "
+        "tuned.adapter: adapter_config.json, adapter_model.safetensors).",
+        show_default=False,
+    ),
+    # SlimStep
+    "chunk_size": Flag(
+        "--chunk-size",
+        "C: 'auto' picks the C predicted fastest among those that fit --mem-budget (on a GPU normally the "
+        "largest; on a CPU often a smaller one); 'max' the largest that fits (the paper's rule); 'full' or C >= L "
+        "is ordinary backprop.",
+        cli_type=str,
+    ),
+    "mem_budget": Flag(
+        "--mem-budget",
+        "Memory the job may hold in all (weights, gradients, optimizer state, one chunk's activations, states, "
+        "runtime): a size (2GB = 2e9 bytes, 1.5GiB, 512MB) or a share of free memory (80%). Default: free memory "
+        f"less {SAFETY_MARGIN:.0%}.",
+        cli_type=str | None,
+        show_default=False,
+    ),
+    "recovery": Flag(
+        "--state-recovery",
+        "How SLiM recovers each chunk's start states: subtract64 (the paper's subtraction with float64 states; "
+        "exact, O(1) memory), subtract (the paper as published, fp32 states), store (keep every boundary state).",
+    ),
+    "precision": Flag(
+        "--precision",
+        "Compute precision: fp32, or bf16 (autocast: bf16 matmuls; fp32 weights, gradients, attention states and "
+        "loss; no loss scaling needed).",
+    ),
+    # RunFolderOptions
+    "run_dir": Flag(
+        "--run-dir", "Run folder for metrics.jsonl and resumable state (auto: OUT.run; in Python None: no run folder)."
+    ),
+    "save_every": Flag("--save-every", "Save resumable state every N steps (and on Ctrl-C)."),
+    "resume": Flag("--resume", "Continue the run saved in the run folder."),
+    "restart": Flag("--restart", "Start over although the run folder holds a saved run (moved aside, kept)."),
+    # ExportOptions
+    "dtype": Flag("--dtype", "Dtype of the written weights: auto keeps each tensor's input dtype."),
+    "format": Flag("--format", "safetensors (one file) or hf (a folder with model.safetensors and config.json)."),
+    "overwrite": Flag(
+        "--overwrite",
+        "Replace an existing --out. Without it an existing --out is refused, unless it is the output of the run "
+        "being resumed or restarted (--resume, --restart).",
+    ),
+    # Runtime
+    "device": Flag("--device", "auto (cuda if usable), cpu, cuda or cuda:N."),
+    "threads": Flag(
+        "--threads",
+        "CPU threads (also SLIMTUNE_THREADS). Default: the cores other processes leave free (see slimtune env).",
+        show_default=False,
+    ),
+    # EvalOptions
+    "max_bytes": Flag("--max-bytes", "Evaluate only the first N bytes.", show_default=False),
+    "adapt": Flag(
+        "--adapt",
+        "one-step: the paper's on-device protocol (bpc of each window's second half before and after one SGD step "
+        "on its first half).",
+        show_default=False,
+    ),
+    "windows": Flag("--windows", "--adapt: windows sampled from the data (seeded)."),
+    # GenerateOptions
+    "prompt": Flag("--prompt", "Text to continue."),
+    "n_bytes": Flag("--bytes", "How many bytes to sample."),
+    "temperature": Flag("--temperature", "0 is greedy."),
+    "top_k": Flag("--top-k", "Sample among the k likeliest bytes.", show_default=False),
+    # BenchOptions
+    "chunks": Flag("--chunks", "SLiM chunk sizes to measure, comma-separated; sizes >= L are skipped."),
+    "full": Flag("--full", "Measure full backprop (the reference for the ratios).", secondary="--no-full"),
+    "checkpointing": Flag(
+        "--checkpointing",
+        "Measure full backprop with per-layer activation checkpointing.",
+        secondary="--no-checkpointing",
+    ),
+    "emulate_memory": Flag(
+        "--emulate-memory",
+        "CUDA only: cap this process at a smaller card's memory (e.g. 2GB), as "
+        "torch.cuda.set_per_process_memory_fraction does.",
+        show_default=False,
+    ),
+    "plot": Flag(
+        "--plot",
+        "Also draw time and memory against C into this .png (needs matplotlib: pip install 'slimtune[plot]').",
+        show_default=False,
+    ),
+    # PlanOptions
+    "compare": Flag(
+        "--compare",
+        "Also plan the other parameter-memory strategies under the budget (full fine-tuning with adam, adafactor "
+        "and sgd; LoRA with an fp32 and a bf16 base), each with its C: one more probe per kind, so about "
+        "three times as long.",
+        secondary="--no-compare",
+    ),
+    # Output
+    "json": Flag("--json", "Print one JSON object as the last line of stdout."),
+    "tensors": Flag("--tensors", "Also list every tensor with its shape and dtype."),
+    "workdir": Flag("--workdir", "Where the demo writes its data and checkpoints."),
+}
+
+
+def flag_for(name: str) -> str:
+    """The flag the command line shows for a Python parameter name (the name itself when it has none)."""
+    return FLAGS[name].flag if name in FLAGS else name
 
 
 class Stopped(Exception):
@@ -29,20 +237,20 @@ def params(group: type, *names: str, exclude: tuple[str, ...] = (), **overrides:
     group does not have are ignored (one override list may serve several groups)."""
     hints = typing.get_type_hints(group, globalns=vars(declarations))
     by_name = {f.name: f for f in fields(group)}
-    chosen = names or [f.name for f in fields(group) if f.metadata["flag"].flag and f.name not in exclude]
+    chosen = names or [f.name for f in fields(group) if f.name in FLAGS and f.name not in exclude]
     found = []
     for name in chosen:
         f, over = by_name[name], overrides.get(name, {})
-        spec = f.metadata["flag"]
-        hint = over.get("type", spec.cli_type or hints[name])
-        help_ = over.get("help", spec.help)
+        spec, shown = spec_of(f), FLAGS[name]
+        hint = over.get("type", shown.cli_type or hints[name])
+        help_ = over.get("help", shown.help)
         if over.get("argument"):
             info = typer.Argument(help=help_, show_default=False)
             found.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[hint, info]))
             continue
         bounds = {"min": spec.min} if spec.min is not None and _numeric(hint) else {}
-        names_ = f"{spec.flag}/{spec.secondary}" if spec.secondary else spec.flag
-        info = typer.Option(names_, help=help_, show_default=over.get("show_default", spec.show_default), **bounds)
+        names_ = f"{shown.flag}/{shown.secondary}" if shown.secondary else shown.flag
+        info = typer.Option(names_, help=help_, show_default=over.get("show_default", shown.show_default), **bounds)
         default = over.get("default", f.default)
         found.append(
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[hint, info])

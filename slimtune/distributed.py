@@ -1,7 +1,7 @@
 """Data-parallel training under torchrun (`torchrun --nproc_per_node N -m slimtune fit ...`).
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; with WORLD_SIZE > 1 the process group is initialised from them
-(NCCL when training on CUDA, gloo on CPU). Every rank draws the same global batch of N x --batch-size windows
+(NCCL when training on CUDA, gloo on CPU). Every rank draws the same global batch of N x `batch_size` windows
 from the shared seed and trains on its own slice, so a run's data does not depend on how it is split. SLiM
 calls backward once per chunk, so gradients are not reduced per backward (as DistributedDataParallel's hooks
 would): each rank accumulates its step's gradients locally, and they are averaged over the ranks in one

@@ -35,7 +35,6 @@ import torch
 from .devices import available_source, resolve_budget
 from .errors import OutOfBudgetError
 from .memory import TensorBytes, heap_policy_during, new_peak_window, window_peak_rss
-from .model import PerformerLM
 from .planner import (
     HEADROOM,
     MAPPED_OVERHEAD,
@@ -50,6 +49,7 @@ from .planner import (
     memory_counts,
     probe_sizes,
 )
+from .pretrained import PerformerLM
 from .units import format_size
 
 # The forward a plan is for: runs windows [B, T + 1] (T inputs, T targets) at chunk size C, without gradients.

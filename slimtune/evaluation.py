@@ -17,9 +17,9 @@ from .data import check_vocabulary, copy_windows, read_bytes
 from .errors import ConfigError, DataError
 from .eval_plan import ForwardWork, plan_forward_if_needed, run_heap
 from .memory import peak_memory_bytes
-from .model import PerformerLM
 from .options import ADAPT_CHUNK, ADAPT_LR, DataOptions, EvalOptions, chunk_request, default_of
 from .planner import Workload, plan_if_needed
+from .pretrained import PerformerLM
 from .slim import slim_step
 
 DEFAULT_SEQ_LEN = default_of(DataOptions, "seq_len")  # fit's default L: a base and its fine-tune score alike

@@ -11,8 +11,8 @@ import torch
 from .data import check_vocabulary
 from .errors import ConfigError
 from .eval_plan import ForwardPlan, ForwardWork, plan_forward_if_needed, run_heap
-from .model import PerformerLM
 from .options import chunk_request
+from .pretrained import PerformerLM
 
 
 def prompt_pass(model: PerformerLM, ids: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:

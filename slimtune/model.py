@@ -6,37 +6,23 @@ and the states after the chunk. The full-sequence forward is one chunk from zero
 Each layer is split into `features` (queries, keys, values and their feature maps) and `mix` (attention from
 a state, then the feed-forward block), so that SLiM can recover a layer's start state between the two.
 Every linear map is a `DeferredLinear`: an nn.Linear (same parameters and state_dict) whose weight gradient
-SLiM may batch over small chunks (deferred.py). `from_pretrained` / `save_pretrained` read and write checkpoints.
+SLiM may batch over small chunks (deferred.py). Reading and writing checkpoints is pretrained.py's (PerformerLM).
 """
 
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import lora
 from .attention import causal_linear_attention, state_contribution
-from .checkpoint import (
-    Checkpoint,
-    LazyTensors,
-    expected_shapes,
-    file_sha256,
-    load_checkpoint,
-    read_tensor,
-    save_checkpoint,
-)
-from .choices import ExportDtype, ExportFormat
 from .config import PerformerConfig
 from .deferred import DeferredLinear
-from .devices import resolve_device
 from .features import apply_features, draw_orthogonal_features, favor_multiplier
 
-__all__ = ["PerformerConfig", "PerformerLM"]
+__all__ = ["PerformerConfig", "Performer"]
 
 LN_EPS = 1e-5
 
@@ -97,25 +83,9 @@ class PerformerLayer(nn.Module):
         return state + state_contribution(fk, v).to(state.dtype)
 
 
-def _export_cost(count: int, held, stored, out, *, adapted: bool, target: bool) -> int:
-    """Bytes _export_tensor allocates at its peak for a tensor of `count` values, held in memory in `held`, stored in
-    the input checkpoint in `stored`, exported in `out`."""
+class Performer(nn.Module):
+    """The network: embeddings, layers and the output map, and the chunk-level forward SLiM runs."""
 
-    def cast(dtype) -> int:  # the final cast to `out`, from a tensor in `dtype`
-        return count * out.itemsize if out != dtype else 0
-
-    if not adapted:
-        return cast(held)
-    base = count * stored.itemsize if held != stored else 0  # the input's tensor read again, or cast to its dtype
-    if not target:
-        return base + cast(stored)
-    # lora.merged_weight: the fp32 sum beside the base, then its cast back to the input's dtype; the base goes, and
-    # the merged weight (the sum itself when fp32) is cast to `out`.
-    merge = base + count * 4 + (count * stored.itemsize if stored != torch.float32 else 0)
-    return max(merge, count * stored.itemsize + cast(stored))
-
-
-class PerformerLM(nn.Module):
     def __init__(self, config: PerformerConfig):
         super().__init__()
         self.config = config
@@ -123,154 +93,9 @@ class PerformerLM(nn.Module):
         self.input_map = nn.Embedding(config.vocab_size, d // 2)
         self.layers = nn.ModuleList(PerformerLayer(config) for _ in range(config.n_layers))
         self.output_logit_map = DeferredLinear(d, config.vocab_size)
-        self.source: Checkpoint | None = None  # the checkpoint the weights came from (names, dtypes, config)
-
-    @classmethod
-    def from_checkpoint(
-        cls, checkpoint: Checkpoint, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> PerformerLM:
-        """A model holding a loaded checkpoint's weights. The model is built on the meta device and takes the
-        loaded tensors themselves, so the weights are never held twice; the checkpoint keeps only their names,
-        shapes and dtypes afterwards (for `save_pretrained`)."""
-        with torch.device("meta"):
-            model = cls(checkpoint.config)
-        model.load_state_dict(checkpoint.tensors, strict=True, assign=True)
-        model = model.to(device=resolve_device(device or "cpu"))
-        if not checkpoint.stored:  # tensors read as stored: the weights in `dtype` (the converted ones keep theirs)
-            model = model.to(dtype=dtype or torch.float32)
-        checkpoint.release()
-        model.source = checkpoint
-        return model
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        *,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        n_heads: int | None = None,
-        feature_type: str | None = None,
-        layernorm: str | None = None,
-    ) -> PerformerLM:
-        """Load a checkpoint: a contract .safetensors file, an hf folder, or a reference state dict (.pt, .pth,
-        .bin; loaded without running pickled code).
-
-        Args:
-            path: the checkpoint file or folder.
-            device: "cpu" (default), "cuda", "cuda:1", "auto" or a torch.device.
-            dtype: the weights' dtype in memory (default float32, the master weights training needs).
-            n_heads, feature_type, layernorm ("post" or "pre"): what a checkpoint without slimtune_config
-                metadata cannot tell from its shapes.
-
-        Returns:
-            The model, remembering its checkpoint so that `save_pretrained` keeps its names, dtypes and config.
-
-        Raises:
-            CheckpointError: the file is missing, not a checkpoint, or does not match the model layout.
-
-        Example:
-            model = PerformerLM.from_pretrained("model.safetensors", device="cuda")
-        """
-        # In another dtype, the file is read tensor by tensor into it (a mapping would hold the file beside it).
-        read_as = None if dtype in (None, torch.float32) else dtype
-        checkpoint = load_checkpoint(
-            path, n_heads=n_heads, feature_type=feature_type, layernorm=layernorm, dtype=read_as
-        )
-        return cls.from_checkpoint(checkpoint, device=device, dtype=dtype)
-
-    def save_pretrained(
-        self,
-        path: str | os.PathLike,
-        *,
-        format: ExportFormat | str = "safetensors",
-        dtype: ExportDtype | str = "auto",
-        metadata: dict | None = None,
-        extra_config: dict | None = None,
-    ) -> Path:
-        """Write the weights as a checkpoint the original full model loads unchanged, atomically (a crash leaves
-        the previous file or the new one).
-
-        Args:
-            path: a .safetensors file, or a folder with format="hf".
-            format: "safetensors" (one file) or "hf" (a folder with model.safetensors and config.json).
-            dtype: "auto" keeps each tensor's dtype in the checkpoint the model was loaded from (the model's
-                own dtype for a new model); or "fp32", "fp16", "bf16".
-            metadata: provenance to record (JSON-serialisable); the base checkpoint's name and sha256 are
-                recorded by default for a loaded model.
-            extra_config: slimtune_config keys beyond the model's seven (for example seq_len).
-
-        Returns:
-            The path written.
-
-        Example:
-            model.save_pretrained("tuned.safetensors", metadata={"note": "one step on my.txt"})
-        """
-        cast = ExportDtype.parse(dtype, "dtype").dtype
-        state = self.state_dict()
-        maps = {f"{name}.weight": m for name, m in lora.adapters(self).items()}  # merged into the input's tensors
-        out = {n: cast or self._stored_dtype(n, state) for n in expected_shapes(self.config)}
-        # Made, written and freed one at a time: the export holds one tensor, never a second copy of the model.
-        tensors = LazyTensors(
-            {n: (shape, out[n]) for n, shape in expected_shapes(self.config).items()},
-            lambda n: self._export_tensor(n, state, maps, out[n]),
-        )
-        if self.source is not None:
-            config = self.source.extra_config | (extra_config or {})
-            provenance = {"base_checkpoint": self.source.path.name}
-            if self.source.path.is_file():
-                provenance["base_sha256"] = file_sha256(self.source.path)
-        else:
-            config, provenance = dict(extra_config or {}), {}
-        return save_checkpoint(
-            path,
-            tensors,
-            self.config,
-            extra_config=config,
-            provenance=provenance | (metadata or {}),
-            fmt=ExportFormat.parse(format, "format"),
-        )
-
-    def _stored_dtype(self, name: str, state: dict[str, torch.Tensor]) -> torch.dtype:
-        """The tensor's dtype in the checkpoint the model was loaded from (its own for a new model)."""
-        return (self.source.tensors[name] if self.source is not None else state[name]).dtype
-
-    def _export_tensor(self, name: str, state, maps: dict[str, lora.LoraLinear], out: torch.dtype) -> torch.Tensor:
-        """One tensor of the export, on the host in `out`: the model's, or for an adapted model the input's own
-        (CONTRACT.md section 4), with a target's adapter merged into it."""
-        tensor = self._base_tensor(name, state) if maps else state[name].detach()
-        if name in maps:
-            tensor = lora.merged_weight(maps[name], tensor)
-        return tensor.to("cpu", out).contiguous()
-
-    def _base_tensor(self, name: str, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        """A base tensor as the input checkpoint holds it: from memory where memory holds it without loss (an fp32
-        copy of fp32, bf16 or fp16), else read again from the checkpoint's file (a bf16 base of an fp32 input)."""
-        held = state[name].detach()
-        if self.source is None:
-            return held
-        kept = self.source.tensors[name].dtype
-        if held.dtype == kept or (held.dtype == torch.float32 and kept in (torch.bfloat16, torch.float16)):
-            return held.to("cpu", kept)
-        return read_tensor(self.source, name)
-
-    def export_bytes(self, dtype: str | None = "auto") -> int:
-        """What save_pretrained(dtype=...) allocates besides the model at its peak, in bytes (the planner's export
-        line). The export makes one tensor at a time and frees it once written, so this is the costliest single
-        tensor (_export_cost). On a GPU the copies are the host's, and the device holds one merge's delta."""
-        cast = ExportDtype.parse(dtype, "dtype").dtype
-        state = self.state_dict()
-        targets = {f"{name}.weight" for name in lora.adapters(self)}
-        if next(self.parameters()).device.type != "cpu":
-            return max((state[n].numel() * 4 for n in targets), default=0)
-        peak = 0
-        for n in expected_shapes(self.config):
-            stored = self._stored_dtype(n, state)
-            cost = _export_cost(
-                state[n].numel(), state[n].dtype, stored, cast or stored, adapted=bool(targets), target=n in targets
-            )
-            peak = max(peak, cost)
-        return peak
+        # Where the weights came from, set by whoever loaded them (pretrained.py: the checkpoint's names, dtypes and
+        # config, which the export keeps); None for a new model.
+        self.source = None
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,13 +1,14 @@
-"""Every option of slimtune, declared once: its Python name, its flag, its help, its default, whether a resumed
+"""Every option of slimtune's library, declared once: its Python name, type, default and bounds, whether a resumed
 run must match it (`resume`) and whether the exported checkpoint's provenance records it (`record`).
 
 Options are grouped by concern in frozen dataclasses. `FitOptions`, what `slimtune.fit` and `slimtune.pretrain`
 take, is the union of the training groups, so `FitOptions(seq_len=4096, steps=100)` reads flat. From these
-declarations come the command line's options (cli.py builds each command's typer signature from the groups and
-fields it names), the resume check (`resume_settings`), the provenance (`recorded`) and the flag a CLI error
-names (`flag_for`). Adding an option to `fit` is one `option(...)` line here plus the code that uses it.
+declarations come the resume check (`resume_settings`), the provenance (`recorded`) and the bounds every caller is
+held to (`check`). How the command line shows an option (its flag and help) is the interface's business
+(cli_options.FLAGS); adding an option to `fit` is one `option(...)` line here, one FLAGS line there, and the code
+that uses it.
 
-No torch here (nor in choices.py): `slimtune --help` reads this module.
+No torch here (nor in choices.py): the command line's help reads this module.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 from .choices import (
-    ADAMW_WEIGHT_DECAY,
-    LORA_ALPHA_PER_RANK,
     LORA_DEFAULT_TARGETS,
     LORA_TARGETS,
     Adapt,
@@ -41,24 +40,19 @@ from .errors import ConfigError
 
 
 @dataclass(frozen=True)
-class Flag:
-    """How one option appears outside Python."""
+class Spec:
+    """What the library holds an option to, besides its type and default."""
 
-    flag: str  # e.g. "--seq-len"; "": an option of the Python API only
-    help: str
     resume: bool = False  # a resumed run must have the same value (it changes the data, gradients or update)
     record: bool = False  # the exported checkpoint's provenance records it
     key: str = ""  # the provenance / run-state key where it differs from the Python name
     min: int | float | None = None  # smallest allowed value (inclusive), checked by `check` and by the CLI
     above: float | None = None  # exclusive lower bound (lr > 0)
-    cli_type: typing.Any = None  # the command line's type where it differs from the Python one (text parsed later)
-    show_default: bool = True
-    secondary: str = ""  # a boolean's off switch, e.g. "--no-full"
 
 
-def option(default, flag: str, help: str, **kw) -> typing.Any:
-    """A dataclass field carrying its Flag."""
-    return field(default=default, metadata={"flag": Flag(flag, help, **kw)})
+def option(default, **kw) -> typing.Any:
+    """A dataclass field carrying its Spec."""
+    return field(default=default, metadata={"spec": Spec(**kw)})
 
 
 @functools.cache
@@ -90,7 +84,7 @@ class Options:
         """Raise ConfigError naming the parameter for a value outside its declared bounds."""
         hints = _hints(type(self))
         for f in fields(self):
-            spec, value = f.metadata.get("flag"), getattr(self, f.name)
+            spec, value = spec_of(f), getattr(self, f.name)
             if spec is None or value is None or (spec.min is None and spec.above is None):
                 continue
             whole = _is_int(hints[f.name])
@@ -104,15 +98,16 @@ class Options:
 
     def resume_settings(self) -> dict:
         """The values a resumed run must share with the run it continues, as plain values."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if _spec(f).resume}
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if spec_of(f).resume}
 
     def recorded(self) -> dict:
         """The values the exported checkpoint's provenance records, under their provenance keys."""
-        return {_spec(f).key or f.name: _plain(getattr(self, f.name)) for f in fields(self) if _spec(f).record}
+        return {spec_of(f).key or f.name: _plain(getattr(self, f.name)) for f in fields(self) if spec_of(f).record}
 
 
-def _spec(f) -> Flag:
-    return f.metadata.get("flag") or Flag("", "")
+def spec_of(f) -> Spec:
+    """A dataclass field's Spec."""
+    return f.metadata.get("spec") or Spec()
 
 
 def _plain(value):
@@ -130,24 +125,10 @@ SAFETY_MARGIN = 0.10  # with no `mem_budget`, leave this share of the free memor
 class ModelSource(Options):
     """Where the model comes from; the three settings a checkpoint without slimtune_config lacks."""
 
-    checkpoint: Path | None = option(
-        None,
-        "--checkpoint",
-        "Model: a .safetensors checkpoint, an hf folder, or a .pt/.pth/.bin state dict. (required)",
-        show_default=False,
-    )
-    n_heads: int | None = option(
-        None, "--n-heads", "Heads, for checkpoints without slimtune_config.", min=1, show_default=False
-    )
-    feature_type: str | None = option(
-        None,
-        "--feature-type",
-        "sqr, relu, elu+1, abs, favor+ or favor+_N, for checkpoints without slimtune_config.",
-        show_default=False,
-    )
-    layernorm: LayerNorm | None = option(
-        None, "--layernorm", "post or pre, for checkpoints without slimtune_config.", show_default=False
-    )
+    checkpoint: Path | None = option(None)
+    n_heads: int | None = option(None, min=1)
+    feature_type: str | None = option(None)
+    layernorm: LayerNorm | None = option(None)
 
     def model_flags(self) -> dict:
         return {"n_heads": self.n_heads, "feature_type": self.feature_type, "layernorm": self.layernorm}
@@ -157,107 +138,49 @@ class ModelSource(Options):
 class ModelShape(Options):
     """A new model's sizes (pretrain); unset ones come from the recipe."""
 
-    recipe: str | None = option(
-        None,
-        "--recipe",
-        f"A recipe name (see `slimtune recipes`) or .toml path; flags override it. Default: {DEFAULT_RECIPE}.",
-        show_default=False,
-    )
-    hidden_dim: int | None = option(
-        None, "--hidden-dim", "d (a multiple of 4 and of --n-heads).", min=4, show_default=False
-    )
-    n_layers: int | None = option(None, "--n-layers", "Layers.", min=1, show_default=False)
-    ffn_dim: int | None = option(None, "--ffn-dim", "Feed-forward width (default 4d).", min=1, show_default=False)
+    recipe: str | None = option(None)
+    hidden_dim: int | None = option(None, min=4)
+    n_layers: int | None = option(None, min=1)
+    ffn_dim: int | None = option(None, min=1)
 
 
 @dataclass(frozen=True)
 class Files(Options):
     """The files a command reads and writes."""
 
-    data: Path | None = option(None, "--data", "Text: a file of raw bytes. (required)", show_default=False)
-    eval_data: Path | None = option(
-        None, "--eval-data", "Held-out text scored in bits per character.", show_default=False
-    )
-    eval_fraction: float | None = option(
-        None,
-        "--eval-fraction",
-        "Hold out the last share of --data (e.g. 0.05) for evaluation instead of --eval-data.",
-        show_default=False,
-    )
-    out: Path | None = option(
-        None,
-        "--out",
-        "Where to write the fine-tuned checkpoint. Default: NAME-tuned.safetensors beside the input (never "
-        "overwriting a file).",
-        show_default=False,
-    )
+    data: Path | None = option(None)
+    eval_data: Path | None = option(None)
+    eval_fraction: float | None = option(None)
+    out: Path | None = option(None)
 
 
 @dataclass(frozen=True)
 class DataOptions(Options):
     """What a step reads: windows of the data, or the copy task; held-out scoring."""
 
-    seq_len: int = option(1024, "--seq-len", "L: bytes per training window.", min=1, resume=True, record=True)
-    batch_size: int = option(1, "--batch-size", "Windows per step.", min=1, resume=True, record=True)
-    task: Task = option(
-        Task.TEXT, "--task", "text, or copy: the paper's synthetic copying task.", resume=True, record=True
-    )
-    copy_symbols: int = option(16, "", "Copy task: size of the symbol alphabet.", min=1, resume=True)
-    eval_every: int = option(0, "--eval-every", "With held-out data: bpc every N steps (0: at the end).", min=0)
-    eval_bytes: int | None = option(100_000, "", "Bytes of the held-out data each evaluation scores (None: all).")
+    seq_len: int = option(1024, min=1, resume=True, record=True)
+    batch_size: int = option(1, min=1, resume=True, record=True)
+    task: Task = option(Task.TEXT, resume=True, record=True)
+    copy_symbols: int = option(16, min=1, resume=True)
+    eval_every: int = option(0, min=0)
+    eval_bytes: int | None = option(100_000)
 
 
 @dataclass(frozen=True)
 class Optimization(Options):
     """The update: optimizer, schedule, steps, and what to do with a bad step."""
 
-    steps: int = option(1, "--steps", "Optimizer steps on seeded random windows.", min=1, resume=True, record=True)
-    one_step: bool = option(
-        False,
-        "--one-step",
-        "Exactly one step on the first batch (row b = bytes [bL, bL+L+1)), as in the paper's on-device experiment.",
-        resume=True,
-        record=True,
-    )
-    optimizer: Optimizer = option(
-        Optimizer.ADAM,
-        "--optimizer",
-        "sgd (plain, no momentum), adam, adamw or adafactor (factored second moments: least state).",
-        resume=True,
-        record=True,
-    )
-    lr: float = option(1e-3, "--lr", "Learning rate.", above=0.0, resume=True, record=True)
-    weight_decay: float | None = option(
-        None,
-        "--weight-decay",
-        f"Weight decay of the weight matrices (never LayerNorm gains or biases). Default: {ADAMW_WEIGHT_DECAY} with "
-        "adamw, else 0.",
-        min=0.0,
-        show_default=False,
-        resume=True,
-        record=True,
-    )
-    schedule: Schedule = option(
-        Schedule.CONSTANT,
-        "--schedule",
-        "Learning rate: constant, or cosine decay after the warmup.",
-        resume=True,
-        record=True,
-    )
-    warmup: int = option(0, "--warmup", "Steps of linear learning-rate warmup.", min=0, resume=True)
-    clip_grad: float | None = option(
-        None, "--clip-grad", "Clip the gradients' global norm (opt-in).", above=0.0, show_default=False, resume=True
-    )
-    accumulate: int = option(
-        1, "--accumulate", "Batches whose gradients make one optimizer step.", min=1, resume=True, record=True
-    )
-    seed: int = option(0, "--seed", "Seed for window sampling and FAVOR+ draws.", resume=True, record=True)
-    skip_nonfinite: bool = option(
-        False,
-        "--skip-nonfinite",
-        "Skip (and count) steps with a non-finite loss or gradient instead of stopping.",
-        resume=True,
-    )
+    steps: int = option(1, min=1, resume=True, record=True)
+    one_step: bool = option(False, resume=True, record=True)
+    optimizer: Optimizer = option(Optimizer.ADAM, resume=True, record=True)
+    lr: float = option(1e-3, above=0.0, resume=True, record=True)
+    weight_decay: float | None = option(None, min=0.0, resume=True, record=True)
+    schedule: Schedule = option(Schedule.CONSTANT, resume=True, record=True)
+    warmup: int = option(0, min=0, resume=True)
+    clip_grad: float | None = option(None, above=0.0, resume=True)
+    accumulate: int = option(1, min=1, resume=True, record=True)
+    seed: int = option(0, resume=True, record=True)
+    skip_nonfinite: bool = option(False, resume=True)
 
 
 @dataclass(frozen=True)
@@ -265,48 +188,11 @@ class Adapters(Options):
     """Parameter memory (CONTRACT.md section 4): LoRA adapters on a frozen base, the base's dtype, the adapter's
     own export."""
 
-    lora_rank: int = option(
-        0,
-        "--lora-rank",
-        "LoRA: freeze the base and train rank-R adapters on each target map (e.g. --lora-rank 8); 0: full "
-        "fine-tuning. --out is still the whole model, with the adapters merged in.",
-        min=0,
-        resume=True,
-        record=True,
-    )
-    lora_alpha: float | None = option(
-        None,
-        "--lora-alpha",
-        f"LoRA scale: the adapters add (ALPHA / R) B A x (e.g. --lora-alpha 16). Default: {LORA_ALPHA_PER_RANK:g}R.",
-        above=0.0,
-        show_default=False,
-        resume=True,
-        record=True,
-    )
-    lora_targets: str = option(
-        ",".join(LORA_DEFAULT_TARGETS),
-        "--lora-targets",
-        f"LoRA: comma list of the maps that get adapters, out of {','.join(LORA_TARGETS)} (e.g. --lora-targets "
-        "q_map,v_map).",
-        resume=True,
-        record=True,
-    )
-    base_dtype: BaseDtype = option(
-        BaseDtype.FP32,
-        "--base-dtype",
-        "With --lora-rank: bf16 keeps the frozen layers' weights in 2 bytes, read straight into bf16, and computes "
-        "under bf16 autocast (--precision bf16); adapters and their gradients stay fp32 (e.g. --lora-rank 8 "
-        "--base-dtype bf16).",
-        resume=True,
-        record=True,
-    )
-    adapter_out: Path | None = option(
-        None,
-        "--adapter-out",
-        "With --lora-rank: also write the adapter alone, in PEFT's format, to this folder (e.g. --adapter-out "
-        "tuned.adapter: adapter_config.json, adapter_model.safetensors).",
-        show_default=False,
-    )
+    lora_rank: int = option(0, min=0, resume=True, record=True)
+    lora_alpha: float | None = option(None, above=0.0, resume=True, record=True)
+    lora_targets: str = option(",".join(LORA_DEFAULT_TARGETS), resume=True, record=True)
+    base_dtype: BaseDtype = option(BaseDtype.FP32, resume=True, record=True)
+    adapter_out: Path | None = option(None)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -346,99 +232,39 @@ def lora_targets(targets) -> tuple[str, ...]:
 class SlimStep(Options):
     """How one step is computed: the chunk size and what bounds it, state recovery, precision."""
 
-    chunk_size: int | str | None = option(
-        None,
-        "--chunk-size",
-        "C: 'auto' picks the C predicted fastest among those that fit --mem-budget (on a GPU normally the "
-        "largest; on a CPU often a smaller one); 'max' the largest that fits (the paper's rule); 'full' or C >= L "
-        "is ordinary backprop.",
-        cli_type=str,
-    )
-    mem_budget: int | str | None = option(
-        None,
-        "--mem-budget",
-        "Memory the job may hold in all (weights, gradients, optimizer state, one chunk's activations, states, "
-        "runtime): a size (2GB = 2e9 bytes, 1.5GiB, 512MB) or a share of free memory (80%). Default: free memory "
-        f"less {SAFETY_MARGIN:.0%}.",
-        cli_type=str | None,
-        show_default=False,
-    )
-    recovery: Recovery = option(
-        Recovery.SUBTRACT64,
-        "--state-recovery",
-        "How SLiM recovers each chunk's start states: subtract64 (the paper's subtraction with float64 states; "
-        "exact, O(1) memory), subtract (the paper as published, fp32 states), store (keep every boundary state).",
-        resume=True,
-        record=True,
-        key="state_recovery",
-    )
-    precision: Precision = option(
-        Precision.FP32,
-        "--precision",
-        "Compute precision: fp32, or bf16 (autocast: bf16 matmuls; fp32 weights, gradients, attention states and "
-        "loss; no loss scaling needed).",
-        resume=True,
-        record=True,
-    )
-    batch_weight_grads: bool | None = option(
-        None, "", "Small C: batch weight gradients over chunks (deferred.py); None: when the plan can afford it."
-    )
+    chunk_size: int | str | None = option(None)
+    mem_budget: int | str | None = option(None)
+    recovery: Recovery = option(Recovery.SUBTRACT64, resume=True, record=True, key="state_recovery")
+    precision: Precision = option(Precision.FP32, resume=True, record=True)
+    batch_weight_grads: bool | None = option(None)
 
 
 @dataclass(frozen=True)
 class RunFolderOptions(Options):
     """Where a run keeps its metrics and resumable state."""
 
-    run_dir: str | None = option(
-        "auto",
-        "--run-dir",
-        "Run folder for metrics.jsonl and resumable state (auto: OUT.run; in Python None: no run folder).",
-    )
-    save_every: int = option(100, "--save-every", "Save resumable state every N steps (and on Ctrl-C).", min=0)
-    resume: bool = option(False, "--resume", "Continue the run saved in the run folder.")
-    restart: bool = option(
-        False, "--restart", "Start over although the run folder holds a saved run (moved aside, kept)."
-    )
+    run_dir: str | None = option("auto")
+    save_every: int = option(100, min=0)
+    resume: bool = option(False)
+    restart: bool = option(False)
 
 
 @dataclass(frozen=True)
 class ExportOptions(Options):
     """How the result is written."""
 
-    dtype: ExportDtype = option(
-        ExportDtype.AUTO, "--dtype", "Dtype of the written weights: auto keeps each tensor's input dtype."
-    )
-    format: ExportFormat = option(
-        ExportFormat.SAFETENSORS,
-        "--format",
-        "safetensors (one file) or hf (a folder with model.safetensors and config.json).",
-    )
-    overwrite: bool = option(
-        False,
-        "--overwrite",
-        "Replace an existing --out. Without it an existing --out is refused, unless it is the output of the run "
-        "being resumed or restarted (--resume, --restart).",
-    )
+    dtype: ExportDtype = option(ExportDtype.AUTO)
+    format: ExportFormat = option(ExportFormat.SAFETENSORS)
+    overwrite: bool = option(False)
 
 
 @dataclass(frozen=True)
 class Runtime(Options):
     """Where and how the process computes. Placement only: results are the same under every setting."""
 
-    device: str = option("auto", "--device", "auto (cuda if usable), cpu, cuda or cuda:N.")
-    threads: int | None = option(
-        None,
-        "--threads",
-        "CPU threads (also SLIMTUNE_THREADS). Default: the cores other processes leave free (see slimtune env).",
-        min=1,
-        show_default=False,
-    )
-    heap: Heap = option(
-        Heap.MANAGED,
-        "",
-        "CPU: managed sets glibc's heap thresholds (tight while planning, then the plan's choice); system leaves "
-        "glibc's own.",
-    )
+    device: str = option("auto")
+    threads: int | None = option(None, min=1)
+    heap: Heap = option(Heap.MANAGED)
 
 
 @dataclass(frozen=True)
@@ -507,71 +333,40 @@ BENCH_SEQ_LEN = 1024  # bench's L without a recipe's
 
 @dataclass(frozen=True)
 class EvalOptions(Options):
-    max_bytes: int | None = option(None, "--max-bytes", "Evaluate only the first N bytes.", min=2, show_default=False)
-    adapt: Adapt | None = option(
-        None,
-        "--adapt",
-        "one-step: the paper's on-device protocol (bpc of each window's second half before and after one SGD step "
-        "on its first half).",
-        show_default=False,
-    )
-    windows: int = option(8, "--windows", "--adapt: windows sampled from the data (seeded).", min=1)
+    max_bytes: int | None = option(None, min=2)
+    adapt: Adapt | None = option(None)
+    windows: int = option(8, min=1)
 
 
 @dataclass(frozen=True)
 class GenerateOptions(Options):
-    prompt: str = option("The ", "--prompt", "Text to continue.")
-    n_bytes: int = option(200, "--bytes", "How many bytes to sample.", min=0)
-    temperature: float = option(0.8, "--temperature", "0 is greedy.", min=0.0)
-    top_k: int | None = option(None, "--top-k", "Sample among the k likeliest bytes.", min=1, show_default=False)
+    prompt: str = option("The ")
+    n_bytes: int = option(200, min=0)
+    temperature: float = option(0.8, min=0.0)
+    top_k: int | None = option(None, min=1)
 
 
 @dataclass(frozen=True)
 class BenchOptions(Options):
-    chunks: str = option(
-        "1024,256,64,16", "--chunks", "SLiM chunk sizes to measure, comma-separated; sizes >= L are skipped."
-    )
-    full: bool = option(True, "--full", "Measure full backprop (the reference for the ratios).", secondary="--no-full")
-    checkpointing: bool = option(
-        True,
-        "--checkpointing",
-        "Measure full backprop with per-layer activation checkpointing.",
-        secondary="--no-checkpointing",
-    )
-    emulate_memory: str | None = option(
-        None,
-        "--emulate-memory",
-        "CUDA only: cap this process at a smaller card's memory (e.g. 2GB), as "
-        "torch.cuda.set_per_process_memory_fraction does.",
-        show_default=False,
-    )
-    plot: Path | None = option(
-        None,
-        "--plot",
-        "Also draw time and memory against C into this .png (needs matplotlib: pip install 'slimtune[plot]').",
-        show_default=False,
-    )
+    chunks: str = option("1024,256,64,16")
+    full: bool = option(True)
+    checkpointing: bool = option(True)
+    emulate_memory: str | None = option(None)
+    plot: Path | None = option(None)
 
 
 @dataclass(frozen=True)
 class PlanOptions(Options):
-    compare: bool = option(
-        True,
-        "--compare",
-        "Also plan the other parameter-memory strategies under the budget (full fine-tuning with adam, adafactor "
-        "and sgd; LoRA with an fp32 and a bf16 base), each with its C: one more probe per kind, so about "
-        "three times as long.",
-        secondary="--no-compare",
-    )
+    compare: bool = option(True)
 
 
 @dataclass(frozen=True)
 class Output(Options):
     """How a command reports."""
 
-    json: bool = option(False, "--json", "Print one JSON object as the last line of stdout.")
-    tensors: bool = option(False, "--tensors", "Also list every tensor with its shape and dtype.")
-    workdir: Path = option(Path("slimtune-demo"), "--workdir", "Where the demo writes its data and checkpoints.")
+    json: bool = option(False)
+    tensors: bool = option(False)
+    workdir: Path = option(Path("slimtune-demo"))
 
 
 ALL_GROUPS = (
@@ -587,16 +382,14 @@ ALL_GROUPS = (
 )
 
 
-def declared() -> dict[str, tuple[type, Flag]]:
-    """Every declared option: Python name -> (its group, its Flag). A name is declared in one group only."""
-    found: dict[str, tuple[type, Flag]] = {}
+def declared() -> dict[str, type]:
+    """Every declared option: Python name -> its group. A name is declared in one group only."""
+    found: dict[str, type] = {}
     for group in ALL_GROUPS:
         for f in fields(group):
-            if f.name in found and found[f.name][1] is not f.metadata["flag"]:
-                raise AssertionError(
-                    f"option {f.name} is declared twice ({found[f.name][0].__name__}, {group.__name__})"
-                )
-            found.setdefault(f.name, (group, f.metadata["flag"]))
+            if f.name in found and found[f.name] is not group and not issubclass(group, found[f.name]):
+                raise AssertionError(f"option {f.name} is declared twice ({found[f.name].__name__}, {group.__name__})")
+            found.setdefault(f.name, group)
     return found
 
 
@@ -626,9 +419,3 @@ def chunk_rule(value: int | str | None) -> ChunkRule:
 def default_of(group: type, name: str):
     f = next(f for f in fields(group) if f.name == name)
     return f.default if f.default is not MISSING else None
-
-
-def flag_for(name: str) -> str:
-    """The flag the command line shows for a Python parameter name (the name itself when it has none)."""
-    entry = declared().get(name)
-    return entry[1].flag if entry and entry[1].flag else name

@@ -15,7 +15,7 @@ bytes). Activations grow linearly in C, so the rest is extrapolation. The predic
 the lines add up to the total:
 - runtime     measured: RSS after the probe steps (Python, torch, kernels' code and caches, the weights) less the
               data already read, on CPU; the CUDA context plus the allocated weights on CUDA.
-- data        computed: the data files a run reads (fit maps them and reads them through; `plan --data`).
+- data        computed: the data files a run reads (fit maps them and reads them through; plan counts them too).
 - gradients   computed: one per parameter, in the parameters' dtype.
 - optimizer   measured: the optimizer's state, from one probe step with zero gradients and lr 0.
 - chunk       measured: the tensor bytes one step holds at its peak besides the gradients (activations and
@@ -29,7 +29,7 @@ the lines add up to the total:
 - gradient batching  computed: the weight-gradient buffers of small chunks (deferred.py), where used.
 - optimizer step     measured: where the optimizer step's own peak (gradients + state + temporaries, counted)
               exceeds the backward's, the difference.
-- export      computed: where the export's copies (PerformerLM.export_bytes: merged adapters, a cast) exceed
+- export      computed: where the export's copies (export.export_bytes: merged adapters, a cast) exceed
               what the steps held besides the weights, gradients and optimizer state, the difference.
 - planning    measured: where the process's peak while probing exceeds the rest,
               the difference. The process has held it already, so the choice of C does not charge it.
@@ -55,6 +55,7 @@ from .choices import ChunkRule, Heap, Optimizer, Precision, Recovery
 from .deferred import buffer_bytes, defers
 from .devices import available_source, cuda_context_bytes, resolve_budget
 from .errors import ConfigError, OutOfBudgetError
+from .export import export_bytes
 from .memory import (
     HEAP_THRESHOLDS,
     TensorBytes,
@@ -64,8 +65,8 @@ from .memory import (
     release_free_heap,
     window_peak_rss,
 )
-from .model import PerformerLM
 from .optimizers import make_optimizer
+from .pretrained import PerformerLM
 from .slim import compute_dtype, slim_step
 from .units import format_size
 
@@ -476,7 +477,7 @@ def predict(
     """The predicted peak of a run with chunk size C, line by line (bytes), the lines adding up to "total";
     `batching`: with the weight-gradient buffers of slimtune/deferred.py (computed, not probed); `heap`: the heap
     policy (CPU, memory.py); `reached`: the peak the process has already had (the probes'), a floor; `export`:
-    what the export after the steps allocates (PerformerLM.export_bytes)."""
+    what the export after the steps allocates (export.export_bytes)."""
     chunk = probe.chunk_bytes(min(chunk_size, work.seq_len), heap, one_pass=chunk_size >= work.seq_len)
     states = _state_bytes(model, work, chunk_size) if chunk_size < work.seq_len else 0
     grads = gradient_bytes(model)
@@ -654,6 +655,80 @@ def _forced_over(forced: int, lines: dict, chosen: int | None, budget_bytes: int
     )
 
 
+class _Predictions:
+    """The predicted lines of every (C, batching, heap) from one set of measurements, each computed once; whether
+    they fit the budget's usable share; the heap policy each C runs with; each C's relative time."""
+
+    def __init__(self, model, measured: Probe, work: Workload, usable: float, managed: bool, **fixed):
+        self.model, self.measured, self.work, self.usable, self.managed = model, measured, work, usable, managed
+        self.least = "tight" if managed else "fast"  # the policy C is chosen under: the one that holds the least
+        self.fixed = fixed  # runtime, reached, export: predict's lines that do not depend on C
+        self.raw: dict = {}  # (C, batching, heap) -> predict's lines: pure, so each is computed once
+        self.full_heap = self.heap_for(work.seq_len) or "fast"
+
+    def _predicted(self, c: int, batching: bool, heap: str) -> dict:
+        key = (c, batching, heap)
+        if key not in self.raw:
+            self.raw[key] = predict(self.model, self.measured, work=self.work, chunk_size=c, batching=batching,
+                                    heap=heap, **self.fixed)  # fmt: skip
+        return self.raw[key]
+
+    def peak(self, c: int, batching: bool = False, heap: str | None = None) -> dict:
+        return _monotone(self._predicted, c, self.work.seq_len, batching, heap or self.least)
+
+    def fits(self, lines: dict) -> bool:
+        """The training's prediction inside the usable budget; the probes' peak is a fact, not judged."""
+        return _training(lines)["total"] <= self.usable
+
+    def heap_for(self, c: int, batching: bool = False) -> str:
+        """Managed heap: "fast" (no page faults) where its peak fits too, else "tight"; "" when not managed."""
+        if not self.managed:
+            return ""
+        return "fast" if self.fits(self.peak(c, batching, "fast")) else "tight"
+
+    def seconds(self, c: int) -> float:
+        """Relative to full backprop's step, with the heap policy C would run with."""
+        return relative_time(self.measured, self.work.seq_len, c, self.heap_for(c) or "fast", self.full_heap)
+
+    def candidate(self, c: int, budget_bytes: int) -> Candidate:
+        heap = self.heap_for(c)
+        lines = self.peak(c, heap=heap or self.least)
+        return Candidate(c, lines["total"], lines["total"] / budget_bytes, self.seconds(c), self.fits(lines), heap)
+
+
+def _measure(model: PerformerLM, work: Workload, usable: float, managed: bool, resident_data: int):
+    """The probes, under the budget's usable share: (Probe, what the process held at their peak, the runtime)."""
+    device = next(model.parameters()).device
+    windowed = device.type == "cpu" and new_peak_window()  # the probes' own peak, not the process's earlier ones
+    with heap_policy_during("tight" if managed else None):
+        optimizer = measure_optimizer(model, work.optimizer)
+        room = lambda: probe_room(model, optimizer[0], usable, device)  # noqa: E731
+        measured = probe(model, work, room=room, heap="tight" if managed else "fast", optimizer=optimizer)
+    # What the process held at its peak while probing: measured, and a floor under every prediction of the run's
+    # peak. CPU only (on CUDA the probes' blocks stay reserved in the caching allocator and count in the chunk
+    # line), and only where the kernel's counter could be restarted (else it would hold a library user's earlier
+    # peaks).
+    reached = window_peak_rss() if windowed else 0
+    # After the probes: the kernels' code and caches they loaded stay resident.
+    return measured, reached, _runtime_bytes(model, resident_data)
+
+
+def _batching(predictions: _Predictions, work: Workload, chosen: int, budget_bytes: int) -> bool:
+    """Small chunks run faster with batched weight gradients (slimtune/deferred.py), whose buffers take a fixed
+    amount: used when they fit beside the chosen C, never at the price of a smaller C. A caller's True is counted as
+    asked (and checked against the budget); False never batches."""
+    can_batch = defers(work.batch_size, chosen, work.seq_len, compute_dtype(work.precision))
+    if work.batch_weight_grads is None:
+        return can_batch and predictions.fits(predictions.peak(chosen, True))
+    if can_batch and work.batch_weight_grads and not predictions.fits(predictions.peak(chosen, True)):
+        raise OutOfBudgetError(
+            f"batched weight gradients (`batch_weight_grads=True`) do not fit beside chunk size {chosen} in the "
+            f"budget {format_size(budget_bytes)}: leave `batch_weight_grads` None to batch only when they fit",
+            params=("batch_weight_grads", "mem_budget"),
+        )
+    return can_batch and work.batch_weight_grads
+
+
 def plan_chunk_size(
     model: PerformerLM,
     work: Workload,
@@ -674,83 +749,27 @@ def plan_chunk_size(
     L = work.seq_len
     budget_bytes, available = resolve_budget(budget, device)
     usable = budget_bytes * (1 - HEADROOM)  # what the prediction misses (heap fragmentation) gets the rest
-    # The probe steps stay inside the budget themselves: `fit --chunk-size auto` runs them in its own process.
+    # The probe steps stay inside the budget themselves: `fit` runs them in its own process.
     managed = device.type == "cpu" and Heap.parse(heap, "heap") == Heap.MANAGED
-    least = "tight" if managed else "fast"  # the policy C is chosen under: the one that holds the least
-    windowed = device.type == "cpu" and new_peak_window()  # the probes' own peak, not the process's earlier ones
-    with heap_policy_during("tight" if managed else None):
-        optimizer = measure_optimizer(model, work.optimizer)
-        room = lambda: probe_room(model, optimizer[0], usable, device)  # noqa: E731
-        measured = probe(model, work, room=room, heap=least, optimizer=optimizer)
-    # What the process held at its peak while probing: measured, and a floor under every prediction of the run's
-    # peak. CPU only (on CUDA the probes' blocks stay reserved in the caching allocator and count in the chunk
-    # line), and only where the kernel's counter could be restarted (else it would hold a library user's earlier
-    # peaks).
-    reached = window_peak_rss() if windowed else 0
-    # After the probes: the kernels' code and caches they loaded stay resident.
-    runtime = _runtime_bytes(model, resident_data)
-    export = 0 if work.export_dtype is None else model.export_bytes(work.export_dtype)  # the same at every C
+    measured, reached, runtime = _measure(model, work, usable, managed, resident_data)
+    export = 0 if work.export_dtype is None else export_bytes(model, work.export_dtype)  # the same at every C
+    at = _Predictions(model, measured, work, usable, managed, runtime=runtime, reached=reached, export=export)
 
-    raw = {}  # (C, batching, heap) -> predict's lines: pure, so each is computed once
-
-    def predicted(c, batching, heap):
-        key = (c, batching, heap)
-        if key not in raw:
-            raw[key] = predict(
-                model, measured, runtime, work, c, batching=batching, heap=heap, reached=reached, export=export
-            )
-        return raw[key]
-
-    def peak(c, batching=False, heap=least):
-        return _monotone(predicted, c, L, batching, heap)
-
-    def fits(lines):  # the training's prediction inside the usable budget; the probes' peak is a fact, not judged
-        return _training(lines)["total"] <= usable
-
-    def heap_for(c, batching=False):  # managed heap: "fast" (no page faults) when its peak fits too
-        if not managed:
-            return ""
-        return "fast" if fits(peak(c, batching, "fast")) else "tight"
-
-    full_heap = heap_for(L) or "fast"
-
-    def seconds(c):  # relative to full backprop's step, with the heap policy C would run with
-        return relative_time(measured, L, c, heap_for(c) or "fast", full_heap)
-
-    fitting = [c for c in chunk_sizes(L) + [L] if fits(peak(c))]  # C < L: a prefix of the grid (_monotone)
-    time_known = measured.slim_per_token > 0
+    fitting = [c for c in chunk_sizes(L) + [L] if at.fits(at.peak(c))]  # C < L: a prefix of the grid (_monotone)
     rule = ChunkRule.parse(rule, "chunk rule")
-    chosen, reason = choose_chunk(fitting, seconds, rule, time_known)
+    chosen, reason = choose_chunk(fitting, at.seconds, rule, time_known=measured.slim_per_token > 0)
     if forced is not None:
         forced = min(forced, L)
-        if not fits(peak(forced)):
-            raise _forced_over(forced, peak(forced), fitting[-1] if fitting else None, budget_bytes)
+        if not at.fits(at.peak(forced)):
+            raise _forced_over(forced, at.peak(forced), fitting[-1] if fitting else None, budget_bytes)
         chosen, reason = forced, "given"
     if chosen is None:
-        raise _nothing_fits(peak(1), measured, work, budget_bytes, available)
+        raise _nothing_fits(at.peak(1), measured, work, budget_bytes, available)
 
     sizes = sorted({2**k for k in range(int(math.log2(L)) + 1)} | {L, chosen} | set(fitting[-1:]))
-    candidates = []
-    for c in sizes:
-        heap = heap_for(c)
-        lines = peak(c, heap=heap or least)
-        candidates.append(Candidate(c, lines["total"], lines["total"] / budget_bytes, seconds(c), fits(lines), heap))
-    # Small chunks run faster with batched weight gradients (slimtune/deferred.py), whose buffers take a fixed
-    # amount: used when they fit beside the chosen C, never at the price of a smaller C.
-    # A caller's True is counted as asked (and checked against the budget); False never batches.
-    can_batch = defers(work.batch_size, chosen, L, compute_dtype(work.precision))
-    if work.batch_weight_grads is None:
-        batching = can_batch and fits(peak(chosen, True))
-    else:
-        batching = can_batch and work.batch_weight_grads
-        if batching and not fits(peak(chosen, True)):
-            raise OutOfBudgetError(
-                f"batched weight gradients (`batch_weight_grads=True`) do not fit beside chunk size {chosen} in the "
-                f"budget {format_size(budget_bytes)}: leave `batch_weight_grads` None to batch only when they fit",
-                params=("batch_weight_grads", "mem_budget"),
-            )
-    heap = heap_for(chosen, batching)
-    lines = peak(chosen, batching, heap or least)
+    batching = _batching(at, work, chosen, budget_bytes)
+    heap_policy = at.heap_for(chosen, batching)
+    lines = at.peak(chosen, batching, heap_policy or at.least)
     bigger = next((c for c in chunk_sizes(L) + [L] if c > chosen), None)
     return Plan(
         chunk_size=chosen,
@@ -763,18 +782,18 @@ def plan_chunk_size(
         optimizer=str(work.optimizer),
         predicted_peak_bytes=lines["total"],
         breakdown=lines,
-        candidates=candidates,
+        candidates=[at.candidate(c, budget_bytes) for c in sizes],
         batch_weight_grads=batching,
         memory_counts=memory_counts(device),
-        heap=heap,
-        seconds_full=full_seconds(measured, L, full_heap),
-        time_known=time_known,
+        heap=heap_policy,
+        seconds_full=full_seconds(measured, L, at.full_heap),
+        time_known=measured.slim_per_token > 0,
         rule=str(rule),
         reason=reason,
         largest_fitting=fitting[-1] if fitting else 0,
         threads=torch.get_num_threads(),
-        margin_bytes=int(usable - _training(peak(chosen))["total"]),
-        next_over_bytes=int(_training(peak(bigger))["total"] - usable) if bigger else None,
+        margin_bytes=int(usable - _training(at.peak(chosen))["total"]),
+        next_over_bytes=int(_training(at.peak(bigger))["total"] - usable) if bigger else None,
     )
 
 

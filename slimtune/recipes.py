@@ -1,7 +1,7 @@
 """Recipes: TOML files holding a model config and training settings, such as the SLiM paper's configurations.
 They live in the top-level recipes/ folder of the source tree (each begins with the command that runs it); an
 installed package carries copies (slimtune.recipe_files). `resolve` merges a recipe with overrides, the way
-`slimtune pretrain --recipe NAME --flag value` does: flags win over the recipe, the recipe over the defaults."""
+`slimtune pretrain` does with a recipe and options: options win over the recipe, the recipe over the defaults."""
 
 from __future__ import annotations
 

@@ -12,8 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .cli_options import cli_message
-from .options import flag_for
+from .cli_options import cli_message, flag_for
 from .units import format_size
 
 err = Console(stderr=True)

@@ -1,8 +1,8 @@
 """The plan of a run: everything derived from the options and the machine, decided once before the first step.
 
 `resolve_run` makes it (the planner's chunk size, weight-gradient batching and heap policy; the thread count; the
-trainable parameters; the weight and compute dtypes; the world size). The Trainer consumes it, `fit --json` and
-`plan --json` report it, and the run state saves and restores it as a unit, so a resumed run continues with the
+trainable parameters; the weight and compute dtypes; the world size). The Trainer consumes it, fit's and plan's
+JSON report it, and the run state saves and restores it as a unit, so a resumed run continues with the
 decisions the run it continues made. No lower layer re-decides any of it; the one change during a run is the
 out-of-memory fallback to a smaller C, which replaces the plan's chunk size and says so.
 """

@@ -30,7 +30,7 @@ from .attention import state_contribution
 from .choices import Precision, Recovery
 from .deferred import WeightGradBatcher, use_batching
 from .errors import ConfigError
-from .model import PerformerLM
+from .model import Performer
 
 # A chunk's start state of layer l, given that layer's key features and values over the chunk (which the
 # subtraction needs; the other strategies know the state already): (l, phi(k), v) -> [B, H, M, D + 1].
@@ -96,7 +96,7 @@ def autocast(device: torch.device, precision: torch.dtype | None):
     return torch.autocast(device.type, dtype=precision)
 
 
-def _check(model: PerformerLM, windows: torch.Tensor, chunk_size: int) -> None:
+def _check(model: Performer, windows: torch.Tensor, chunk_size: int) -> None:
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ConfigError(f"windows must be [B, L + 1] with L >= 1, got shape {tuple(windows.shape)}")
     if windows.dtype not in (torch.int64, torch.int32, torch.uint8):
@@ -119,7 +119,7 @@ def chunk_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tenso
     return (ce * weights.flatten().to(ce.dtype)).sum()
 
 
-def _recompute(model: PerformerLM, ids, start: int, start_states: StartStates, *, first: bool = False):
+def _recompute(model: Performer, ids, start: int, start_states: StartStates, *, first: bool = False):
     """Rebuild one chunk with autograd from its start states (given per layer by `start_states`).
 
     Returns (logits, start states as recovered, their copies in the weights' dtype as the graph's leaves, which
@@ -140,7 +140,7 @@ def _recompute(model: PerformerLM, ids, start: int, start_states: StartStates, *
 
 
 def slim_step(
-    model: PerformerLM,
+    model: Performer,
     windows: torch.Tensor,
     chunk_size: int,
     mask: torch.Tensor | None = None,
@@ -153,7 +153,7 @@ def slim_step(
     """Accumulate into each parameter's .grad the exact gradient of the mean next-token loss, and return the loss.
 
     Args:
-        model: the Performer; its current FAVOR+ draw is used for every chunk (see `PerformerLM.redraw_features`).
+        model: the Performer; its current FAVOR+ draw is used for every chunk (see `Performer.redraw_features`).
         windows: [B, L + 1] token ids (inputs are [:, :-1], targets [:, 1:]).
         chunk_size: C >= 1; C >= L is ordinary backprop with no overhead.
         mask: optional [B, L] weights of the predicted positions (the loss is their weighted mean).

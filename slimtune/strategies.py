@@ -244,7 +244,7 @@ def plan_fit(
     resident, so their sizes count). Raises OutOfBudgetError when the asked strategy fits no C, naming the
     strategies that do."""
     from .checkpoint import load_checkpoint
-    from .model import PerformerLM
+    from .pretrained import PerformerLM
     from .runplan import fixed
 
     options = fit_options(options, overrides)

@@ -4,7 +4,7 @@ A SLiM step on CPU is many small parallel regions (a few per op, per chunk). Whe
 busy, each region waits for a worker thread the scheduler has put aside, and the step collapses: measured here
 at C = 256, L = 8192 (d 256, 3 layers) on 2 cores, 0.84 s quiet with 2 threads, 37 s next to one busy process,
 while 1 thread took 1.29 s either way (benchmarks/RESULTS.md, "Threads and a busy neighbour"). Large GEMMs (full
-backprop) suffer much less. So the count is: `--threads` / SLIMTUNE_THREADS when given, else the cores this
+backprop) suffer much less. So the count is: `threads` / SLIMTUNE_THREADS when given, else the cores this
 process may run on (its affinity) less those other processes keep busy, measured over a short interval, at
 least 1. Between chunks and steps a `LoadWatch` follows neighbours that start or stop during the run (unless the
 count was given). Results depend on the count in the last bits, so the run state records it and a resumed run starts on
@@ -72,7 +72,7 @@ def busy_cores(seconds: float = SAMPLE_SECONDS) -> float:
 
 
 def requested(value: int | str | None = None) -> int | None:
-    """The user's count: `value` (--threads), else SLIMTUNE_THREADS, else None (choose)."""
+    """The user's count: `value` (the `threads` option), else SLIMTUNE_THREADS, else None (choose)."""
     if value is None:
         value = os.environ.get(ENV) or None
     if value is None:

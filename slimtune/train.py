@@ -32,10 +32,10 @@ from .distributed import Group, average_gradients, barrier, broadcast_parameters
 from .errors import ConfigError, Interrupted, Notice, OutOfBudgetError, SlimtuneError
 from .evaluation import copy_accuracy, evaluate
 from .memory import heap_policy_during, is_out_of_memory, peak_memory_bytes, release_free_heap
-from .model import PerformerConfig, PerformerLM
 from .optimizers import make_optimizer
 from .options import FitOptions, chunk_request, fit_options
 from .planner import memory_counts
+from .pretrained import PerformerConfig, PerformerLM
 from .runplan import RunPlan, after_out_of_memory, autocast_dtype, fixed, resolve_run
 from .runs import RunFolder
 from .slim import autocast, slim_step
@@ -807,7 +807,7 @@ def pretrain(
 ) -> FitResult:
     """Train a model from random initialisation (the server side) and write a contract checkpoint. `config`: a
     PerformerConfig, or a recipe's name or .toml path (`slimtune recipes`), whose [train] settings then stand
-    under `overrides`, as `slimtune pretrain --recipe` reads them. `data`: a text file's path or its bytes (None
+    under `overrides`, as `slimtune pretrain` reads a recipe's. `data`: a text file's path or its bytes (None
     for the copy task); the rest as for `fit`."""
     started = time.perf_counter()
     if not isinstance(config, PerformerConfig):

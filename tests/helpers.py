@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from slimtune.checkpoint import save_checkpoint
-from slimtune.model import PerformerConfig, PerformerLM
+from slimtune.pretrained import PerformerConfig, PerformerLM
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -289,7 +289,7 @@ def test_reading_into_other_dtypes_converts_each_tensor_and_remembers_the_files(
     from safetensors.torch import load_file
 
     from slimtune.lora import read_dtypes
-    from slimtune.model import PerformerLM
+    from slimtune.pretrained import PerformerLM
 
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, {k: v.to(stored) for k, v in state_dict.items()}, tiny_model(seed=2).config)

@@ -10,7 +10,7 @@ from helpers import assert_close, rel_err, save_model, tiny_model
 
 from slimtune.checkpoint import load_checkpoint
 from slimtune.cli import main
-from slimtune.model import PerformerConfig, PerformerLM
+from slimtune.pretrained import PerformerConfig, PerformerLM
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 

@@ -257,7 +257,7 @@ def test_fit_with_lora_exports_the_merged_model_and_the_peft_adapter(capsys, tmp
     """--out: each target W + (ALPHA / R) B @ A (from the adapter file, computed here) in the input's dtype, every
     other tensor bit for bit the input's; the plain model loads it and gives the adapted model's logits."""
     from slimtune.checkpoint import load_checkpoint
-    from slimtune.model import PerformerLM
+    from slimtune.pretrained import PerformerLM
 
     base = _base(tmp_path)
     result = _fit(capsys, tmp_path, base, data_dir, "--lora-rank", 2, "--lora-alpha", 3, "--lora-targets",
@@ -374,7 +374,7 @@ def test_peft_loads_the_adapter_onto_the_hf_model_and_gives_the_merged_exports_l
     import subprocess
     import sys
 
-    from slimtune.model import PerformerLM
+    from slimtune.pretrained import PerformerLM
 
     base = _base(tmp_path)
     _fit(capsys, tmp_path, base, data_dir, "--lora-rank", 3, "--lora-targets", "q_map,v_map,U_map,output_logit_map",
@@ -405,7 +405,7 @@ def test_eval_adapts_lora_adapters_in_the_one_step_at_any_chunk_size(capsys, tmp
     the step over every weight."""
     from slimtune.data import read_bytes
     from slimtune.evaluation import adapt_one_step
-    from slimtune.model import PerformerLM
+    from slimtune.pretrained import PerformerLM
 
     base = _base(tmp_path)
     data = data_dir / "ptb.valid.txt"

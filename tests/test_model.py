@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from slimtune import lora
 from slimtune.checkpoint import load_checkpoint, save_checkpoint
 from slimtune.memory import TensorBytes
-from slimtune.model import PerformerLM
+from slimtune.pretrained import PerformerLM
 
 FEATURES = ["sqr", "relu", "elu+1", "abs", "favor+", "favor+_2"]
 

@@ -1,8 +1,10 @@
-"""The one declaration of every option (slimtune/options.py) and what is derived from it: each command's typer
-options, the resume check, the provenance, the flag a CLI error names; and the rule that the library speaks of
-Python parameters only (no `--` in its messages), the CLI of flags."""
+"""The one declaration of every option (slimtune/options.py: name, type, default, bounds) and its one flag
+(slimtune/cli_options.py FLAGS), and what is derived from them: each command's typer options, the resume check, the
+provenance, the flag a CLI error names; and the rule that the library speaks of Python parameters only (no flag in
+any of its strings), the command line of flags."""
 
 import ast
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -11,14 +13,14 @@ from pathlib import Path
 import pytest
 import typer.main
 
-from slimtune import options
+from slimtune import cli_options, options
 from slimtune.cli import app
 from slimtune.errors import ConfigError
 
 PACKAGE = Path(options.__file__).parent
-# Where flags may be named: the command line, its declaration, and the text it prints (render.py draws its tables;
-# demo.py is `slimtune demo`, whose walkthrough names the commands to try next).
-CLI_MODULES = {"cli.py", "cli_options.py", "options.py", "render.py", "demo.py"}
+# Where flags may be named: the command line layer (render.py draws its tables; demo.py is `slimtune demo`, whose
+# walkthrough names the commands to try next).
+CLI_MODULES = {"cli.py", "cli_options.py", "render.py", "demo.py", "__main__.py"}
 
 
 def _commands() -> dict:
@@ -27,11 +29,12 @@ def _commands() -> dict:
 
 
 def test_every_flag_of_every_command_comes_from_one_declaration():
-    """Each option of each command is declared once, in options.py: the same flag means the same option wherever
-    it appears (`--seed` in five commands is one declaration)."""
-    flags = [spec.flag for _, spec in options.declared().values() if spec.flag]
+    """Each option of each command is declared once, in options.py, and shown by one flag: the same flag means the
+    same option wherever it appears (`--seed` in five commands is one declaration)."""
+    flags = [shown.flag for shown in cli_options.FLAGS.values()]
     assert len(flags) == len(set(flags))  # no flag declared twice
-    declared = {spec.flag: name for name, (_, spec) in options.declared().items() if spec.flag}
+    assert set(cli_options.FLAGS) <= set(options.declared())  # a flag for a declared option only
+    declared = {shown.flag: name for name, shown in cli_options.FLAGS.items()}
     seen = {}
     for command, cli in _commands().items():
         for param in cli.params:
@@ -45,7 +48,7 @@ def test_every_flag_of_every_command_comes_from_one_declaration():
 def test_fit_has_a_flag_for_every_option_a_user_sets():
     """The fit command offers every FitOptions field that has a flag, and FitOptions is the training groups."""
     fit = {p.name for p in _commands()["fit"].params}
-    flagged = {f.name for f in fields(options.FitOptions) if f.metadata["flag"].flag}
+    flagged = {f.name for f in fields(options.FitOptions) if f.name in cli_options.FLAGS}
     assert flagged - {"task"} <= fit  # the copy task is pretrain's
     groups = {f.name for g in options.TRAINING_GROUPS for f in fields(g)}
     assert groups == {f.name for f in fields(options.FitOptions)}
@@ -115,6 +118,22 @@ def test_no_library_message_names_a_flag():
         for line, text in _messages(ast.parse(path.read_text())):
             if "--" in text:
                 found.append(f"{path.name}:{line}: {text!r}")
+    assert not found, "\n".join(found)
+
+
+def test_flag_strings_appear_only_in_the_command_line_layer():
+    """No string below the interface (docstrings included) names one of slimtune's flags: the library documents
+    its parameters, the command line its flags. (Other tools' flags, such as torchrun's, may be named.)"""
+    ours = {shown.flag for shown in cli_options.FLAGS.values()} | {"--help", "--version"}
+    ours |= {shown.secondary for shown in cli_options.FLAGS.values() if shown.secondary}
+    flag = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]+")
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name in CLI_MODULES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                found += [f"{path.name}:{node.lineno}: {m}" for m in flag.findall(node.value) if m in ours]
     assert not found, "\n".join(found)
 
 

@@ -10,7 +10,7 @@ from slimtune.checkpoint import load_checkpoint
 from slimtune.cli import main
 from slimtune.data import copy_windows
 from slimtune.errors import ConfigError
-from slimtune.model import PerformerLM
+from slimtune.pretrained import PerformerLM
 from slimtune.recipes import list_recipes, load_recipe
 from slimtune.slim import slim_step
 

@@ -9,7 +9,7 @@ import torch
 from helpers import save_model, tiny_model
 
 from slimtune.choices import BaseDtype, Optimizer
-from slimtune.model import PerformerLM
+from slimtune.pretrained import PerformerLM
 from slimtune.planner import Workload
 from slimtune.strategies import Strategy, compare, lineup
 

@@ -8,7 +8,7 @@ from helpers import save_model, tiny_model
 
 from slimtune.checkpoint import load_checkpoint
 from slimtune.errors import SlimtuneError
-from slimtune.model import PerformerLM
+from slimtune.pretrained import PerformerLM
 from slimtune.optimizers import make_optimizer
 from slimtune.train import FitOptions, Trainer, fit
 

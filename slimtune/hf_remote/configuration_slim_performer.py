@@ -1,4 +1,4 @@
-"""The SLiM Performer's configuration for Hugging Face transformers (written by `slimtune ... --format hf`)."""
+"""The SLiM Performer's configuration for Hugging Face transformers (written by an export in the hf format)."""
 
 from transformers import PretrainedConfig
 

@@ -1,4 +1,4 @@
-"""The SLiM Performer language model for Hugging Face transformers (written by `slimtune ... --format hf`).
+"""The SLiM Performer language model for Hugging Face transformers (written by an export in the hf format).
 
 The math of slimtune's docs/format.md in plain torch, with the reference code's parameter names, so the exported
 model.safetensors loads as it is: positions as sin/cos of the absolute index, causal linear attention
