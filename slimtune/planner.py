@@ -75,6 +75,10 @@ from .units import format_size
 PROBE_SIZES = (256, 1024)
 TINY_PROBE_SIZES = (16, 64)  # the warm-up's chunk, and the two steps that size the probes where the room is small
 HEADROOM = 0.05  # share of the budget the choice leaves free
+# The "fast" heap keeps freed blocks up to 32 MB, and what it keeps varies from run to run: it is chosen only where
+# its prediction leaves this share of the usable budget free besides. (d 512 x 1, L 8192, adamw under 538 MB: C 448
+# predicted 510 MB on the fast heap, 1 MB inside the usable share; two runs held 526 and 545 MB.)
+FAST_HEAP_MARGIN = 0.05
 SLIM_TIME_SIZES = (16, 256)  # C of the SLiM timing probes (smaller for short L)
 SLIM_PROBE_CHUNKS = 4  # chunks per SLiM timing probe: the sweep, the recovery and the chained backward all run
 TIME_REPEATS = 5  # each timing probe runs this often; the fastest counts
@@ -676,15 +680,16 @@ class _Predictions:
     def peak(self, c: int, batching: bool = False, heap: str | None = None) -> dict:
         return _monotone(self._predicted, c, self.work.seq_len, batching, heap or self.least)
 
-    def fits(self, lines: dict) -> bool:
-        """The training's prediction inside the usable budget; the probes' peak is a fact, not judged."""
-        return _training(lines)["total"] <= self.usable
+    def fits(self, lines: dict, share: float = 1.0) -> bool:
+        """The training's prediction inside `share` of the usable budget; the probes' peak is a fact, not judged."""
+        return _training(lines)["total"] <= self.usable * share
 
     def heap_for(self, c: int, batching: bool = False) -> str:
-        """Managed heap: "fast" (no page faults) where its peak fits too, else "tight"; "" when not managed."""
+        """Managed heap: "fast" (no page faults) where its peak fits with FAST_HEAP_MARGIN to spare, else "tight";
+        "" when not managed."""
         if not self.managed:
             return ""
-        return "fast" if self.fits(self.peak(c, batching, "fast")) else "tight"
+        return "fast" if self.fits(self.peak(c, batching, "fast"), 1 - FAST_HEAP_MARGIN) else "tight"
 
     def seconds(self, c: int) -> float:
         """Relative to full backprop's step, with the heap policy C would run with."""
