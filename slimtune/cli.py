@@ -148,8 +148,6 @@ def root(
     """
 
 
-# -- fit -------------------------------------------------------------------------------------------------------------
-
 # Every flagged option of every training group (FitOptions' bases): a group or field added there is a flag of fit.
 FIT_OPTIONS = [
     p
@@ -237,8 +235,6 @@ def plan(a):
         emit_json(found.to_json())
 
 
-# -- pretrain --------------------------------------------------------------------------------------------------------
-
 FROM_RECIPE = {"default": None, "show_default": False}
 
 
@@ -317,9 +313,6 @@ def pretrain(a):
     console(a.json).print(summary)
     if a.json:
         emit_json(result.to_json())
-
-
-# -- bench -----------------------------------------------------------------------------------------------------------
 
 
 @command(
@@ -419,9 +412,6 @@ def bench(a):
         emit_json(report)
 
 
-# -- recipes, eval, generate, inspect, convert, env, demo ------------------------------------------------------------
-
-
 @command(app, JSON)
 def recipes(a):
     """List the recipes (the SLiM paper's configurations and a small one), each with the command that runs it."""
@@ -496,6 +486,7 @@ def evaluate(a):
               slimtune eval --checkpoint model.safetensors --data doc.txt --adapt one-step --seq-len 2048
     """
     _require("eval", checkpoint=a.checkpoint, data=a.data)
+    pick(SlimStep, a).check()  # the budget read before the checkpoint is
     from .choices import Optimizer
     from .data import read_bytes
     from .evaluation import adapt_one_step
@@ -577,6 +568,7 @@ def generate(a):
     Example: slimtune generate --checkpoint tuned.safetensors --prompt "Day 12: wind" --bytes 300
     """
     _require("generate", checkpoint=a.checkpoint)
+    pick(SlimStep, a).check()  # the budget read before the checkpoint is
     from .generation import generate as run_generate
     from .pretrained import PerformerLM
 
@@ -690,9 +682,6 @@ def demo(a):
     result = run_demo(a.workdir, say=lambda text: show.print(text), threads=a.threads, on_warning=warning)
     if a.json:
         emit_json(result)
-
-
-# -- the error boundary ----------------------------------------------------------------------------------------------
 
 
 def _click_exceptions(name: str) -> tuple[type, ...]:

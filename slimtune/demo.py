@@ -21,7 +21,7 @@ from .data import read_bytes
 from .evaluation import evaluate
 from .memory import release_free_heap, reset_peak_rss
 from .options import Runtime, default_of
-from .planner import HEADROOM, Workload, plan_chunk_size
+from .planner import Workload, budget_holding, plan_chunk_size, usable_bytes
 from .pretrained import PerformerConfig, PerformerLM
 from .train import FitOptions, fit, pretrain
 
@@ -165,9 +165,9 @@ def _small_device_budget(model: PerformerLM, say) -> tuple[int, int]:
     # the planner judges at C = L/4 and at the next C of its grid, as far from either edge as the grid allows (a
     # budget halfway between L/4 and L/2 left L/4 a few MB inside the usable share). Another process, such as the
     # `slimtune plan` printed below, measures its own runtime and may still land one C of the grid away.
-    usable = quarter.budget_bytes * (1 - HEADROOM)
+    usable = usable_bytes(quarter.budget_bytes)
     at_quarter, at_next = usable - quarter.margin_bytes, usable + quarter.next_over_bytes
-    budget = int((at_quarter + at_next) / 2 / (1 - HEADROOM))
+    budget = int(budget_holding((at_quarter + at_next) / 2))
     say(
         f"[bold]3. plan[/bold]  L {SEQ_LEN} under a budget of {budget / 1e6:.1f} MB (a small device); "
         f"full backprop would need {full_backprop / 1e6:.1f} MB"

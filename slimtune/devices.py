@@ -25,7 +25,7 @@ import torch
 from .cgroups import Limit, memory_limits, tightest
 from .errors import ConfigError
 from .options import SAFETY_MARGIN
-from .units import format_size, parse_size
+from .units import format_size, parse_budget, parse_size
 
 
 @dataclass
@@ -241,17 +241,8 @@ def resolve_budget(budget: str | int | None, device: torch.device) -> tuple[int,
     available = available_bytes(device)
     if budget is None:
         return int(available * (1 - SAFETY_MARGIN)), available
-    if isinstance(budget, str) and budget.strip().endswith("%"):
-        try:
-            share = float(budget.strip()[:-1])
-        except ValueError:
-            raise ConfigError(
-                f"cannot read `mem_budget` {budget!r}: write a size (2GB) or a percentage (80%)", params=("mem_budget",)
-            ) from None
-        if not 0 < share <= 100:
-            raise ConfigError(f"`mem_budget` {budget!r} must be a percentage in (0, 100]", params=("mem_budget",))
-        return int(available * share / 100), available
-    return min(parse_size(budget, "mem_budget"), available), available
+    size, share = parse_budget(budget)
+    return (int(available * share) if share is not None else min(size, available)), available
 
 
 def emulate_card(size: str | int, device: torch.device) -> int:

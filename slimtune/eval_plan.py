@@ -44,10 +44,12 @@ from .planner import (
     _some_feature_draw,
     _terms,
     _windows,
+    budget_holding,
     chunk_sizes,
     held_bytes,
     memory_counts,
     probe_sizes,
+    usable_bytes,
 )
 from .pretrained import PerformerLM
 from .units import format_size
@@ -57,9 +59,10 @@ Forward = Callable[[torch.Tensor, int], object]
 HEAP = "lean"  # the CPU heap policy the probes and the forward run under (memory.py): blocks of 1 MB and up mmap'ed
 # Resident bytes per tensor byte of a chunk on CPU under HEAP, for blocks below its 1 MB mmap threshold (small C).
 # Calibrated on 17 evaluations at a given C and batch (d 128-512, 1-4 layers, V 256 and 32000, C 64-16384, 60-300 kB
-# each, 2026-12-03): the loop's peak above the runtime was 2.6-3.1x the counted tensor bytes where the blocks lie
-# below 1 MB (d 512 at C 256: 28 MB for 9.8 MB), and 1.0-1.3x where they are mapped, which planner.py's
-# MAPPED_OVERHEAD covers (d 512 at C 1280: 51 MB for 39 MB; V 32000 at C 1024: 267 MB for 262 MB).
+# each; benchmarks/RESULTS.md, "eval under a budget"): the loop's peak above the runtime was 2.6-3.1x the counted
+# tensor bytes where the blocks lie below 1 MB (d 512 at C 256: 28 MB for 9.8 MB), and 1.0-1.3x where they are
+# mapped, which planner.py's MAPPED_OVERHEAD covers (d 512 at C 1280: 51 MB for 39 MB; V 32000 at C 1024: 267 MB
+# for 262 MB).
 FORWARD_HEAP_OVERHEAD = 3.1
 
 
@@ -150,7 +153,7 @@ def window_bytes(seq_len: int, batch_size: int) -> int:
 
 def predict(
     model: PerformerLM,
-    probe: Probe,
+    measured: Probe,
     runtime: int,
     work: ForwardWork,
     chunk_size: int,
@@ -165,7 +168,7 @@ def predict(
     tokens = min(chunk_size, work.seq_len) * batch_size
     # Never less than at fewer tokens: where a chunk's blocks grow past the mmap threshold they leave the heap, whose
     # overhead is the larger, and the heap model alone would predict less (planner.py's `_monotone`).
-    chunk = max(probe.chunk_bytes(t, heap) for t in chunk_sizes(tokens) + [tokens])
+    chunk = max(measured.chunk_bytes(t, heap) for t in chunk_sizes(tokens) + [tokens])
     lines = {
         "runtime": runtime,
         "data": work.data_bytes,
@@ -196,9 +199,9 @@ def choose_forward(fits: Callable[[int, int], bool], seq_len: int, batches: list
 
 def _nothing_fits(lines: dict, work: ForwardWork, budget_bytes: int, available: int) -> OutOfBudgetError:
     lines = judged(lines)
-    missing = lines["total"] - budget_bytes * (1 - HEADROOM)
+    missing = lines["total"] - usable_bytes(budget_bytes)
     hints = [
-        f"a larger `mem_budget` (at least {format_size(lines['total'] / (1 - HEADROOM))}; "
+        f"a larger `mem_budget` (at least {format_size(budget_holding(lines['total']))}; "
         f"available: {format_size(available)})"
     ]
     if work.data_bytes >= missing:
@@ -236,7 +239,7 @@ def plan_forward(
     device = next(model.parameters()).device
     seq_len = work.seq_len
     budget_bytes, available = resolve_budget(budget, device)
-    usable = budget_bytes * (1 - HEADROOM)
+    usable = usable_bytes(budget_bytes)
     on_cpu = device.type == "cpu"
     windowed = on_cpu and new_peak_window()  # the probes' own peak, not the process's earlier ones
     with heap_policy_during(HEAP if on_cpu else None):  # as the forward will run (memory.py)

@@ -10,9 +10,9 @@ planner picks one of two settings per run:
   allocator.py), with a peak of 837 MB against 1.1 GB (benchmarks/RESULTS.md).
 - "fast": blocks below 32 MB (glibc's own largest dynamic threshold) stay in the heap and are reused without
   faults: plain-PyTorch speed, and a peak that holds the heap's free blocks too.
-A run uses "fast" when its predicted peak under that setting fits the budget with a margin, else "tight"; chunk-sized blocks
-of SLiM at C <= 512 (d 256) are below 4 MB and live in the heap either way. planner.py says how the prediction
-accounts for the heap. (Huge pages, THP_MEM_ALLOC_ENABLE=1, are not asked for: with the kernel's default
+A run uses "fast" when its predicted peak under that setting fits the budget with a margin, else "tight";
+chunk-sized blocks of SLiM at C <= 512 (d 256) are below 4 MB and live in the heap either way. planner.py says how
+the prediction accounts for the heap. (Huge pages, THP_MEM_ALLOC_ENABLE=1, are not asked for: with the kernel's default
 "defrag=madvise" every huge-page fault may compact memory, and full backprop's step time varied 0.73-1.87 s.)
 
 A third setting, "lean", is for the no-grad forward of `eval` and `generate` (eval_plan.py): blocks of 1 MB or more

@@ -37,6 +37,7 @@ from .choices import (
     Task,
 )
 from .errors import ConfigError
+from .units import parse_budget
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,6 @@ def _plain(value):
 
 DEFAULT_RECIPE = "small"  # the model and training of `pretrain` without a recipe
 SAFETY_MARGIN = 0.10  # with no `mem_budget`, leave this share of the free memory alone
-
-
-# -- the groups -----------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -237,6 +235,11 @@ class SlimStep(Options):
     recovery: Recovery = option(Recovery.SUBTRACT64, resume=True, record=True, key="state_recovery")
     precision: Precision = option(Precision.FP32, resume=True, record=True)
     batch_weight_grads: bool | None = option(None)
+
+    def check(self) -> None:
+        super().check()
+        if self.mem_budget is not None:
+            parse_budget(self.mem_budget)  # before any file is read: a budget that cannot be read is refused first
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ from .memory import (
     window_peak_rss,
 )
 from .optimizers import make_optimizer
+from .options import FitOptions
 from .pretrained import PerformerLM
 from .slim import compute_dtype, slim_step
 from .units import format_size
@@ -75,6 +76,18 @@ from .units import format_size
 PROBE_SIZES = (256, 1024)
 TINY_PROBE_SIZES = (16, 64)  # the warm-up's chunk, and the two steps that size the probes where the room is small
 HEADROOM = 0.05  # share of the budget the choice leaves free
+
+
+def usable_bytes(budget_bytes: float) -> float:
+    """The share of a budget the choice may fill: the rest (HEADROOM) for what the prediction misses."""
+    return budget_bytes * (1 - HEADROOM)
+
+
+def budget_holding(total: float) -> float:
+    """The least budget whose usable share holds `total` bytes."""
+    return total / (1 - HEADROOM)
+
+
 # The "fast" heap keeps freed blocks up to 32 MB, and what it keeps varies from run to run: it is chosen only where
 # its prediction leaves this share of the usable budget free besides. (d 512 x 1, L 8192, adamw under 538 MB: C 448
 # predicted 510 MB on the fast heap, 1 MB inside the usable share; two runs held 526 and 545 MB.)
@@ -86,8 +99,8 @@ TIME_REPEATS = 5  # each timing probe runs this often; the fastest counts
 # spread of the same plan's times from one process to the next (benchmarks/planner_time.py: four plans within 6 %),
 # so that plan and fit do not part over noise; far below the losses the rule exists to avoid (2x at the largest C).
 CHOICE_TIE = 0.10
-# The time column against measured steps (benchmarks/planner_time.py), stated in the plan: 8 % on a quiet machine
-# (2026-11-24), 27-34 % in the runs of 2026-12-01 on a noisy one.
+# The time column against measured steps (benchmarks/planner_time.py), stated in the plan: 8 % on a quiet machine,
+# 27-34 % on a noisy one (benchmarks/RESULTS.md, "The plan's time column").
 TIME_UNCERTAINTY = 0.35
 # A block this large is mmap'ed under any heap policy (glibc's dynamic threshold stops at 32 MB): its first touch
 # faults. The probe runs right after a tiny warm-up, while the process holds little more than the runtime and the
@@ -122,6 +135,22 @@ class Workload:
     copies_bytes: int = 0  # held besides: the one-step adaptation's copy of the weights, torchrun's all-reduce buffer
     batch_weight_grads: bool | None = None  # None: batch small chunks' weight gradients when the buffers fit
     export_dtype: str | None = None  # the export after the steps, in this dtype ("auto": the input's); None: none
+
+    @classmethod
+    def of(cls, options: FitOptions, *, data_bytes: int = 0, copies_bytes: int = 0) -> Workload:
+        """What a fit or pretrain run with `options` asks of the device: the one builder the run plan and `plan`
+        use (in the dtype the steps compute in, `compute_precision`)."""
+        return cls(
+            options.seq_len,
+            options.batch_size,
+            options.optimizer,
+            options.recovery,
+            options.compute_precision,
+            data_bytes,
+            copies_bytes,
+            options.batch_weight_grads,
+            options.dtype,
+        )
 
     def __post_init__(self):
         object.__setattr__(self, "optimizer", Optimizer.parse(self.optimizer, "optimizer"))
@@ -468,7 +497,7 @@ def _state_bytes(model: PerformerLM, work: Workload, chunk_size: int) -> int:
 
 def predict(
     model: PerformerLM,
-    probe: Probe,
+    measured: Probe,
     runtime: int,
     work: Workload,
     chunk_size: int,
@@ -482,7 +511,7 @@ def predict(
     `batching`: with the weight-gradient buffers of slimtune/deferred.py (computed, not probed); `heap`: the heap
     policy (CPU, memory.py); `reached`: the peak the process has already had (the probes'), a floor; `export`:
     what the export after the steps allocates (export.export_bytes)."""
-    chunk = probe.chunk_bytes(min(chunk_size, work.seq_len), heap, one_pass=chunk_size >= work.seq_len)
+    chunk = measured.chunk_bytes(min(chunk_size, work.seq_len), heap, one_pass=chunk_size >= work.seq_len)
     states = _state_bytes(model, work, chunk_size) if chunk_size < work.seq_len else 0
     grads = gradient_bytes(model)
     buffers = buffer_bytes(model) if batching else 0
@@ -490,7 +519,7 @@ def predict(
         "runtime": runtime,
         "data": work.data_bytes,
         "gradients": grads,
-        "optimizer": probe.optimizer_state,
+        "optimizer": measured.optimizer_state,
         "chunk": int(chunk),
         "states": states,
         "gradient batching": buffers,
@@ -498,8 +527,8 @@ def predict(
     }
     # The peak is the backward of a chunk (optimizer state already there from step 2 on), or the optimizer step
     # (gradients there) where its temporaries exceed a chunk's: then they stand in the chunk's place.
-    backward = probe.optimizer_state + grads + int(chunk) + states + buffers + work.copies_bytes
-    lines["optimizer step"] = max(0, grads + probe.optimizer_peak - backward)
+    backward = measured.optimizer_state + grads + int(chunk) + states + buffers + work.copies_bytes
+    lines["optimizer step"] = max(0, grads + measured.optimizer_peak - backward)
     # The export after the last step: its copies (merged adapters, casts) in place of the freed chunk.
     lines["export"] = max(0, export - int(chunk) - states - buffers - lines["optimizer step"])
     # The probes' own peak where it is the higher: the process has held it already (inside the budget, as the
@@ -509,26 +538,26 @@ def predict(
     return lines
 
 
-def full_seconds(probe: Probe, seq_len: int, heap: str = "fast") -> float:
+def full_seconds(measured: Probe, seq_len: int, heap: str = "fast") -> float:
     """Predicted seconds of a full-backprop step over L tokens with the heap policy `heap`."""
-    return probe.full_base + probe.full_per_token * seq_len + probe.fault_seconds(seq_len, heap)
+    return measured.full_base + measured.full_per_token * seq_len + measured.fault_seconds(seq_len, heap)
 
 
-def relative_time(probe: Probe, seq_len: int, chunk_size: int, heap: str = "fast", full_heap: str = "fast") -> float:
+def relative_time(measured: Probe, seq_len: int, chunk_size: int, heap: str = "fast", full_heap: str = "fast") -> float:
     """Predicted step time at C with the heap policy `heap` over full backprop's with its own heap `full_heap` (so
     full backprop is 1.00x): ceil(L / C) chunks' overhead plus L tokens' work plus page faults, against one pass
     over L tokens. Never below full backprop's own time over the same chunks with the same heap: a SLiM chunk does
     all that backprop over it does, and a forward sweep besides (the two lines come from different probes, and
     extrapolated from small C the SLiM line put C = 3584 of L = 4096 at 0.92x)."""
-    unit = full_seconds(probe, seq_len, full_heap)
+    unit = full_seconds(measured, seq_len, full_heap)
     if unit <= 0 or chunk_size >= seq_len:
         return 1.0
-    if probe.slim_per_token <= 0:
+    if measured.slim_per_token <= 0:
         return 1.0
     n, rest = divmod(seq_len, chunk_size)
-    work = math.ceil(seq_len / chunk_size) * probe.slim_base + probe.slim_per_token * seq_len
-    slim = work + (n + (rest > 0)) * probe.fault_seconds(chunk_size, heap)
-    backprop = n * full_seconds(probe, chunk_size, heap) + (full_seconds(probe, rest, heap) if rest else 0.0)
+    work = math.ceil(seq_len / chunk_size) * measured.slim_base + measured.slim_per_token * seq_len
+    slim = work + (n + (rest > 0)) * measured.fault_seconds(chunk_size, heap)
+    backprop = n * full_seconds(measured, chunk_size, heap) + (full_seconds(measured, rest, heap) if rest else 0.0)
     return max(slim, backprop) / unit
 
 
@@ -630,7 +659,7 @@ def _terms(lines: dict) -> str:
 def _nothing_fits(lines: dict, probe_: Probe, work: Workload, budget_bytes: int, available: int) -> OutOfBudgetError:
     """What is missing at C = 1, and only the changes that could close the gap."""
     lines = _training(lines)
-    usable = budget_bytes * (1 - HEADROOM)
+    usable = usable_bytes(budget_bytes)
     missing = lines["total"] - usable
     hints = []
     if probe_.optimizer_state:
@@ -639,7 +668,7 @@ def _nothing_fits(lines: dict, probe_: Probe, work: Workload, budget_bytes: int,
     if work.batch_size > 1:
         hints.append("a smaller `batch_size` (saves little: the fixed costs above stay)")
     hints.append(
-        f"a larger `mem_budget` (at least {format_size(lines['total'] / (1 - HEADROOM))}; "
+        f"a larger `mem_budget` (at least {format_size(budget_holding(lines['total']))}; "
         f"available: {format_size(available)})"
     )
     return OutOfBudgetError(
@@ -753,7 +782,7 @@ def plan_chunk_size(
     device = next(model.parameters()).device
     L = work.seq_len
     budget_bytes, available = resolve_budget(budget, device)
-    usable = budget_bytes * (1 - HEADROOM)  # what the prediction misses (heap fragmentation) gets the rest
+    usable = usable_bytes(budget_bytes)
     # The probe steps stay inside the budget themselves: `fit` runs them in its own process.
     managed = device.type == "cpu" and Heap.parse(heap, "heap") == Heap.MANAGED
     measured, reached, runtime = _measure(model, work, usable, managed, resident_data)

@@ -124,9 +124,6 @@ def fit_table(result) -> Table:
     return table
 
 
-# -- plan ------------------------------------------------------------------------------------------------------------
-
-
 def plan_caption(result) -> str:
     """What the plan's figures count and how far to trust them."""
     where = f" on {result.threads} CPU thread(s)" if result.heap else ""

@@ -55,7 +55,7 @@ def parameter_counts(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in params) - trainable
 
 
-def fixed(model, options: FitOptions, chunk_size: int, *, world: int = 1, source: str = "given", planner=None):
+def plan_for_chunk(model, options: FitOptions, chunk_size: int, *, world: int = 1, source: str = "given", planner=None):
     """The run plan where C is known (given, or chosen by the planner): the rest is derived here."""
     device = next(model.parameters()).device
     on_cpu_managed = device.type == "cpu" and options.heap == Heap.MANAGED
@@ -90,17 +90,7 @@ def resolve_run(model, options: FitOptions, group: Group = Group(), *, data_byte
     when it does not fit); under torchrun every rank takes the smallest C any rank can afford."""
     given = chunk_request(options.chunk_size, options.seq_len)
     device = next(model.parameters()).device
-    work = Workload(
-        options.seq_len,
-        options.batch_size,
-        options.optimizer,
-        options.recovery,
-        options.compute_precision,
-        data_bytes,
-        copies_bytes=_copies_bytes(model, group),
-        batch_weight_grads=options.batch_weight_grads,
-        export_dtype=options.dtype,
-    )
+    work = Workload.of(options, data_bytes=data_bytes, copies_bytes=_copies_bytes(model, group))
     try:
         plan = plan_if_needed(
             model,
@@ -115,7 +105,7 @@ def resolve_run(model, options: FitOptions, group: Group = Group(), *, data_byte
         agree_min(0, device)
         raise
     if plan is None:  # a given C without a budget
-        return fixed(model, options, given, world=group.world, source="given")
+        return plan_for_chunk(model, options, given, world=group.world, source="given")
     chunk_size = agree_min(plan.chunk_size, device)
     if chunk_size == 0:
         raise OutOfBudgetError(
@@ -126,7 +116,7 @@ def resolve_run(model, options: FitOptions, group: Group = Group(), *, data_byte
     if chunk_size != plan.chunk_size:  # the batching buffers were sized against this rank's own C
         planner |= {"chunk_size": chunk_size, "batch_weight_grads": False}
     source = "planned" if given is None else "checked"
-    return fixed(model, options, chunk_size, world=group.world, source=source, planner=planner)
+    return plan_for_chunk(model, options, chunk_size, world=group.world, source=source, planner=planner)
 
 
 def _copies_bytes(model, group: Group) -> int:

@@ -20,7 +20,7 @@ from .choices import LORA_DEFAULT_TARGETS, BaseDtype, ChunkRule, Optimizer, Prec
 from .devices import resolve_budget
 from .errors import DataError, OutOfBudgetError
 from .options import FitOptions, chunk_request, chunk_rule, fit_options
-from .planner import HEADROOM, Plan, Workload, gradient_bytes, held_bytes, plan_chunk_size
+from .planner import HEADROOM, Plan, Workload, budget_holding, gradient_bytes, held_bytes, plan_chunk_size, usable_bytes
 from .runplan import RunPlan, parameter_counts
 from .units import format_size
 
@@ -117,9 +117,6 @@ class Comparison:
     error: OutOfBudgetError | None  # why it does not fit, naming the strategies that do
     rows: list[StrategyRow]
 
-    def to_json(self) -> dict:
-        return {"strategies": [row.to_json() for row in self.rows]}
-
 
 def lineup(asked: Strategy) -> list[Strategy]:
     """The strategies compared with `asked`: full fine-tuning with adam, adafactor and sgd (and the optimizer asked
@@ -186,14 +183,14 @@ def _plan(model, strategy: Strategy, work: Workload, budget: int, heap, resident
     optimizer leaves, and the chunk line their slope: one probe shared across optimizers put sgd at C = 384 where
     sgd's own chose 192). Where what the process holds and the gradients already exceed the budget, nothing is
     probed (the probe could not fit in the process)."""
-    usable = budget * (1 - HEADROOM)
+    usable = usable_bytes(budget)
     held, grads = held_bytes(next(model.parameters()).device), gradient_bytes(model)
     if held + grads > usable:
         note = f"held {format_size(held)} + gradients {format_size(grads)}"
         error = OutOfBudgetError(
             f"budget {format_size(budget)} (less {HEADROOM:.0%} headroom) cannot fit even C = 1 with {strategy.name}: "
             f"the process already holds {format_size(held)}, and the gradients take {format_size(grads)}; try a "
-            f"larger `mem_budget` (at least {format_size((held + grads) / (1 - HEADROOM))} before any chunk)",
+            f"larger `mem_budget` (at least {format_size(budget_holding(held + grads))} before any chunk)",
             params=("mem_budget",),
         )
         error.note = note
@@ -245,7 +242,7 @@ def plan_fit(
     strategies that do."""
     from .checkpoint import load_checkpoint
     from .pretrained import PerformerLM
-    from .runplan import fixed
+    from .runplan import plan_for_chunk
 
     options = fit_options(options, overrides)
     strategy = Strategy.of(options)
@@ -255,26 +252,23 @@ def plan_fit(
     model = PerformerLM.from_checkpoint(
         load_checkpoint(checkpoint, **(model_flags or {}), dtype=read_as), device=options.device
     )
-    work = Workload(
-        options.seq_len, options.batch_size, options.optimizer, options.recovery, options.precision,
-        data_bytes=sum(_file_size(path) for path in data), batch_weight_grads=options.batch_weight_grads,
-        export_dtype=options.dtype,
-    )  # fmt: skip
+    work = Workload.of(options, data_bytes=sum(_file_size(path) for path in data))
     rule, forced = chunk_rule(options.chunk_size), chunk_request(options.chunk_size, options.seq_len)
     runs = {}
 
     def record_run(planned: Strategy, result: Plan) -> None:  # while the model trains as the asked strategy does
         if planned == strategy:
             source = "planned" if forced is None else "checked"
-            runs["run"] = fixed(model, options, result.chunk_size, source=source, planner=result.to_json())
+            runs["run"] = plan_for_chunk(model, options, result.chunk_size, source=source, planner=result.to_json())
 
     if not compare_strategies:
         strategy.apply(model)
-        work = replace(work, precision=options.compute_precision)
         result = plan_chunk_size(model, work, options.mem_budget, heap=options.heap, rule=rule, forced=forced)
         record_run(strategy, result)
         return FitPlan(result, runs["run"])
-    found = compare(model, strategy, work, options.mem_budget, heap=options.heap, rule=rule, forced=forced,
+    # Each strategy computes in its own dtype (a bf16 base under bf16 autocast): compare starts from the asked one.
+    asked = replace(work, precision=options.precision)
+    found = compare(model, strategy, asked, options.mem_budget, heap=options.heap, rule=rule, forced=forced,
                     on_planned=record_run, on_stage=on_stage)  # fmt: skip
     if found.error is not None:
         raise found.error

@@ -36,7 +36,7 @@ from .optimizers import make_optimizer
 from .options import FitOptions, chunk_request, fit_options
 from .planner import memory_counts
 from .pretrained import PerformerConfig, PerformerLM
-from .runplan import RunPlan, after_out_of_memory, autocast_dtype, fixed, resolve_run
+from .runplan import RunPlan, after_out_of_memory, autocast_dtype, plan_for_chunk, resolve_run
 from .runs import RunFolder
 from .slim import autocast, slim_step
 from .strategies import Strategy
@@ -101,6 +101,136 @@ def _lr_factor(options: FitOptions):
     return factor
 
 
+def draw_batch(data, options: FitOptions, group: Group, generator: torch.Generator):
+    """This rank's windows [B, L + 1] and loss mask [B, L] (None: every position counts). Every rank draws the same
+    global batch of world x B windows and keeps its own slice, so the data does not depend on the split."""
+    o, g = options, group
+    B = o.batch_size * g.world
+    if o.task == Task.COPY:
+        windows, mask = copy_windows(B, o.seq_len, o.copy_symbols, generator)
+    elif o.one_step:
+        windows, mask = first_windows(data, B, o.seq_len), None
+    else:
+        windows, mask = random_windows(data, B, o.seq_len, generator), None
+    mine = slice(g.rank * o.batch_size, (g.rank + 1) * o.batch_size)
+    return windows[mine], None if mask is None else mask[mine]
+
+
+def held_out_bpc(model: PerformerLM, eval_data: torch.Tensor, options: FitOptions, run: RunPlan) -> dict:
+    """Held-out bpc at the run's C, batch and compute dtype, without gradients: inside what a training chunk holds,
+    so inside the plan (in fp32 beside bf16 steps it was not: 25-70 MB over, benchmarks/RESULTS.md)."""
+    device = next(model.parameters()).device
+    with autocast(device, autocast_dtype(run)):
+        scored = evaluate(
+            model,
+            eval_data,
+            seq_len=options.seq_len,
+            max_bytes=options.eval_bytes,
+            chunk_size=run.chunk_size,
+            batch_size=options.batch_size,
+        )
+    # What the scoring freed leaves the heap before the next step: its blocks, interleaved with the steps',
+    # otherwise stay resident (d 256 x 2, C 32, batch 3 under 436 MB: VmHWM 439 MB, 436 with the trim).
+    release_free_heap()
+    return {"bpc": scored.bpc, "bpc_bytes": scored.predicted_bytes}
+
+
+def _slim_steps(model: PerformerLM, batches, run: RunPlan, options: FitOptions, between_chunks) -> float:
+    """The mean gradient over `batches` in .grad (from zero), and the mean loss."""
+    model.zero_grad(set_to_none=True)
+    device = next(model.parameters()).device
+    total = 0.0
+    for windows, mask in batches:
+        total += slim_step(
+            model,
+            windows.to(device),
+            run.chunk_size,
+            None if mask is None else mask.to(device),
+            recovery=options.recovery,
+            precision=autocast_dtype(run),
+            batch_weight_grads=run.batch_weight_grads,
+            between_chunks=between_chunks,
+        )
+    if len(batches) > 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad /= len(batches)
+    return total / len(batches)
+
+
+def gradients(model, batches, run: RunPlan, options: FitOptions, between_chunks, warn) -> tuple[float, RunPlan]:
+    """(mean loss, the run plan it ran with): _slim_steps; on running out of memory anyway (another process took
+    memory, fragmentation), the whole step again from zeroed gradients with the next smaller C, so that no step is
+    taken on incomplete gradients."""
+    while True:
+        try:
+            return _slim_steps(model, batches, run, options, between_chunks), run
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+        # Outside the except block: the traceback no longer pins the failed step's tensors.
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        if next(model.parameters()).device.type == "cuda":
+            torch.cuda.empty_cache()
+        fallback = after_out_of_memory(run, options)
+        if fallback is None:
+            raise OutOfBudgetError(
+                "out of memory even at chunk size 1: free memory on the device, or use a smaller `batch_size`, "
+                "`seq_len` or model",
+                params=("batch_size", "seq_len"),
+            )
+        warn(f"out of memory at chunk size {run.chunk_size}; retrying this step with chunk size {fallback.chunk_size}")
+        run = fallback
+
+
+def _frozen_base(model: PerformerLM) -> tuple[list[str], Path | None]:
+    """The names of the parameters that do not train, and the file they come from: a LoRA model's base, as read
+    from its checkpoint (None otherwise: other frozen weights may have been changed in memory)."""
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    source = getattr(model, "source", None)
+    from_file = frozen and lora.adapted(model) and source is not None and source.path.is_file()
+    return frozen, (source.path if from_file else None)
+
+
+def weights_to_save(model: PerformerLM, base_sha256: str | None) -> tuple[dict, str | None]:
+    """What a run state keeps of the model: every weight; or, with a frozen base read from a file (LoRA), only the
+    weights that train and the base file's sha256 (a resume reads the base from that file again). Returns it and
+    the sha256 (`base_sha256`, when given, is the file's, hashed before)."""
+    frozen, path = _frozen_base(model)
+    if path is None:
+        return {"model": model.state_dict()}, base_sha256
+    base_sha256, frozen = base_sha256 or file_sha256(path), set(frozen)
+    kept = {n: t for n, t in model.state_dict().items() if n not in frozen}
+    return {"model": kept, "base_sha256": base_sha256}, base_sha256
+
+
+def restore_weights(model: PerformerLM, saved: dict, folder: Path | None) -> str | None:
+    """The weights of a run state (`weights_to_save`) back into `model`; a frozen base must be the same file.
+    Returns the base file's sha256 (None without one)."""
+    if "base_sha256" not in saved:
+        model.load_state_dict(saved["model"])
+        return None
+    frozen, path = _frozen_base(model)
+    now = file_sha256(path) if path is not None else None
+    if now != saved["base_sha256"]:
+        raise SlimtuneError(
+            f"the run in {folder or 'this state'} trained adapters on a base "
+            f"checkpoint with sha256 {saved['base_sha256'][:12]}..., and the base given now "
+            + (f"({path}) has {now[:12]}..." if now else "is not read from a file")
+            + ": `resume` with the same `checkpoint`",
+            params=("resume", "checkpoint"),
+        )
+    missing, unexpected = model.load_state_dict(saved["model"], strict=False)
+    if unexpected or set(missing) != set(frozen):
+        raise SlimtuneError(
+            f"the saved run's weights do not fit this model ({len(unexpected)} unexpected, "
+            f"{len(set(missing) - set(frozen))} missing): `resume` with the same LoRA settings",
+            params=("resume",),
+        )
+    return now
+
+
 class Trainer:
     """One training run, in the manner of torchtune's recipes: `setup()`, then `step()` until `done`, `close()`.
 
@@ -125,7 +255,7 @@ class Trainer:
     ):
         self.model, self.data, self.options, self.eval_data, self.group = model, data, options, eval_data, group
         if run is None and chunk_size is not None:
-            run = fixed(model, options, chunk_size, world=group.world)
+            run = plan_for_chunk(model, options, chunk_size, world=group.world)
         self.run = run  # None only until a resumed run's plan is restored
         self.device = next(model.parameters()).device
         self.losses: list[float] = []
@@ -149,7 +279,6 @@ class Trainer:
     def chunk_size(self) -> int | None:
         return self.run.chunk_size if self.run else None
 
-    # -- life cycle --------------------------------------------------------------------------------------------
     def setup(self, saved: dict | None = None) -> None:
         """Optimizer, schedule, random numbers; the run folder's lock; the saved state (`saved`, or with
         options.resume the folder's)."""
@@ -169,7 +298,7 @@ class Trainer:
         chosen = self.device.type == "cpu" and threads.requested(o.threads) is None
         self._load = threads.LoadWatch() if chosen else None  # follows neighbours that come and go
         broadcast_parameters(self.model)  # the same start on every rank (a no-op for one process)
-        self._point = self._here()
+        self._last_point = self._resume_point()
 
     def _follow_load(self) -> None:
         """Between steps and chunks: fewer CPU threads when another process took a core since the last reading,
@@ -194,8 +323,7 @@ class Trainer:
     def done(self) -> bool:
         return self.completed >= self.options.total_steps
 
-    # -- state -------------------------------------------------------------------------------------------------
-    def _here(self) -> tuple[int, tuple[torch.Tensor, torch.Tensor]]:
+    def _resume_point(self) -> tuple[int, tuple[torch.Tensor, torch.Tensor]]:
         """Where a resumed run would start now: completed steps and the random-number states for the next."""
         return self.completed, (self.generator.get_state(), torch.get_rng_state())
 
@@ -204,7 +332,7 @@ class Trainer:
         process writes no run folder (no run_dir, or a torchrun rank other than 0)."""
         if not self.writes:
             return None
-        step, (generator, rng) = point or self._point
+        step, (generator, rng) = point or self._last_point
         self.folder.save(
             {
                 "step": step,
@@ -222,51 +350,13 @@ class Trainer:
         )
         return step
 
-    def _frozen_base(self) -> tuple[list[str], Path | None]:
-        """The names of the parameters that do not train, and the file they come from: a LoRA model's base, as
-        read from its checkpoint (None otherwise: other frozen weights may have been changed in memory)."""
-        frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad]
-        source = getattr(self.model, "source", None)
-        from_file = frozen and lora.adapted(self.model) and source is not None and source.path.is_file()
-        return frozen, (source.path if from_file else None)
-
     def _weights(self) -> dict:
-        """What a run state keeps of the model: every weight; or, with a frozen base read from a file (LoRA), only
-        the weights that train and the base file's sha256 (a resume reads the base from that file again)."""
-        frozen, path = self._frozen_base()
-        if path is None:
-            return {"model": self.model.state_dict()}
-        self._base_sha256 = self._base_sha256 or file_sha256(path)
-        frozen = set(frozen)
-        kept = {n: t for n, t in self.model.state_dict().items() if n not in frozen}
-        return {"model": kept, "base_sha256": self._base_sha256}
-
-    def _restore_weights(self, saved: dict) -> None:
-        if "base_sha256" not in saved:
-            self.model.load_state_dict(saved["model"])
-            return
-        frozen, path = self._frozen_base()
-        now = file_sha256(path) if path is not None else None
-        if now != saved["base_sha256"]:
-            raise SlimtuneError(
-                f"the run in {self.folder.path if self.folder else 'this state'} trained adapters on a base "
-                f"checkpoint with sha256 {saved['base_sha256'][:12]}..., and the base given now "
-                + (f"({path}) has {now[:12]}..." if now else "is not read from a file")
-                + ": `resume` with the same `checkpoint`",
-                params=("resume", "checkpoint"),
-            )
-        missing, unexpected = self.model.load_state_dict(saved["model"], strict=False)
-        if unexpected or set(missing) != set(frozen):
-            raise SlimtuneError(
-                f"the saved run's weights do not fit this model ({len(unexpected)} unexpected, "
-                f"{len(set(missing) - set(frozen))} missing): `resume` with the same LoRA settings",
-                params=("resume",),
-            )
-        self._base_sha256 = now
+        kept, self._base_sha256 = weights_to_save(self.model, self._base_sha256)
+        return kept
 
     def restore(self, saved: dict) -> None:
         """Weights, optimizer, schedule, random numbers and the run plan of a saved state, as a unit."""
-        self._restore_weights(saved)
+        self._base_sha256 = restore_weights(self.model, saved, self.folder.path if self.folder else None)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.generator.set_state(saved["generator"])
@@ -281,75 +371,17 @@ class Trainer:
             )
             threads.apply(self.run.threads)
 
-    # -- one step ----------------------------------------------------------------------------------------------
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
             self._warn(message)
 
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This rank's windows [B, L + 1] and loss mask [B, L] (None: every position counts). Every rank draws
-        the same global batch of world x B windows and keeps its own slice, so the data does not depend on the
-        split."""
-        o, g = self.options, self.group
-        B = o.batch_size * g.world
-        if o.task == Task.COPY:
-            windows, mask = copy_windows(B, o.seq_len, o.copy_symbols, self.generator)
-        elif o.one_step:
-            windows, mask = first_windows(self.data, B, o.seq_len), None
-        else:
-            windows, mask = random_windows(self.data, B, o.seq_len, self.generator), None
-        mine = slice(g.rank * o.batch_size, (g.rank + 1) * o.batch_size)
-        return windows[mine], None if mask is None else mask[mine]
-
-    def _slim_steps(self, batches) -> float:
-        """The mean gradient over `batches` in .grad (from zero), and the mean loss."""
-        self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for windows, mask in batches:
-            total += slim_step(
-                self.model,
-                windows.to(self.device),
-                self.run.chunk_size,
-                None if mask is None else mask.to(self.device),
-                recovery=self.options.recovery,
-                precision=autocast_dtype(self.run),
-                batch_weight_grads=self.run.batch_weight_grads,
-                between_chunks=self._follow_load if self._load else None,
-            )
-        if len(batches) > 1:
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad /= len(batches)
-        return total / len(batches)
-
     def _gradients(self, batches) -> float:
-        """_slim_steps; on running out of memory anyway (another process took memory, fragmentation), the whole
-        step again from zeroed gradients with the next smaller C, so that no step is taken on incomplete
-        gradients."""
-        while True:
-            try:
-                return self._slim_steps(batches)
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not is_out_of_memory(e):
-                    raise
-            # Outside the except block: the traceback no longer pins the failed step's tensors.
-            self.optimizer.zero_grad(set_to_none=True)
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            fallback = after_out_of_memory(self.run, self.options)
-            if fallback is None:
-                raise OutOfBudgetError(
-                    "out of memory even at chunk size 1: free memory on the device, or use a smaller `batch_size`, "
-                    "`seq_len` or model",
-                    params=("batch_size", "seq_len"),
-                )
-            self._warn_once(
-                f"out of memory at chunk size {self.run.chunk_size}; retrying this step with chunk size "
-                f"{fallback.chunk_size}"
-            )
-            self.run = fallback
+        """The step's mean gradient in .grad and its mean loss (`gradients`); a smaller C from now on where the
+        step ran out of memory at this one."""
+        between = self._follow_load if self._load else None
+        loss, self.run = gradients(self.model, batches, self.run, self.options, between, self._warn_once)
+        return loss
 
     def step(self) -> dict:
         """One optimizer step: `accumulate` batches, one FAVOR+ draw, the SLiM steps, the all-reduce (torchrun),
@@ -358,8 +390,10 @@ class Trainer:
         o = self.options
         self._follow_load()
         started = time.perf_counter()
-        self._point = self._here()  # an interrupt inside this step resumes from before it, redrawing its data
-        batches = [self._batch() for _ in range(o.accumulate)]
+        self._last_point = (
+            self._resume_point()
+        )  # an interrupt inside this step resumes from before it, redrawing its data
+        batches = [draw_batch(self.data, o, self.group, self.generator) for _ in range(o.accumulate)]
         self.model.redraw_features(self.generator)  # FAVOR+: one draw per step, shared by all its chunks
         loss = self._gradients(batches)
         average_gradients(self.model)  # torchrun: one all-reduce per optimizer step (distributed.py)
@@ -375,7 +409,7 @@ class Trainer:
             self.scheduler.step()
             self.losses.append(loss)
             self.completed = step
-            self._point = self._here()
+            self._last_point = self._resume_point()
         tokens = self.group.world * o.accumulate * o.batch_size * o.seq_len
         self.step_seconds.append(time.perf_counter() - started)
         metrics = {
@@ -386,7 +420,9 @@ class Trainer:
             "tokens_per_s": tokens / self.step_seconds[-1],
             "peak_memory_bytes": peak_memory_bytes(self.device),
         }
-        metrics |= self._evaluate(step)
+        due = (o.eval_every and step % o.eval_every == 0) or step == o.total_steps
+        if self.group.main and self.eval_data is not None and due:
+            metrics |= held_out_bpc(self.model, self.eval_data, o, self.run)
         self._record(step, metrics)
         return metrics
 
@@ -404,31 +440,9 @@ class Trainer:
         with _signals_held():
             self.skipped += 1
             self.completed = step
-            self._point = self._here()
+            self._last_point = self._resume_point()
         self._warn(f"skipped step {step}: non-finite loss or gradient ({self.skipped} so far)")
         return {"step": step, "skipped": True}
-
-    def _evaluate(self, step: int) -> dict:
-        """Held-out bpc every eval_every steps and after the last. At the run's C, batch and compute dtype, without
-        gradients: inside what a training chunk holds, so inside the plan (in fp32 beside bf16 steps it was not:
-        25-70 MB over, benchmarks/RESULTS.md)."""
-        o = self.options
-        due = (o.eval_every and step % o.eval_every == 0) or step == o.total_steps
-        if not (self.group.main and self.eval_data is not None and due):
-            return {}
-        with autocast(self.device, autocast_dtype(self.run)):
-            scored = evaluate(
-                self.model,
-                self.eval_data,
-                seq_len=o.seq_len,
-                max_bytes=o.eval_bytes,
-                chunk_size=self.run.chunk_size,
-                batch_size=o.batch_size,
-            )
-        # What the scoring freed leaves the heap before the next step: its blocks, interleaved with the steps',
-        # otherwise stay resident (d 256 x 2, C 32, batch 3 under 436 MB: VmHWM 439 MB, 436 with the trim).
-        release_free_heap()
-        return {"bpc": scored.bpc, "bpc_bytes": scored.predicted_bytes}
 
     def _record(self, step: int, metrics: dict) -> None:
         if self.writes:
@@ -576,11 +590,13 @@ def _run_steps(trainer: Trainer, on_step: OnStep | None) -> dict:
     return metrics
 
 
-def _train(model, data, out, options: FitOptions, held, on_step, warn, eval_data=None, group=Group(), started=0.0):
-    """In the held run folder (`held`: _held_folder's (folder, saved)): decide the run (unless resumed), run the
+def _train(
+    model, data, out, options: FitOptions, folder_state, on_step, warn, eval_data=None, group=Group(), started=0.0
+):
+    """In the held run folder (`folder_state`: _held_folder's (folder, saved)): decide the run (unless resumed), run the
     steps and report them. On Ctrl-C or SIGTERM the state is saved where there is one and Interrupted says so. The
     export is the caller's."""
-    folder, saved = held
+    folder, saved = folder_state
     trainer = None
     try:
         run = None if saved else resolve_run(model, options, group, data_bytes=_held_bytes(data, eval_data))
@@ -591,7 +607,7 @@ def _train(model, data, out, options: FitOptions, held, on_step, warn, eval_data
         trainer.setup(saved)
         metrics = _run_steps(trainer, on_step)
     except KeyboardInterrupt:
-        ready = trainer is not None and hasattr(trainer, "_point")  # set up: it has a state to save
+        ready = trainer is not None and hasattr(trainer, "_last_point")  # set up: it has a state to save
         step = trainer.save() if ready else None
         raise Interrupted(options.run_dir, step) from None
     if not trainer.losses:
@@ -690,6 +706,49 @@ def _options(options: FitOptions | None, overrides: dict) -> FitOptions:
     return options
 
 
+def _check_outputs(out, source, data_path, options: FitOptions) -> Path:
+    """`out` (and `adapter_out`) checked before anything is read: never an input, an existing file only where it may
+    be replaced (`_may_replace`)."""
+    out = check_output_path(out, source, data_path, fmt=options.format, replace=_may_replace(options))
+    if options.adapter_out is not None:
+        if Path(options.adapter_out).resolve() == out.resolve():
+            raise ConfigError(
+                "`adapter_out` is the same path as `out`: give it a folder of its own", params=("adapter_out",)
+            )
+        check_output_path(options.adapter_out, source, data_path, fmt="hf", replace=_may_replace(options))
+    return out
+
+
+def _read_inputs(data, eval_data, eval_fraction, checkpoint, options: FitOptions, model_flags):
+    """(data, held-out data, checkpoint), read and checked against the checkpoint's vocabulary."""
+    if not isinstance(data, torch.Tensor):
+        data = read_bytes(data, min_length=2)
+    if eval_data is not None and not isinstance(eval_data, torch.Tensor):
+        eval_data = read_bytes(eval_data, min_length=2, what="eval_data")
+    if eval_fraction is not None:
+        if eval_data is not None:
+            raise ConfigError(
+                "give either `eval_data` or `eval_fraction`, not both", params=("eval_data", "eval_fraction")
+            )
+        data, eval_data = split_held_out(data, eval_fraction)
+    if not isinstance(checkpoint, Checkpoint):  # a bf16 base is read straight into bf16
+        checkpoint = load_checkpoint(checkpoint, **(model_flags or {}), dtype=Strategy.of(options).read_dtype)
+    check_vocabulary(data, checkpoint.config.vocab_size)
+    if eval_data is not None:
+        check_vocabulary(eval_data, checkpoint.config.vocab_size, "eval_data")
+    return data, eval_data, checkpoint
+
+
+def _export(model: PerformerLM, result: FitResult, out: Path, options: FitOptions, provenance: dict) -> None:
+    """The fine-tuned checkpoint at `out`, and the adapters at `adapter_out` when asked for."""
+    model.save_pretrained(
+        out, format=options.format, dtype=options.dtype, metadata=provenance, extra_config={"seq_len": options.seq_len}
+    )
+    if options.adapter_out is not None:
+        lora.save_adapter(model, options.adapter_out, metadata=provenance)
+        result.adapter_out = str(options.adapter_out)
+
+
 def fit(
     checkpoint: Checkpoint | str | os.PathLike,
     data: torch.Tensor | str | os.PathLike,
@@ -741,34 +800,14 @@ def fit(
     if not isinstance(data, torch.Tensor):
         data_path = data_path or data
     eval_path = None if isinstance(eval_data, torch.Tensor) else eval_data
-    out = check_output_path(out, source, data_path, fmt=options.format, replace=_may_replace(options))
-    if options.adapter_out is not None:
-        if Path(options.adapter_out).resolve() == out.resolve():
-            raise ConfigError(
-                "`adapter_out` is the same path as `out`: give it a folder of its own", params=("adapter_out",)
-            )
-        check_output_path(options.adapter_out, source, data_path, fmt="hf", replace=_may_replace(options))
-    with _held_folder(options) as held:
-        if not isinstance(data, torch.Tensor):
-            data = read_bytes(data, min_length=2)
-        if eval_data is not None and not isinstance(eval_data, torch.Tensor):
-            eval_data = read_bytes(eval_data, min_length=2, what="eval_data")
-        if eval_fraction is not None:
-            if eval_data is not None:
-                raise ConfigError(
-                    "give either `eval_data` or `eval_fraction`, not both", params=("eval_data", "eval_fraction")
-                )
-            data, eval_data = split_held_out(data, eval_fraction)
-        if not isinstance(checkpoint, Checkpoint):  # a bf16 base is read straight into bf16
-            checkpoint = load_checkpoint(checkpoint, **(model_flags or {}), dtype=Strategy.of(options).read_dtype)
-        check_vocabulary(data, checkpoint.config.vocab_size)
-        if eval_data is not None:
-            check_vocabulary(eval_data, checkpoint.config.vocab_size, "eval_data")
+    out = _check_outputs(out, source, data_path, options)
+    with _held_folder(options) as folder_state:
+        data, eval_data, checkpoint = _read_inputs(data, eval_data, eval_fraction, checkpoint, options, model_flags)
         device, group = _start(data, options)
         model = PerformerLM.from_checkpoint(checkpoint, device=device)  # holds the weights: one copy in memory
         _parameter_strategy(model, options)
         try:
-            result = _train(model, data, out, options, held, on_step, warn, eval_data, group, started)
+            result = _train(model, data, out, options, folder_state, on_step, warn, eval_data, group, started)
         except OutOfBudgetError as error:
             if chunk_request(options.chunk_size, options.seq_len) is not None or group.world > 1:
                 raise  # a given C is refused naming the largest that fits; torchrun's ranks plan alike
@@ -777,17 +816,7 @@ def fit(
             files = [f for f in (data_path, eval_path) if f is not None]
             raise _with_strategies_that_fit(error, checkpoint.path, options, files, model_flags) from None
         if group.main:
-            provenance = {"world_size": group.world} | _provenance(result, options, data_path)
-            model.save_pretrained(
-                out,
-                format=options.format,
-                dtype=options.dtype,
-                metadata=provenance,
-                extra_config={"seq_len": options.seq_len},
-            )
-            if options.adapter_out is not None:
-                lora.save_adapter(model, options.adapter_out, metadata=provenance)
-                result.adapter_out = str(options.adapter_out)
+            _export(model, result, out, options, {"world_size": group.world} | _provenance(result, options, data_path))
         barrier()  # the other ranks wait until rank 0 has exported
         result.peak_memory_bytes = peak_memory_bytes(device)  # measured again: the export's peak counts too
     result.seconds = time.perf_counter() - started
@@ -824,12 +853,12 @@ def pretrain(
     if data is not None and not isinstance(data, torch.Tensor):
         data_path = data_path or data
     out = check_output_path(out, data_path, fmt=options.format, replace=_may_replace(options))
-    with _held_folder(options) as held:
+    with _held_folder(options) as folder_state:
         if data is not None and not isinstance(data, torch.Tensor):
             data = read_bytes(data, min_length=2)
         device, group = _start(data, options)
         model = PerformerLM(config).to(device)
-        result = _train(model, data, out, options, held, on_step, warn, group=group, started=started)
+        result = _train(model, data, out, options, folder_state, on_step, warn, group=group, started=started)
         if group.main:
             if options.task == Task.COPY:
                 generator = torch.Generator().manual_seed(options.seed + 1)  # held-out sequences, not the training's

@@ -50,6 +50,22 @@ def parse_size(text: str | int, what: str = "size") -> int:
     return int(size)
 
 
+def parse_budget(budget: str | int) -> tuple[int | None, float | None]:
+    """A memory budget, read before anything else is done: (bytes, None) for a size ('2GB', 900000000), or
+    (None, share) for a percentage of the available memory ('80%' -> 0.8)."""
+    if isinstance(budget, str) and budget.strip().endswith("%"):
+        try:
+            share = float(budget.strip()[:-1])
+        except ValueError:
+            raise ConfigError(
+                f"cannot read `mem_budget` {budget!r}: write a size (2GB) or a percentage (80%)", params=("mem_budget",)
+            ) from None
+        if not 0 < share <= 100:
+            raise ConfigError(f"`mem_budget` {budget!r} must be a percentage in (0, 100]", params=("mem_budget",))
+        return None, share / 100
+    return parse_size(budget, "mem_budget"), None
+
+
 def format_size(n: float) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(n) >= scale:

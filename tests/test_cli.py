@@ -582,3 +582,16 @@ def test_a_restart_refused_for_its_budget_keeps_the_old_run_in_place(capsys, tmp
     code, _, stderr = run(capsys, *args, "--restart", "--mem-budget", "1KB", "--device", "cpu")
     assert code == 2 and "cannot fit" in stderr
     assert (Path(f"{out}.run") / "state.pt").is_file() and not Path(f"{out}.run.old-1").exists()
+
+
+@pytest.mark.parametrize("command", ["fit", "plan", "eval", "generate"])
+def test_an_unreadable_budget_is_refused_before_any_file_is_read(capsys, tmp_path, command):
+    """`--mem-budget 2XB` is named before the checkpoint or the data are looked at: neither exists here, and the
+    one line on stderr is about the budget."""
+    args = [command, "--checkpoint", str(tmp_path / "missing.safetensors"), "--mem-budget", "2XB"]
+    if command in ("fit", "plan", "eval"):
+        args += ["--data", str(tmp_path / "missing.txt")]
+    code, _, err = run(capsys, *args)
+    assert code == 2 and err.count("\n") == 1
+    assert "--mem-budget" in err and "2XB" in err and "missing" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -13,8 +13,8 @@ from slimtune.cli import main
 from slimtune.data import read_bytes
 from slimtune.demo import log_text, run_demo, server_text
 from slimtune.evaluation import evaluate
-from slimtune.pretrained import PerformerLM
 from slimtune.planner import chunk_sizes
+from slimtune.pretrained import PerformerLM
 
 
 @pytest.fixture(scope="module")

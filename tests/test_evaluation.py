@@ -22,8 +22,8 @@ from slimtune.checkpoint import save_checkpoint
 from slimtune.data import copy_windows
 from slimtune.errors import ConfigError, DataError, OutOfBudgetError
 from slimtune.evaluation import DEFAULT_SEQ_LEN, adapt_one_step, copy_accuracy, evaluate
-from slimtune.pretrained import PerformerLM
 from slimtune.planner import HEADROOM
+from slimtune.pretrained import PerformerLM
 
 
 @pytest.fixture(scope="module")

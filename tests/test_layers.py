@@ -109,3 +109,30 @@ def test_the_check_sees_an_upward_import_and_a_cycle(tmp_path, monkeypatch):
 
 def _layer(module: str) -> str:
     return next(name for name, members in LAYERS.items() if module in members)
+
+
+def _code_lines(lines: list[str], node: ast.AST) -> int:
+    """Lines of code in a definition: not blank, not a comment, not its docstring."""
+    skip = set()
+    body = getattr(node, "body", [])
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        skip = set(range(body[0].lineno, body[0].end_lineno + 1))
+    return sum(
+        1
+        for number in range(node.lineno, node.end_lineno + 1)
+        if number not in skip and lines[number - 1].strip() and not lines[number - 1].strip().startswith("#")
+    )
+
+
+def test_no_function_over_70_lines_and_no_class_over_200():
+    """Small pieces, each read at once (docs/design.md): a longer one is split where its steps are."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            limit = 70 if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) else 200
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                if (n := _code_lines(lines, node)) > limit:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}: {n} lines of code")
+    assert not long, "\n".join(long)

@@ -13,7 +13,7 @@ from helpers import tiny_model
 from slimtune.choices import ChunkRule
 from slimtune.errors import ConfigError
 from slimtune.options import FitOptions, chunk_rule
-from slimtune.runplan import SOURCES, RunPlan, after_out_of_memory, chunk_request, fixed, resolve_run
+from slimtune.runplan import SOURCES, RunPlan, after_out_of_memory, chunk_request, plan_for_chunk, resolve_run
 
 
 @pytest.mark.parametrize(
@@ -44,12 +44,12 @@ def _hand_count(V, d, F, n_layers):
 
 def test_fixed_counts_trainable_and_frozen_parameters():
     model = tiny_model(dtype=torch.float32)  # V 256, d 16, F 32, 2 layers
-    plan = fixed(model, FitOptions(seq_len=64, device="cpu"), 16)
+    plan = plan_for_chunk(model, FitOptions(seq_len=64, device="cpu"), 16)
     assert (plan.trainable_parameters, plan.frozen_parameters) == (_hand_count(256, 16, 32, 2), 0)
     model.input_map.weight.requires_grad_(False)  # 256 x 8
     model.layers[0].layernorm1.bias.requires_grad_(False)  # 16
     model.layers[1].U_map.weight.requires_grad_(False)  # 32 x 16
-    plan = fixed(model, FitOptions(seq_len=64, device="cpu"), 16)
+    plan = plan_for_chunk(model, FitOptions(seq_len=64, device="cpu"), 16)
     frozen = 256 * 8 + 16 + 32 * 16
     assert plan.frozen_parameters == frozen
     assert plan.trainable_parameters == _hand_count(256, 16, 32, 2) - frozen
@@ -57,26 +57,28 @@ def test_fixed_counts_trainable_and_frozen_parameters():
 
 def test_fixed_derives_the_rest_of_the_plan():
     model = tiny_model(dtype=torch.float64)
-    plan = fixed(model, FitOptions(seq_len=64, device="cpu"), 1000)
+    plan = plan_for_chunk(model, FitOptions(seq_len=64, device="cpu"), 1000)
     assert plan.chunk_size == 64 and plan.chunk_source == "given"  # C >= L: full backprop, C = L
     assert plan.batch_weight_grads is False  # one chunk: nothing to batch
     assert (plan.device, plan.world_size, plan.threads) == ("cpu", 1, torch.get_num_threads())
     assert (plan.weight_dtype, plan.compute_dtype, plan.heap, plan.planner) == ("float64", "float64", "fast", None)
-    small = fixed(model, FitOptions(seq_len=64, batch_size=2, device="cpu"), 16)
+    small = plan_for_chunk(model, FitOptions(seq_len=64, batch_size=2, device="cpu"), 16)
     assert small.chunk_size == 16 and small.batch_weight_grads is True  # 4 chunks of 32 rows < 256
-    assert fixed(model, FitOptions(seq_len=64, batch_size=16, device="cpu"), 16).batch_weight_grads is False
-    off = fixed(model, FitOptions(seq_len=64, device="cpu", batch_weight_grads=False), 16)
+    assert plan_for_chunk(model, FitOptions(seq_len=64, batch_size=16, device="cpu"), 16).batch_weight_grads is False
+    off = plan_for_chunk(model, FitOptions(seq_len=64, device="cpu", batch_weight_grads=False), 16)
     assert off.batch_weight_grads is False
     # Asked for where slim_step cannot batch (32 x 16 rows >= 256; one chunk): the plan says what will happen.
     asked = dict(device="cpu", batch_weight_grads=True)
-    assert fixed(model, FitOptions(seq_len=64, batch_size=16, **asked), 16).batch_weight_grads is False
-    assert fixed(model, FitOptions(seq_len=64, **asked), 64).batch_weight_grads is False
-    assert fixed(model, FitOptions(seq_len=64, **asked), 16).batch_weight_grads is True
-    bf16 = fixed(tiny_model(dtype=torch.float32), FitOptions(seq_len=64, precision="bf16", device="cpu"), 16)
+    assert plan_for_chunk(model, FitOptions(seq_len=64, batch_size=16, **asked), 16).batch_weight_grads is False
+    assert plan_for_chunk(model, FitOptions(seq_len=64, **asked), 64).batch_weight_grads is False
+    assert plan_for_chunk(model, FitOptions(seq_len=64, **asked), 16).batch_weight_grads is True
+    bf16 = plan_for_chunk(tiny_model(dtype=torch.float32), FitOptions(seq_len=64, precision="bf16", device="cpu"), 16)
     assert (bf16.weight_dtype, bf16.compute_dtype, bf16.batch_weight_grads) == ("float32", "bfloat16", False)
-    assert fixed(model, FitOptions(seq_len=64, heap="system", device="cpu"), 16).heap == ""
+    assert plan_for_chunk(model, FitOptions(seq_len=64, heap="system", device="cpu"), 16).heap == ""
     planner = {"heap": "tight", "batch_weight_grads": False, "chunk_size": 16}
-    planned = fixed(model, FitOptions(seq_len=64, device="cpu"), 16, source="planned", planner=planner, world=2)
+    planned = plan_for_chunk(
+        model, FitOptions(seq_len=64, device="cpu"), 16, source="planned", planner=planner, world=2
+    )
     assert (planned.heap, planned.batch_weight_grads, planned.chunk_source, planned.world_size) == (
         "tight",
         False,
@@ -89,7 +91,7 @@ def test_fixed_derives_the_rest_of_the_plan():
 def test_a_run_plan_round_trips_through_json():
     model = tiny_model(dtype=torch.float32)
     planner = {"chunk_size": 8, "heap": "fast", "batch_weight_grads": True, "candidates": [{"chunk_size": 8}]}
-    plan = fixed(model, FitOptions(seq_len=32, device="cpu"), 8, source="checked", planner=planner)
+    plan = plan_for_chunk(model, FitOptions(seq_len=32, device="cpu"), 8, source="checked", planner=planner)
     text = json.dumps(plan.to_json())
     again = RunPlan.from_json(json.loads(text))
     assert again == plan and isinstance(again, RunPlan)
@@ -111,19 +113,19 @@ def test_a_run_plan_round_trips_through_json():
 
 def test_the_out_of_memory_fallback_takes_the_next_smaller_c_and_says_so():
     options = FitOptions(seq_len=64, device="cpu")
-    plan = fixed(tiny_model(dtype=torch.float32), options, 32, source="planned")
+    plan = plan_for_chunk(tiny_model(dtype=torch.float32), options, 32, source="planned")
     smaller = after_out_of_memory(plan, options)
     assert smaller.chunk_size == 16 and smaller.chunk_source == "planned, then out of memory"
     assert smaller.to_json() | {"chunk_size": 32, "chunk_source": "planned"} == plan.to_json()
     assert plan.chunk_size == 32  # frozen: the original plan is unchanged
-    from_full = after_out_of_memory(fixed(tiny_model(dtype=torch.float32), options, 64), options)
+    from_full = after_out_of_memory(plan_for_chunk(tiny_model(dtype=torch.float32), options, 64), options)
     assert from_full.chunk_size == 32  # C = L falls back to the grid below L
     assert after_out_of_memory(replace(plan, chunk_size=1), options) is None  # nothing below C = 1
 
 
 def test_the_fallback_keeps_batching_only_where_slim_step_can_batch():
     model = tiny_model(dtype=torch.float32)
-    batched = fixed(model, FitOptions(seq_len=64, batch_size=4, device="cpu"), 64)
+    batched = plan_for_chunk(model, FitOptions(seq_len=64, batch_size=4, device="cpu"), 64)
     assert batched.batch_weight_grads is False  # one chunk
     batched = replace(batched, batch_weight_grads=True)  # as a saved run's plan might say
     options = FitOptions(seq_len=64, batch_size=16, device="cpu")

@@ -9,8 +9,8 @@ import torch
 from helpers import save_model, tiny_model
 
 from slimtune.choices import BaseDtype, Optimizer
-from slimtune.pretrained import PerformerLM
 from slimtune.planner import Workload
+from slimtune.pretrained import PerformerLM
 from slimtune.strategies import Strategy, compare, lineup
 
 

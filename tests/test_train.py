@@ -8,8 +8,8 @@ from helpers import save_model, tiny_model
 
 from slimtune.checkpoint import load_checkpoint
 from slimtune.errors import SlimtuneError
-from slimtune.pretrained import PerformerLM
 from slimtune.optimizers import make_optimizer
+from slimtune.pretrained import PerformerLM
 from slimtune.train import FitOptions, Trainer, fit
 
 
@@ -184,7 +184,7 @@ def test_the_steps_run_under_the_run_plans_heap_policy(tmp_path, setup, monkeypa
     base, data = setup
     model = PerformerLM.from_pretrained(base)
     options = _options(tmp_path, run_dir=None, heap=heap)
-    run = runplan.fixed(model, options, 8, planner=planner)
+    run = runplan.plan_for_chunk(model, options, 8, planner=planner)
     assert run.heap == (expected or "")
     entered = []
     real = train.heap_policy_during
