@@ -342,7 +342,7 @@ def main():
     parser.add_argument("--lora", type=int, default=0, help="run this many LoRA cases instead (their own draw)")
     parser.add_argument("--speed", type=int, default=0, help="the speed column for this many cases (issue 32's first)")
     parser.add_argument(
-        "--speed-cases", default="", help="with --speed: these drawn cases instead (numbers as in the memory sweep, 1,2)"
+        "--speed-cases", default="", help="with --speed: these drawn cases instead (the memory sweep's numbers: 1,2)"
     )
     args = parser.parse_args()
     if args.speed:
