@@ -286,11 +286,12 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(o.seed)
         self.optimizer = make_optimizer(o.optimizer, self.model, o.lr, o.effective_weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(o))
-        if self.writes:
-            self.folder.lock()
-        if saved is None and o.resume:
-            saved = self.folder.load()
-            check_resume(saved, o, self.group.world, self.folder.path)
+        if self.folder is not None:
+            saved = open_run_folder(self.folder, o, self.group.world, self.group.main, saved)
+        elif o.resume:
+            raise ConfigError(
+                "`resume` needs the run folder of the run to continue: give `run_dir`", params=("run_dir",)
+            )
         if saved is not None:
             self.restore(saved)
         if self.run is None:
@@ -526,6 +527,17 @@ def _check_data(data: torch.Tensor | None, options: FitOptions) -> None:
         )
 
 
+def open_run_folder(folder: RunFolder, options: FitOptions, world: int, main: bool, saved: dict | None = None):
+    """The one place a run folder is opened: rank 0 takes its lock (a no-op when held already); with `resume`, its
+    saved state, read and checked against `options` (unless the caller has read it: `saved`). Returns the state."""
+    if main:
+        folder.lock()
+    if saved is None and options.resume:
+        saved = folder.load()
+        check_resume(saved, options, world, folder.path)
+    return saved
+
+
 @contextlib.contextmanager
 def _held_folder(options: FitOptions):
     """The run folder, held (rank 0 takes its lock) from before anything is read, planned or trained until after
@@ -536,20 +548,16 @@ def _held_folder(options: FitOptions):
         yield None, None
         return
     folder, launch = RunFolder(options.run_dir), launched()
-    if launch.main:
-        folder.lock()
     try:
-        saved = None
-        if options.resume:
-            saved = folder.load()
-            check_resume(saved, options, launch.world, folder.path)
-        elif not options.restart and folder.has_state() and (unreadable := folder.state_error()):
+        saved = open_run_folder(folder, options, launch.world, launch.main)
+        taken = not (options.resume or options.restart) and folder.has_state()  # a saved run, neither asked for
+        if taken and (unreadable := folder.state_error()):
             raise SlimtuneError(
                 f"run folder {folder.path} holds a saved run state that cannot be read ({unreadable}): add `restart` "
                 "to start over (the unreadable state is moved aside, kept)",
                 params=("restart",),
             )
-        elif not options.restart and folder.has_state():
+        if taken:
             raise SlimtuneError(
                 f"run folder {folder.path} holds a saved run ({folder.summary()}): add `resume` to continue it, or "
                 "`restart` to start over (the old run is moved aside, not deleted)",
