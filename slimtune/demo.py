@@ -157,9 +157,8 @@ def _pretrain(workdir: Path, corpus: Path, steps: int, threads, on_warning, say)
 def _small_device_budget(model: PerformerLM, say) -> tuple[int, int]:
     """Step 3: (a budget that rules out full backprop at L = SEQ_LEN, full backprop's predicted peak)."""
     # C = L/4 checked without a budget: its prediction, the next C on the grid's, and every power of two's.
-    quarter = plan_chunk_size(
-        model, Workload(SEQ_LEN, 1, "adam"), None, forced=SEQ_LEN // 4, heap=default_of(Runtime, "heap")
-    )
+    work = Workload.of(_fine_tune_options(None, 0, None))  # the fine-tune's own workload, as fit builds it
+    quarter = plan_chunk_size(model, work, None, forced=SEQ_LEN // 4, heap=default_of(Runtime, "heap"))
     full_backprop = next(c.predicted_peak_bytes for c in quarter.candidates if c.chunk_size == SEQ_LEN)
     # Emulate a small device: a budget whose usable share (less the planner's headroom) lies halfway between what
     # the planner judges at C = L/4 and at the next C of its grid, as far from either edge as the grid allows (a
@@ -179,18 +178,7 @@ def _fine_tune(base: Path, document: Path, tuned: Path, budget: int, steps: int,
     """Step 4: fine-tune on the device's log under the budget, C planned; the plan's table."""
     release_free_heap()  # what pretraining freed leaves the process, and
     reset_peak_rss()  # the fine-tune reports its own peak, not the pretraining's
-    options = FitOptions(
-        seq_len=SEQ_LEN,
-        batch_size=1,
-        steps=steps,
-        optimizer="adam",
-        lr=2e-3,
-        mem_budget=budget,
-        device="cpu",
-        threads=threads,
-        run_dir=None,
-        overwrite=True,
-    )
+    options = _fine_tune_options(budget, steps, threads)
     result = fit(load_checkpoint(base), read_bytes(document), tuned, options, data_path=document, on_warning=on_warning)
     for c in result.plan["candidates"]:
         if c["chunk_size"] >= 128:
@@ -200,6 +188,21 @@ def _fine_tune(base: Path, document: Path, tuned: Path, budget: int, steps: int,
                 f"time x{c['relative_time']:.2f}  {mark}"
             )
     return result
+
+
+def _fine_tune_options(budget: int | None, steps: int, threads: int | None) -> FitOptions:
+    return FitOptions(
+        seq_len=SEQ_LEN,
+        batch_size=1,
+        steps=max(1, steps),
+        optimizer="adam",
+        lr=2e-3,
+        mem_budget=budget,
+        device="cpu",
+        threads=threads,
+        run_dir=None,
+        overwrite=True,
+    )
 
 
 def _reload_difference(tuned: Path, model: PerformerLM, held_out: Path) -> float:
