@@ -401,7 +401,7 @@ def check_output_path(
         )
     if not replace and out.exists():
         raise CheckpointError(
-            f"output {out} exists and is not the output of the run its run folder holds: give `overwrite` to "
+            f"output {out} exists (and is not the output of a run this run folder holds): give `overwrite` to "
             "replace it, or another `out`",
             params=("overwrite", "out"),
         )
@@ -541,11 +541,13 @@ def convert(
     n_heads: int | None = None,
     feature_type: str | None = None,
     layernorm: str | None = None,
+    overwrite: bool = False,
 ) -> Checkpoint:
     """Write any accepted checkpoint (e.g. the reference code's torch.save state dict) as a contract checkpoint,
-    bit for bit in each tensor's dtype unless `dtype` casts. Returns the source checkpoint."""
+    bit for bit in each tensor's dtype unless `dtype` casts; an existing `out` only with `overwrite`. Returns the
+    source checkpoint."""
     cast = ExportDtype.parse(dtype, "dtype").dtype
-    target = check_output_path(out, src, fmt=fmt)
+    target = check_output_path(out, src, fmt=fmt, replace=overwrite)
     ckpt = load_checkpoint(src, n_heads=n_heads, feature_type=feature_type, layernorm=layernorm)
     specs = {name: (tuple(t.shape), cast or t.dtype) for name, t in ckpt.tensors.items()}
     tensors = LazyTensors(specs, lambda name: ckpt.tensors[name].to(specs[name][1]))  # cast one at a time

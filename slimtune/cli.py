@@ -651,7 +651,7 @@ def convert(a):
     from .checkpoint import convert as run_convert
 
     flags = pick(ModelSource, a).model_flags()
-    ckpt = run_convert(a.checkpoint, a.out, dtype=a.dtype, fmt=a.format, **flags)
+    ckpt = run_convert(a.checkpoint, a.out, dtype=a.dtype, fmt=a.format, overwrite=a.overwrite, **flags)
     written = ckpt.dtypes if a.dtype == ExportDtype.AUTO else [a.dtype.value]
     out.print(f"wrote {a.out}: {ckpt.parameters:,} parameters, {', '.join(written)}")
 

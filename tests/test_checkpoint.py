@@ -77,6 +77,20 @@ def test_missing_settings_name_the_flag(capsys, tmp_path, state_dict):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_convert_refuses_an_existing_out_unless_overwrite(capsys, tmp_path, state_dict):
+    """An existing --out is kept, byte for byte, unless --overwrite is given; then it holds the converted weights."""
+    src, dst = tmp_path / "ref.pt", tmp_path / "model.safetensors"
+    torch.save(state_dict, src)
+    dst.write_bytes(b"a finished fine-tune")
+    flags = ["--n-heads", 2, "--feature-type", "sqr", "--layernorm", "post"]
+    code, _, err = cli(capsys, "convert", src, "--out", dst, *flags)
+    assert code == 2 and err.count("\n") == 1 and "--overwrite" in err
+    assert dst.read_bytes() == b"a finished fine-tune"
+    code, _, err = cli(capsys, "convert", src, "--out", dst, *flags, "--overwrite")
+    assert code == 0, err
+    assert all(torch.equal(load_checkpoint(dst).tensors[n], t) for n, t in state_dict.items())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fine_tuned_export_loads_strict_into_reference_layout(capsys, tmp_path, state_dict, data_dir, dtype):
     base, out = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
