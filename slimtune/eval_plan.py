@@ -45,8 +45,10 @@ from .planner import (
     _terms,
     _windows,
     budget_holding,
+    chunk_line,
     chunk_sizes,
     held_bytes,
+    judged,
     memory_counts,
     probe_sizes,
     usable_bytes,
@@ -124,9 +126,9 @@ def measure(model: PerformerLM, forward: Forward, seq_len: int, room: Callable[[
             c1, c2 = _probe_sizes(model, forward, seq_len, room(), overhead)
         m1 = _tracked(model, forward, c1)
         m2 = _tracked(model, forward, c2) if c2 > c1 else m1
-    per_token = max(0.0, (m2.peak - m1.peak) / (c2 - c1)) if c2 > c1 else m1.peak / c1
+    base, per_token = chunk_line(c1, m1.peak, c2, m2.peak)
     return Probe(
-        base=max(0.0, m1.peak - per_token * c1),
+        base=base,
         per_token=per_token,
         optimizer_state=0,
         optimizer_peak=0,
@@ -179,12 +181,6 @@ def predict(
     lines["planning"] = max(0, reached - sum(lines.values()))
     lines["total"] = sum(lines.values())
     return lines
-
-
-def judged(lines: dict) -> dict:
-    """The breakdown less the probes' peak (the "planning" line): what the usable budget must hold."""
-    kept = {name: size for name, size in lines.items() if name not in ("planning", "total")}
-    return kept | {"total": sum(kept.values())}
 
 
 def choose_forward(fits: Callable[[int, int], bool], seq_len: int, batches: list[int]) -> tuple[int, int] | None:

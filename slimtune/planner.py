@@ -442,6 +442,13 @@ def probe_sizes(peak, seq_len: int, room: float, overhead: float) -> tuple[int, 
     return c1, max(c1, min(c2, seq_len))
 
 
+def chunk_line(c1: int, peak1: float, c2: int, peak2: float) -> tuple[float, float]:
+    """(base, per_token): a chunk's peak tensor bytes as base + per_token x tokens, through the probes' peaks at
+    c1 and c2 tokens (through zero where there was one probe size), neither negative."""
+    per_token = max(0.0, (peak2 - peak1) / (c2 - c1)) if c2 > c1 else peak1 / c1
+    return max(0.0, peak1 - per_token * c1), per_token
+
+
 def _probe(model: PerformerLM, work: Workload, room, policy: str, optimizer: tuple[int, int]) -> Probe:
     seq_len, batch_size = work.seq_len, work.batch_size
     on_cpu = next(model.parameters()).device.type == "cpu"
@@ -458,13 +465,10 @@ def _probe(model: PerformerLM, work: Workload, room, policy: str, optimizer: tup
     t1, m1 = _timed_step(model, w1, work.precision), _tracked_step(model, w1, work.precision)
     w2 = _windows(model, batch_size, c2)
     t2, m2 = (_timed_step(model, w2, work.precision), _tracked_step(model, w2, work.precision)) if c2 > c1 else (t1, m1)
-    if c2 > c1:
-        per_token = max(0.0, (m2.peak - m1.peak) / (c2 - c1))
-    else:
-        per_token = m1.peak / c1
+    base, per_token = chunk_line(c1, m1.peak, c2, m2.peak)
     state, opt_peak = optimizer
     measured = Probe(
-        base=max(0.0, m1.peak - per_token * c1),
+        base=base,
         per_token=per_token,
         optimizer_state=state,
         optimizer_peak=opt_peak,
@@ -615,8 +619,8 @@ def _monotone(predicted, chunk_size: int, seq_len: int, batching: bool, heap: st
     if chunk_size >= seq_len:
         return lines
     smaller = [c for c in chunk_sizes(seq_len) if c < chunk_size]
-    floor = max((_training(predicted(c, batching, heap))["total"] for c in smaller), default=0)
-    short = floor - _training(lines)["total"]
+    floor = max((judged(predicted(c, batching, heap))["total"] for c in smaller), default=0)
+    short = floor - judged(lines)["total"]
     if short > 0:
         lines["chunk"] += short
         lines["total"] += short
@@ -644,8 +648,9 @@ def choose_chunk(fitting: list[int], seconds, rule: ChunkRule, time_known: bool)
     )
 
 
-def _training(lines: dict) -> dict:
-    """The breakdown less the probes' peak (the "planning" line): what the budget's usable share must hold."""
+def judged(lines: dict) -> dict:
+    """The breakdown less the probes' peak (the "planning" line): what the budget's usable share must hold (the
+    training's lines here, the forward's in eval_plan.py)."""
     kept = {name: size for name, size in lines.items() if name not in ("planning", "total")}
     return kept | {"total": sum(kept.values())}
 
@@ -658,7 +663,7 @@ def _terms(lines: dict) -> str:
 
 def _nothing_fits(lines: dict, probe_: Probe, work: Workload, budget_bytes: int, available: int) -> OutOfBudgetError:
     """What is missing at C = 1, and only the changes that could close the gap."""
-    lines = _training(lines)
+    lines = judged(lines)
     usable = usable_bytes(budget_bytes)
     missing = lines["total"] - usable
     hints = []
@@ -681,7 +686,7 @@ def _nothing_fits(lines: dict, probe_: Probe, work: Workload, budget_bytes: int,
 def _forced_over(forced: int, lines: dict, chosen: int | None, budget_bytes: int) -> OutOfBudgetError:
     fits = f"the largest C that fits is {chosen}" if chosen else "no C fits it"
     return OutOfBudgetError(
-        f"chunk size {forced} is predicted to need {_terms(_training(lines))}, over the budget "
+        f"chunk size {forced} is predicted to need {_terms(judged(lines))}, over the budget "
         f"{format_size(budget_bytes)} (less {HEADROOM:.0%} headroom): {fits}; or drop the budget (`mem_budget`) "
         f"to force C = {forced}",
         params=("mem_budget",),
@@ -711,7 +716,7 @@ class _Predictions:
 
     def fits(self, lines: dict, share: float = 1.0) -> bool:
         """The training's prediction inside `share` of the usable budget; the probes' peak is a fact, not judged."""
-        return _training(lines)["total"] <= self.usable * share
+        return judged(lines)["total"] <= self.usable * share
 
     def heap_for(self, c: int, batching: bool = False) -> str:
         """Managed heap: "fast" (no page faults) where its peak fits with FAST_HEAP_MARGIN to spare, else "tight";
@@ -826,8 +831,8 @@ def plan_chunk_size(
         reason=reason,
         largest_fitting=fitting[-1] if fitting else 0,
         threads=torch.get_num_threads(),
-        margin_bytes=int(usable - _training(at.peak(chosen))["total"]),
-        next_over_bytes=int(_training(at.peak(bigger))["total"] - usable) if bigger else None,
+        margin_bytes=int(usable - judged(at.peak(chosen))["total"]),
+        next_over_bytes=int(judged(at.peak(bigger))["total"] - usable) if bigger else None,
     )
 
 
