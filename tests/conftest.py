@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -8,7 +9,12 @@ from slimtune import threads
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-threads.apply(threads.choose().count)  # as `slimtune fit` does: the cores other processes leave free
+# One thread count for the whole session, chosen once as `slimtune fit` does (the cores other processes leave free)
+# and given to every run through the environment, subprocesses included: results depend on the count in the last
+# bits, so two runs a test compares bit for bit must not each choose their own under a changing load. Tests of the
+# choice itself remove it (tests/test_threads.py).
+os.environ.setdefault(threads.ENV, str(threads.choose().count))
+threads.apply(threads.choose().count)
 
 
 @pytest.fixture(scope="session")
