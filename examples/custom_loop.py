@@ -15,7 +15,7 @@ seq_len, steps = (256, 3) if quick else (16384, 100)
 
 model = slimtune.PerformerLM.from_pretrained("model.safetensors")  # add device="cuda" on a GPU
 plan = slimtune.plan(model, seq_len=seq_len, batch_size=1, mem_budget="2GB", optimizer="adam")
-print(plan)
+print(slimtune.format_plan(plan))
 opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 for step, windows in enumerate(slimtune.data.batches("my.txt", seq_len=seq_len, steps=steps, seed=0), start=1):
     loss = slimtune.slim_step(model, windows, chunk_size=plan.chunk_size)  # exact gradients, memory O(C)

@@ -33,6 +33,7 @@ _EXPORTS = {
     "PerformerLM": "pretrained",
     "Plan": "planner",
     "plan": "planner",
+    "format_plan": "render",
     "plan_fit": "strategies",
     "slim_step": "slim",
     "FitOptions": "options",
@@ -60,6 +61,7 @@ __all__ = [
     "PerformerLM",
     "Plan",
     "plan",
+    "format_plan",
     "plan_fit",
     "slim_step",
     "FitOptions",
@@ -98,6 +100,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .options import FitOptions
     from .planner import Plan, plan
     from .pretrained import PerformerLM
+    from .render import format_plan
     from .runplan import RunPlan
     from .slim import slim_step
     from .strategies import plan_fit

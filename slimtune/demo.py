@@ -91,7 +91,7 @@ def run_demo(
     say(
         f"[bold]4. fine-tune[/bold]  {result.steps} adam steps with SLiM at C = {result.chunk_size}, L {SEQ_LEN}: "
         f"held-out bpc {before:.3f} -> {after:.3f}; "
-        f"peak memory predicted {result.plan['predicted_peak_bytes'] / 1e6:.1f} MB, "
+        f"peak memory predicted {result.plan.predicted_peak_bytes / 1e6:.1f} MB, "
         f"measured {result.peak_memory_bytes / 1e6:.1f} MB (budget {budget / 1e6:.1f} MB), {result.seconds:.1f} s"
     )
     diff = _reload_difference(tuned, result.model, held_out)
@@ -180,12 +180,12 @@ def _fine_tune(base: Path, document: Path, tuned: Path, budget: int, steps: int,
     reset_peak_rss()  # the fine-tune reports its own peak, not the pretraining's
     options = _fine_tune_options(budget, steps, threads)
     result = fit(load_checkpoint(base), read_bytes(document), tuned, options, data_path=document, on_warning=on_warning)
-    for c in result.plan["candidates"]:
-        if c["chunk_size"] >= 128:
-            mark = "<- chosen" if c["chunk_size"] == result.chunk_size else ("" if c["fits"] else "does not fit")
+    for c in result.plan.candidates:
+        if c.chunk_size >= 128:
+            mark = "<- chosen" if c.chunk_size == result.chunk_size else ("" if c.fits else "does not fit")
             say(
-                f"      C {c['chunk_size']:>5}  predicted peak {c['predicted_peak_bytes'] / 1e6:7.1f} MB  "
-                f"time x{c['relative_time']:.2f}  {mark}"
+                f"      C {c.chunk_size:>5}  predicted peak {c.predicted_peak_bytes / 1e6:7.1f} MB  "
+                f"time x{c.relative_time:.2f}  {mark}"
             )
     return result
 

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from .breakdown import ForwardBreakdown
 from .devices import available_source, resolve_budget
 from .errors import OutOfBudgetError
 from .memory import TensorBytes, heap_policy_during, new_peak_window, window_peak_rss
@@ -41,16 +42,14 @@ from .planner import (
     PROBE_SIZES,
     TINY_PROBE_SIZES,
     Probe,
-    _some_feature_draw,
-    _terms,
-    _windows,
     budget_holding,
     chunk_line,
     chunk_sizes,
+    feature_draw_for_probes,
     held_bytes,
-    judged,
     memory_counts,
     probe_sizes,
+    probe_windows,
     usable_bytes,
 )
 from .pretrained import PerformerLM
@@ -89,17 +88,17 @@ class ForwardPlan:
     device: str
     seq_len: int
     predicted_peak_bytes: int
-    breakdown: dict  # the chosen (C, B)'s lines, bytes
+    breakdown: ForwardBreakdown  # the chosen (C, B)'s predicted peak, line by line
     memory_counts: str  # what the budget and the peaks count on this device
     heap: str = ""  # CPU: the heap policy the forward runs with (memory.py); "" on CUDA
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"breakdown": self.breakdown.to_json()}
 
 
 def _tracked(model: PerformerLM, forward: Forward, tokens: int) -> TensorBytes:
     """The tensor bytes one sequence's forward over `tokens` tokens in one chunk creates, counted."""
-    windows = _windows(model, 1, tokens)
+    windows = probe_windows(model, 1, tokens)
     with TensorBytes() as tracked:
         forward(windows, tokens)
     return tracked
@@ -117,9 +116,9 @@ def measure(model: PerformerLM, forward: Forward, seq_len: int, room: Callable[[
     kernels' code); None: no limit."""
     on_cpu = next(model.parameters()).device.type == "cpu"
     overhead = FORWARD_HEAP_OVERHEAD if on_cpu else 1.0
-    with _some_feature_draw(model):
+    with feature_draw_for_probes(model):
         c0 = min(TINY_PROBE_SIZES[0], seq_len)
-        forward(_windows(model, 1, c0), c0)  # the warm-up: first use loads kernels' code, which stays
+        forward(probe_windows(model, 1, c0), c0)  # the warm-up: first use loads kernels' code, which stays
         if room is None:
             c1, c2 = min(PROBE_SIZES[0], seq_len), min(PROBE_SIZES[1], seq_len)
         else:
@@ -163,24 +162,22 @@ def predict(
     *,
     heap: str = HEAP,
     reached: int = 0,
-) -> dict:
-    """The predicted peak of the forward at chunk size C with B sequences per forward, line by line (bytes), adding
-    up to "total"; `heap`: the heap policy (CPU, memory.py); `reached`: the peak the process has already had (the
-    probes'), a floor."""
+) -> ForwardBreakdown:
+    """The predicted peak of the forward at chunk size C with B sequences per forward, line by line (bytes);
+    `heap`: the heap policy (CPU, memory.py); `reached`: the peak the process has already had (the probes'), a
+    floor."""
     tokens = min(chunk_size, work.seq_len) * batch_size
     # Never less than at fewer tokens: where a chunk's blocks grow past the mmap threshold they leave the heap, whose
     # overhead is the larger, and the heap model alone would predict less (planner.py's `_monotone`).
     chunk = max(measured.chunk_bytes(t, heap) for t in chunk_sizes(tokens) + [tokens])
-    lines = {
-        "runtime": runtime,
-        "data": work.data_bytes,
-        "chunk": int(chunk),
-        "states": state_bytes(model, batch_size),
-        "windows": window_bytes(work.seq_len, batch_size),
-    }
-    lines["planning"] = max(0, reached - sum(lines.values()))
-    lines["total"] = sum(lines.values())
-    return lines
+    lines = ForwardBreakdown(
+        runtime=runtime,
+        data=work.data_bytes,
+        chunk=int(chunk),
+        states=state_bytes(model, batch_size),
+        windows=window_bytes(work.seq_len, batch_size),
+    )
+    return lines.floored(reached)
 
 
 def choose_forward(fits: Callable[[int, int], bool], seq_len: int, batches: list[int]) -> tuple[int, int] | None:
@@ -193,26 +190,26 @@ def choose_forward(fits: Callable[[int, int], bool], seq_len: int, batches: list
     return chunk, max(b for b in batches if b == least or (chunk >= seq_len and fits(chunk, b)))
 
 
-def _nothing_fits(lines: dict, work: ForwardWork, budget_bytes: int, available: int) -> OutOfBudgetError:
-    lines = judged(lines)
-    missing = lines["total"] - usable_bytes(budget_bytes)
+def _nothing_fits(lines: ForwardBreakdown, work: ForwardWork, budget_bytes: int, available: int) -> OutOfBudgetError:
+    lines = lines.judged()
+    missing = lines.total - usable_bytes(budget_bytes)
     hints = [
-        f"a larger `mem_budget` (at least {format_size(budget_holding(lines['total']))}; "
+        f"a larger `mem_budget` (at least {format_size(budget_holding(lines.total))}; "
         f"available: {format_size(available)})"
     ]
     if work.data_bytes >= missing:
         hints.append(f"less data (`max_bytes`: the data is held whole, {format_size(work.data_bytes)})")
     return OutOfBudgetError(
         f"budget {format_size(budget_bytes)} (less {HEADROOM:.0%} headroom) cannot fit even C = 1 with one sequence "
-        f"per forward: {_terms(lines)}, {format_size(missing)} over; try {'; or '.join(hints)}",
+        f"per forward: {lines.terms()}, {format_size(missing)} over; try {'; or '.join(hints)}",
         params=("mem_budget", "max_bytes") if len(hints) > 1 else ("mem_budget",),
     )
 
 
-def _forced_over(forced: int, batch: int, lines: dict, chosen, budget_bytes: int) -> OutOfBudgetError:
+def _forced_over(forced: int, batch: int, lines: ForwardBreakdown, chosen, budget_bytes: int) -> OutOfBudgetError:
     fits = f"the largest C that fits is {chosen[0]}" if chosen else "no C fits it"
     return OutOfBudgetError(
-        f"chunk size {forced} with {batch} sequence(s) per forward is predicted to need {_terms(judged(lines))}, over "
+        f"chunk size {forced} with {batch} sequence(s) per forward is predicted to need {lines.judged().terms()}, over "
         f"the budget {format_size(budget_bytes)} (less {HEADROOM:.0%} headroom): {fits}; or drop the budget "
         f"(`mem_budget`) to force C = {forced}",
         params=("chunk_size", "mem_budget"),
@@ -248,7 +245,7 @@ def plan_forward(
         return predict(model, measured, runtime, work, c, b, heap=HEAP if on_cpu else "fast", reached=reached)
 
     def fits(c, b):
-        return judged(peak(c, b))["total"] <= usable
+        return peak(c, b).judged().total <= usable
 
     batches = [batch_size] if batch_size is not None else list(range(1, max(1, work.max_batch) + 1))
     chosen = choose_forward(fits, seq_len, batches)
@@ -270,7 +267,7 @@ def plan_forward(
         available_source=available_source(device),
         device=str(device),
         seq_len=seq_len,
-        predicted_peak_bytes=lines["total"],
+        predicted_peak_bytes=lines.total,
         breakdown=lines,
         memory_counts=memory_counts(device),
         heap=HEAP if on_cpu else "",

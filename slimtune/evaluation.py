@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .choices import Precision
 from .data import check_vocabulary, copy_windows, read_bytes
 from .errors import ConfigError, DataError
-from .eval_plan import ForwardWork, plan_forward_if_needed, run_heap
+from .eval_plan import ForwardPlan, ForwardWork, plan_forward_if_needed, run_heap
 from .memory import peak_memory_bytes
 from .options import ADAPT_CHUNK, ADAPT_LR, DataOptions, EvalOptions, chunk_request, default_of
 from .planner import Workload, plan_if_needed
@@ -37,10 +37,10 @@ class EvalResult:
     budget_bytes: int | None = None  # the budget planned for; None: C was given without a budget
     predicted_peak_bytes: int | None = None  # the plan's prediction of the process's peak
     peak_memory_bytes: int = 0  # measured, the whole process's (memory.peak_memory_bytes): RSS on CPU
-    plan: dict | None = None  # the plan (eval_plan.ForwardPlan) where one was made
+    plan: ForwardPlan | None = None  # the plan where one was made
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"plan": self.plan.to_json() if self.plan else None}
 
 
 @torch.no_grad()
@@ -177,7 +177,7 @@ def evaluate(
         budget_bytes=plan.budget_bytes if plan else None,
         predicted_peak_bytes=plan.predicted_peak_bytes if plan else None,
         peak_memory_bytes=peak_memory_bytes(device),
-        plan=plan.to_json() if plan else None,
+        plan=plan,
     )
 
 

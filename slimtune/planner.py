@@ -47,10 +47,11 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from .breakdown import StepBreakdown
 from .choices import ChunkRule, Heap, Optimizer, Precision, Recovery
 from .deferred import buffer_bytes, defers
 from .devices import available_source, cuda_context_bytes, resolve_budget
@@ -216,7 +217,7 @@ class Candidate:
 
 @dataclass
 class Plan:
-    """The planner's choice and what it predicts. `print(plan)` shows the table `slimtune plan` prints."""
+    """The planner's choice and what it predicts (`slimtune.format_plan(plan)`: the table as text)."""
 
     chunk_size: int  # C, the choice: L when full backprop fits
     budget_bytes: int
@@ -227,7 +228,7 @@ class Plan:
     batch_size: int
     optimizer: str
     predicted_peak_bytes: int
-    breakdown: dict  # fixed costs and the chosen C's lines, bytes
+    breakdown: StepBreakdown  # the chosen C's predicted peak, line by line
     candidates: list[Candidate] = field(default_factory=list)
     batch_weight_grads: bool = False  # small C: weight gradients batched in buffers that fit the budget
     memory_counts: str = ""  # what the predicted peaks count on this device
@@ -246,26 +247,14 @@ class Plan:
     largest_fitting: int = 0  # the largest C that fits (0: none)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"breakdown": self.breakdown.to_json()}
 
-    def __str__(self) -> str:
-        lines = [
-            f"plan: L = {self.seq_len}, batch {self.batch_size}, {self.optimizer}, budget "
-            f"{format_size(self.budget_bytes)} on {self.device} ({self.memory_counts})",
-            f"time: x full backprop's step (predicted {self.seconds_full:.2f} s; measured ones came within "
-            f"{self.time_uncertainty:.0%})" + (f"; heap policy: {self.heap}" if self.heap else ""),
-            f"{'C':>16}  {'predicted peak':>14}  {'of budget':>9}  {'time':>7}",
-        ]
-        if self.reason:
-            lines.insert(2, f"chose C = {self.chunk_size}: {self.reason}")
-        for c in self.candidates:
-            mark = "<- chosen" if c.chunk_size == self.chunk_size else ("" if c.fits else "does not fit")
-            label = f"{c.chunk_size}" + (" (full)" if c.chunk_size >= self.seq_len else "")
-            lines.append(
-                f"{label:>16}  {format_size(c.predicted_peak_bytes):>14}  {c.share_of_budget:>9.0%}  "
-                f"{c.relative_time:>6.2f}x  {mark}"
-            )
-        return "\n".join(lines)
+    @classmethod
+    def from_json(cls, values: dict) -> Plan:
+        """The Plan `to_json` wrote (a run state's, read back on resume)."""
+        candidates = [Candidate(**c) for c in values.get("candidates", ())]
+        breakdown = StepBreakdown.from_json(values["breakdown"])
+        return cls(**values | {"candidates": candidates, "breakdown": breakdown})
 
 
 def memory_counts(device: torch.device) -> str:
@@ -292,7 +281,7 @@ def _tracked_step(model: PerformerLM, windows: torch.Tensor, precision: Precisio
     return tracked
 
 
-def _windows(model: PerformerLM, batch_size: int, length: int) -> torch.Tensor:
+def probe_windows(model: PerformerLM, batch_size: int, length: int) -> torch.Tensor:
     device = next(model.parameters()).device
     return torch.randint(0, model.config.vocab_size, (batch_size, length + 1), device=device)
 
@@ -352,7 +341,7 @@ def _time_slim(model: PerformerLM, work: Workload, faults, largest: int) -> tupl
         return 0.0, 0.0
     per_chunk = {}
     for c in (small, large):
-        windows = _windows(model, work.batch_size, SLIM_PROBE_CHUNKS * c)
+        windows = probe_windows(model, work.batch_size, SLIM_PROBE_CHUNKS * c)
         per_chunk[c] = max(0.0, _timed_step(model, windows, work.precision, c) / SLIM_PROBE_CHUNKS - faults(c))
     return _line(small, per_chunk[small], large, per_chunk[large])
 
@@ -385,7 +374,7 @@ def measure_optimizer_by_shape(shapes: dict[tuple[int, ...], int], optimizer: st
 
 
 @contextlib.contextmanager
-def _some_feature_draw(model: PerformerLM):
+def feature_draw_for_probes(model: PerformerLM):
     """A FAVOR+ model without a draw (none is saved in a checkpoint) gets one for the probe steps, and loses it
     after: the draw changes no shape, so no byte or second the probes measure."""
     layers = list(model.layers)
@@ -405,7 +394,7 @@ def probe(model: PerformerLM, work: Workload, room=None, *, heap: str = "fast", 
     what the process holds now (None: no limit); it is read after a tiny warm-up, which loads the kernels' code,
     and every probe step is then sized to fit it. `heap`: the heap policy the probes run under ("fast" for
     glibc's own, which behaves like it); `optimizer`: its measure_optimizer() figures, when already taken."""
-    with _some_feature_draw(model):
+    with feature_draw_for_probes(model):
         return _probe(model, work, room, heap, optimizer or measure_optimizer(model, work.optimizer))
 
 
@@ -418,7 +407,7 @@ def _probe_sizes(model: PerformerLM, work: Workload, room: float | None, overhea
         return min(PROBE_SIZES[0], work.seq_len), min(PROBE_SIZES[1], work.seq_len)
 
     def peak(tokens):
-        return _tracked_step(model, _windows(model, work.batch_size, tokens), work.precision).peak
+        return _tracked_step(model, probe_windows(model, work.batch_size, tokens), work.precision).peak
 
     return probe_sizes(peak, work.seq_len, room, overhead)
 
@@ -456,14 +445,14 @@ def _probe(model: PerformerLM, work: Workload, room, policy: str, optimizer: tup
     # Warm-up on SLiM's own path (sweep, recovery, chained backward) at a tiny chunk: first use loads kernels'
     # code, which stays and counts in what the process holds before the room is read.
     c0 = min(TINY_PROBE_SIZES[0], seq_len)
-    slim_step(model, _windows(model, batch_size, 3 * c0), c0, precision=work.precision)
+    slim_step(model, probe_windows(model, batch_size, 3 * c0), c0, precision=work.precision)
     model.zero_grad(set_to_none=True)
     left = room() if room is not None else None
     fault_per_byte = _fault_per_byte() if on_cpu and (left is None or left > FAULT_PROBE_BYTES) else 0.0
     c1, c2 = _probe_sizes(model, work, left, overhead)
-    w1 = _windows(model, batch_size, c1)
+    w1 = probe_windows(model, batch_size, c1)
     t1, m1 = _timed_step(model, w1, work.precision), _tracked_step(model, w1, work.precision)
-    w2 = _windows(model, batch_size, c2)
+    w2 = probe_windows(model, batch_size, c2)
     t2, m2 = (_timed_step(model, w2, work.precision), _tracked_step(model, w2, work.precision)) if c2 > c1 else (t1, m1)
     base, per_token = chunk_line(c1, m1.peak, c2, m2.peak)
     state, opt_peak = optimizer
@@ -510,36 +499,35 @@ def predict(
     heap: str = "tight",
     reached: int = 0,
     export: int = 0,
-) -> dict:
-    """The predicted peak of a run with chunk size C, line by line (bytes), the lines adding up to "total";
-    `batching`: with the weight-gradient buffers of slimtune/deferred.py (computed, not probed); `heap`: the heap
-    policy (CPU, memory.py); `reached`: the peak the process has already had (the probes'), a floor; `export`:
-    what the export after the steps allocates (export.export_bytes)."""
+) -> StepBreakdown:
+    """The predicted peak of a run with chunk size C, line by line (bytes); `batching`: with the weight-gradient
+    buffers of slimtune/deferred.py (computed, not probed); `heap`: the heap policy (CPU, memory.py); `reached`: the
+    peak the process has already had (the probes'), a floor; `export`: what the export after the steps allocates
+    (export.export_bytes)."""
     chunk = measured.chunk_bytes(min(chunk_size, work.seq_len), heap, one_pass=chunk_size >= work.seq_len)
     states = _state_bytes(model, work, chunk_size) if chunk_size < work.seq_len else 0
     grads = gradient_bytes(model)
     buffers = buffer_bytes(model) if batching else 0
-    lines = {
-        "runtime": runtime,
-        "data": work.data_bytes,
-        "gradients": grads,
-        "optimizer": measured.optimizer_state,
-        "chunk": int(chunk),
-        "states": states,
-        "gradient batching": buffers,
-        "copies": work.copies_bytes,
-    }
     # The peak is the backward of a chunk (optimizer state already there from step 2 on), or the optimizer step
     # (gradients there) where its temporaries exceed a chunk's: then they stand in the chunk's place.
     backward = measured.optimizer_state + grads + int(chunk) + states + buffers + work.copies_bytes
-    lines["optimizer step"] = max(0, grads + measured.optimizer_peak - backward)
-    # The export after the last step: its copies (merged adapters, casts) in place of the freed chunk.
-    lines["export"] = max(0, export - int(chunk) - states - buffers - lines["optimizer step"])
+    step = max(0, grads + measured.optimizer_peak - backward)
+    lines = StepBreakdown(
+        runtime=runtime,
+        data=work.data_bytes,
+        gradients=grads,
+        optimizer=measured.optimizer_state,
+        chunk=int(chunk),
+        states=states,
+        gradient_batching=buffers,
+        copies=work.copies_bytes,
+        optimizer_step=step,
+        # The export after the last step: its copies (merged adapters, casts) in place of the freed chunk.
+        export=max(0, export - int(chunk) - states - buffers - step),
+    )
     # The probes' own peak where it is the higher: the process has held it already (inside the budget, as the
     # probes are sized to stay), so it is no prediction and the choice of C does not charge it.
-    lines["planning"] = max(0, reached - sum(lines.values()))
-    lines["total"] = sum(lines.values())
-    return lines
+    return lines.floored(reached)
 
 
 def full_seconds(measured: Probe, seq_len: int, heap: str = "fast") -> float:
@@ -608,23 +596,20 @@ def chunk_sizes(seq_len: int) -> list[int]:
     return sorted(c for c in sizes if c < seq_len)
 
 
-def _monotone(predicted, chunk_size: int, seq_len: int, batching: bool, heap: str) -> dict:
+def _monotone(predicted, chunk_size: int, seq_len: int, batching: bool, heap: str) -> StepBreakdown:
     """predicted(C, batching, heap)'s lines at C < L, its chunk line raised to the largest total any smaller C of
     the grid is predicted to need under the same heap policy: a larger chunk never needs less. (The heap model
     alone is not monotone: where a chunk's blocks grow past the mmap threshold they leave the fragmenting heap, and
     d 384 x 3 at L 24576 was predicted 946 MB at C = 2048 but 855 MB at C = 3072.) Full backprop (C >= L) is one
     pass with no chunk states, whose heap fragments less (HEAP_OVERHEAD_ONE_PASS, measured): it keeps its own
     prediction, and may fit where the C just below L do not."""
-    lines = dict(predicted(chunk_size, batching, heap))
+    lines = predicted(chunk_size, batching, heap)
     if chunk_size >= seq_len:
         return lines
     smaller = [c for c in chunk_sizes(seq_len) if c < chunk_size]
-    floor = max((judged(predicted(c, batching, heap))["total"] for c in smaller), default=0)
-    short = floor - judged(lines)["total"]
-    if short > 0:
-        lines["chunk"] += short
-        lines["total"] += short
-    return lines
+    floor = max((predicted(c, batching, heap).judged().total for c in smaller), default=0)
+    short = floor - lines.judged().total
+    return replace(lines, chunk=lines.chunk + short) if short > 0 else lines
 
 
 def choose_chunk(fitting: list[int], seconds, rule: ChunkRule, time_known: bool) -> tuple[int | None, str]:
@@ -648,24 +633,13 @@ def choose_chunk(fitting: list[int], seconds, rule: ChunkRule, time_known: bool)
     )
 
 
-def judged(lines: dict) -> dict:
-    """The breakdown less the probes' peak (the "planning" line): what the budget's usable share must hold (the
-    training's lines here, the forward's in eval_plan.py)."""
-    kept = {name: size for name, size in lines.items() if name not in ("planning", "total")}
-    return kept | {"total": sum(kept.values())}
-
-
-def _terms(lines: dict) -> str:
-    """The breakdown as a sum that adds up: "runtime 350 MB + ... = total"."""
-    parts = [f"{name} {format_size(size)}" for name, size in lines.items() if name != "total" and size]
-    return " + ".join(parts) + f" = {format_size(lines['total'])}"
-
-
-def _nothing_fits(lines: dict, probe_: Probe, work: Workload, budget_bytes: int, available: int) -> OutOfBudgetError:
+def _nothing_fits(
+    lines: StepBreakdown, probe_: Probe, work: Workload, budget_bytes: int, available: int
+) -> OutOfBudgetError:
     """What is missing at C = 1, and only the changes that could close the gap."""
-    lines = judged(lines)
+    lines = lines.judged()
     usable = usable_bytes(budget_bytes)
-    missing = lines["total"] - usable
+    missing = lines.total - usable
     hints = []
     if probe_.optimizer_state:
         enough = "" if probe_.optimizer_state >= missing else ", not enough on its own"
@@ -673,20 +647,20 @@ def _nothing_fits(lines: dict, probe_: Probe, work: Workload, budget_bytes: int,
     if work.batch_size > 1:
         hints.append("a smaller `batch_size` (saves little: the fixed costs above stay)")
     hints.append(
-        f"a larger `mem_budget` (at least {format_size(budget_holding(lines['total']))}; "
+        f"a larger `mem_budget` (at least {format_size(budget_holding(lines.total))}; "
         f"available: {format_size(available)})"
     )
     return OutOfBudgetError(
         f"budget {format_size(budget_bytes)} (less {HEADROOM:.0%} headroom) cannot fit even C = 1: "
-        f"{_terms(lines)}, {format_size(missing)} over; try {'; or '.join(hints)}",
+        f"{lines.terms()}, {format_size(missing)} over; try {'; or '.join(hints)}",
         params=("optimizer", "batch_size", "mem_budget"),
     )
 
 
-def _forced_over(forced: int, lines: dict, chosen: int | None, budget_bytes: int) -> OutOfBudgetError:
+def _forced_over(forced: int, lines: StepBreakdown, chosen: int | None, budget_bytes: int) -> OutOfBudgetError:
     fits = f"the largest C that fits is {chosen}" if chosen else "no C fits it"
     return OutOfBudgetError(
-        f"chunk size {forced} is predicted to need {_terms(judged(lines))}, over the budget "
+        f"chunk size {forced} is predicted to need {lines.judged().terms()}, over the budget "
         f"{format_size(budget_bytes)} (less {HEADROOM:.0%} headroom): {fits}; or drop the budget (`mem_budget`) "
         f"to force C = {forced}",
         params=("mem_budget",),
@@ -704,19 +678,19 @@ class _Predictions:
         self.raw: dict = {}  # (C, batching, heap) -> predict's lines: pure, so each is computed once
         self.full_heap = self.heap_for(work.seq_len) or "fast"
 
-    def _predicted(self, c: int, batching: bool, heap: str) -> dict:
+    def _predicted(self, c: int, batching: bool, heap: str) -> StepBreakdown:
         key = (c, batching, heap)
         if key not in self.raw:
             self.raw[key] = predict(self.model, self.measured, work=self.work, chunk_size=c, batching=batching,
                                     heap=heap, **self.fixed)  # fmt: skip
         return self.raw[key]
 
-    def peak(self, c: int, batching: bool = False, heap: str | None = None) -> dict:
+    def peak(self, c: int, batching: bool = False, heap: str | None = None) -> StepBreakdown:
         return _monotone(self._predicted, c, self.work.seq_len, batching, heap or self.least)
 
-    def fits(self, lines: dict, share: float = 1.0) -> bool:
+    def fits(self, lines: StepBreakdown, share: float = 1.0) -> bool:
         """The training's prediction inside `share` of the usable budget; the probes' peak is a fact, not judged."""
-        return judged(lines)["total"] <= self.usable * share
+        return lines.judged().total <= self.usable * share
 
     def heap_for(self, c: int, batching: bool = False) -> str:
         """Managed heap: "fast" (no page faults) where its peak fits with FAST_HEAP_MARGIN to spare, else "tight";
@@ -732,7 +706,7 @@ class _Predictions:
     def candidate(self, c: int, budget_bytes: int) -> Candidate:
         heap = self.heap_for(c)
         lines = self.peak(c, heap=heap or self.least)
-        return Candidate(c, lines["total"], lines["total"] / budget_bytes, self.seconds(c), self.fits(lines), heap)
+        return Candidate(c, lines.total, lines.total / budget_bytes, self.seconds(c), self.fits(lines), heap)
 
 
 def _measure(model: PerformerLM, work: Workload, usable: float, managed: bool, resident_data: int):
@@ -819,7 +793,7 @@ def plan_chunk_size(
         seq_len=L,
         batch_size=work.batch_size,
         optimizer=str(work.optimizer),
-        predicted_peak_bytes=lines["total"],
+        predicted_peak_bytes=lines.total,
         breakdown=lines,
         candidates=[at.candidate(c, budget_bytes) for c in sizes],
         batch_weight_grads=batching,
@@ -831,8 +805,8 @@ def plan_chunk_size(
         reason=reason,
         largest_fitting=fitting[-1] if fitting else 0,
         threads=torch.get_num_threads(),
-        margin_bytes=int(usable - judged(at.peak(chosen))["total"]),
-        next_over_bytes=int(judged(at.peak(bigger))["total"] - usable) if bigger else None,
+        margin_bytes=int(usable - at.peak(chosen).judged().total),
+        next_over_bytes=int(at.peak(bigger).judged().total - usable) if bigger else None,
     )
 
 

@@ -3,6 +3,7 @@ object as the last stdout line. Only cli.py calls these; no torch here."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -95,17 +96,16 @@ CHUNK_SOURCE = {"planned": " (auto)", "checked": " (fits the budget)", "given": 
 
 
 def fit_table(result) -> Table:
-    plan, run = result.plan, result.run
-    source = run["chunk_source"]
+    plan, source = result.plan, result.run.chunk_source
     table = Table(title="slimtune fit", show_header=False)
     for key, value in (
         ("device", result.device),
         ("seq len / batch", f"{result.seq_len} / {result.batch_size}"),
         ("chunk size C", f"{result.chunk_size}{CHUNK_SOURCE.get(source, f' ({source})')}"),
-        ("why this C", plan["reason"] if plan and plan.get("reason") and source == "planned" else "-"),
+        ("why this C", plan.reason if plan and plan.reason and source == "planned" else "-"),
         ("resumed from step", str(result.first_step) if result.first_step else "-"),
-        ("budget", format_size(plan["budget_bytes"]) if plan else "-"),
-        ("predicted peak", format_size(plan["predicted_peak_bytes"]) if plan else "-"),
+        ("budget", format_size(plan.budget_bytes) if plan else "-"),
+        ("predicted peak", format_size(plan.predicted_peak_bytes) if plan else "-"),
         ("measured peak", f"{format_size(result.peak_memory_bytes)} ({result.memory_counts})"),
         ("steps", str(result.steps)),
         ("loss first -> last", f"{result.loss:.4f} -> {result.final_loss:.4f} nats/byte"),
@@ -132,7 +132,7 @@ def plan_caption(result) -> str:
     )
     caption = (
         f"Memory counts {result.memory_counts}; available {format_size(result.available_bytes)}, from "
-        f"{result.available_source}. The runtime alone holds {format_size(result.breakdown['runtime'])}: no budget "
+        f"{result.available_source}. The runtime alone holds {format_size(result.breakdown.runtime)}: no budget "
         f"below it fits. Step time is relative to full backprop's (1.00x: predicted {result.seconds_full:.2f} s "
         f"here{where}), within about {result.time_uncertainty:.0%} of measured steps{unknown}"
     )
@@ -165,12 +165,20 @@ def plan_tables(result, seq_len: int, batch_size: int, strategy: str, strategies
             mark,
         )
     fixed = Table(title="predicted peak at the chosen C", show_header=False)
-    for key, value in result.breakdown.items():
+    for key, value in result.breakdown.to_json().items():
         fixed.add_row(key, format_size(value))
     tables = [table, fixed]
     if strategies:
         tables.append(strategies_table(strategies, seq_len, result.budget_bytes))
     return tables
+
+
+def format_plan(plan, width: int = 120) -> str:
+    """A Plan as text: the tables `slimtune plan` prints for it (without the strategies' comparison)."""
+    text = Console(file=io.StringIO(), width=width, color_system=None)
+    for table in plan_tables(plan, plan.seq_len, plan.batch_size, plan.optimizer):
+        text.print(table)
+    return text.file.getvalue()
 
 
 def strategies_table(rows, seq_len: int, budget_bytes: int) -> Table:

@@ -9,16 +9,16 @@ out-of-memory fallback to a smaller C, which replaces the plan's chunk size and 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
-from .choices import Heap
+from .choices import Heap, Precision
 from .deferred import defers, use_batching
 from .distributed import Group, agree_min
 from .errors import OutOfBudgetError, SlimtuneError
 from .options import FitOptions, chunk_request, chunk_rule
-from .planner import Workload, chunk_sizes, gradient_bytes, plan_if_needed
+from .planner import Plan, Workload, chunk_sizes, gradient_bytes, plan_if_needed
 
 # Where the chunk size came from: the planner's choice, a given C it checked against a given budget, a given C,
 # or the run being resumed.
@@ -35,17 +35,29 @@ class RunPlan:
     device: str
     world_size: int  # processes of a torchrun group (1: one process)
     weight_dtype: str  # the weights' dtype, e.g. "float32"
-    compute_dtype: str  # "float32", or "bfloat16" under autocast
+    precision: Precision  # what the steps compute in: fp32 (the weights' own dtype) or bf16 (autocast)
     trainable_parameters: int  # elements of the parameters that receive gradients
     frozen_parameters: int  # elements of those that do not
-    planner: dict | None = None  # the planner's Plan (C auto, or a given C checked against a budget)
+    planner: Plan | None = None  # the planner's (C auto, or a given C checked against a budget)
+
+    @property
+    def compute_dtype(self) -> str:
+        """ "float32", or "bfloat16" under autocast."""
+        return "bfloat16" if self.precision == Precision.BF16 else self.weight_dtype
 
     def to_json(self) -> dict:
-        return asdict(self)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        planner = self.planner.to_json() if self.planner is not None else None
+        return values | {"precision": str(self.precision), "compute_dtype": self.compute_dtype, "planner": planner}
 
     @classmethod
     def from_json(cls, values: dict) -> RunPlan:
-        return cls(**values)
+        """The RunPlan `to_json` wrote (a run state's, read back on resume)."""
+        values = dict(values)
+        compute = values.pop("compute_dtype", None)  # derived; a state written before `precision` has only this
+        precision = values.get("precision") or (Precision.BF16 if compute == "bfloat16" else Precision.FP32)
+        planner = values.get("planner")
+        return cls(**values | {"precision": Precision(precision), "planner": planner and Plan.from_json(planner)})
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -55,19 +67,21 @@ def parameter_counts(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in params) - trainable
 
 
-def plan_for_chunk(model, options: FitOptions, chunk_size: int, *, world: int = 1, source: str = "given", planner=None):
+def plan_for_chunk(
+    model, options: FitOptions, chunk_size: int, *, world: int = 1, source: str = "given", planner: Plan | None = None
+) -> RunPlan:
     """The run plan where C is known (given, or chosen by the planner): the rest is derived here."""
     device = next(model.parameters()).device
     on_cpu_managed = device.type == "cpu" and options.heap == Heap.MANAGED
     precision = options.compute_precision
     chunk_size = min(chunk_size, options.seq_len)
     if planner is not None:  # the planner took the request into account, and counted the buffers it batches in
-        batching = bool(planner["batch_weight_grads"])
+        batching = planner.batch_weight_grads
     else:  # what slim_step will do: batch when asked (None: whenever it can) and when it can
         batching = use_batching(
             options.batch_size, chunk_size, options.seq_len, precision.dtype, options.batch_weight_grads
         )
-    heap = ((planner or {}).get("heap") or "fast") if on_cpu_managed else ""
+    heap = ((planner and planner.heap) or "fast") if on_cpu_managed else ""
     trainable, frozen = parameter_counts(model)
     return RunPlan(
         chunk_size=chunk_size,
@@ -78,7 +92,7 @@ def plan_for_chunk(model, options: FitOptions, chunk_size: int, *, world: int = 
         device=str(device),
         world_size=world,
         weight_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        compute_dtype=str(precision.dtype or next(model.parameters()).dtype).removeprefix("torch."),
+        precision=precision,
         trainable_parameters=trainable,
         frozen_parameters=frozen,
         planner=planner,
@@ -112,11 +126,10 @@ def resolve_run(model, options: FitOptions, group: Group = Group(), *, data_byte
             "another rank's `mem_budget` fits no chunk size (see its message): give it more memory",
             params=("mem_budget",),
         )
-    planner = plan.to_json()
     if chunk_size != plan.chunk_size:  # the batching buffers were sized against this rank's own C
-        planner |= {"chunk_size": chunk_size, "batch_weight_grads": False}
+        plan = replace(plan, chunk_size=chunk_size, batch_weight_grads=False)
     source = "planned" if given is None else "checked"
-    return plan_for_chunk(model, options, chunk_size, world=group.world, source=source, planner=planner)
+    return plan_for_chunk(model, options, chunk_size, world=group.world, source=source, planner=plan)
 
 
 def _copies_bytes(model, group: Group) -> int:
@@ -132,15 +145,10 @@ def after_out_of_memory(run: RunPlan, options: FitOptions) -> RunPlan | None:
     smaller = [c for c in chunk_sizes(L) if c < min(run.chunk_size, L)]
     if not smaller:
         return None
-    batching = run.batch_weight_grads and defers(options.batch_size, smaller[-1], L, autocast_dtype(run))
+    batching = run.batch_weight_grads and defers(options.batch_size, smaller[-1], L, run.precision.dtype)
     return replace(
         run,
         chunk_size=smaller[-1],
         chunk_source=f"{run.chunk_source}, then out of memory",
         batch_weight_grads=batching,
     )
-
-
-def autocast_dtype(run: RunPlan) -> torch.dtype | None:
-    """What the plan's steps compute under: bf16 autocast, or None (the weights' own dtype)."""
-    return torch.bfloat16 if run.compute_dtype == "bfloat16" else None

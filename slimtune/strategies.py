@@ -259,7 +259,7 @@ def plan_fit(
     def record_run(planned: Strategy, result: Plan) -> None:  # while the model trains as the asked strategy does
         if planned == strategy:
             source = "planned" if forced is None else "checked"
-            runs["run"] = plan_for_chunk(model, options, result.chunk_size, source=source, planner=result.to_json())
+            runs["run"] = plan_for_chunk(model, options, result.chunk_size, source=source, planner=result)
 
     if not compare_strategies:
         strategy.apply(model)

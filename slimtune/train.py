@@ -34,9 +34,9 @@ from .evaluation import copy_accuracy, evaluate
 from .memory import heap_policy_during, is_out_of_memory, peak_memory_bytes, release_free_heap
 from .optimizers import make_optimizer
 from .options import FitOptions, chunk_request, fit_options
-from .planner import memory_counts
+from .planner import Plan, memory_counts
 from .pretrained import PerformerConfig, PerformerLM
-from .runplan import RunPlan, after_out_of_memory, autocast_dtype, plan_for_chunk, resolve_run
+from .runplan import RunPlan, after_out_of_memory, plan_for_chunk, resolve_run
 from .runs import RunFolder
 from .slim import autocast, slim_step
 from .strategies import Strategy
@@ -60,12 +60,12 @@ class FitResult:
     device: str
     out: str
     seconds: float  # the whole call: loading, planning, the steps and the export
-    plan: dict | None = None  # the planner's choice (C auto), or its check of a given C against a given budget
+    plan: Plan | None = None  # the planner's choice (C auto), or its check of a given C against a given budget
     metrics: dict = field(default_factory=dict)  # task metrics, e.g. copy_accuracy
     first_step: int = 0  # steps already done when this process started (a resumed run)
     threads: int = 1  # CPU intra-op threads the run used
     memory_counts: str = ""  # what peak_memory_bytes counts on this device
-    run: dict = field(default_factory=dict)  # the run plan (runplan.RunPlan), as decided before the first step
+    run: RunPlan | None = None  # the run plan, as decided before the first step (its planner's Plan: `plan`)
     run_dir: str | None = None
     lora_rank: int = 0  # 0: full fine-tuning
     trainable_parameters: int = 0  # elements of the parameters that trained
@@ -74,7 +74,9 @@ class FitResult:
     model: PerformerLM | None = field(default=None, repr=False, compare=False)  # the trained model, in memory
 
     def to_json(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+        run = {k: v for k, v in self.run.to_json().items() if k != "planner"} if self.run else {}
+        return values | {"plan": self.plan.to_json() if self.plan else None, "run": run}
 
 
 def _warn(message: str) -> None:
@@ -120,7 +122,7 @@ def held_out_bpc(model: PerformerLM, eval_data: torch.Tensor, options: FitOption
     """Held-out bpc at the run's C, batch and compute dtype, without gradients: inside what a training chunk holds,
     so inside the plan (in fp32 beside bf16 steps it was not: 25-70 MB over, benchmarks/RESULTS.md)."""
     device = next(model.parameters()).device
-    with autocast(device, autocast_dtype(run)):
+    with autocast(device, run.precision.dtype):
         scored = evaluate(
             model,
             eval_data,
@@ -147,7 +149,7 @@ def _slim_steps(model: PerformerLM, batches, run: RunPlan, options: FitOptions, 
             run.chunk_size,
             None if mask is None else mask.to(device),
             recovery=options.recovery,
-            precision=autocast_dtype(run),
+            precision=run.precision.dtype,
             batch_weight_grads=run.batch_weight_grads,
             between_chunks=between_chunks,
         )
@@ -644,7 +646,7 @@ def _train(
         first_step=trainer.first_step,
         threads=torch.get_num_threads(),
         memory_counts=memory_counts(trainer.device),
-        run={k: v for k, v in trainer.run.to_json().items() if k != "planner"},  # the planner's: `plan`
+        run=trainer.run,
         run_dir=options.run_dir,
         lora_rank=options.lora_rank,
         trainable_parameters=trainer.run.trainable_parameters,

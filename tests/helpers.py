@@ -50,3 +50,14 @@ def safetensors_layout(path):
 def projections(model: PerformerLM):
     draws = [layer.attention.projection for layer in model.layers]
     return None if draws[0] is None else draws
+
+
+def a_plan(**values):
+    """A planner's Plan with the given fields and neutral others: for code that reads a plan (the run plan, the
+    Trainer), tested without probing a model."""
+    from slimtune.breakdown import StepBreakdown
+    from slimtune.planner import Plan
+
+    neutral = dict(chunk_size=8, budget_bytes=1, available_bytes=1, available_source="", device="cpu", seq_len=64,
+                   batch_size=1, optimizer="adam", predicted_peak_bytes=0, breakdown=StepBreakdown())  # fmt: skip
+    return Plan(**neutral | values)

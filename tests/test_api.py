@@ -129,12 +129,12 @@ def test_slim_step_on_a_loaded_model_equals_full_backprop(tmp_path):
 def test_plan_prints_a_table_and_matches_the_cli(tmp_path, capsys):
     src = _checkpoint(tmp_path / "m.safetensors")
     plan = slimtune.plan(slimtune.PerformerLM.from_pretrained(src), seq_len=512, mem_budget="2GB", optimizer="sgd")
-    text = str(plan)
+    text = slimtune.format_plan(plan)
     assert "<- chosen" in text and str(plan.chunk_size) in text
     assert plan.chunk_size == 512
     params = sum(p.numel() for p in slimtune.PerformerLM.from_pretrained(src).parameters())
     # Counted from the model, not from the planner: fp32 gradients are 4 bytes a parameter, and sgd keeps no state.
-    assert plan.breakdown["gradients"] == 4 * params and plan.breakdown["optimizer"] == 0
+    assert plan.breakdown.gradients == 4 * params and plan.breakdown.optimizer == 0
     from slimtune.cli import main
 
     capsys.readouterr()

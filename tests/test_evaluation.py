@@ -237,7 +237,7 @@ def test_planned_eval_scores_as_the_full_forward_at_every_chosen_c(text, runtime
         result = evaluate(model, text, seq_len=L, max_bytes=n, mem_budget=_budget(extra))
         assert result.predicted_bytes == count and abs(result.bpc - expected) <= 1e-6 * expected
         assert result.budget_bytes == _budget(extra) and result.predicted_peak_bytes <= result.budget_bytes
-        assert result.plan["breakdown"]["data"] == n  # the data, read whole, is counted
+        assert result.plan.breakdown.data == n  # the data, read whole, is counted
         chosen.append((result.chunk_size, result.batch_size))
     assert chosen == sorted(chosen), chosen  # a smaller budget never a larger C, nor at C = L a larger batch
     sizes = {c for c, _ in chosen}

@@ -21,7 +21,7 @@ LAYERS = {
     # files: checkpoints read and written, the export, data, recipes, the code shipped beside hf exports
     "io": {"checkpoint", "export", "pretrained", "data", "recipes", "hf_remote"},
     # measure -> predict -> choose: the planner, eval's forward plan, the strategies, a run's fixed settings
-    "planning": {"planner", "eval_plan", "strategies", "runplan", "inspection"},
+    "planning": {"breakdown", "planner", "eval_plan", "strategies", "runplan", "inspection"},
     # what a run does: training (fit, pretrain), its run folder, evaluation, generation, the benchmark command
     "run": {"train", "runs", "evaluation", "generation", "bench"},
     # what users touch: the command line, its flags and tables, the demo, the package's API

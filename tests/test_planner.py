@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from slimtune import devices, train
+from slimtune.breakdown import StepBreakdown
 from slimtune.checkpoint import load_checkpoint
 from slimtune.choices import ChunkRule
 from slimtune.devices import resolve_budget
@@ -22,13 +23,13 @@ from slimtune.planner import (
     Workload,
     _monotone,
     _tracked_step,
-    _windows,
     choose_chunk,
     chunk_sizes,
     full_seconds,
     plan_chunk_size,
     predict,
     probe,
+    probe_windows,
     relative_time,
 )
 from slimtune.units import parse_size
@@ -120,13 +121,14 @@ def test_predicted_peaks_never_fall_as_c_grows_under_one_heap_policy():
         return predict(model, p, 100 * mb, work, c, batching=batching, heap=heap)
 
     grid = [c for c in chunk_sizes(4096) if c >= 256]  # below L
-    assert raw(1280, False, "tight")["total"] > raw(1536, False, "tight")["total"]  # the case is real
+    assert raw(1280, False, "tight").total > raw(1536, False, "tight").total  # the case is real
     for heap in ("tight", "fast"):
         peaks = [_monotone(raw, c, 4096, False, heap) for c in grid]
-        assert [lines["total"] for lines in peaks] == sorted(lines["total"] for lines in peaks)
+        assert [lines.total for lines in peaks] == sorted(lines.total for lines in peaks)
         for lines in peaks:  # the lines still add up
-            assert sum(v for k, v in lines.items() if k != "total") == lines["total"]
-        assert _monotone(raw, 1536, 4096, False, heap)["total"] >= raw(1280, False, heap)["total"]
+            shown = lines.to_json()
+            assert sum(v for k, v in shown.items() if k != "total") == shown["total"] == lines.total
+        assert _monotone(raw, 1536, 4096, False, heap).total >= raw(1280, False, heap).total
 
 
 def tight_probe(model):
@@ -145,12 +147,10 @@ def test_prediction_grows_and_the_choice_fits():
     assert 64 <= tight.chunk_size < 4096
     # The probe's line through two measured steps, checked against a third step at the chosen C, counted apart.
     probe_ = tight_probe(model)
-    held = _tracked_step(model, _windows(model, 1, tight.chunk_size), "fp32").peak
+    held = _tracked_step(model, probe_windows(model, 1, tight.chunk_size), "fp32").peak
     assert abs(probe_.base + probe_.per_token * tight.chunk_size - held) <= 0.15 * held
     larger = [c for c in chunk_sizes(4096) + [4096] if c > tight.chunk_size][0]
-    assert (
-        predict(model, tight_probe(model), tight.breakdown["runtime"], Workload(4096), larger)["total"] > usable * 0.98
-    )
+    assert predict(model, tight_probe(model), tight.breakdown.runtime, Workload(4096), larger).total > usable * 0.98
     with pytest.raises(SlimtuneError, match="cannot fit even C = 1.*optimizer=sgd"):
         plan_chunk_size(model, Workload(4096, 1, "adam"), 10**6)
 
@@ -237,14 +237,14 @@ def test_weight_gradient_buffers_are_counted_and_used_only_when_they_fit(monkeyp
     plain = predict(model, probe_, 0, Workload(4096), 32)
     batched = predict(model, probe_, 0, Workload(4096), 32, batching=True)
     assert allocated and allocated[0] > 0
-    assert batched["gradient batching"] == allocated[0] and batched["total"] - plain["total"] == allocated[0]
+    assert batched.gradient_batching == allocated[0] and batched.total - plain.total == allocated[0]
     loose = plan_chunk_size(model, Workload(4096, 1, "sgd"), "95%")
     assert loose.chunk_size == 4096 and not loose.batch_weight_grads  # one chunk: nothing to batch
     # Asked for at a small given C: counted in the plan's peak, and refused when it does not fit.
     asked = plan_chunk_size(model, Workload(4096, 1, "sgd", batch_weight_grads=True), "95%", forced=32)
-    assert asked.batch_weight_grads and asked.breakdown["gradient batching"] == allocated[0]
+    assert asked.batch_weight_grads and asked.breakdown.gradient_batching == allocated[0]
     refused = plan_chunk_size(model, Workload(4096, 1, "sgd", batch_weight_grads=False), "95%", forced=32)
-    assert not refused.batch_weight_grads and refused.breakdown["gradient batching"] == 0
+    assert not refused.batch_weight_grads and refused.breakdown.gradient_batching == 0
 
 
 @pytest.mark.parametrize("optimizer, state_copies", [("sgd", 0), ("adam", 2)])
@@ -278,14 +278,15 @@ def test_nothing_fits_names_the_gap_and_only_what_could_close_it(optimizer_state
 
     budget = 400_000_000
     usable = budget * (1 - HEADROOM)
-    lines = {"runtime": 350_000_000, "optimizer": optimizer_state, "gradients": 1_000_000}
-    lines["chunk"] = int(usable + 10_000_000) - sum(lines.values())  # the lines add up to 10 MB over
-    lines["total"] = sum(lines.values())
+    fixed = 350_000_000 + optimizer_state + 1_000_000
+    lines = StepBreakdown(  # the lines add up to 10 MB over
+        runtime=350_000_000, optimizer=optimizer_state, gradients=1_000_000, chunk=int(usable + 10_000_000) - fixed
+    )
     probe_ = Probe(0, 0, optimizer_state, optimizer_state)
     message = str(_nothing_fits(lines, probe_, Workload(4096, 1), budget, 2 * budget))
     assert "10.00 MB over" in message and "optimizer=sgd" in message
     assert ("not enough on its own" in message) is (not enough)
-    assert f"at least {lines['total'] / (1 - HEADROOM) / 1e6:.2f} MB" in message
+    assert f"at least {lines.total / (1 - HEADROOM) / 1e6:.2f} MB" in message
     assert "batch_size" not in message  # batch 1: nothing to make smaller
     assert "batch_size" in str(_nothing_fits(lines, probe_, Workload(4096, 2), budget, 2 * budget))
 
@@ -313,9 +314,9 @@ def test_the_fast_heap_is_planned_only_where_its_peak_fits(monkeypatch):
     loose = plan_chunk_size(model, Workload(4096, 1, "adam"), "95%", heap="managed")
     assert loose.chunk_size == 4096 and loose.heap == "fast"
     probe_ = tight_probe(model)
-    runtime = loose.breakdown["runtime"]
-    tight_peak = predict(model, probe_, runtime, Workload(4096), 4096, heap="tight")["total"]
-    fast_peak = predict(model, probe_, runtime, Workload(4096), 4096, heap="fast")["total"]
+    runtime = loose.breakdown.runtime
+    tight_peak = predict(model, probe_, runtime, Workload(4096), 4096, heap="tight").total
+    fast_peak = predict(model, probe_, runtime, Workload(4096), 4096, heap="fast").total
     assert fast_peak > tight_peak + 8 * 2**20  # [4096, 256] fp32 blocks: mmap'ed under tight, heap under fast
     budget = int((tight_peak + fast_peak) / 2 / (1 - HEADROOM))
     monkeypatch.setattr(planner, "_runtime_bytes", lambda model, data=0: runtime)  # RSS drifts by MB between plans
@@ -376,7 +377,7 @@ def test_the_plan_counts_the_copies_a_run_holds(monkeypatch, data_dir):
     assert seen[1].copies_bytes == grads
     probe_ = tight_probe(model)
     lines = [predict(model, probe_, 0, Workload(64, copies_bytes=n), 16) for n in (0, grads)]
-    assert lines[1]["copies"] == grads and lines[1]["total"] - lines[0]["total"] == grads
+    assert lines[1].copies == grads and lines[1].total - lines[0].total == grads
 
 
 def test_a_partly_frozen_model_plans_and_is_charged_gradients_only_for_what_trains():
@@ -389,7 +390,7 @@ def test_a_partly_frozen_model_plans_and_is_charged_gradients_only_for_what_trai
         p.requires_grad_(name.startswith(("layers.1.", "output")))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     plan = slimtune.plan(model, seq_len=4096, mem_budget="95%", optimizer="adam")
-    assert plan.breakdown["gradients"] == 4 * trainable and plan.breakdown["optimizer"] == 8 * trainable
+    assert plan.breakdown.gradients == 4 * trainable and plan.breakdown.optimizer == 8 * trainable
     assert all(p.grad is None for p in model.parameters())  # the probes leave no gradients behind
 
 
@@ -402,7 +403,7 @@ def test_the_export_line_counts_a_merged_adapter_where_it_exceeds_the_freed_chun
     export = model.export_bytes("auto")  # the export merges one weight at a time
     without = predict(model, probe_, 0, Workload(4096), 1)
     with_export = predict(model, probe_, 0, Workload(4096), 1, export=export)
-    assert without["export"] == 0 and with_export["export"] > 0  # C = 1: one merged weight outweighs a chunk
-    assert with_export["total"] - without["total"] == with_export["export"] <= export
+    assert without.export == 0 and with_export.export > 0  # C = 1: one merged weight outweighs a chunk
+    assert with_export.total - without.total == with_export.export <= export
     at_full = predict(model, probe_, 0, Workload(4096), 4096, export=export)
-    assert at_full["export"] == 0  # full backprop's activations, freed, leave room for the copies
+    assert at_full.export == 0  # full backprop's activations, freed, leave room for the copies

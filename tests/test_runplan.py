@@ -8,11 +8,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import a_plan, tiny_model
 
-from slimtune.choices import ChunkRule
+from slimtune.breakdown import StepBreakdown
+from slimtune.choices import ChunkRule, Precision
 from slimtune.errors import ConfigError
 from slimtune.options import FitOptions, chunk_rule
+from slimtune.planner import Candidate
 from slimtune.runplan import SOURCES, RunPlan, after_out_of_memory, chunk_request, plan_for_chunk, resolve_run
 
 
@@ -75,7 +77,7 @@ def test_fixed_derives_the_rest_of_the_plan():
     bf16 = plan_for_chunk(tiny_model(dtype=torch.float32), FitOptions(seq_len=64, precision="bf16", device="cpu"), 16)
     assert (bf16.weight_dtype, bf16.compute_dtype, bf16.batch_weight_grads) == ("float32", "bfloat16", False)
     assert plan_for_chunk(model, FitOptions(seq_len=64, heap="system", device="cpu"), 16).heap == ""
-    planner = {"heap": "tight", "batch_weight_grads": False, "chunk_size": 16}
+    planner = a_plan(heap="tight", batch_weight_grads=False, chunk_size=16)
     planned = plan_for_chunk(
         model, FitOptions(seq_len=64, device="cpu"), 16, source="planned", planner=planner, world=2
     )
@@ -90,7 +92,9 @@ def test_fixed_derives_the_rest_of_the_plan():
 
 def test_a_run_plan_round_trips_through_json():
     model = tiny_model(dtype=torch.float32)
-    planner = {"chunk_size": 8, "heap": "fast", "batch_weight_grads": True, "candidates": [{"chunk_size": 8}]}
+    candidate = Candidate(8, 100, 0.5, 1.0, True, "fast")
+    breakdown = StepBreakdown(runtime=60, chunk=30, states=10, planning=5)
+    planner = a_plan(chunk_size=8, heap="fast", batch_weight_grads=True, candidates=[candidate], breakdown=breakdown)
     plan = plan_for_chunk(model, FitOptions(seq_len=32, device="cpu"), 8, source="checked", planner=planner)
     text = json.dumps(plan.to_json())
     again = RunPlan.from_json(json.loads(text))
@@ -104,11 +108,27 @@ def test_a_run_plan_round_trips_through_json():
         "device",
         "world_size",
         "weight_dtype",
+        "precision",
         "compute_dtype",
         "trainable_parameters",
         "frozen_parameters",
         "planner",
     }
+    shown = plan.to_json()["planner"]["breakdown"]  # the JSON names the lines in words, with their total
+    assert shown == {"runtime": 60, "data": 0, "gradients": 0, "optimizer": 0, "chunk": 30, "states": 10,
+                     "gradient batching": 0, "copies": 0, "optimizer step": 0, "export": 0, "planning": 5,
+                     "total": 105}  # fmt: skip
+    assert again.planner.breakdown.judged().total == 100  # the probes' own peak is not judged
+
+
+def test_a_run_state_written_before_the_precision_field_reads_back():
+    """A run state saved by the previous release carries the compute dtype as a string, not the precision."""
+    model = tiny_model(dtype=torch.float32)
+    for asked, dtype in (("bf16", "bfloat16"), ("fp32", "float32")):
+        plan = plan_for_chunk(model, FitOptions(seq_len=32, device="cpu", precision=asked), 8)
+        old = {k: v for k, v in plan.to_json().items() if k != "precision"}
+        assert old["compute_dtype"] == dtype
+        assert RunPlan.from_json(old) == plan
 
 
 def test_the_out_of_memory_fallback_takes_the_next_smaller_c_and_says_so():
@@ -131,7 +151,7 @@ def test_the_fallback_keeps_batching_only_where_slim_step_can_batch():
     options = FitOptions(seq_len=64, batch_size=16, device="cpu")
     assert after_out_of_memory(batched, options).batch_weight_grads is False  # 16 x 32 rows: too many to batch
     assert after_out_of_memory(batched, FitOptions(seq_len=64, device="cpu")).batch_weight_grads is True
-    bf16 = replace(batched, compute_dtype="bfloat16")
+    bf16 = replace(batched, precision=Precision.BF16)
     assert after_out_of_memory(bf16, FitOptions(seq_len=64, device="cpu")).batch_weight_grads is False  # autocast
 
 
@@ -150,7 +170,7 @@ def test_resolve_run_takes_a_given_c_without_planning(monkeypatch):
 def test_resolve_run_plans_auto_and_checks_a_given_c_against_a_budget():
     model = tiny_model(dtype=torch.float32)
     planned = resolve_run(model, FitOptions(seq_len=64, chunk_size="auto", mem_budget="4GB", device="cpu"))
-    assert planned.chunk_source == "planned" and planned.planner["chunk_size"] == planned.chunk_size
+    assert planned.chunk_source == "planned" and planned.planner.chunk_size == planned.chunk_size
     assert 1 <= planned.chunk_size <= 64
     checked = resolve_run(model, FitOptions(seq_len=64, chunk_size=8, mem_budget="4GB", device="cpu"))
     assert (checked.chunk_size, checked.chunk_source) == (8, "checked") and checked.planner is not None

@@ -72,7 +72,7 @@ def test_compare_plans_each_strategy_with_its_own_trainable_parameters_and_memor
     for key, row in rows.items():
         assert row.trainable_parameters == (adapters if key[1] else total), key
         assert seen[row.strategy][0] == row.trainable_parameters  # on_planned saw the model as that strategy trains
-    state = {(s.optimizer, s.lora_rank, s.base_dtype): lines["optimizer"] for s, (_, lines) in seen.items()}
+    state = {(s.optimizer, s.lora_rank, s.base_dtype): lines.optimizer for s, (_, lines) in seen.items()}
     assert state[("adam", 0, "fp32")] == 2 * weights and state[("sgd", 0, "fp32")] == 0  # measured, not assumed
     peak = {key: row.predicted_peak_bytes for key, row in rows.items()}
     full_adam, full_sgd = peak[("adam", 0, "fp32")], peak[("sgd", 0, "fp32")]
