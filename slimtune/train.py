@@ -1,10 +1,10 @@
 """Fine-tuning and pretraining: a `Trainer` takes optimizer steps with the SLiM step and keeps a resumable run;
-`fit` and `pretrain` wrap it with the run folder, the run plan and the export.
+a `Recipe` is one run around it (setup, train, save, cleanup), and `fit` and `pretrain` are a few lines over theirs.
 
-`fit` is the library function behind `slimtune fit`: it loads the checkpoint, takes the run folder's lock, decides
-the run (runplan.py: C planned unless given or resumed), runs the steps (one, as in the paper's on-device
-experiment, or many), and writes weights that the original model loads unchanged (same names, shapes, dtypes
-and config), with the run's provenance.
+`fit` is the library function behind `slimtune fit`: it checks the options and `out`, then its recipe takes the run
+folder's lock, reads the checkpoint and the data, decides the run (runplan.py: C planned unless given or resumed),
+runs the steps (one, as in the paper's on-device experiment, or many), and writes weights that the original model
+loads unchanged (same names, shapes, dtypes and config), with the run's provenance.
 """
 
 from __future__ import annotations
@@ -600,31 +600,92 @@ def _run_steps(trainer: Trainer, on_step: OnStep | None) -> dict:
     return metrics
 
 
-def _train(
-    model, data, out, options: FitOptions, folder_state, on_step, warn, eval_data=None, group=Group(), started=0.0
-):
-    """In the held run folder (`folder_state`: _held_folder's (folder, saved)): decide the run (unless resumed), run the
-    steps and report them. On Ctrl-C or SIGTERM the state is saved where there is one and Interrupted says so. The
-    export is the caller's."""
-    folder, saved = folder_state
-    trainer = None
-    try:
-        run = None if saved else resolve_run(model, options, group, data_bytes=_held_bytes(data, eval_data))
-        _restart(folder, options, group, warn)
-        trainer = Trainer(
-            model, data, options, run=run, eval_data=eval_data, group=group, on_warning=warn, folder=folder
-        )
-        trainer.setup(saved)
-        metrics = _run_steps(trainer, on_step)
-    except KeyboardInterrupt:
-        ready = trainer is not None and hasattr(trainer, "_last_point")  # set up: it has a state to save
-        step = trainer.save() if ready else None
-        raise Interrupted(options.run_dir, step) from None
-    if not trainer.losses:
-        raise SlimtuneError(
-            "every step had a non-finite loss or gradient: lower `lr` or give `clip_grad`; nothing was exported",
-            params=("lr", "clip_grad"),
-        )
+class Recipe:
+    """One fit or pretrain run in the shape of torchtune's recipes: `setup()` holds the run folder (its lock taken
+    once, before anything is read), reads the inputs, joins the process group, builds the model as it will train
+    and decides the run (runplan.py; a resumed run keeps its plan); `train()` runs the steps; `save()` exports;
+    `cleanup()` releases the run folder. `run()` is the four in order, with Ctrl-C and SIGTERM turned into
+    Interrupted (saying what was saved). `FitRecipe` and `PretrainRecipe` give the inputs, the model and the export.
+
+    The options are checked, and `out` is too, before a Recipe exists: nothing here refuses an option."""
+
+    def __init__(self, options: FitOptions, out: Path, *, on_step: OnStep | None, on_warning: OnWarning | None):
+        self.options, self.out, self.on_step, self.warn = options, out, on_step, on_warning or _warn
+        self.started = time.perf_counter()
+        self.held = contextlib.ExitStack()  # the run folder, from setup until cleanup
+        self.data: torch.Tensor | None = None
+        self.eval_data: torch.Tensor | None = None
+        self.data_path: str | os.PathLike | None = None  # recorded in the provenance
+        self.group = Group()
+        self.trainer: Trainer | None = None
+
+    def read_inputs(self) -> None:
+        """Set self.data (and self.eval_data): read once the run folder is held."""
+        raise NotImplementedError
+
+    def build_model(self, device: torch.device) -> PerformerLM:
+        """The model on `device`, with what trains set as the run will train it."""
+        raise NotImplementedError
+
+    def export(self, result: FitResult) -> None:
+        """Write `out` (rank 0 only)."""
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        folder, saved = self.held.enter_context(_held_folder(self.options))
+        self.read_inputs()
+        self.device, self.group = _start(self.data, self.options)
+        self.model = self.build_model(self.device)
+        data_bytes = _held_bytes(self.data, self.eval_data)
+        run = None if saved else resolve_run(self.model, self.options, self.group, data_bytes=data_bytes)
+        _restart(folder, self.options, self.group, self.warn)
+        self.trainer = Trainer(self.model, self.data, self.options, run=run, eval_data=self.eval_data,
+                               group=self.group, on_warning=self.warn, folder=folder)  # fmt: skip
+        self.trainer.setup(saved)
+
+    def train(self) -> FitResult:
+        metrics = _run_steps(self.trainer, self.on_step)
+        if not self.trainer.losses:
+            raise SlimtuneError(
+                "every step had a non-finite loss or gradient: lower `lr` or give `clip_grad`; nothing was exported",
+                params=("lr", "clip_grad"),
+            )
+        return _result(self.trainer, self.options, metrics, self.out)
+
+    def save(self, result: FitResult) -> None:
+        if self.group.main:
+            self.export(result)
+        barrier()  # the other ranks wait until rank 0 has exported
+        result.peak_memory_bytes = peak_memory_bytes(self.device)  # measured again: the export's peak counts too
+
+    def cleanup(self) -> None:
+        self.held.close()
+
+    def run(self) -> FitResult:
+        try:
+            try:
+                self.setup()
+                result = self.train()
+            except KeyboardInterrupt:
+                ready = self.trainer is not None and hasattr(self.trainer, "_last_point")  # it has a state to save
+                raise Interrupted(self.options.run_dir, self.trainer.save() if ready else None) from None
+            self.save(result)
+        finally:
+            self.cleanup()
+        result.seconds = time.perf_counter() - self.started
+        return result
+
+    def provenance(self, result: FitResult) -> dict:
+        """What was run, for the exported checkpoint's metadata: the options declared `record`, and what the run
+        did."""
+        recorded = self.options.recorded() | {"steps": result.steps, "chunk_size": result.chunk_size}
+        provenance = {"world_size": self.group.world} | recorded | result.metrics
+        if self.data_path is not None:
+            provenance |= {"data": Path(self.data_path).name, "data_sha256": file_sha256(self.data_path)}
+        return provenance
+
+
+def _result(trainer: Trainer, options: FitOptions, metrics: dict, out: Path) -> FitResult:
     last = {k: v for k, v in metrics.items() if k in ("bpc", "bpc_bytes")} | (
         {"skipped_steps": trainer.skipped} if trainer.skipped else {}
     )
@@ -640,7 +701,7 @@ def _train(
         peak_memory_bytes=peak_memory_bytes(trainer.device),
         device=str(trainer.device),
         out=str(out),
-        seconds=time.perf_counter() - started,
+        seconds=0.0,  # set by Recipe.run, once the export is done
         plan=trainer.run.planner,
         metrics=last,
         first_step=trainer.first_step,
@@ -650,23 +711,8 @@ def _train(
         run_dir=options.run_dir,
         lora_rank=options.lora_rank,
         trainable_parameters=trainer.run.trainable_parameters,
-        model=model,
+        model=trainer.model,
     )
-
-
-def _parameter_strategy(model: PerformerLM, options: FitOptions) -> None:
-    """What trains and in which dtype, before the run is planned (the planner measures the model as it will
-    train): with `lora_rank`, the base frozen with adapters on the targets (fp32, lora_A from `seed`), the frozen
-    layers' weights in `base_dtype`."""
-    Strategy.of(options).apply(model)
-
-
-def _provenance(result: FitResult, options: FitOptions, data_path) -> dict:
-    """What was run, for the exported checkpoint's metadata: the options declared `record`, and what the run did."""
-    provenance = options.recorded() | {"steps": result.steps, "chunk_size": result.chunk_size, **result.metrics}
-    if data_path is not None:
-        provenance |= {"data": Path(data_path).name, "data_sha256": file_sha256(data_path)}
-    return provenance
 
 
 def _start(data, options: FitOptions) -> tuple[torch.device, Group]:
@@ -729,34 +775,93 @@ def _check_outputs(out, source, data_path, options: FitOptions) -> Path:
     return out
 
 
-def _read_inputs(data, eval_data, eval_fraction, checkpoint, options: FitOptions, model_flags):
-    """(data, held-out data, checkpoint), read and checked against the checkpoint's vocabulary."""
-    if not isinstance(data, torch.Tensor):
-        data = read_bytes(data, min_length=2)
-    if eval_data is not None and not isinstance(eval_data, torch.Tensor):
-        eval_data = read_bytes(eval_data, min_length=2, what="eval_data")
-    if eval_fraction is not None:
+class FitRecipe(Recipe):
+    """fit: a checkpoint fine-tuned on data (`fit` says what each input may be)."""
+
+    def __init__(self, checkpoint, data, eval_data, eval_fraction, model_flags, options, out, **callbacks):
+        super().__init__(options, out, **callbacks)
+        self.checkpoint, self.model_flags = checkpoint, model_flags
+        self.inputs = data, eval_data, eval_fraction
+
+    def read_inputs(self) -> None:
+        """(data, held-out data, checkpoint), read and checked against the checkpoint's vocabulary."""
+        data, eval_data, eval_fraction = self.inputs
+        if not isinstance(data, torch.Tensor):
+            data = read_bytes(data, min_length=2)
+        if eval_data is not None and not isinstance(eval_data, torch.Tensor):
+            eval_data = read_bytes(eval_data, min_length=2, what="eval_data")
+        if eval_fraction is not None:
+            if eval_data is not None:
+                raise ConfigError(
+                    "give either `eval_data` or `eval_fraction`, not both", params=("eval_data", "eval_fraction")
+                )
+            data, eval_data = split_held_out(data, eval_fraction)
+        if not isinstance(self.checkpoint, Checkpoint):  # a bf16 base is read straight into bf16
+            read_as = Strategy.of(self.options).read_dtype
+            self.checkpoint = load_checkpoint(self.checkpoint, **(self.model_flags or {}), dtype=read_as)
+        check_vocabulary(data, self.checkpoint.config.vocab_size)
         if eval_data is not None:
-            raise ConfigError(
-                "give either `eval_data` or `eval_fraction`, not both", params=("eval_data", "eval_fraction")
-            )
-        data, eval_data = split_held_out(data, eval_fraction)
-    if not isinstance(checkpoint, Checkpoint):  # a bf16 base is read straight into bf16
-        checkpoint = load_checkpoint(checkpoint, **(model_flags or {}), dtype=Strategy.of(options).read_dtype)
-    check_vocabulary(data, checkpoint.config.vocab_size)
-    if eval_data is not None:
-        check_vocabulary(eval_data, checkpoint.config.vocab_size, "eval_data")
-    return data, eval_data, checkpoint
+            check_vocabulary(eval_data, self.checkpoint.config.vocab_size, "eval_data")
+        self.data, self.eval_data = data, eval_data
+
+    def build_model(self, device: torch.device) -> PerformerLM:
+        """The checkpoint's weights (one copy in memory), then what trains and in which dtype, before the run is
+        planned (the planner measures the model as it will train): with `lora_rank`, the base frozen with adapters
+        on the targets (fp32, lora_A from `seed`), the frozen layers' weights in `base_dtype`."""
+        model = PerformerLM.from_checkpoint(self.checkpoint, device=device)
+        Strategy.of(self.options).apply(model)
+        return model
+
+    def setup(self) -> None:
+        """A run that fits no C is refused with the parameter-memory strategies that do fit, each with its C."""
+        try:
+            super().setup()
+        except OutOfBudgetError as error:
+            if chunk_request(self.options.chunk_size, self.options.seq_len) is not None or self.group.world > 1:
+                raise  # a given C is refused naming the largest that fits; torchrun's ranks plan alike
+            path = self.checkpoint.path
+            self.model = self.checkpoint = None  # the comparison loads the checkpoint again, inside the same budget
+            gc.collect()
+            files = [f for f in (self.data_path, self.inputs[1]) if f is not None and not isinstance(f, torch.Tensor)]
+            raise _with_strategies_that_fit(error, path, self.options, files, self.model_flags) from None
+
+    def export(self, result: FitResult) -> None:
+        """The fine-tuned checkpoint at `out`, and the adapters at `adapter_out` when asked for."""
+        o, provenance = self.options, self.provenance(result)
+        self.model.save_pretrained(
+            self.out, format=o.format, dtype=o.dtype, metadata=provenance, extra_config={"seq_len": o.seq_len}
+        )
+        if o.adapter_out is not None:
+            lora.save_adapter(self.model, o.adapter_out, metadata=provenance)
+            result.adapter_out = str(o.adapter_out)
 
 
-def _export(model: PerformerLM, result: FitResult, out: Path, options: FitOptions, provenance: dict) -> None:
-    """The fine-tuned checkpoint at `out`, and the adapters at `adapter_out` when asked for."""
-    model.save_pretrained(
-        out, format=options.format, dtype=options.dtype, metadata=provenance, extra_config={"seq_len": options.seq_len}
-    )
-    if options.adapter_out is not None:
-        lora.save_adapter(model, options.adapter_out, metadata=provenance)
-        result.adapter_out = str(options.adapter_out)
+class PretrainRecipe(Recipe):
+    """pretrain: a model from random initialisation, on data or the copy task."""
+
+    def __init__(self, config: PerformerConfig, data, options, out, **callbacks):
+        super().__init__(options, out, **callbacks)
+        self.config, self.data = config, data
+
+    def read_inputs(self) -> None:
+        if self.data is not None and not isinstance(self.data, torch.Tensor):
+            self.data = read_bytes(self.data, min_length=2)
+
+    def build_model(self, device: torch.device) -> PerformerLM:
+        return PerformerLM(self.config).to(device)
+
+    def export(self, result: FitResult) -> None:
+        o = self.options
+        if o.task == Task.COPY:
+            generator = torch.Generator().manual_seed(o.seed + 1)  # held-out sequences, not the training's
+            result.metrics["copy_accuracy"] = copy_accuracy(self.model, o.seq_len, o.copy_symbols, generator)
+        self.model.save_pretrained(
+            self.out,
+            format=o.format,
+            dtype=o.dtype,
+            extra_config={"seq_len": o.seq_len},
+            metadata={"pretrained": True} | self.provenance(result),
+        )
 
 
 def fit(
@@ -801,36 +906,16 @@ def fit(
     Example:
         result = slimtune.fit("model.safetensors", "my.txt", "tuned.safetensors", mem_budget="2GB", steps=100)
     """
-    started = time.perf_counter()
     source = checkpoint.path if isinstance(checkpoint, Checkpoint) else checkpoint
     options = _options(options, overrides)
     out = out if out is not None else default_out(source, options.format, resume=options.resume)
     options = replace(options, run_dir=run_folder_path(options.run_dir, out))
-    warn = on_warning or _warn
-    if not isinstance(data, torch.Tensor):
-        data_path = data_path or data
-    eval_path = None if isinstance(eval_data, torch.Tensor) else eval_data
+    data_path = data_path if isinstance(data, torch.Tensor) else data_path or data
     out = _check_outputs(out, source, data_path, options)
-    with _held_folder(options) as folder_state:
-        data, eval_data, checkpoint = _read_inputs(data, eval_data, eval_fraction, checkpoint, options, model_flags)
-        device, group = _start(data, options)
-        model = PerformerLM.from_checkpoint(checkpoint, device=device)  # holds the weights: one copy in memory
-        _parameter_strategy(model, options)
-        try:
-            result = _train(model, data, out, options, folder_state, on_step, warn, eval_data, group, started)
-        except OutOfBudgetError as error:
-            if chunk_request(options.chunk_size, options.seq_len) is not None or group.world > 1:
-                raise  # a given C is refused naming the largest that fits; torchrun's ranks plan alike
-            del model  # the comparison loads the checkpoint again, inside the same budget
-            gc.collect()
-            files = [f for f in (data_path, eval_path) if f is not None]
-            raise _with_strategies_that_fit(error, checkpoint.path, options, files, model_flags) from None
-        if group.main:
-            _export(model, result, out, options, {"world_size": group.world} | _provenance(result, options, data_path))
-        barrier()  # the other ranks wait until rank 0 has exported
-        result.peak_memory_bytes = peak_memory_bytes(device)  # measured again: the export's peak counts too
-    result.seconds = time.perf_counter() - started
-    return result
+    recipe = FitRecipe(checkpoint, data, eval_data, eval_fraction, model_flags, options, out,
+                       on_step=on_step, on_warning=on_warning)  # fmt: skip
+    recipe.data_path = data_path
+    return recipe.run()
 
 
 def pretrain(
@@ -848,7 +933,6 @@ def pretrain(
     PerformerConfig, or a recipe's name or .toml path (`slimtune recipes`), whose [train] settings then stand
     under `overrides`, as `slimtune pretrain` reads a recipe's. `data`: a text file's path or its bytes (None
     for the copy task); the rest as for `fit`."""
-    started = time.perf_counter()
     if not isinstance(config, PerformerConfig):
         config, settings = recipes.resolve(config)
         overrides = settings | overrides
@@ -859,28 +943,9 @@ def pretrain(
             "LoRA adapts a pretrained base: pretrain trains every parameter; give `lora_rank` to fit",
             params=("lora_rank",),
         )
-    warn = on_warning or _warn
     if data is not None and not isinstance(data, torch.Tensor):
         data_path = data_path or data
     out = check_output_path(out, data_path, fmt=options.format, replace=_may_replace(options))
-    with _held_folder(options) as folder_state:
-        if data is not None and not isinstance(data, torch.Tensor):
-            data = read_bytes(data, min_length=2)
-        device, group = _start(data, options)
-        model = PerformerLM(config).to(device)
-        result = _train(model, data, out, options, folder_state, on_step, warn, group=group, started=started)
-        if group.main:
-            if options.task == Task.COPY:
-                generator = torch.Generator().manual_seed(options.seed + 1)  # held-out sequences, not the training's
-                result.metrics["copy_accuracy"] = copy_accuracy(model, options.seq_len, options.copy_symbols, generator)
-            model.save_pretrained(
-                out,
-                format=options.format,
-                dtype=options.dtype,
-                extra_config={"seq_len": options.seq_len},
-                metadata={"pretrained": True, "world_size": group.world} | _provenance(result, options, data_path),
-            )
-        barrier()
-        result.peak_memory_bytes = peak_memory_bytes(device)  # measured again: the export's peak counts too
-    result.seconds = time.perf_counter() - started
-    return result
+    recipe = PretrainRecipe(config, data, options, out, on_step=on_step, on_warning=on_warning)
+    recipe.data_path = data_path
+    return recipe.run()
