@@ -145,5 +145,10 @@ class Task(Choice):
     COPY = "copy"  # the paper's synthetic copying task
 
 
+class DataDtype(Choice):
+    UINT16 = "uint16"  # a .bin file's ids: nanoGPT's train.bin
+    UINT32 = "uint32"  # vocabularies beyond 65,536
+
+
 class Adapt(Choice):
     ONE_STEP = "one-step"  # the paper's on-device protocol

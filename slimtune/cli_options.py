@@ -73,6 +73,12 @@ FLAGS = {  # Python name -> how the command line shows it
     "batch_size": Flag("--batch-size", "Windows per step."),
     "task": Flag("--task", "text, or copy: the paper's synthetic copying task."),
     "eval_every": Flag("--eval-every", "With held-out data: bpc every N steps (0: at the end)."),
+    "tokenizer": Flag(
+        "--tokenizer",
+        "A Hugging Face tokenizer.json that encodes text and .jsonl data (needed for text when the vocabulary is not "
+        "256 bytes).",
+    ),
+    "data_dtype": Flag("--data-dtype", "The ids of a .bin data file: uint16 (nanoGPT's train.bin) or uint32."),
     # Optimization
     "steps": Flag("--steps", "Optimizer steps on seeded random windows."),
     "one_step": Flag(

@@ -1,15 +1,20 @@
-"""Byte-level data: a file of raw bytes read as token ids 0..255, cut into windows of L + 1 bytes
-(L inputs and the L next bytes they predict)."""
+"""Data as users have it (CONTRACT.md section 5), read as one stream of token ids: a text file as raw bytes (ids
+0..255, a byte-level model), or encoded with a tokenizer; `.npy` and `.bin` token ids, memory-mapped; `.jsonl`
+records of text or prompt and completion, whose loss mask keeps the completions' predictions. Windows of L + 1
+tokens (L inputs and the L next tokens they predict) are cut from the stream."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .choices import DataDtype
 from .errors import DataError
 
 
@@ -28,9 +33,8 @@ def checkpoint_kind(path: str | os.PathLike) -> str | None:
     return None
 
 
-def read_bytes(path: str | os.PathLike, *, min_length: int = 2, what: str = "data") -> torch.Tensor:
-    """The file's bytes as a uint8 tensor [N], memory-mapped so large files are not copied into RAM. `what`:
-    the parameter the path came from, named in errors. A file that is recognisably a checkpoint is refused."""
+def _checked_file(path: str | os.PathLike, what: str, min_length: int = 1) -> Path:
+    """`path` as a readable data file: it exists, is a file with at least `min_length` bytes, and is no checkpoint."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"`{what}` file {path} does not exist: check the path", params=(what,))
@@ -55,47 +59,268 @@ def read_bytes(path: str | os.PathLike, *, min_length: int = 2, what: str = "dat
             f"`{what}` file {path} is a model file ({kind}), not text: pass a text file as `{what}`",
             params=(what,),
         )
+    return path
+
+
+def read_bytes(path: str | os.PathLike, *, min_length: int = 2, what: str = "data") -> torch.Tensor:
+    """The file's bytes as a uint8 tensor [N], memory-mapped so large files are not copied into RAM. `what`:
+    the parameter the path came from, named in errors. A file that is recognisably a checkpoint is refused."""
+    path = _checked_file(path, what, min_length)
     try:
         return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read `{what}` file {path} ({e}): check its permissions", params=(what,)) from None
 
 
-def check_vocabulary(data: torch.Tensor, vocab_size: int, what: str = "data") -> None:
-    """Byte data holds ids 0..255: a model whose vocabulary is smaller cannot read the bytes beyond it."""
-    if vocab_size >= 256 or data.numel() == 0:
-        return
-    top = int(data.max())
-    if top >= vocab_size:
+BYTE_VOCAB = 256  # a byte-level model's vocabulary: text is read as its raw bytes
+DATA_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}  # the ids of a .bin file (choices.DataDtype)
+SCAN_IDS = 1 << 24  # ids read at a time when a token file is checked against the vocabulary
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A data file as the model reads it."""
+
+    ids: torch.Tensor  # [N] token ids (uint8 bytes, or the file's integer dtype), memory-mapped for files of ids
+    mask: torch.Tensor | None = None  # [N] bool: the loss counts the prediction of token n (None: of every token)
+    n_bytes: int | None = None  # the text's UTF-8 bytes behind the ids, where known (bits per byte)
+
+    def __len__(self) -> int:
+        return self.ids.numel()
+
+    def head(self, n: int) -> Tokens:
+        """The first n tokens (the bytes then unknown, unless the ids are bytes)."""
+        ids = self.ids[:n]
+        known = ids.numel() if self.ids.dtype == torch.uint8 else None
+        return Tokens(ids, None if self.mask is None else self.mask[:n], known)
+
+    def split(self, fraction: float) -> tuple[Tokens, Tokens]:
+        """(training part, held-out part): the last `fraction` of the stream is held out."""
+        train, held = split_held_out(self.ids, fraction)
+        cut = train.numel()
+        part = lambda t, s: None if t is None else t[s]  # noqa: E731
+        return Tokens(train, part(self.mask, slice(0, cut))), Tokens(held, part(self.mask, slice(cut, None)))
+
+
+def load_tokenizer(path: str | os.PathLike, what: str = "tokenizer"):
+    """A Hugging Face `tokenizer.json`, loaded with the `tokenizers` library (an optional extra)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
         raise DataError(
-            f"`{what}` holds byte values up to {top}, but the model's vocabulary has only {vocab_size} ids: a "
-            f"byte-level model needs vocab_size 256; or pass data whose bytes are all below {vocab_size}",
+            f"`{what}` needs the `tokenizers` package: pip install 'slimtune[tokenizers]'", params=(what,)
+        ) from None
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"`{what}` file {path} does not exist: pass a tokenizer.json", params=(what,))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the library raises a bare Exception on a malformed file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"`{what}` file {path} is not a tokenizer.json ({first})", params=(what,)) from None
+
+
+def check_tokenizer(tokenizer, vocab_size: int, path) -> None:
+    """A tokenizer whose vocabulary is not the model's would give ids the model has no row for, or miss some."""
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size != vocab_size:
+        raise DataError(
+            f"`tokenizer` {path} has {size} tokens but the model's vocabulary has {vocab_size}: pass the tokenizer "
+            "the model was trained with",
+            params=("tokenizer",),
+        )
+
+
+def read_data(
+    path: str | os.PathLike,
+    *,
+    vocab_size: int = BYTE_VOCAB,
+    tokenizer: str | os.PathLike | None = None,
+    data_dtype: DataDtype | str = DataDtype.UINT16,
+    what: str = "data",
+) -> Tokens:
+    """A data file in any of the contract's forms, by its suffix: `.npy` (token ids, `numpy.save`), `.bin` (raw
+    little-endian ids in `data_dtype`), `.jsonl` (text or prompt and completion records), any other: text, encoded
+    with `tokenizer` (a tokenizer.json) or read as raw bytes for a byte-level model (vocab_size 256). Files of ids
+    are memory-mapped; every id is checked against `vocab_size` (DataError naming `what` otherwise)."""
+    path = _checked_file(path, what)
+    encoder = None
+    if tokenizer is not None:
+        encoder = load_tokenizer(tokenizer)
+        check_tokenizer(encoder, vocab_size, tokenizer)
+    suffix = path.suffix.lower()
+    if suffix in (".npy", ".bin"):
+        ids = _id_file(path, suffix, data_dtype, what)
+        hint = " (or a .bin of another `data_dtype`)" if suffix == ".bin" else ""
+        _check_ids(ids, vocab_size, what, f"`{what}` file {path}", hint)
+        return Tokens(torch.from_numpy(ids))
+    if encoder is None and vocab_size != BYTE_VOCAB:
+        raise DataError(
+            f"`{what}` {path} is text, but the model's vocabulary has {vocab_size} ids, not {BYTE_VOCAB} bytes: pass "
+            "the `tokenizer` it was trained with (a tokenizer.json), or token ids (.npy, .bin)",
+            params=(what, "tokenizer"),
+        )
+    if suffix == ".jsonl":
+        return _records(path, encoder, what)
+    if encoder is None:
+        return Tokens(read_bytes(path, min_length=1, what=what), n_bytes=path.stat().st_size)
+    text = _text(path.read_bytes(), path, what)
+    ids = np.asarray(encoder.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    return Tokens(torch.from_numpy(ids), n_bytes=path.stat().st_size)
+
+
+def _id_file(path: Path, suffix: str, data_dtype: str, what: str) -> np.ndarray:
+    """The ids of a .npy or .bin file, memory-mapped (copy-on-write: nothing is written back)."""
+    if suffix == ".bin":
+        data_dtype = str(DataDtype.parse(data_dtype, "data_dtype"))
+        dtype = np.dtype(DATA_DTYPES[data_dtype])
+        size = path.stat().st_size
+        if size % dtype.itemsize:
+            raise DataError(
+                f"`{what}` file {path} has {size} bytes, not a whole number of {data_dtype} ids ({dtype.itemsize} "
+                f"bytes each): check `data_dtype`, or that the file is complete",
+                params=(what, "data_dtype"),
+            )
+        return np.memmap(path, dtype=dtype, mode="c")
+    try:
+        ids = np.load(path, mmap_mode="c", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"`{what}` file {path} is not a .npy array ({e})", params=(what,)) from None
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise DataError(
+            f"`{what}` file {path} holds a {ids.ndim}-D {ids.dtype} array: token ids are a 1-D integer array",
             params=(what,),
         )
+    if not ids.dtype.isnative:
+        raise DataError(f"`{what}` file {path} holds ids in a non-native byte order: save them as native integers")
+    return ids
+
+
+def _check_ids(ids: np.ndarray, vocab_size: int, what: str, source: str, hint: str = "") -> None:
+    """Every id in 0..vocab_size - 1, read SCAN_IDS at a time (a large file is never read whole at once)."""
+    for start in range(0, ids.size, SCAN_IDS):
+        block = ids[start : start + SCAN_IDS]
+        if int(block.min()) < 0 or int(block.max()) >= vocab_size:
+            where = start + int(np.argmax((block < 0) | (block >= vocab_size)))
+            raise DataError(
+                f"{source} holds token id {int(ids[where])} at position {where}, outside the model's vocabulary of "
+                f"{vocab_size} ids: pass ids made with the model's tokenizer{hint}",
+                params=(what, "data_dtype") if hint else (what,),
+            )
+
+
+def _text(raw: bytes, path: Path, what: str, line: int | None = None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = f"line {line}" if line is not None else f"byte {e.start}"
+        raise DataError(
+            f"`{what}` file {path} is not UTF-8 text ({at}): a tokenizer encodes text", params=(what,)
+        ) from None
+
+
+def _records(path: Path, encoder, what: str) -> Tokens:
+    """A .jsonl file's records joined into one stream, each its prompt then its completion (or its text), with
+    nothing between records; the mask keeps the completions' tokens (every token of a text record)."""
+    pieces, masks, n_bytes = [], [], 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            for text, counted in _record(raw, number, path, what):
+                ids = encoder.encode(text, add_special_tokens=False).ids if encoder else list(text.encode("utf-8"))
+                pieces.append(np.asarray(ids, dtype=np.int64))
+                masks.append(np.full(len(ids), counted))
+                n_bytes += len(text.encode("utf-8"))
+    if not pieces:
+        raise DataError(f"`{what}` file {path} holds no records: one JSON object a line", params=(what,))
+    ids, mask = np.concatenate(pieces), np.concatenate(masks)
+    if encoder is None:
+        ids = ids.astype(np.uint8)
+    return Tokens(torch.from_numpy(ids), torch.from_numpy(mask), n_bytes)
+
+
+def _record(raw: bytes, number: int, path: Path, what: str) -> list[tuple[str, bool]]:
+    """One .jsonl line's (text, counted by the loss) parts: [(text, True)] or [(prompt, False), (completion, True)]."""
+    bad = f"`{what}` file {path}, line {number}"
+    try:
+        record = json.loads(_text(raw, path, what, number))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{bad}: not JSON ({e.msg}, column {e.colno})", params=(what,)) from None
+    if not isinstance(record, dict):
+        raise DataError(f"{bad}: a record is a JSON object with `text`, or `prompt` and `completion`", params=(what,))
+    if "text" in record and not {"prompt", "completion"} & record.keys():
+        parts = [("text", True)]
+    elif "prompt" in record and "completion" in record:
+        parts = [("prompt", False), ("completion", True)]
+    else:
+        raise DataError(
+            f"{bad}: a record has `text`, or `prompt` and `completion`; got {sorted(record)}", params=(what,)
+        )
+    for field, _ in parts:
+        if not isinstance(record[field], str):
+            raise DataError(f"{bad}: `{field}` is {type(record[field]).__name__}, not a string", params=(what,))
+        if field != "prompt" and not record[field]:
+            raise DataError(f"{bad}: `{field}` is empty: the loss would count nothing of it", params=(what,))
+    return [(record[field], counted) for field, counted in parts]
+
+
+def check_vocabulary(data: torch.Tensor, vocab_size: int, what: str = "data") -> None:
+    """Every id of `data` in 0..vocab_size - 1. Byte data holds ids 0..255: a model whose vocabulary is smaller
+    cannot read the bytes beyond it."""
+    if data.numel() == 0 or (data.dtype == torch.uint8 and vocab_size >= BYTE_VOCAB):
+        return
+    if data.dtype == torch.uint8:
+        top = int(data.max())
+        if top >= vocab_size:
+            raise DataError(
+                f"`{what}` holds byte values up to {top}, but the model's vocabulary has only {vocab_size} ids: a "
+                f"byte-level model needs vocab_size 256; or pass data whose bytes are all below {vocab_size}",
+                params=(what,),
+            )
+        return
+    _check_ids(data.cpu().numpy(), vocab_size, what, f"`{what}`")
+
+
+def first_offsets(n: int, batch_size: int, seq_len: int) -> list[int]:
+    """The contract's first batch (`one_step`): row b starts at token b L."""
+    need = (batch_size - 1) * seq_len + seq_len + 1
+    if n < need:
+        raise DataError(
+            f"data has {n} tokens; batch {batch_size} x seq len {seq_len} needs {need}: "
+            "lower `seq_len` or `batch_size`, or pass more data",
+            params=("seq_len", "batch_size"),
+        )
+    return [b * seq_len for b in range(batch_size)]
+
+
+def random_offsets(n: int, batch_size: int, seq_len: int, generator: torch.Generator) -> list[int]:
+    """batch_size seeded random starts of windows of seq_len + 1 tokens in a stream of n."""
+    if n < seq_len + 1:
+        raise DataError(
+            f"data has {n} tokens, fewer than `seq_len` + 1 = {seq_len + 1}: lower `seq_len`", params=("seq_len",)
+        )
+    return torch.randint(0, n - seq_len, (batch_size,), generator=generator).tolist()
+
+
+def windows_at(ids: torch.Tensor, offsets: list[int], seq_len: int) -> torch.Tensor:
+    """The windows of seq_len + 1 ids at `offsets`. [B, L + 1], int64."""
+    return torch.stack([ids[o : o + seq_len + 1].to(torch.int64) for o in offsets])
+
+
+def mask_at(mask: torch.Tensor, offsets: list[int], seq_len: int) -> torch.Tensor:
+    """The loss mask of the windows at `offsets`: position t predicts token t + 1. [B, L], float32."""
+    return torch.stack([mask[o + 1 : o + seq_len + 1].to(torch.float32) for o in offsets])
 
 
 def first_windows(data: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tensor:
-    """The contract's first batch: row b is bytes [b L, b L + L + 1). [B, L + 1], int64."""
-    need = (batch_size - 1) * seq_len + seq_len + 1
-    if data.numel() < need:
-        raise DataError(
-            f"data has {data.numel()} bytes; batch {batch_size} x seq len {seq_len} needs {need}: "
-            "lower `seq_len` or `batch_size`, or pass more text",
-            params=("seq_len", "batch_size"),
-        )
-    rows = [data[b * seq_len : b * seq_len + seq_len + 1] for b in range(batch_size)]
-    return torch.stack([r.to(torch.int64) for r in rows])
+    """The contract's first batch: row b is tokens [b L, b L + L + 1). [B, L + 1], int64."""
+    return windows_at(data, first_offsets(data.numel(), batch_size, seq_len), seq_len)
 
 
 def random_windows(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
-    """batch_size windows of seq_len + 1 bytes at seeded random offsets. [B, L + 1], int64."""
-    if data.numel() < seq_len + 1:
-        raise DataError(
-            f"data has {data.numel()} bytes, fewer than `seq_len` + 1 = {seq_len + 1}: lower `seq_len`",
-            params=("seq_len",),
-        )
-    offsets = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=generator)
-    return torch.stack([data[o : o + seq_len + 1].to(torch.int64) for o in offsets.tolist()])
+    """batch_size windows of seq_len + 1 tokens at seeded random offsets. [B, L + 1], int64."""
+    return windows_at(data, random_offsets(data.numel(), batch_size, seq_len, generator), seq_len)
 
 
 COPY_SEPARATOR = 0  # token between the symbols and their copy; symbols are 1..n_symbols

@@ -26,6 +26,7 @@ from .choices import (
     BaseDtype,
     Choice,
     ChunkRule,
+    DataDtype,
     ExportDtype,
     ExportFormat,
     Heap,
@@ -162,6 +163,8 @@ class DataOptions(Options):
     copy_symbols: int = option(16, min=1, resume=True)
     eval_every: int = option(0, min=0)
     eval_bytes: int | None = option(100_000)
+    tokenizer: Path | None = option(None, resume=True)
+    data_dtype: DataDtype = option(DataDtype.UINT16, resume=True)
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,19 @@ import torch
 from . import lora, recipes, threads
 from .checkpoint import Checkpoint, check_output_path, default_out, file_sha256, load_checkpoint
 from .choices import Schedule, Task
-from .data import check_vocabulary, copy_windows, first_windows, random_windows, read_bytes, split_held_out
+from .data import (
+    Tokens,
+    check_vocabulary,
+    copy_windows,
+    first_offsets,
+    mask_at,
+    random_offsets,
+    read_data,
+    windows_at,
+)
 from .devices import resolve_device
 from .distributed import Group, average_gradients, barrier, broadcast_parameters, join, launched, mean, rank_device
-from .errors import ConfigError, Interrupted, Notice, OutOfBudgetError, SlimtuneError
+from .errors import ConfigError, DataError, Interrupted, Notice, OutOfBudgetError, SlimtuneError
 from .evaluation import copy_accuracy, evaluate
 from .memory import heap_policy_during, is_out_of_memory, peak_memory_bytes, release_free_heap
 from .optimizers import make_optimizer
@@ -103,29 +112,49 @@ def _lr_factor(options: FitOptions):
     return factor
 
 
-def draw_batch(data, options: FitOptions, group: Group, generator: torch.Generator):
+MASK_REDRAWS = 100  # draws of a batch whose loss mask keeps nothing on some rank (prompts only) before giving up
+
+
+def draw_batch(data: Tokens | None, options: FitOptions, group: Group, generator: torch.Generator):
     """This rank's windows [B, L + 1] and loss mask [B, L] (None: every position counts). Every rank draws the same
     global batch of world x B windows and keeps its own slice, so the data does not depend on the split."""
     o, g = options, group
     B = o.batch_size * g.world
     if o.task == Task.COPY:
         windows, mask = copy_windows(B, o.seq_len, o.copy_symbols, generator)
-    elif o.one_step:
-        windows, mask = first_windows(data, B, o.seq_len), None
     else:
-        windows, mask = random_windows(data, B, o.seq_len, generator), None
+        windows, mask = _text_batch(data, B, o, g.world, generator)
     mine = slice(g.rank * o.batch_size, (g.rank + 1) * o.batch_size)
     return windows[mine], None if mask is None else mask[mine]
 
 
-def held_out_bpc(model: PerformerLM, eval_data: torch.Tensor, options: FitOptions, run: RunPlan) -> dict:
+def _text_batch(data: Tokens, B: int, o: FitOptions, world: int, generator: torch.Generator):
+    """Windows of the stream, at random offsets or (`one_step`) the first ones; with a mask (.jsonl records), drawn
+    again where some rank's windows would hold no prediction the loss counts (prompts only)."""
+    for _ in range(MASK_REDRAWS):
+        offsets = (
+            first_offsets(len(data), B, o.seq_len) if o.one_step else random_offsets(len(data), B, o.seq_len, generator)
+        )
+        mask = None if data.mask is None else mask_at(data.mask, offsets, o.seq_len)
+        if mask is None or mask.view(world, -1).any(dim=1).all():
+            return windows_at(data.ids, offsets, o.seq_len), mask
+        if o.one_step:
+            break
+    raise DataError(
+        f"the windows of `data` hold no completion to learn from (drawn {1 if o.one_step else MASK_REDRAWS} times): "
+        "longer completions, a larger `seq_len` or `batch_size`, or records with `text`",
+        params=("data", "seq_len", "batch_size"),
+    )
+
+
+def held_out_bpc(model: PerformerLM, eval_data: Tokens, options: FitOptions, run: RunPlan) -> dict:
     """Held-out bpc at the run's C, batch and compute dtype, without gradients: inside what a training chunk holds,
     so inside the plan (in fp32 beside bf16 steps it was not: 25-70 MB over, benchmarks/RESULTS.md)."""
     device = next(model.parameters()).device
     with autocast(device, run.precision.dtype):
         scored = evaluate(
             model,
-            eval_data,
+            eval_data.ids,
             seq_len=options.seq_len,
             max_bytes=options.eval_bytes,
             chunk_size=run.chunk_size,
@@ -245,17 +274,18 @@ class Trainer:
     def __init__(
         self,
         model: PerformerLM,
-        data: torch.Tensor | None,
+        data: Tokens | torch.Tensor | None,
         options: FitOptions,
         *,
         run: RunPlan | None = None,
         chunk_size: int | None = None,
-        eval_data: torch.Tensor | None = None,
+        eval_data: Tokens | torch.Tensor | None = None,
         group: Group = Group(),
         on_warning: OnWarning | None = None,
         folder: RunFolder | None = None,
     ):
-        self.model, self.data, self.options, self.eval_data, self.group = model, data, options, eval_data, group
+        self.model, self.options, self.group = model, options, group
+        self.data, self.eval_data = _tokens(data), _tokens(eval_data)
         if run is None and chunk_size is not None:
             run = plan_for_chunk(model, options, chunk_size, world=group.world)
         self.run = run  # None only until a resumed run's plan is restored
@@ -514,17 +544,22 @@ def check_resume(saved: dict, options: FitOptions, world: int, where) -> None:
         )
 
 
-def _check_data(data: torch.Tensor | None, options: FitOptions) -> None:
-    """Fail on data too short for the windows before any work starts."""
+def _tokens(data: Tokens | torch.Tensor | None) -> Tokens | None:
+    """A tensor of ids (a caller's own) as Tokens: every prediction counts."""
+    return data if data is None or isinstance(data, Tokens) else Tokens(data)
+
+
+def _check_data(data: Tokens | None, options: FitOptions) -> None:
+    """Fail on data too short for the windows (or a first batch with nothing to learn) before any work starts."""
     if options.task == Task.COPY:
         return
     if data is None:
         raise SlimtuneError("`data` is required for a text task: pass a text file", params=("data",))
     if options.one_step:
-        first_windows(data, options.batch_size * launched().world, options.seq_len)
-    elif data.numel() < options.seq_len + 1:
+        _text_batch(data, options.batch_size * launched().world, options, launched().world, torch.Generator())
+    elif len(data) < options.seq_len + 1:
         raise SlimtuneError(
-            f"data has {data.numel()} bytes, fewer than `seq_len` + 1 = {options.seq_len + 1}: lower `seq_len`",
+            f"data has {len(data)} tokens, fewer than `seq_len` + 1 = {options.seq_len + 1}: lower `seq_len`",
             params=("seq_len",),
         )
 
@@ -582,9 +617,11 @@ def _restart(folder: RunFolder | None, options: FitOptions, group: Group, warn: 
     barrier()
 
 
-def _held_bytes(*tensors: torch.Tensor | None) -> int:
-    """Bytes of the storages behind `tensors`, each counted once (a held-out split is a view of the same file)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+def _held_bytes(*data: Tokens | None) -> int:
+    """Bytes of the storages behind the ids and masks of `data`, each counted once (a held-out split is a view of
+    the same file)."""
+    tensors = [t for d in data if d is not None for t in (d.ids, d.mask) if t is not None]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
 
@@ -613,8 +650,8 @@ class Recipe:
         self.options, self.out, self.on_step, self.warn = options, out, on_step, on_warning or _warn
         self.started = time.perf_counter()
         self.held = contextlib.ExitStack()  # the run folder, from setup until cleanup
-        self.data: torch.Tensor | None = None
-        self.eval_data: torch.Tensor | None = None
+        self.data: Tokens | None = None
+        self.eval_data: Tokens | None = None
         self.data_path: str | os.PathLike | None = None  # recorded in the provenance
         self.group = Group()
         self.trainer: Trainer | None = None
@@ -682,6 +719,9 @@ class Recipe:
         provenance = {"world_size": self.group.world} | recorded | result.metrics
         if self.data_path is not None:
             provenance |= {"data": Path(self.data_path).name, "data_sha256": file_sha256(self.data_path)}
+        if self.options.tokenizer is not None:  # `inspect` shows it; the hf export carries the file itself
+            tokenizer = self.options.tokenizer
+            provenance |= {"tokenizer": Path(tokenizer).name, "tokenizer_sha256": file_sha256(tokenizer)}
         return provenance
 
 
@@ -713,6 +753,17 @@ def _result(trainer: Trainer, options: FitOptions, metrics: dict, out: Path) -> 
         trainable_parameters=trainer.run.trainable_parameters,
         model=trainer.model,
     )
+
+
+def _read(data, vocab_size: int, options: FitOptions, what: str = "data") -> Tokens | None:
+    """A data file in any of the contract's forms (data.read_data), or a caller's tensor of ids, checked against
+    the model's vocabulary."""
+    if data is None or isinstance(data, Tokens):
+        return data
+    if isinstance(data, torch.Tensor):
+        check_vocabulary(data, vocab_size, what)
+        return Tokens(data)
+    return read_data(data, vocab_size=vocab_size, tokenizer=options.tokenizer, data_dtype=options.data_dtype, what=what)
 
 
 def _start(data, options: FitOptions) -> tuple[torch.device, Group]:
@@ -786,23 +837,18 @@ class FitRecipe(Recipe):
     def read_inputs(self) -> None:
         """(data, held-out data, checkpoint), read and checked against the checkpoint's vocabulary."""
         data, eval_data, eval_fraction = self.inputs
-        if not isinstance(data, torch.Tensor):
-            data = read_bytes(data, min_length=2)
-        if eval_data is not None and not isinstance(eval_data, torch.Tensor):
-            eval_data = read_bytes(eval_data, min_length=2, what="eval_data")
-        if eval_fraction is not None:
-            if eval_data is not None:
-                raise ConfigError(
-                    "give either `eval_data` or `eval_fraction`, not both", params=("eval_data", "eval_fraction")
-                )
-            data, eval_data = split_held_out(data, eval_fraction)
+        if eval_fraction is not None and eval_data is not None:
+            raise ConfigError(
+                "give either `eval_data` or `eval_fraction`, not both", params=("eval_data", "eval_fraction")
+            )
         if not isinstance(self.checkpoint, Checkpoint):  # a bf16 base is read straight into bf16
             read_as = Strategy.of(self.options).read_dtype
             self.checkpoint = load_checkpoint(self.checkpoint, **(self.model_flags or {}), dtype=read_as)
-        check_vocabulary(data, self.checkpoint.config.vocab_size)
-        if eval_data is not None:
-            check_vocabulary(eval_data, self.checkpoint.config.vocab_size, "eval_data")
-        self.data, self.eval_data = data, eval_data
+        vocab_size = self.checkpoint.config.vocab_size
+        self.data = _read(data, vocab_size, self.options)
+        self.eval_data = _read(eval_data, vocab_size, self.options, "eval_data")
+        if eval_fraction is not None:
+            self.data, self.eval_data = self.data.split(eval_fraction)
 
     def build_model(self, device: torch.device) -> PerformerLM:
         """The checkpoint's weights (one copy in memory), then what trains and in which dtype, before the run is
@@ -844,8 +890,7 @@ class PretrainRecipe(Recipe):
         self.config, self.data = config, data
 
     def read_inputs(self) -> None:
-        if self.data is not None and not isinstance(self.data, torch.Tensor):
-            self.data = read_bytes(self.data, min_length=2)
+        self.data = _read(self.data, self.config.vocab_size, self.options)
 
     def build_model(self, device: torch.device) -> PerformerLM:
         return PerformerLM(self.config).to(device)
