@@ -10,13 +10,14 @@ import importlib
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .choices import BenchOptimizer, ExportDtype
-from .cli_options import Stopped, cli_message, command, flag_for, params, pick
+from .choices import BenchOptimizer, ExportDtype, Optimizer, Task
+from .cli_options import Stopped, cli_message, command, flag_for, params
 from .errors import ConfigError, Interrupted, SlimtuneError
 from .options import (
     ADAPT_CHUNK,
@@ -157,35 +158,35 @@ FIT_OPTIONS = [
 
 
 @command(app, MODEL, params(Files), FIT_OPTIONS, JSON)
-def fit(a):
+def fit(source: ModelSource, files: Files, options: FitOptions, output: Output):
     """Fine-tune a checkpoint on a text file with SLiM and export weights the original model loads unchanged.
 
     Example: slimtune fit --checkpoint model.safetensors --data my.txt --mem-budget 2GB --out tuned.safetensors
     """
-    _require("fit", checkpoint=a.checkpoint, data=a.data)
+    _require("fit", checkpoint=source.checkpoint, data=files.data)
     from .checkpoint import default_out
     from .train import fit as run_fit
     from .train import run_folder_path
 
-    target = a.out or default_out(a.checkpoint, a.format, resume=a.resume)
-    options = pick(FitOptions, a, run_dir=run_folder_path(a.run_dir, target))
+    target = files.out or default_out(source.checkpoint, options.format, resume=options.resume)
+    options = replace(options, run_dir=run_folder_path(options.run_dir, target))
     result = _train(
         "fit",
         options,
         lambda on_step: run_fit(
-            a.checkpoint,
-            a.data,
+            source.checkpoint,
+            files.data,
             target,
             options,
-            eval_data=a.eval_data,
-            eval_fraction=a.eval_fraction,
+            eval_data=files.eval_data,
+            eval_fraction=files.eval_fraction,
             on_step=on_step,
             on_warning=warning,
-            model_flags=pick(ModelSource, a).model_flags(),  # read by fit once it holds the run folder
+            model_flags=source.model_flags(),  # read by fit once it holds the run folder
         ),
     )
-    console(a.json).print(fit_table(result))
-    if a.json:
+    console(output.json).print(fit_table(result))
+    if output.json:
         emit_json(result.to_json())
 
 
@@ -204,7 +205,14 @@ def fit(a):
     params(PlanOptions),
     JSON,
 )
-def plan(a):
+def plan(
+    source: ModelSource,
+    data: list[Path] | None,
+    files: Files,
+    options: FitOptions,
+    planning: PlanOptions,
+    output: Output,
+):
     """Predict peak memory and relative step time for each chunk size C, and pick C as fit would (the fastest that
     fits, or with --chunk-size max the largest); then
     the same for the other parameter-memory strategies (full fine-tuning with adam, adafactor, sgd; LoRA with an
@@ -216,22 +224,22 @@ def plan(a):
 
     Example: slimtune plan --checkpoint model.safetensors --seq-len 16384 --mem-budget 2GB --lora-rank 8
     """
-    _require("plan", checkpoint=a.checkpoint)
+    _require("plan", checkpoint=source.checkpoint)
     from .strategies import Strategy, lineup, plan_fit
 
-    _use_threads(a.threads)
-    options = pick(FitOptions, a)
+    _use_threads(options.threads)
     options.check()
     strategy = Strategy.of(options)
-    with Reporter("plan", len(lineup(strategy)) if a.compare else 1, transient=True) as progress:
+    compare = planning.compare
+    with Reporter("plan", len(lineup(strategy)) if compare else 1, transient=True) as progress:
         found = plan_fit(
-            a.checkpoint, options, data=[*(a.data or ()), *filter(None, [a.eval_data])], compare_strategies=a.compare,
-            model_flags=pick(ModelSource, a).model_flags(),
+            source.checkpoint, options, data=[*(data or ()), *filter(None, [files.eval_data])],
+            compare_strategies=compare, model_flags=source.model_flags(),
             on_stage=lambda done, total, name: progress.update(done, f"measuring {name}"),
         )  # fmt: skip
-    for table in plan_tables(found.plan, a.seq_len, a.batch_size, strategy.name, found.strategies):
-        console(a.json).print(table)
-    if a.json:
+    for table in plan_tables(found.plan, options.seq_len, options.batch_size, strategy.name, found.strategies):
+        console(output.json).print(table)
+    if output.json:
         emit_json(found.to_json())
 
 
@@ -284,25 +292,47 @@ FROM_RECIPE = {"default": None, "show_default": False}
     RUNTIME,
     JSON,
 )
-def pretrain(a):
+def pretrain(
+    files: Files,
+    shape: ModelShape,
+    source: ModelSource,
+    options: FitOptions,
+    output: Output,
+    # the training settings a recipe gives: None takes the recipe's (recipes.resolve)
+    task: Task | None,
+    seq_len: int | None,
+    batch_size: int | None,
+    steps: int | None,
+    optimizer: Optimizer | None,
+    lr: float | None,
+    chunk_size: str | None,
+):
     """Train a Performer from scratch (the server side) and write a contract checkpoint.
 
     Examples: slimtune pretrain --recipe small --data ../shared/data/tinyshakespeare.txt --out small.safetensors
               slimtune pretrain --recipe copy --out copy.safetensors
     """
-    _require("pretrain", out=a.out)
+    _require("pretrain", out=files.out)
     from .recipes import resolve
     from .train import pretrain as run_pretrain
     from .train import run_folder_path
 
-    model = vars(pick(ModelShape, a)) | pick(ModelSource, a).model_flags()
-    train = {k: getattr(a, k) for k in ("task", "seq_len", "batch_size", "steps", "optimizer", "lr", "chunk_size")}
-    config, settings = resolve(model.pop("recipe"), model, train)
-    options = pick(FitOptions, a, **settings, run_dir=run_folder_path(a.run_dir, a.out))
+    given = vars(shape) | source.model_flags()  # a new dict: the shape itself is left alone
+    train = dict(
+        task=task,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        steps=steps,
+        optimizer=optimizer,
+        lr=lr,
+        chunk_size=chunk_size,
+    )
+    config, settings = resolve(given.pop("recipe"), given, train)
+    options = replace(options, **settings, run_dir=run_folder_path(options.run_dir, files.out))
     result = _train(
         "pretrain",
         options,
-        lambda on_step: run_pretrain(config, a.data, a.out, options, on_step=on_step, on_warning=warning),
+        lambda on_step: run_pretrain(config, files.data, files.out, options, on_step=on_step, on_warning=warning),
     )
     summary = (
         f"{plural(result.steps, 'step')}, loss {result.loss:.4f} -> {result.final_loss:.4f}, C = "
@@ -310,8 +340,8 @@ def pretrain(a):
     )
     for key, value in result.metrics.items():
         summary += f"; {key} {value:.4f}"
-    console(a.json).print(summary)
-    if a.json:
+    console(output.json).print(summary)
+    if output.json:
         emit_json(result.to_json())
 
 
@@ -354,7 +384,21 @@ def pretrain(a):
     params(Runtime, "threads"),
     JSON,
 )
-def bench(a):
+def bench(
+    checkpoint: Path | None,
+    recipe: str | None,
+    seq_len: int | None,
+    batch_size: int,
+    options: BenchOptions,
+    steps: int,
+    warmup: int,
+    optimizer: BenchOptimizer,
+    step: SlimStep,
+    runtime: Runtime,
+    adapters: Adapters,
+    seed: int,
+    output: Output,
+):
     """Measure step time and peak memory of SLiM at each C, full backprop and activation checkpointing, side by side.
 
     Examples: slimtune bench --recipe config-2 --chunks 1024,256,64,16
@@ -364,62 +408,61 @@ def bench(a):
     from .bench import bench_json, check_plot_path, chunk_list, methods_for, plot, run_bench, setup
     from .strategies import Strategy
 
-    check_plot_path(a.plot)
-    adapters = pick(Adapters, a)
+    check_plot_path(options.plot)
     adapters.check()
-    optimizer = None if a.optimizer == BenchOptimizer.NONE else a.optimizer.value
-    strategy = Strategy(optimizer or "sgd", adapters.lora_rank, adapters.base_dtype, seed=a.seed)
-    precision = strategy.precision(a.precision)  # a bf16 base computes under bf16 autocast, as fit does
-    _use_threads(a.threads)
-    sizes = chunk_list(a.chunks)
+    optimizer_name = None if optimizer == BenchOptimizer.NONE else optimizer.value
+    strategy = Strategy(optimizer_name or "sgd", adapters.lora_rank, adapters.base_dtype, seed=seed)
+    precision = strategy.precision(step.precision)  # a bf16 base computes under bf16 autocast, as fit does
+    _use_threads(runtime.threads)
+    sizes = chunk_list(options.chunks)
     run = setup(
-        checkpoint=a.checkpoint,
-        recipe=a.recipe,
-        seq_len=a.seq_len,
-        batch_size=a.batch_size,
-        device=a.device,
-        seed=a.seed,
-        emulate_memory=a.emulate_memory,
+        checkpoint=checkpoint,
+        recipe=recipe,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        device=runtime.device,
+        seed=seed,
+        emulate_memory=options.emulate_memory,
         strategy=strategy,
     )
-    methods = methods_for(run.seq_len, sizes, full=a.full, checkpointed=a.checkpointing)
+    methods = methods_for(run.seq_len, sizes, full=options.full, checkpointed=options.checkpointing)
     lora_note = f", LoRA r{adapters.lora_rank}, frozen {adapters.base_dtype} base" if adapters.lora_rank else ""
     title = (
-        f"slimtune bench: {run.name}{lora_note}, L = {run.seq_len}, batch {a.batch_size}, {precision}, optimizer "
-        f"{a.optimizer}, {run.windows.device}"
+        f"slimtune bench: {run.name}{lora_note}, L = {run.seq_len}, batch {batch_size}, {precision}, optimizer "
+        f"{optimizer}, {run.windows.device}"
     )
-    total = len(methods) * (1 + a.warmup + a.steps)
+    total = len(methods) * (1 + warmup + steps)
     with Reporter("bench", total, transient=True) as progress:
         done = iter(range(1, total + 1))
         rows = run_bench(
             run.model,
             run.windows,
             methods,
-            steps=a.steps,
-            warmup=a.warmup,
+            steps=steps,
+            warmup=warmup,
             precision=precision,
-            optimizer=optimizer,
-            recovery=a.recovery,
+            optimizer=optimizer_name,
+            recovery=step.recovery,
             on_progress=lambda: progress.update(next(done)),
         )
-    report = bench_json(run, rows, batch_size=a.batch_size, precision=precision, optimizer=a.optimizer)
-    console(a.json).print(bench_table(rows, title))
-    console(a.json).print(f"peak memory: {report['memory_note']}")
-    if a.plot is not None:
-        plot(rows, a.plot, title)
-        console(a.json).print(f"plot -> {a.plot}")
-    if a.json:
+    report = bench_json(run, rows, batch_size=batch_size, precision=precision, optimizer=optimizer)
+    console(output.json).print(bench_table(rows, title))
+    console(output.json).print(f"peak memory: {report['memory_note']}")
+    if options.plot is not None:
+        plot(rows, options.plot, title)
+        console(output.json).print(f"plot -> {options.plot}")
+    if output.json:
         emit_json(report)
 
 
 @command(app, JSON)
-def recipes(a):
+def recipes(output: Output):
     """List the recipes (the SLiM paper's configurations and a small one), each with the command that runs it."""
     from .recipes import list_recipes
 
     found = list_recipes()
-    console(a.json).print(recipes_table(found))
-    if a.json:
+    console(output.json).print(recipes_table(found))
+    if output.json:
         emit_json(
             [
                 {
@@ -479,34 +522,48 @@ def _forward_budget_help(data: str) -> str:
     JSON,
     name="eval",
 )
-def evaluate(a):
+def evaluate(
+    source: ModelSource,
+    files: Files,
+    seq_len: int,
+    options: EvalOptions,
+    lr: float,
+    step: SlimStep,
+    seed: int,
+    adapters: Adapters,
+    runtime: Runtime,
+    output: Output,
+):
     """Bits per character of a checkpoint on a text file (chunk by chunk: memory does not grow with --seq-len).
 
     Examples: slimtune eval --checkpoint tuned.safetensors --data valid.txt
               slimtune eval --checkpoint model.safetensors --data doc.txt --adapt one-step --seq-len 2048
     """
-    _require("eval", checkpoint=a.checkpoint, data=a.data)
-    pick(SlimStep, a).check()  # the budget read before the checkpoint is
-    from .choices import Optimizer
+    _require("eval", checkpoint=source.checkpoint, data=files.data)
+    step.check()  # the budget read before the checkpoint is
     from .data import read_bytes
     from .evaluation import adapt_one_step
     from .evaluation import evaluate as run_eval
     from .pretrained import PerformerLM
     from .strategies import Strategy
 
-    adapters = pick(Adapters, a)
     adapters.check()
-    if adapters.lora_rank and a.adapt is None:
+    if adapters.lora_rank and options.adapt is None:
         raise ConfigError("`lora_rank` sets what the one step trains: it needs `adapt=one-step`", params=("adapt",))
-    _use_threads(a.threads)
-    tokens = read_bytes(a.data, min_length=2)
-    model = PerformerLM.from_pretrained(a.checkpoint, device=a.device, **pick(ModelSource, a).model_flags())
+    _use_threads(runtime.threads)
+    tokens = read_bytes(files.data, min_length=2)
+    model = PerformerLM.from_pretrained(source.checkpoint, device=runtime.device, **source.model_flags())
     Strategy(Optimizer.SGD, adapters.lora_rank, adapters.base_dtype, adapters.lora_alpha, adapters.targets,
-             a.seed).apply(model)  # fmt: skip
-    show = console(a.json)
-    if a.adapt is None:
+             seed).apply(model)  # fmt: skip
+    show = console(output.json)
+    if options.adapt is None:
         result = run_eval(
-            model, tokens, seq_len=a.seq_len, max_bytes=a.max_bytes, chunk_size=a.chunk_size, mem_budget=a.mem_budget
+            model,
+            tokens,
+            seq_len=seq_len,
+            max_bytes=options.max_bytes,
+            chunk_size=step.chunk_size,
+            mem_budget=step.mem_budget,
         )
         show.print(
             f"bpc {result.bpc:.4f} at seq len {result.seq_len} over {result.predicted_bytes:,} bytes; C = "
@@ -514,27 +571,27 @@ def evaluate(a):
             + _budget_words(result.budget_bytes, result.predicted_peak_bytes, result.peak_memory_bytes)
         )
     else:
-        with Reporter("adapt", a.windows) as progress:
+        with Reporter("adapt", options.windows) as progress:
             result = adapt_one_step(
                 model,
                 tokens,
-                seq_len=a.seq_len,
-                windows=a.windows,
-                lr=a.lr,
-                chunk_size=a.chunk_size,
-                mem_budget=a.mem_budget,
-                seed=a.seed,
+                seq_len=seq_len,
+                windows=options.windows,
+                lr=lr,
+                chunk_size=step.chunk_size,
+                mem_budget=step.mem_budget,
+                seed=seed,
                 precision=adapters.base_dtype.compute("fp32"),  # a bf16 base under bf16 autocast, as in fit
                 on_progress=lambda done, total: progress.update(done),
             )
         show.print(
             f"one-step adaptation{f' of LoRA r{adapters.lora_rank} adapters' if adapters.lora_rank else ''} over "
-            f"{a.windows} windows at seq len {a.seq_len}, SGD lr {a.lr}, C = "
+            f"{options.windows} windows at seq len {seq_len}, SGD lr {lr}, C = "
             f"{result.chunk_size}: second-half bpc {result.bpc_before:.4f} -> {result.bpc_after:.4f} "
             f"({result.difference:+.4f}); "
             + _budget_words(result.budget_bytes, result.predicted_peak_bytes, result.peak_memory_bytes)
         )
-    if a.json:
+    if output.json:
         emit_json(result.to_json())
 
 
@@ -562,48 +619,50 @@ def _budget_words(budget: int | None, predicted: int | None, peak: int) -> str:
     params(Runtime, "device", "threads"),
     JSON,
 )
-def generate(a):
+def generate(
+    source: ModelSource, options: GenerateOptions, step: SlimStep, seed: int, runtime: Runtime, output: Output
+):
     """Sample a continuation of a prompt in recurrent mode (constant memory per new byte).
 
     Example: slimtune generate --checkpoint tuned.safetensors --prompt "Day 12: wind" --bytes 300
     """
-    _require("generate", checkpoint=a.checkpoint)
-    pick(SlimStep, a).check()  # the budget read before the checkpoint is
+    _require("generate", checkpoint=source.checkpoint)
+    step.check()  # the budget read before the checkpoint is
     from .generation import generate as run_generate
     from .pretrained import PerformerLM
 
-    _use_threads(a.threads)
-    model = PerformerLM.from_pretrained(a.checkpoint, device=a.device, **pick(ModelSource, a).model_flags())
+    _use_threads(runtime.threads)
+    model = PerformerLM.from_pretrained(source.checkpoint, device=runtime.device, **source.model_flags())
     planned = []
     text = run_generate(
         model,
-        a.prompt,
-        a.n_bytes,
-        temperature=a.temperature,
-        top_k=a.top_k,
-        seed=a.seed,
-        chunk_size=a.chunk_size,
-        mem_budget=a.mem_budget,
+        options.prompt,
+        options.n_bytes,
+        temperature=options.temperature,
+        top_k=options.top_k,
+        seed=seed,
+        chunk_size=step.chunk_size,
+        mem_budget=step.mem_budget,
         on_plan=planned.append,
     )
-    if a.json:
+    if output.json:
         from .memory import peak_memory_bytes
         from .options import chunk_request
 
         plan = planned[0] if planned else None
         emit_json(
             {
-                "prompt": a.prompt,
+                "prompt": options.prompt,
                 "text": text.decode("utf-8", errors="replace"),
                 "bytes": len(text),
-                "chunk_size": plan.chunk_size if plan else chunk_request(a.chunk_size, len(a.prompt.encode())),
+                "chunk_size": plan.chunk_size if plan else chunk_request(step.chunk_size, len(options.prompt.encode())),
                 "budget_bytes": plan.budget_bytes if plan else None,
                 "predicted_peak_bytes": plan.predicted_peak_bytes if plan else None,
                 "peak_memory_bytes": peak_memory_bytes(next(model.parameters()).device),
             }
         )
     else:
-        sys.stdout.write(a.prompt + text.decode("utf-8", errors="replace") + "\n")
+        sys.stdout.write(options.prompt + text.decode("utf-8", errors="replace") + "\n")
 
 
 CHECKPOINT_ARGUMENT = {
@@ -616,17 +675,17 @@ CHECKPOINT_ARGUMENT = {
 
 
 @command(app, params(ModelSource, "checkpoint", **CHECKPOINT_ARGUMENT), params(Output, "tensors"), MODEL_FLAGS, JSON)
-def inspect(a):
+def inspect(source: ModelSource, output: Output):
     """Show a checkpoint's config, parameter count, dtypes, size, fine-tuning memory and provenance.
 
     Example: slimtune inspect model.safetensors --tensors
     """
     from .inspection import inspect_checkpoint
 
-    info = inspect_checkpoint(a.checkpoint, **pick(ModelSource, a).model_flags())
-    for table in inspect_tables(info, str(a.checkpoint), a.tensors):
-        console(a.json).print(table)
-    if a.json:
+    info = inspect_checkpoint(source.checkpoint, **source.model_flags())
+    for table in inspect_tables(info, str(source.checkpoint), output.tensors):
+        console(output.json).print(table)
+    if output.json:
         emit_json(info)
 
 
@@ -642,35 +701,37 @@ def inspect(a):
     params(ExportOptions),
     MODEL_FLAGS,
 )
-def convert(a):
+def convert(source: ModelSource, files: Files, export: ExportOptions):
     """Convert a checkpoint (for example the SLiM reference code's torch.save state dict) to a contract checkpoint.
 
     Example: slimtune convert ref_model.pt --out model.safetensors --n-heads 8 --feature-type sqr --layernorm post
     """
-    _require("convert", out=a.out)
+    _require("convert", out=files.out)
     from .checkpoint import convert as run_convert
 
-    flags = pick(ModelSource, a).model_flags()
-    ckpt = run_convert(a.checkpoint, a.out, dtype=a.dtype, fmt=a.format, overwrite=a.overwrite, **flags)
-    written = ckpt.dtypes if a.dtype == ExportDtype.AUTO else [a.dtype.value]
-    out.print(f"wrote {a.out}: {ckpt.parameters:,} parameters, {', '.join(written)}")
+    flags = source.model_flags()
+    ckpt = run_convert(
+        source.checkpoint, files.out, dtype=export.dtype, fmt=export.format, overwrite=export.overwrite, **flags
+    )
+    written = ckpt.dtypes if export.dtype == ExportDtype.AUTO else [export.dtype.value]
+    out.print(f"wrote {files.out}: {ckpt.parameters:,} parameters, {', '.join(written)}")
 
 
 @command(app, JSON)
-def env(a):
+def env(output: Output):
     """Show the devices slimtune can use and their memory (CPU via psutil, NVIDIA GPUs via NVML)."""
     from . import threads
     from .devices import detect_environment
 
     info = detect_environment()
     choice = threads.choose()
-    console(a.json).print(env_table(info, choice, threads.ENV))
-    if a.json:
+    console(output.json).print(env_table(info, choice, threads.ENV))
+    if output.json:
         emit_json(info.to_json() | {"threads": choice.count, "threads_reason": choice.reason})
 
 
 @command(app, params(Output, "workdir"), params(Runtime, "threads"), JSON)
-def demo(a):
+def demo(output: Output, runtime: Runtime):
     """The whole workflow on made-up data, no downloads: pretrain, plan, fine-tune with SLiM, compare, export.
 
     Pretrains a tiny Performer, plans fine-tuning under a small budget, fine-tunes with SLiM at the chosen C,
@@ -678,9 +739,9 @@ def demo(a):
     """
     from .demo import run_demo
 
-    show = console(a.json)
-    result = run_demo(a.workdir, say=lambda text: show.print(text), threads=a.threads, on_warning=warning)
-    if a.json:
+    show = console(output.json)
+    result = run_demo(output.workdir, say=lambda text: show.print(text), threads=runtime.threads, on_warning=warning)
+    if output.json:
         emit_json(result)
 
 

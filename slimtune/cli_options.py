@@ -1,7 +1,7 @@
 """The command line's options: each library option (options.py: name, type, default, bounds) with the flag and
 help the command line shows for it (FLAGS). `params(...)` turns the fields a command has into typer parameters,
-`command(...)` gives a command body those parameters as one namespace, and `cli_message(error)` shows the Python
-parameters a library message names as the flags the user typed. No torch.
+`command(...)` gives a command body their values as the option groups (and plain values) its signature names, and
+`cli_message(error)` shows the Python parameters a library message names as the flags the user typed. No torch.
 """
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ from __future__ import annotations
 import inspect
 import re
 import typing
-from dataclasses import dataclass, fields
-from types import SimpleNamespace
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Annotated
 
 import typer
@@ -269,14 +268,22 @@ def _numeric(hint) -> bool:
 
 
 def command(app: typer.Typer, *groups: list[inspect.Parameter], name: str | None = None):
-    """Register `body(args)` as a command whose options are `groups` (lists from `params`); `args` holds every
-    option by its Python name."""
+    """Register `body` as a command whose flags are `groups` (lists from `params`), in the order --help shows them.
+
+    The body's annotated parameters say what it is given. One annotated with an option group (a dataclass of
+    options.py) gets that group made from the flags among its fields, its other fields keeping their declared
+    defaults; one annotated with any other type gets the flag of its own name, which then goes to no group (plan's
+    `--data`, a list of files, is not `Files.data`). Every flag must reach a parameter and every plain parameter
+    name a flag: a body that would drop a flag, or wait for one that does not exist, fails at import. Making a group
+    checks nothing (typer has parsed its choices already): the body calls `check()` where its errors belong."""
     signature = [p for group in groups for p in group]
 
     def register(body):
+        build = _builders(body, [p.name for p in signature])
+
         def run(**values):
             try:
-                return body(SimpleNamespace(**values))
+                return body(**{name: make(values) for name, make in build.items()})
             except KeyboardInterrupt:  # typer would turn it into a silent exit: main() says it was interrupted
                 raise Stopped from None
 
@@ -289,10 +296,33 @@ def command(app: typer.Typer, *groups: list[inspect.Parameter], name: str | None
     return register
 
 
-def pick(cls, args: SimpleNamespace, **extra):
-    """`cls` made from the options in `args` that are its fields, and `extra`."""
-    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-    return cls(**(values | extra))
+def _builders(body, flags: list[str]) -> dict[str, typing.Callable[[dict], typing.Any]]:
+    """For each parameter of `body`, how its value is made from the parsed flags (see `command`)."""
+    hints = typing.get_type_hints(body)
+    names = list(inspect.signature(body).parameters)
+    if untyped := [name for name in names if name not in hints]:
+        raise TypeError(f"{body.__name__}: annotate the parameters {', '.join(untyped)}")
+    plain = {name for name in names if not _group(hints[name])}
+    if unknown := sorted(plain - set(flags)):
+        raise TypeError(f"{body.__name__}: no flag for the parameters {', '.join(unknown)}")
+    build, reached = {}, set(plain)
+    for name in names:
+        if name in plain:
+            build[name] = lambda values, name=name: values[name]
+            continue
+        group = hints[name]
+        given = [f.name for f in fields(group) if f.name in flags and f.name not in plain]
+        if not given:
+            raise TypeError(f"{body.__name__}: no flag for a field of {name}: {group.__name__}")
+        reached.update(given)
+        build[name] = lambda values, group=group, given=given: group(**{n: values[n] for n in given})
+    if dropped := [flag for flag in flags if flag not in reached]:
+        raise TypeError(f"{body.__name__}: the flags {', '.join(dropped)} reach no parameter")
+    return build
+
+
+def _group(hint) -> bool:
+    return isinstance(hint, type) and is_dataclass(hint)
 
 
 MARKED = re.compile(r"`([a-z_][a-z0-9_]*)((?:=[^`\s]*)?)`")  # `seq_len`, `optimizer=sgd`
