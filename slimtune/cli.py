@@ -289,6 +289,7 @@ FROM_RECIPE = {"default": None, "show_default": False}
     _seed("pretrain"),
     params(RunFolderOptions),
     params(ExportOptions, "overwrite"),
+    params(DataOptions, "tokenizer", "data_dtype"),
     RUNTIME,
     JSON,
 )
@@ -492,7 +493,8 @@ def _forward_budget_help(data: str) -> str:
     app,
     MODEL,
     params(Files, "data"),
-    params(DataOptions, "seq_len", seq_len={"help": "Bytes per sequence, the same default for every checkpoint."}),
+    params(DataOptions, "seq_len", seq_len={"help": "Tokens per sequence, the same default for every checkpoint."}),
+    params(DataOptions, "tokenizer", "data_dtype"),
     params(EvalOptions, "max_bytes", "adapt", "windows"),
     params(Optimization, "lr", lr={"default": ADAPT_LR, "help": "--adapt: learning rate of the SGD step (> 0)."}),
     params(
@@ -526,6 +528,7 @@ def evaluate(
     source: ModelSource,
     files: Files,
     seq_len: int,
+    reading: DataOptions,
     options: EvalOptions,
     lr: float,
     step: SlimStep,
@@ -541,7 +544,7 @@ def evaluate(
     """
     _require("eval", checkpoint=source.checkpoint, data=files.data)
     step.check()  # the budget read before the checkpoint is
-    from .data import read_bytes
+    from .data import read_data
     from .evaluation import adapt_one_step
     from .evaluation import evaluate as run_eval
     from .pretrained import PerformerLM
@@ -551,8 +554,9 @@ def evaluate(
     if adapters.lora_rank and options.adapt is None:
         raise ConfigError("`lora_rank` sets what the one step trains: it needs `adapt=one-step`", params=("adapt",))
     _use_threads(runtime.threads)
-    tokens = read_bytes(files.data, min_length=2)
     model = PerformerLM.from_pretrained(source.checkpoint, device=runtime.device, **source.model_flags())
+    tokens = read_data(files.data, vocab_size=model.config.vocab_size, tokenizer=reading.tokenizer,
+                       data_dtype=reading.data_dtype)  # fmt: skip
     Strategy(Optimizer.SGD, adapters.lora_rank, adapters.base_dtype, adapters.lora_alpha, adapters.targets,
              seed).apply(model)  # fmt: skip
     show = console(output.json)
@@ -565,8 +569,15 @@ def evaluate(
             chunk_size=step.chunk_size,
             mem_budget=step.mem_budget,
         )
+        score = (
+            f"bpc {result.bpc:.4f}"
+            if tokens.are_bytes
+            else f"{result.bits_per_token:.4f} bits per token"
+            + (f" ({result.bits_per_byte:.4f} bits per byte)" if result.bits_per_byte else "")
+        )
+        unit = "bytes" if tokens.are_bytes else "tokens"
         show.print(
-            f"bpc {result.bpc:.4f} at seq len {result.seq_len} over {result.predicted_bytes:,} bytes; C = "
+            f"{score} at seq len {result.seq_len} over {result.predicted_bytes:,} {unit}; C = "
             f"{result.chunk_size}, {plural(result.batch_size, 'sequence')} per forward, "
             + _budget_words(result.budget_bytes, result.predicted_peak_bytes, result.peak_memory_bytes)
         )
@@ -574,7 +585,7 @@ def evaluate(
         with Reporter("adapt", options.windows) as progress:
             result = adapt_one_step(
                 model,
-                tokens,
+                tokens.ids,
                 seq_len=seq_len,
                 windows=options.windows,
                 lr=lr,

@@ -88,6 +88,11 @@ class Tokens:
     def __len__(self) -> int:
         return self.ids.numel()
 
+    @property
+    def are_bytes(self) -> bool:
+        """Raw bytes (a byte-level model's text): each token is one byte."""
+        return self.ids.dtype == torch.uint8
+
     def head(self, n: int) -> Tokens:
         """The first n tokens (the bytes then unknown, unless the ids are bytes)."""
         ids = self.ids[:n]

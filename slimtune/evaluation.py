@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .choices import Precision
-from .data import check_vocabulary, copy_windows, read_bytes
-from .errors import ConfigError, DataError
+from .data import Tokens, check_vocabulary, copy_windows, read_data
+from .errors import ConfigError
 from .eval_plan import ForwardPlan, ForwardWork, plan_forward_if_needed, run_heap
 from .memory import peak_memory_bytes
 from .options import ADAPT_CHUNK, ADAPT_LR, DataOptions, EvalOptions, chunk_request, default_of
@@ -28,7 +28,7 @@ DEFAULT_BATCH = 8  # sequences per forward at most: beyond it a forward hardly r
 
 @dataclass
 class EvalResult:
-    bpc: float  # mean next-byte cross-entropy in bits (bits per token for token data)
+    bpc: float  # mean next-token cross-entropy in bits: bits per byte for byte data, bits per token for tokens
     loss: float  # the same in nats
     predicted_bytes: int
     seq_len: int
@@ -38,6 +38,8 @@ class EvalResult:
     predicted_peak_bytes: int | None = None  # the plan's prediction of the process's peak
     peak_memory_bytes: int = 0  # measured, the whole process's (memory.peak_memory_bytes): RSS on CPU
     plan: ForwardPlan | None = None  # the plan where one was made
+    bits_per_token: float = 0.0  # = bpc
+    bits_per_byte: float | None = None  # the summed bits over the text's UTF-8 bytes, where the bytes are known
 
     def to_json(self) -> dict:
         return asdict(self) | {"plan": self.plan.to_json() if self.plan else None}
@@ -70,16 +72,11 @@ def _needs_draw(model: PerformerLM) -> bool:
 
 
 def check_ids(data: torch.Tensor, vocab_size: int, what: str = "data") -> None:
-    """Token ids must lie in 0..vocab_size - 1 (data.check_vocabulary, for any vocabulary). Reads every id, so that
-    memory-mapped data is resident before a plan measures what the process holds."""
-    check_vocabulary(data, vocab_size, what)
-    low, high = (int(data.min()), int(data.max())) if data.numel() else (0, 0)
-    if low < 0 or high >= vocab_size:
-        raise DataError(
-            f"`{what}` holds token ids from {low} to {high}, but the model's vocabulary has ids 0..{vocab_size - 1}: "
-            "pass data encoded for this model",
-            params=(what,),
-        )
+    """Token ids must lie in 0..vocab_size - 1 (data.check_vocabulary). Reads every id, so that memory-mapped data
+    is resident before a plan measures what the process holds."""
+    check_vocabulary(data, vocab_size, what)  # reads every id, except bytes under a byte-level vocabulary
+    if data.numel() and data.dtype == torch.uint8:
+        int(data.max())
 
 
 def _sequences(n: int, seq_len: int) -> tuple[list[int], list[int]]:
@@ -90,7 +87,7 @@ def _sequences(n: int, seq_len: int) -> tuple[list[int], list[int]]:
 
 def evaluate(
     model: PerformerLM,
-    data: torch.Tensor | str | os.PathLike,
+    data: Tokens | torch.Tensor | str | os.PathLike,
     *,
     seq_len: int | None = None,
     chunk_size: int | str | None = "auto",
@@ -105,7 +102,8 @@ def evaluate(
     Args:
         model: the model. A FAVOR+ model uses its current draw; one without a draw (freshly loaded) gets the
             seeded draw `feature_seed`, so that scoring it is repeatable.
-        data: a text file's path, or its token ids as an integer tensor [N] (bytes: uint8).
+        data: a data file's path (data.read_data: text as bytes, or ids), its Tokens, or its token ids as an
+            integer tensor [N] (bytes: uint8).
         seq_len: predictions per sequence; the data is cut into consecutive sequences, each starting from
             position 0 with fresh states, the last, shorter one included. Default: DEFAULT_SEQ_LEN (1024, fit's),
             whatever L the checkpoint was trained at, so that two checkpoints are scored alike.
@@ -127,8 +125,8 @@ def evaluate(
     Example:
         bpc = slimtune.evaluate(model, "valid.txt", mem_budget="1GB").bpc
     """
-    if not isinstance(data, torch.Tensor):
-        data = read_bytes(data, min_length=2)
+    tokens = _tokens(data, model.config.vocab_size)
+    data = tokens.ids
     seq_len = DEFAULT_SEQ_LEN if seq_len is None else seq_len
     if seq_len < 1 or (isinstance(chunk_size, int) and chunk_size < 1):
         raise ConfigError(
@@ -167,8 +165,14 @@ def evaluate(
             total += position_nll(model, tail, chunk).sum().item()
             count += tail.shape[1] - 1
     loss = total / count
+    # The bytes behind the predicted tokens: each token's own for byte data; for encoded text, the text's bytes in
+    # the share of its tokens that were predicted (a sequence's first token is not), where the whole text is scored.
+    n_bytes = n if data.dtype == torch.uint8 else (tokens.n_bytes if n == len(tokens) else None)
+    predicted_bytes = count if data.dtype == torch.uint8 else n_bytes and n_bytes * count / n
     return EvalResult(
         bpc=loss / math.log(2),
+        bits_per_token=loss / math.log(2),
+        bits_per_byte=total / math.log(2) / predicted_bytes if predicted_bytes else None,
         loss=loss,
         predicted_bytes=count,
         seq_len=seq_len,
@@ -179,6 +183,15 @@ def evaluate(
         peak_memory_bytes=peak_memory_bytes(device),
         plan=plan,
     )
+
+
+def _tokens(data, vocab_size: int) -> Tokens:
+    """A path read as data.read_data reads it (text as bytes, or ids), a tensor of ids as they are."""
+    if isinstance(data, Tokens):
+        return data
+    if isinstance(data, torch.Tensor):
+        return Tokens(data, n_bytes=data.numel() if data.dtype == torch.uint8 else None)
+    return read_data(data, vocab_size=vocab_size)
 
 
 @torch.no_grad()

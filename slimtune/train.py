@@ -154,7 +154,7 @@ def held_out_bpc(model: PerformerLM, eval_data: Tokens, options: FitOptions, run
     with autocast(device, run.precision.dtype):
         scored = evaluate(
             model,
-            eval_data.ids,
+            eval_data,
             seq_len=options.seq_len,
             max_bytes=options.eval_bytes,
             chunk_size=run.chunk_size,

@@ -283,7 +283,7 @@ def test_an_impossible_budget_is_refused_naming_what_is_missing(text):
 
 def test_ids_beyond_the_vocabulary_are_refused():
     model = tiny_model(dtype=torch.float32, vocab_size=300)
-    with pytest.raises(DataError, match="token ids from 0 to 300"):
+    with pytest.raises(DataError, match="token id 300 at position 2, outside the model's vocabulary of 300"):
         evaluate(model, torch.tensor([0, 5, 300, 2]), seq_len=4, chunk_size=2)
 
 
