@@ -233,7 +233,7 @@ def plan(
     compare = planning.compare
     with Reporter("plan", len(lineup(strategy)) if compare else 1, transient=True) as progress:
         found = plan_fit(
-            source.checkpoint, options, data=[*(data or ()), *filter(None, [files.eval_data])],
+            source.checkpoint, options, data=data or (), eval_data=files.eval_data,
             compare_strategies=compare, model_flags=source.model_flags(),
             on_stage=lambda done, total, name: progress.update(done, f"measuring {name}"),
         )  # fmt: skip

@@ -6,9 +6,10 @@ tokens (L inputs and the L next tokens they predict) are cut from the stream."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,13 @@ class Tokens:
     ids: torch.Tensor  # [N] token ids (uint8 bytes, or the file's integer dtype), memory-mapped for files of ids
     mask: torch.Tensor | None = None  # [N] bool: the loss counts the prediction of token n (None: of every token)
     n_bytes: int | None = None  # the text's UTF-8 bytes behind the ids, where known (bits per byte)
+    mapping: mmap.mmap | None = field(default=None, repr=False, compare=False)  # a file of ids, mapped
+
+    def release(self) -> None:
+        """Hand back the pages of a mapped file that windows were read from (they are read again from the file
+        when needed): a step holds only its own windows' pages, however large the file."""
+        if self.mapping is not None:
+            self.mapping.madvise(mmap.MADV_DONTNEED)
 
     def __len__(self) -> int:
         return self.ids.numel()
@@ -93,18 +101,38 @@ class Tokens:
         """Raw bytes (a byte-level model's text): each token is one byte."""
         return self.ids.dtype == torch.uint8
 
-    def head(self, n: int) -> Tokens:
-        """The first n tokens (the bytes then unknown, unless the ids are bytes)."""
-        ids = self.ids[:n]
-        known = ids.numel() if self.ids.dtype == torch.uint8 else None
-        return Tokens(ids, None if self.mask is None else self.mask[:n], known)
+    def held_bytes(self, windows: int, window_tokens: int) -> int:
+        """What the process holds of this data while it reads `windows` windows of `window_tokens` tokens: a mapped
+        file only their pages (one more at each end), released after each draw; data in memory, all of it."""
+        if self.mapping is not None:
+            size = min(self.ids.numel(), window_tokens) * self.ids.element_size()
+            return windows * (size + 2 * mmap.PAGESIZE)
+        return sum(t.untyped_storage().nbytes() for t in (self.ids, self.mask) if t is not None)
+
+    def shares_memory(self, other: Tokens) -> bool:
+        """Both views of the same data in memory (a held-out split of it)."""
+        same = self.ids.untyped_storage().data_ptr() == other.ids.untyped_storage().data_ptr()
+        return self.mapping is None and same
 
     def split(self, fraction: float) -> tuple[Tokens, Tokens]:
         """(training part, held-out part): the last `fraction` of the stream is held out."""
         train, held = split_held_out(self.ids, fraction)
         cut = train.numel()
         part = lambda t, s: None if t is None else t[s]  # noqa: E731
-        return Tokens(train, part(self.mask, slice(0, cut))), Tokens(held, part(self.mask, slice(cut, None)))
+        first, rest = part(self.mask, slice(0, cut)), part(self.mask, slice(cut, None))
+        return Tokens(train, first, mapping=self.mapping), Tokens(held, rest, mapping=self.mapping)
+
+
+def held_while_training(
+    data: Tokens | None, eval_data: Tokens | None, *, windows: int, seq_len: int, eval_tokens: int | None
+) -> int:
+    """What a training process holds of its data (Tokens.held_bytes): each step's `windows` windows of seq_len + 1
+    tokens, and the held-out scoring's first `eval_tokens` (None: all), unless the held-out part is a view of the
+    training data in memory (a split of it), counted already."""
+    held = data.held_bytes(windows, seq_len + 1) if data is not None else 0
+    if eval_data is not None and not (data is not None and eval_data.shares_memory(data)):
+        held += eval_data.held_bytes(1, eval_tokens or len(eval_data))
+    return held
 
 
 def load_tokenizer(path: str | os.PathLike, what: str = "tokenizer"):
@@ -155,10 +183,10 @@ def read_data(
         check_tokenizer(encoder, vocab_size, tokenizer)
     suffix = path.suffix.lower()
     if suffix in (".npy", ".bin"):
-        ids = _id_file(path, suffix, data_dtype, what)
+        dtype, offset = _id_layout(path, suffix, data_dtype, what)
         hint = " (or a .bin of another `data_dtype`)" if suffix == ".bin" else ""
-        _check_ids(ids, vocab_size, what, f"`{what}` file {path}", hint)
-        return Tokens(torch.from_numpy(ids))
+        _check_ids_in_file(path, dtype, offset, vocab_size, what, hint)
+        return _mapped(path, dtype, offset)
     if encoder is None and vocab_size != BYTE_VOCAB:
         raise DataError(
             f"`{what}` {path} is text, but the model's vocabulary has {vocab_size} ids, not {BYTE_VOCAB} bytes: pass "
@@ -168,14 +196,14 @@ def read_data(
     if suffix == ".jsonl":
         return _records(path, encoder, what)
     if encoder is None:
-        return Tokens(read_bytes(path, min_length=1, what=what), n_bytes=path.stat().st_size)
+        return replace(_mapped(path, np.dtype(np.uint8), 0), n_bytes=path.stat().st_size)
     text = _text(path.read_bytes(), path, what)
     ids = np.asarray(encoder.encode(text, add_special_tokens=False).ids, dtype=np.int64)
     return Tokens(torch.from_numpy(ids), n_bytes=path.stat().st_size)
 
 
-def _id_file(path: Path, suffix: str, data_dtype: str, what: str) -> np.ndarray:
-    """The ids of a .npy or .bin file, memory-mapped (copy-on-write: nothing is written back)."""
+def _id_layout(path: Path, suffix: str, data_dtype: str, what: str) -> tuple[np.dtype, int]:
+    """(dtype, offset of the first id) of a .npy or .bin file of ids."""
     if suffix == ".bin":
         data_dtype = str(DataDtype.parse(data_dtype, "data_dtype"))
         dtype = np.dtype(DATA_DTYPES[data_dtype])
@@ -186,29 +214,51 @@ def _id_file(path: Path, suffix: str, data_dtype: str, what: str) -> np.ndarray:
                 f"bytes each): check `data_dtype`, or that the file is complete",
                 params=(what, "data_dtype"),
             )
-        return np.memmap(path, dtype=dtype, mode="c")
+        return dtype, 0
     try:
-        ids = np.load(path, mmap_mode="c", allow_pickle=False)
+        header = np.load(path, mmap_mode="r", allow_pickle=False)  # reads the header; maps, touches no id
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"`{what}` file {path} is not a .npy array ({e})", params=(what,)) from None
-    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+    if header.ndim != 1 or header.dtype.kind not in "iu":
         raise DataError(
-            f"`{what}` file {path} holds a {ids.ndim}-D {ids.dtype} array: token ids are a 1-D integer array",
+            f"`{what}` file {path} holds a {header.ndim}-D {header.dtype} array: token ids are a 1-D integer array",
             params=(what,),
         )
-    if not ids.dtype.isnative:
-        raise DataError(f"`{what}` file {path} holds ids in a non-native byte order: save them as native integers")
-    return ids
+    if not header.dtype.isnative:
+        raise DataError(
+            f"`{what}` file {path} holds ids in a non-native byte order: save them as native integers", params=(what,)
+        )
+    return header.dtype, header.offset
 
 
-def _check_ids(ids: np.ndarray, vocab_size: int, what: str, source: str, hint: str = "") -> None:
-    """Every id in 0..vocab_size - 1, read SCAN_IDS at a time (a large file is never read whole at once)."""
+def _mapped(path: Path, dtype: np.dtype, offset: int) -> Tokens:
+    """The file's ids, memory-mapped copy-on-write (nothing is ever written back): a step reads only the pages of
+    its windows, and `Tokens.release` hands them back."""
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    ids = np.frombuffer(mapping, dtype=dtype, offset=offset)
+    return Tokens(torch.from_numpy(ids), mapping=mapping)
+
+
+def _check_ids_in_file(path: Path, dtype: np.dtype, offset: int, vocab_size: int, what: str, hint: str) -> None:
+    """_check_ids over the file read SCAN_IDS ids at a time, not mapped: the process never holds more than a block."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        start = 0
+        while (block := np.fromfile(f, dtype=dtype, count=SCAN_IDS)).size:
+            _check_ids(block, vocab_size, what, f"`{what}` file {path}", hint, start)
+            start += block.size
+
+
+def _check_ids(ids: np.ndarray, vocab_size: int, what: str, source: str, hint: str = "", first: int = 0) -> None:
+    """Every id in 0..vocab_size - 1, SCAN_IDS at a time; `first`: the position of ids[0] in the stream."""
     for start in range(0, ids.size, SCAN_IDS):
         block = ids[start : start + SCAN_IDS]
         if int(block.min()) < 0 or int(block.max()) >= vocab_size:
-            where = start + int(np.argmax((block < 0) | (block >= vocab_size)))
+            at = int(np.argmax((block < 0) | (block >= vocab_size)))
             raise DataError(
-                f"{source} holds token id {int(ids[where])} at position {where}, outside the model's vocabulary of "
+                f"{source} holds token id {int(block[at])} at position {first + start + at}, outside the model's "
+                "vocabulary of "
                 f"{vocab_size} ids: pass ids made with the model's tokenizer{hint}",
                 params=(what, "data_dtype") if hint else (what,),
             )
@@ -262,12 +312,12 @@ def _record(raw: bytes, number: int, path: Path, what: str) -> list[tuple[str, b
         raise DataError(
             f"{bad}: a record has `text`, or `prompt` and `completion`; got {sorted(record)}", params=(what,)
         )
-    for field, _ in parts:
-        if not isinstance(record[field], str):
-            raise DataError(f"{bad}: `{field}` is {type(record[field]).__name__}, not a string", params=(what,))
-        if field != "prompt" and not record[field]:
-            raise DataError(f"{bad}: `{field}` is empty: the loss would count nothing of it", params=(what,))
-    return [(record[field], counted) for field, counted in parts]
+    for name, _ in parts:
+        if not isinstance(record[name], str):
+            raise DataError(f"{bad}: `{name}` is {type(record[name]).__name__}, not a string", params=(what,))
+        if name != "prompt" and not record[name]:
+            raise DataError(f"{bad}: `{name}` is empty: the loss would count nothing of it", params=(what,))
+    return [(record[name], counted) for name, counted in parts]
 
 
 def check_vocabulary(data: torch.Tensor, vocab_size: int, what: str = "data") -> None:

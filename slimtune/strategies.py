@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from functools import partial
 
 from . import lora
 from .choices import LORA_DEFAULT_TARGETS, BaseDtype, ChunkRule, Optimizer, Precision
+from .data import held_while_training, read_data
 from .devices import resolve_budget
-from .errors import DataError, OutOfBudgetError
+from .errors import OutOfBudgetError
 from .options import FitOptions, chunk_request, chunk_rule, fit_options
 from .planner import HEADROOM, Plan, Workload, budget_holding, gradient_bytes, held_bytes, plan_chunk_size, usable_bytes
 from .runplan import RunPlan, parameter_counts
@@ -230,6 +231,7 @@ def plan_fit(
     options: FitOptions | None = None,
     *,
     data: Sequence[str | os.PathLike] = (),
+    eval_data: str | os.PathLike | None = None,
     compare_strategies: bool = True,
     model_flags: dict | None = None,
     on_stage: Callable[[int, int, str], None] | None = None,
@@ -237,9 +239,9 @@ def plan_fit(
 ) -> FitPlan:
     """Plan `slimtune.fit(checkpoint, ...)` with the same options without training: the C of the asked strategy
     under `mem_budget` (its heap policy and its chunk_size rule included; a given C is checked), and with
-    `compare_strategies` the same for the others (`lineup`). `data`: the files the run will read (fit holds them
-    resident, so their sizes count). Raises OutOfBudgetError when the asked strategy fits no C, naming the
-    strategies that do."""
+    `compare_strategies` the same for the others (`lineup`). `data`, `eval_data`: the files the run will read, read
+    as fit reads them (what fit holds of them counts: data.held_while_training). Raises OutOfBudgetError when the
+    asked strategy fits no C, naming the strategies that do."""
     from .checkpoint import load_checkpoint
     from .pretrained import PerformerLM
     from .runplan import plan_for_chunk
@@ -252,7 +254,8 @@ def plan_fit(
     model = PerformerLM.from_checkpoint(
         load_checkpoint(checkpoint, **(model_flags or {}), dtype=read_as), device=options.device
     )
-    work = Workload.of(options, data_bytes=sum(_file_size(path) for path in data))
+    data_bytes, resident = _data_bytes(model.config.vocab_size, options, data, eval_data)
+    work = Workload.of(options, data_bytes=data_bytes)
     rule, forced = chunk_rule(options.chunk_size), chunk_request(options.chunk_size, options.seq_len)
     runs = {}
 
@@ -263,20 +266,30 @@ def plan_fit(
 
     if not compare_strategies:
         strategy.apply(model)
-        result = plan_chunk_size(model, work, options.mem_budget, heap=options.heap, rule=rule, forced=forced)
+        result = plan_chunk_size(model, work, options.mem_budget, heap=options.heap, rule=rule, forced=forced,
+                                 resident_data=resident)  # fmt: skip
         record_run(strategy, result)
         return FitPlan(result, runs["run"])
     # Each strategy computes in its own dtype (a bf16 base under bf16 autocast): compare starts from the asked one.
     asked = replace(work, precision=options.precision)
     found = compare(model, strategy, asked, options.mem_budget, heap=options.heap, rule=rule, forced=forced,
-                    on_planned=record_run, on_stage=on_stage)  # fmt: skip
+                    resident_data=resident, on_planned=record_run, on_stage=on_stage)  # fmt: skip
     if found.error is not None:
         raise found.error
     return FitPlan(found.asked, runs["run"], found.rows)
 
 
-def _file_size(path: str | os.PathLike) -> int:
-    try:
-        return Path(path).stat().st_size
-    except OSError as e:
-        raise DataError(f"`data` file {path}: cannot read it ({e.strerror}); pass an existing file") from None
+def _data_bytes(vocab_size: int, options: FitOptions, data, eval_data) -> tuple[int, int]:
+    """(what fit would hold of its data while training, what of it this process holds already): the files read
+    as fit reads them; a file of ids (mapped) costs only its windows' pages, text encoded with a tokenizer or
+    records are held in memory."""
+    read = partial(read_data, vocab_size=vocab_size, tokenizer=options.tokenizer, data_dtype=options.data_dtype)
+    streams = [read(path) for path in data]
+    held_out = read(eval_data, what="eval_data") if eval_data is not None else None
+    windows = options.batch_size * options.accumulate
+    held = [held_while_training(s, None, windows=windows, seq_len=options.seq_len, eval_tokens=None) for s in streams]
+    if held_out is not None:
+        held.append(held_while_training(None, held_out, windows=0, seq_len=0, eval_tokens=options.eval_bytes))
+    read_all = [*streams, held_out] if held_out is not None else streams
+    resident = sum(h for h, s in zip(held, read_all, strict=True) if s.mapping is None)
+    return sum(held), resident

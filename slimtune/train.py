@@ -31,6 +31,7 @@ from .data import (
     check_vocabulary,
     copy_windows,
     first_offsets,
+    held_while_training,
     mask_at,
     random_offsets,
     read_data,
@@ -427,6 +428,8 @@ class Trainer:
             self._resume_point()
         )  # an interrupt inside this step resumes from before it, redrawing its data
         batches = [draw_batch(self.data, o, self.group, self.generator) for _ in range(o.accumulate)]
+        if self.data is not None:
+            self.data.release()  # a mapped file's pages go back: the windows are copies
         self.model.redraw_features(self.generator)  # FAVOR+: one draw per step, shared by all its chunks
         loss = self._gradients(batches)
         average_gradients(self.model)  # torchrun: one all-reduce per optimizer step (distributed.py)
@@ -617,14 +620,6 @@ def _restart(folder: RunFolder | None, options: FitOptions, group: Group, warn: 
     barrier()
 
 
-def _held_bytes(*data: Tokens | None) -> int:
-    """Bytes of the storages behind the ids and masks of `data`, each counted once (a held-out split is a view of
-    the same file)."""
-    tensors = [t for d in data if d is not None for t in (d.ids, d.mask) if t is not None]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
 def _run_steps(trainer: Trainer, on_step: OnStep | None) -> dict:
     """Steps until done, under the run plan's heap policy; the state saved at the end. Returns the last metrics."""
     metrics = {}
@@ -673,7 +668,9 @@ class Recipe:
         self.read_inputs()
         self.device, self.group = _start(self.data, self.options)
         self.model = self.build_model(self.device)
-        data_bytes = _held_bytes(self.data, self.eval_data)
+        o, world = self.options, self.group.world
+        data_bytes = held_while_training(self.data, self.eval_data, windows=o.batch_size * world * o.accumulate,
+                                         seq_len=o.seq_len, eval_tokens=o.eval_bytes)  # fmt: skip
         run = None if saved else resolve_run(self.model, self.options, self.group, data_bytes=data_bytes)
         _restart(folder, self.options, self.group, self.warn)
         self.trainer = Trainer(self.model, self.data, self.options, run=run, eval_data=self.eval_data,
@@ -790,14 +787,15 @@ def _may_replace(options: FitOptions) -> bool:
 
 
 def _with_strategies_that_fit(
-    error: OutOfBudgetError, checkpoint: Path, options: FitOptions, files: list, model_flags: dict | None
+    error: OutOfBudgetError, checkpoint: Path, options: FitOptions, data_path, eval_path, model_flags: dict | None
 ) -> OutOfBudgetError:
     """A run that fits no C: its error, followed by the parameter-memory strategies that do fit under the same
     budget, each with its C (what `plan_fit` compares: adafactor, sgd, LoRA with an fp32 or a bf16 base)."""
     from .strategies import plan_fit
 
+    data = [data_path] if data_path is not None else []
     try:
-        plan_fit(checkpoint, options, data=files, compare_strategies=True, model_flags=model_flags)
+        plan_fit(checkpoint, options, data=data, eval_data=eval_path, compare_strategies=True, model_flags=model_flags)
     except OutOfBudgetError as compared:
         return compared
     return error
@@ -868,8 +866,10 @@ class FitRecipe(Recipe):
             path = self.checkpoint.path
             self.model = self.checkpoint = None  # the comparison loads the checkpoint again, inside the same budget
             gc.collect()
-            files = [f for f in (self.data_path, self.inputs[1]) if f is not None and not isinstance(f, torch.Tensor)]
-            raise _with_strategies_that_fit(error, path, self.options, files, self.model_flags) from None
+            eval_path = None if isinstance(self.inputs[1], torch.Tensor) else self.inputs[1]
+            raise _with_strategies_that_fit(
+                error, path, self.options, self.data_path, eval_path, self.model_flags
+            ) from None
 
     def export(self, result: FitResult) -> None:
         """The fine-tuned checkpoint at `out`, and the adapters at `adapter_out` when asked for."""

@@ -254,7 +254,7 @@ def test_plan_fit_is_what_slimtune_plan_prints(tmp_path, capsys):
         (r["name"], r["chunk_size"]) for r in theirs["strategies"]
     ]
     assert ours.run.chunk_source == theirs["run"]["chunk_source"] == "planned"
-    with pytest.raises(slimtune.DataError, match="`data` file .*nothere.txt: cannot read it") as caught:
+    with pytest.raises(slimtune.DataError, match="`data` file .*nothere.txt does not exist") as caught:
         slimtune.plan_fit(base, data=[tmp_path / "nothere.txt"], seq_len=512, device="cpu")
     assert "--" not in str(caught.value)
 

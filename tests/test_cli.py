@@ -357,9 +357,12 @@ def test_plan_flags_reach_the_planner(monkeypatch, ckpt):
     assert (str(options.precision), str(options.heap), options.device) == ("bf16", "managed", "cpu")
 
 
-def test_plan_fit_predicts_fits_own_workload(monkeypatch, ckpt):
-    """The library's plan of a fit: each data file's size counts, the heap is fit's (managed), and a bf16 base
-    plans under bf16 autocast as its fit computes."""
+def test_plan_fit_predicts_fits_own_workload(monkeypatch, ckpt, tmp_path):
+    """The library's plan of a fit: what fit holds of each data file counts (a text file, mapped: one step's window
+    and a page at each end; records, in memory: their bytes and their mask, already held), the heap is fit's
+    (managed), and a bf16 base plans under bf16 autocast as its fit computes."""
+    import mmap
+
     from slimtune import strategies
 
     seen = {}
@@ -368,12 +371,17 @@ def test_plan_fit_predicts_fits_own_workload(monkeypatch, ckpt):
         seen.update(work=work, budget=budget, **kw)
         raise SystemExit(0)
 
+    text, records = tmp_path / "a.txt", tmp_path / "r.jsonl"
+    text.write_bytes(b"x" * 5000)
+    records.write_text('{"prompt": "Q: 2+2?", "completion": " 4"}\n{"text": "plain text"}\n')
+    n_tokens = len("Q: 2+2? 4plain text")
     monkeypatch.setattr(strategies, "plan_chunk_size", record)
     with pytest.raises(SystemExit):
-        strategies.plan_fit(ckpt, data=[ckpt, ckpt], compare_strategies=False, seq_len=2048, mem_budget="80%",
+        strategies.plan_fit(ckpt, data=[text, records], compare_strategies=False, seq_len=2048, mem_budget="80%",
                             device="cpu", lora_rank=2, base_dtype="bf16")  # fmt: skip
     work = seen["work"]
-    assert work.data_bytes == 2 * Path(ckpt).stat().st_size and str(seen["heap"]) == "managed"
+    assert work.data_bytes == (2049 + 2 * mmap.PAGESIZE) + 2 * n_tokens and seen["resident_data"] == 2 * n_tokens
+    assert str(seen["heap"]) == "managed"
     assert (work.seq_len, str(work.precision), seen["budget"]) == (2048, "bf16", "80%")
 
 
