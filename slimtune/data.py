@@ -189,8 +189,8 @@ def read_data(
         return _mapped(path, dtype, offset)
     if encoder is None and vocab_size != BYTE_VOCAB:
         raise DataError(
-            f"`{what}` {path} is text, but the model's vocabulary has {vocab_size} ids, not {BYTE_VOCAB} bytes: pass "
-            "the `tokenizer` it was trained with (a tokenizer.json), or token ids (.npy, .bin)",
+            f"`{what}` {path} holds text, but the model's vocabulary has {vocab_size} ids, not {BYTE_VOCAB} bytes: "
+            "pass the `tokenizer` it was trained with (a tokenizer.json), or token ids (.npy, .bin)",
             params=(what, "tokenizer"),
         )
     if suffix == ".jsonl":
