@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -461,12 +462,16 @@ def _write_safetensors(path: Path, tensors: LazyTensors, metadata: dict[str, str
 
 
 HF_CODE = ("configuration_slim_performer.py", "modeling_slim_performer.py")  # slimtune/hf_remote, copied as they are
+HF_TOKENIZER_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False}
 
 
-def _write_hf_folder(folder: Path, tensors: LazyTensors, metadata: dict[str, str], config: dict) -> None:
+def _write_hf_folder(
+    folder: Path, tensors: LazyTensors, metadata: dict[str, str], config: dict, tokenizer: Path | None
+) -> None:
     """A Hugging Face model folder, built beside `folder` and swapped into place: model.safetensors, config.json
     with an auto_map to the modeling code written beside it, so that transformers loads it with
-    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)."""
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True); with a `tokenizer`, its tokenizer.json and
+    the tokenizer_config.json that lets AutoTokenizer.from_pretrained(folder) load it."""
     code = resources.files("slimtune") / "hf_remote"
     hf_config = {
         "architectures": ["SLiMPerformerForCausalLM"],
@@ -483,6 +488,9 @@ def _write_hf_folder(folder: Path, tensors: LazyTensors, metadata: dict[str, str
             json.dump(hf_config | config, f, indent=2)
         for name in HF_CODE:
             (tmp / name).write_bytes((code / name).read_bytes())
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+            (tmp / "tokenizer_config.json").write_text(json.dumps(HF_TOKENIZER_CONFIG, indent=2))
 
 
 def save_checkpoint(
@@ -493,10 +501,12 @@ def save_checkpoint(
     extra_config: dict | None = None,
     provenance: dict | None = None,
     fmt: str = "safetensors",
+    tokenizer: str | os.PathLike | None = None,
 ) -> Path:
     """Write a contract checkpoint atomically (a temporary file in the destination folder, fsync, rename), so a
     crash leaves the previous file or the new one, never half of one. fmt "hf" writes a folder with
-    model.safetensors and config.json instead. `tensors` as LazyTensors are made and written one at a time."""
+    model.safetensors and config.json instead (and the `tokenizer`'s tokenizer.json, when given). `tensors` as
+    LazyTensors are made and written one at a time."""
     path, fmt = Path(path), ExportFormat.parse(fmt, "format")
     tensors = tensors if isinstance(tensors, LazyTensors) else LazyTensors.of(tensors)
     full_config = config.to_dict() | (extra_config or {})
@@ -505,7 +515,7 @@ def save_checkpoint(
         metadata["slimtune_provenance"] = json.dumps(provenance)
     try:
         if fmt == ExportFormat.HF:
-            _write_hf_folder(path, tensors, metadata, full_config)
+            _write_hf_folder(path, tensors, metadata, full_config, tokenizer and Path(tokenizer))
         else:
             _write_safetensors(path, tensors, metadata)
     except OSError as e:

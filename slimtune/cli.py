@@ -620,6 +620,11 @@ def _budget_words(budget: int | None, predicted: int | None, peak: int) -> str:
     MODEL,
     params(GenerateOptions),
     params(
+        DataOptions,
+        "tokenizer",
+        tokenizer={"help": "The model's tokenizer.json: encodes the prompt, decodes the sample."},
+    ),
+    params(
         SlimStep,
         "chunk_size",
         "mem_budget",
@@ -631,7 +636,13 @@ def _budget_words(budget: int | None, predicted: int | None, peak: int) -> str:
     JSON,
 )
 def generate(
-    source: ModelSource, options: GenerateOptions, step: SlimStep, seed: int, runtime: Runtime, output: Output
+    source: ModelSource,
+    options: GenerateOptions,
+    reading: DataOptions,
+    step: SlimStep,
+    seed: int,
+    runtime: Runtime,
+    output: Output,
 ):
     """Sample a continuation of a prompt in recurrent mode (constant memory per new byte).
 
@@ -655,6 +666,7 @@ def generate(
         chunk_size=step.chunk_size,
         mem_budget=step.mem_budget,
         on_plan=planned.append,
+        tokenizer=reading.tokenizer,
     )
     if output.json:
         from .memory import peak_memory_bytes

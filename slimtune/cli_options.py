@@ -189,9 +189,9 @@ FLAGS = {  # Python name -> how the command line shows it
     "windows": Flag("--windows", "--adapt: windows sampled from the data (seeded)."),
     # GenerateOptions
     "prompt": Flag("--prompt", "Text to continue."),
-    "n_bytes": Flag("--bytes", "How many bytes to sample."),
+    "n_bytes": Flag("--bytes", "How many tokens to sample (bytes for a byte-level model)."),
     "temperature": Flag("--temperature", "0 is greedy."),
-    "top_k": Flag("--top-k", "Sample among the k likeliest bytes.", show_default=False),
+    "top_k": Flag("--top-k", "Sample among the k likeliest tokens.", show_default=False),
     # BenchOptions
     "chunks": Flag("--chunks", "SLiM chunk sizes to measure, comma-separated; sizes >= L are skipped."),
     "full": Flag("--full", "Measure full backprop (the reference for the ratios).", secondary="--no-full"),

@@ -26,6 +26,7 @@ def save_model(
     dtype: ExportDtype | str = "auto",
     metadata: dict | None = None,
     extra_config: dict | None = None,
+    tokenizer: str | os.PathLike | None = None,
 ) -> Path:
     """Write `model`'s weights as a checkpoint, atomically (PerformerLM.save_pretrained documents the arguments)."""
     cast = ExportDtype.parse(dtype, "dtype").dtype
@@ -52,6 +53,7 @@ def save_model(
         extra_config=config,
         provenance=provenance | (metadata or {}),
         fmt=ExportFormat.parse(format, "format"),
+        tokenizer=tokenizer,
     )
 
 

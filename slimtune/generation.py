@@ -4,11 +4,12 @@ byte is O(1) whatever the length."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 
-from .data import check_vocabulary
+from .data import BYTE_VOCAB, check_tokenizer, check_vocabulary, load_tokenizer
 from .errors import ConfigError
 from .eval_plan import ForwardPlan, ForwardWork, plan_forward_if_needed, run_heap
 from .options import chunk_request
@@ -39,20 +40,24 @@ def generate(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     on_plan: Callable[[ForwardPlan | None], None] | None = None,
+    tokenizer: str | os.PathLike | None = None,
 ) -> bytes:
     """Sample a continuation of `prompt` in recurrent mode.
 
     Args:
-        model: the model; prompt: bytes (or text, encoded as UTF-8) to continue; n_bytes: how many to sample.
+        model: the model; prompt: bytes (or text, encoded as UTF-8) to continue; n_bytes: how many tokens to
+            sample (bytes for a byte-level model).
         temperature: 0 is greedy; top_k: sample among the k likeliest bytes.
         chunk_size: the prompt's tokens run at a time: "auto" (or None) plans the largest C whose peak fits
             `mem_budget` (eval_plan.py); "full" or an integer is taken as it is (checked against a given budget).
         mem_budget: everything the process may hold (bytes, "1GB", "80%"); None: the available memory less a margin.
         generator or seed: the random numbers (a seed also fixes a FAVOR+ model's feature draw).
         on_plan: called with the prompt's plan (None where C was given without a budget).
+        tokenizer: a tokenizer.json that encodes the prompt and decodes the sample (needed when the model's
+            vocabulary is not 256 bytes).
 
     Returns:
-        The `n_bytes` sampled bytes (without the prompt).
+        The sampled bytes (without the prompt): the tokens themselves, or the tokenizer's decoded text as UTF-8.
 
     Raises:
         OutOfBudgetError: the budget cannot fit the prompt even at C = 1, or a given C does not fit it.
@@ -69,7 +74,13 @@ def generate(
             f"need `n_bytes` >= 0, `temperature` >= 0 and `top_k` >= 1, got {n_bytes}, {temperature}, {top_k}",
             params=("n_bytes", "temperature", "top_k"),
         )
-    prompt_ids = torch.tensor(list(prompt), dtype=torch.uint8)
+    encoder = _encoder(tokenizer, model.config.vocab_size)
+    if encoder is None:
+        prompt_ids = torch.tensor(list(prompt), dtype=torch.uint8)
+    else:
+        prompt_ids = torch.tensor(encoder.encode(prompt.decode("utf-8", "replace"), add_special_tokens=False).ids)
+        if not prompt_ids.numel():
+            raise ConfigError("the prompt encodes to no token: give more text to continue", params=("prompt",))
     check_vocabulary(prompt_ids, model.config.vocab_size, "the prompt")
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
@@ -95,10 +106,24 @@ def generate(
                 last = last.masked_fill(last < cutoff, float("-inf"))
             probs = torch.softmax(last / temperature, dim=-1).cpu()
             token = int(torch.multinomial(probs, 1, generator=generator))
-        if token > 255:  # a larger vocabulary than bytes: such ids have no byte to show
-            raise ConfigError(f"the model sampled id {token}, which is no byte: generate works with byte-level models")
         out.append(token)
         logits, states = model.forward_chunk(torch.tensor([[token]], device=device), position, states)
         last = logits[:, -1]
         position += 1
-    return bytes(out)
+    return bytes(out) if encoder is None else encoder.decode(out).encode()
+
+
+def _encoder(tokenizer, vocab_size: int):
+    """The tokenizer that encodes prompts for a model whose vocabulary is not bytes (None: a byte-level model's
+    prompt is its bytes)."""
+    if tokenizer is not None:
+        encoder = load_tokenizer(tokenizer)
+        check_tokenizer(encoder, vocab_size, tokenizer)
+        return encoder
+    if vocab_size > BYTE_VOCAB:  # a smaller vocabulary reads the bytes below it (the copy task's symbols)
+        raise ConfigError(
+            f"the model's vocabulary has {vocab_size} ids, not {BYTE_VOCAB} bytes: give the `tokenizer` it was "
+            "trained with, which encodes the prompt and decodes the sample",
+            params=("tokenizer",),
+        )
+    return None

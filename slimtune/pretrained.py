@@ -84,6 +84,7 @@ class PerformerLM(Performer):
         dtype: ExportDtype | str = "auto",
         metadata: dict | None = None,
         extra_config: dict | None = None,
+        tokenizer: str | os.PathLike | None = None,
     ) -> Path:
         """Write the weights as a checkpoint the original full model loads unchanged, atomically (a crash leaves
         the previous file or the new one).
@@ -96,6 +97,7 @@ class PerformerLM(Performer):
             metadata: provenance to record (JSON-serialisable); the base checkpoint's name and sha256 are
                 recorded by default for a loaded model.
             extra_config: slimtune_config keys beyond the model's seven (for example seq_len).
+            tokenizer: the model's tokenizer.json, written into an hf folder (AutoTokenizer loads it from there).
 
         Returns:
             The path written.
@@ -103,7 +105,9 @@ class PerformerLM(Performer):
         Example:
             model.save_pretrained("tuned.safetensors", metadata={"note": "one step on my.txt"})
         """
-        return save_model(self, path, format=format, dtype=dtype, metadata=metadata, extra_config=extra_config)
+        return save_model(
+            self, path, format=format, dtype=dtype, metadata=metadata, extra_config=extra_config, tokenizer=tokenizer
+        )
 
     def export_bytes(self, dtype: str | None = "auto") -> int:
         """What save_pretrained(dtype=...) allocates besides the model at its peak (export.export_bytes)."""

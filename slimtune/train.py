@@ -875,8 +875,9 @@ class FitRecipe(Recipe):
         """The fine-tuned checkpoint at `out`, and the adapters at `adapter_out` when asked for."""
         o, provenance = self.options, self.provenance(result)
         self.model.save_pretrained(
-            self.out, format=o.format, dtype=o.dtype, metadata=provenance, extra_config={"seq_len": o.seq_len}
-        )
+            self.out, format=o.format, dtype=o.dtype, metadata=provenance, extra_config={"seq_len": o.seq_len},
+            tokenizer=o.tokenizer,
+        )  # fmt: skip
         if o.adapter_out is not None:
             lora.save_adapter(self.model, o.adapter_out, metadata=provenance)
             result.adapter_out = str(o.adapter_out)
@@ -906,6 +907,7 @@ class PretrainRecipe(Recipe):
             dtype=o.dtype,
             extra_config={"seq_len": o.seq_len},
             metadata={"pretrained": True} | self.provenance(result),
+            tokenizer=o.tokenizer,
         )
 
 

@@ -325,3 +325,61 @@ def test_eval_reports_bits_per_token_and_per_byte_through_a_tokenizer(tmp_path, 
     assert (
         "bits per token" in stderr and result["bits_per_byte"] < result["bits_per_token"]
     )  # --json: the line on stderr
+
+
+HF_TOKENIZER = r"""
+import sys, json
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)  # the folder's config names our code
+print(json.dumps(tok(sys.argv[2], add_special_tokens=False)["input_ids"]))
+"""
+
+
+def test_an_hf_export_carries_the_tokenizer_autotokenizer_loads(tmp_path, corpus, capsys):
+    """fit --format hf --tokenizer: the folder holds tokenizer.json, and transformers' AutoTokenizer loads it and
+    encodes as the `tokenizers` library does."""
+    import os
+    import subprocess
+
+    pytest.importorskip("transformers", reason="transformers is a test extra: pip install -e '.[test]'")
+    from helpers import save_model, tiny_model
+    from tokenizers import Tokenizer
+
+    path = _tokenizer(tmp_path, corpus)
+    model = tmp_path / "m.safetensors"
+    save_model(model, tiny_model(dtype=torch.float32, vocab_size=300, hidden_dim=32, ffn_dim=64, n_heads=2))
+    (tmp_path / "train.txt").write_text(corpus[:6000])
+    folder = tmp_path / "tuned-hf"
+    code, _, err = _cli(["fit", "--checkpoint", model, "--data", tmp_path / "train.txt", "--tokenizer", path,
+                         "--format", "hf", "--out", folder, "--seq-len", 64, "--run-dir", ""], capsys)  # fmt: skip
+    assert code == 0, err
+    assert (folder / "tokenizer.json").read_bytes() == path.read_bytes()
+    env = os.environ | {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
+    sample = "the market rose sharply"
+    run = subprocess.run([sys.executable, "-c", HF_TOKENIZER, str(folder), sample], capture_output=True, env=env,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    expected = Tokenizer.from_file(str(path)).encode(sample, add_special_tokens=False).ids
+    assert json.loads(run.stdout.decode().strip().splitlines()[-1]) == expected
+
+
+def test_generate_through_a_tokenizer_continues_as_a_full_forward_does(tmp_path, corpus):
+    """Greedy sampling through a tokenizer: the prompt encoded, each next id the argmax of an ordinary forward over
+    the whole prefix (computed here), the ids decoded by the tokenizer."""
+    from helpers import tiny_model
+    from tokenizers import Tokenizer
+
+    from slimtune.generation import generate
+
+    path = _tokenizer(tmp_path, corpus)
+    tok = Tokenizer.from_file(str(path))
+    model = tiny_model(dtype=torch.float64, vocab_size=300, hidden_dim=32, ffn_dim=64, n_heads=2, seed=3)
+    ids = tok.encode("the market", add_special_tokens=False).ids
+    for _ in range(12):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    prompt_len = len(tok.encode("the market", add_special_tokens=False).ids)
+    sampled = generate(model, "the market", 12, temperature=0, tokenizer=path, chunk_size=4)
+    assert sampled == tok.decode(ids[prompt_len:]).encode()
+    with pytest.raises(Exception, match="give the `tokenizer`"):
+        generate(model, "the market", 3, temperature=0, chunk_size=4)

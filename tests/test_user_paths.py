@@ -249,7 +249,9 @@ import sys, torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
 prompt = torch.tensor([list(sys.argv[2].encode())])
-out = model.generate(prompt, max_new_tokens=int(sys.argv[3]), do_sample=False, use_cache=False, pad_token_id=0)
+out = model.generate(prompt, max_new_tokens=int(sys.argv[3]), do_sample=False, pad_token_id=0)  # its default cache
+plain = model.generate(prompt, max_new_tokens=int(sys.argv[3]), do_sample=False, use_cache=False, pad_token_id=0)
+assert torch.equal(out, plain), (out, plain)
 sys.stdout.buffer.write(bytes(out[0, prompt.shape[1]:].tolist()))
 """
 

@@ -5,6 +5,8 @@ from transformers import PretrainedConfig
 
 class SLiMPerformerConfig(PretrainedConfig):
     model_type = "slim_performer"
+    # transformers' names for the sizes (generate's default cache reads num_hidden_layers).
+    attribute_map = {"num_hidden_layers": "n_layers", "hidden_size": "hidden_dim", "num_attention_heads": "n_heads"}
 
     def __init__(
         self,
