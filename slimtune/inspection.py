@@ -9,6 +9,7 @@ import os
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .choices import Optimizer
+from .data import BYTE_VOCAB
 from .planner import measure_optimizer_by_shape
 
 
@@ -27,6 +28,7 @@ def describe(checkpoint: Checkpoint) -> dict:
     return {
         "path": str(checkpoint.path),
         "config": checkpoint.config.to_dict() | checkpoint.extra_config,
+        "tokenizer": _tokenizer(checkpoint, provenance),
         "parameters": checkpoint.parameters,
         "dtypes": checkpoint.dtypes,
         "file_bytes": checkpoint.path.stat().st_size,
@@ -35,6 +37,18 @@ def describe(checkpoint: Checkpoint) -> dict:
             name: (list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in checkpoint.tensors.items()
         },
     }
+
+
+def _tokenizer(checkpoint: Checkpoint, provenance: dict) -> str:
+    """How the checkpoint's text becomes ids: the tokenizer.json an hf folder carries, the one its training recorded,
+    or raw bytes for a byte-level model."""
+    beside = checkpoint.path / "tokenizer.json"
+    if checkpoint.path.is_dir() and beside.is_file():
+        return str(beside)
+    if "provenance.tokenizer" in provenance:
+        digest = provenance.get("provenance.tokenizer_sha256", "?")
+        return f"{provenance['provenance.tokenizer']} (recorded in training; sha256 {digest})"
+    return "bytes (byte-level)" if checkpoint.config.vocab_size == BYTE_VOCAB else "unknown: none recorded"
 
 
 def inspect_checkpoint(path: str | os.PathLike, **model_flags) -> dict:

@@ -253,6 +253,7 @@ def inspect_tables(info: dict, title: str, tensors: bool) -> list[Table]:
     table = Table(title=title, show_header=False)
     for key, value in info["config"].items():
         table.add_row(key, str(value))
+    table.add_row("tokenizer", info["tokenizer"])
     table.add_row("parameters", f"{info['parameters']:,}")
     table.add_row("dtypes", ", ".join(info["dtypes"]))
     table.add_row("file size", format_size(info["file_bytes"]))

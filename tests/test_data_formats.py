@@ -383,3 +383,24 @@ def test_generate_through_a_tokenizer_continues_as_a_full_forward_does(tmp_path,
     assert sampled == tok.decode(ids[prompt_len:]).encode()
     with pytest.raises(Exception, match="give the `tokenizer`"):
         generate(model, "the market", 3, temperature=0, chunk_size=4)
+
+
+def test_inspect_shows_the_vocabulary_and_the_tokenizer_a_run_recorded(tmp_path, corpus, capsys):
+    from helpers import save_model, tiny_model
+
+    path = _tokenizer(tmp_path, corpus)
+    model = tmp_path / "m.safetensors"
+    save_model(model, tiny_model(dtype=torch.float32, vocab_size=300, hidden_dim=32, ffn_dim=64, n_heads=2))
+    (tmp_path / "train.txt").write_text(corpus[:6000])
+    out = tmp_path / "tuned.safetensors"
+    args = ["--data", tmp_path / "train.txt", "--tokenizer", path, "--seq-len", 64, "--run-dir", ""]
+    assert _cli(["fit", "--checkpoint", model, "--out", out, *args], capsys)[0] == 0
+    code, stdout, _ = _cli(["inspect", out, "--json"], capsys)
+    info = json.loads(stdout.strip().splitlines()[-1])
+    assert code == 0 and info["config"]["vocab_size"] == 300
+    import hashlib
+
+    assert info["tokenizer"].startswith("tokenizer.json (recorded in training; sha256 ")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() in info["tokenizer"]
+    code, stdout, _ = _cli(["inspect", model, "--json"], capsys)
+    assert json.loads(stdout.strip().splitlines()[-1])["tokenizer"] == "unknown: none recorded"
