@@ -51,11 +51,17 @@ def position_nll(model: PerformerLM, windows: torch.Tensor, chunk_size: int) -> 
     time with carried states."""
     inputs, targets = windows[:, :-1], windows[:, 1:]
     states = model.initial_states(inputs.shape[0], dtype=torch.float64)
+    tile = model.loss_tile(inputs.shape[0])  # the logits [B, tile, V] at a time, as in training
     parts = []
     for s in range(0, inputs.shape[1], chunk_size):
-        logits, states = model.forward_chunk(inputs[:, s : s + chunk_size], s, states)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets[:, s : s + chunk_size].flatten(), reduction="none")
-        parts.append(ce.view(inputs.shape[0], -1).double())
+        hidden, states = model.hidden_chunk(inputs[:, s : s + chunk_size], s, states)
+        for t in range(0, hidden.shape[1], tile):
+            logits = model.output_logit_map(hidden[:, t : t + tile]).float()
+            ce = F.cross_entropy(
+                logits.flatten(0, 1), targets[:, s + t : s + t + logits.shape[1]].flatten(), reduction="none"
+            )
+            parts.append(ce.view(inputs.shape[0], -1).double())
+            del logits
     return torch.cat(parts, dim=1)
 
 

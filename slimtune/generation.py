@@ -21,10 +21,8 @@ def prompt_pass(model: PerformerLM, ids: torch.Tensor, chunk_size: int) -> tuple
     the states after it)."""
     states = model.initial_states(ids.shape[0], dtype=torch.float64)
     for s in range(0, ids.shape[1], chunk_size):
-        logits, states = model.forward_chunk(ids[:, s : s + chunk_size], s, states)
-        last = logits[:, -1].clone()  # the chunk's logits [B, C, V] go now, not at the next chunk's
-        del logits
-    return last, states
+        hidden, states = model.hidden_chunk(ids[:, s : s + chunk_size], s, states)
+    return model.output_logit_map(hidden[:, -1]), states  # only the last position's logits [B, V] are made
 
 
 @torch.no_grad()

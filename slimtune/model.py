@@ -83,6 +83,11 @@ class PerformerLayer(nn.Module):
         return state + state_contribution(fk, v).to(state.dtype)
 
 
+# Bytes of fp32 logits a chunk makes at once: beyond it the output map and the loss run over tiles of positions
+# (Performer.loss_tile), so a large vocabulary costs O(tile x V), not O(C x V), whatever C.
+LOGITS_TILE_BYTES = 16 * 2**20
+
+
 class Performer(nn.Module):
     """The network: embeddings, layers and the output map, and the chunk-level forward SLiM runs."""
 
@@ -134,12 +139,26 @@ class Performer(nn.Module):
     def forward_chunk(self, ids: torch.Tensor, start: int, states: list[torch.Tensor]):
         """ids: [B, T] at positions start..start+T-1; states: per layer [B, H, M, d_h + 1].
         Returns (logits [B, T, V], states after the chunk)."""
+        x, new_states = self.hidden_chunk(ids, start, states)
+        return self.output_logit_map(x), new_states
+
+    def hidden_chunk(self, ids: torch.Tensor, start: int, states: list[torch.Tensor]):
+        """forward_chunk without the output map: (the last layer's output [B, T, d], states after the chunk)."""
         x = self.embed(ids, start)
         new_states = []
         for layer, state in zip(self.layers, states, strict=True):
             x, state = layer(x, state)
             new_states.append(state)
-        return self.output_logit_map(x), new_states
+        return x, new_states
+
+    def loss_tile(self, batch_size: int) -> int:
+        """Positions of a chunk whose logits [B, tile, V] are made at a time (slim.py, evaluation.py): all of them
+        while those stay under LOGITS_TILE_BYTES (a byte-level vocabulary up to C = 16384 at batch 1), else a tile
+        of at most 256 positions, so that the planner's two probes (256 and 1024 tokens) both run tiled and its
+        line through them holds."""
+        per_position = batch_size * self.config.vocab_size * 4  # fp32 logits
+        tile = max(1, LOGITS_TILE_BYTES // per_position)
+        return tile if tile >= 1024 else min(tile, 256)
 
     def advance(self, ids: torch.Tensor, start: int, states: list[torch.Tensor]) -> list[torch.Tensor]:
         """The states after the chunk, doing only the work they depend on: no logits, and in the last layer

@@ -122,9 +122,10 @@ def chunk_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tenso
 def _recompute(model: Performer, ids, start: int, start_states: StartStates, *, first: bool = False):
     """Rebuild one chunk with autograd from its start states (given per layer by `start_states`).
 
-    Returns (logits, start states as recovered, their copies in the weights' dtype as the graph's leaves, which
-    receive gradients unless `first`, end states in the graph). The graph holds the states in the weights' dtype
-    (fp32) even when they are carried in float64: the state gradients need no more than backprop's own fp32."""
+    Returns (the last layer's output [B, T, d], start states as recovered, their copies in the weights' dtype as
+    the graph's leaves, which receive gradients unless `first`, end states in the graph). The graph holds the states
+    in the weights' dtype (fp32) even when they are carried in float64: the state gradients need no more than
+    backprop's own fp32."""
     x = model.embed(ids, start)
     exact, leaves, ends = [], [], []
     for index, layer in enumerate(model.layers):
@@ -136,7 +137,29 @@ def _recompute(model: Performer, ids, start: int, start_states: StartStates, *, 
         exact.append(state)
         leaves.append(leaf)
         ends.append(end_state)
-    return model.output_logit_map(x), exact, leaves, ends
+    return x, exact, leaves, ends
+
+
+def _output_loss(model: Performer, hidden: torch.Tensor, targets, weights, mixed):
+    """The chunk's loss from its last layer's output: (loss in the graph, None) where the chunk's logits fit in one
+    tile (Performer.loss_tile); else tile by tile: each tile's logits [B, tile, V] made, backpropagated at once into
+    the output map's parameters and the tile's rows, and freed, so the logits and their gradient never exist whole
+    (Liger's and Apple's fused cross-entropy, in plain PyTorch). Then (the loss, detached; the gradient of
+    `hidden`, for the backward through the layers). Exact either way: the same products, tile by tile."""
+    tile = model.loss_tile(hidden.shape[0])
+    if tile >= hidden.shape[1]:
+        with mixed:
+            return chunk_loss(model.output_logit_map(hidden), targets, weights), None
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    grads = []
+    for t in range(0, hidden.shape[1], tile):
+        rows = hidden[:, t : t + tile].detach().requires_grad_()
+        with mixed:
+            loss = chunk_loss(model.output_logit_map(rows), targets[:, t : t + tile], weights[:, t : t + tile])
+        loss.backward()  # frees this tile's logits before the next tile makes its own
+        total += loss.detach()
+        grads.append(rows.grad)
+    return total, torch.cat(grads, dim=1)
 
 
 def slim_step(
@@ -208,16 +231,18 @@ def slim_step(
             else:
                 start_states = strategy.start_states(states)
             with mixed:
-                logits, exact, leaves, end_states = _recompute(
+                hidden, exact, leaves, end_states = _recompute(
                     model, inputs[:, s : s + chunk_size], s, start_states, first=i == 0
                 )
-                loss = chunk_loss(logits, targets[:, s : s + chunk_size], weights[:, s : s + chunk_size])
-            del logits  # [B, C, V]: freed before backward allocates its gradient
-            # The chunk's loss plus <end states, their incoming gradients>, in one backward. An end state that needs
-            # no gradient (the first chunk's, where every parameter below it is frozen) leads to no parameter that
-            # trains: its term is zero and is left out.
+            piece = slice(s, s + chunk_size)
+            loss, hidden_grad = _output_loss(model, hidden, targets[:, piece], weights[:, piece], mixed)
+            # The chunk's loss (or, tiled, its gradient at the last layer's output) plus <end states, their incoming
+            # gradients>, in one backward. An end state that needs no gradient (the first chunk's, where every
+            # parameter below it is frozen) leads to no parameter that trains: its term is zero and is left out.
             pairs = [(e, g) for e, g in zip(end_states, state_grads or (), strict=False) if e.requires_grad]
-            torch.autograd.backward([loss, *(e for e, _ in pairs)], [None, *(g for _, g in pairs)])
+            root = (loss, None) if hidden_grad is None else (hidden, hidden_grad)
+            if hidden_grad is None or hidden.requires_grad:
+                torch.autograd.backward([root[0], *(e for e, _ in pairs)], [root[1], *(g for _, g in pairs)])
             total += loss.detach()
             # This chunk's start states are the previous chunk's end states; backward has freed the graph.
             states = exact
