@@ -75,7 +75,7 @@ FLAGS = {  # Python name -> how the command line shows it
     "tokenizer": Flag(
         "--tokenizer",
         "A Hugging Face tokenizer.json that encodes text and .jsonl data (needed for text when the vocabulary is not "
-        "256 bytes).",
+        "256 bytes; pretrain: the new model's vocabulary is the tokenizer's). The hf export carries it.",
     ),
     "data_dtype": Flag("--data-dtype", "The ids of a .bin data file: uint16 (nanoGPT's train.bin) or uint32."),
     # Optimization

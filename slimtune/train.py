@@ -32,6 +32,7 @@ from .data import (
     copy_windows,
     first_offsets,
     held_while_training,
+    load_tokenizer,
     mask_at,
     random_offsets,
     read_data,
@@ -992,6 +993,8 @@ def pretrain(
         )
     if data is not None and not isinstance(data, torch.Tensor):
         data_path = data_path or data
+    if options.tokenizer is not None:  # a new model's vocabulary is its tokenizer's (a recipe's 256 is for bytes)
+        config = replace(config, vocab_size=load_tokenizer(options.tokenizer).get_vocab_size(with_added_tokens=True))
     out = check_output_path(out, data_path, fmt=options.format, replace=_may_replace(options))
     recipe = PretrainRecipe(config, data, options, out, on_step=on_step, on_warning=on_warning)
     recipe.data_path = data_path

@@ -404,3 +404,24 @@ def test_inspect_shows_the_vocabulary_and_the_tokenizer_a_run_recorded(tmp_path,
     assert hashlib.sha256(path.read_bytes()).hexdigest() in info["tokenizer"]
     code, stdout, _ = _cli(["inspect", model, "--json"], capsys)
     assert json.loads(stdout.strip().splitlines()[-1])["tokenizer"] == "unknown: none recorded"
+
+
+def test_pretrain_with_a_tokenizer_takes_its_vocabulary_and_fine_tunes_on_records(tmp_path, corpus, capsys):
+    """The README's path: pretrain on text through a tokenizer (the model's vocabulary becomes the tokenizer's),
+    then fit on .jsonl records, whose loss counts the completions only."""
+    from slimtune.checkpoint import load_checkpoint
+
+    path = _tokenizer(tmp_path, corpus, vocab_size=320)
+    (tmp_path / "corpus.txt").write_text(corpus[:8000])
+    base = tmp_path / "base.safetensors"
+    code, _, err = _cli(["pretrain", "--recipe", "small", "--hidden-dim", 32, "--n-layers", 1, "--data",
+                         tmp_path / "corpus.txt", "--tokenizer", path, "--seq-len", 64, "--steps", 2, "--out", base,
+                         "--run-dir", ""], capsys)  # fmt: skip
+    assert code == 0, err
+    assert load_checkpoint(base).config.vocab_size == 320
+    records = _jsonl(tmp_path / "r.jsonl", [{"prompt": f"q{i}: ", "completion": f"answer {i} "} for i in range(60)])
+    code, stdout, err = _cli(["fit", "--checkpoint", base, "--data", records, "--tokenizer", path, "--seq-len", 32,
+                              "--steps", 2, "--out", tmp_path / "tuned.safetensors", "--run-dir", "", "--json"],
+                             capsys)  # fmt: skip
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["steps"] == 2
