@@ -544,7 +544,7 @@ def evaluate(
     """
     _require("eval", checkpoint=source.checkpoint, data=files.data)
     step.check()  # the budget read before the checkpoint is
-    from .data import read_data
+    from .data import read_data, tokenizer_for
     from .evaluation import adapt_one_step
     from .evaluation import evaluate as run_eval
     from .pretrained import PerformerLM
@@ -555,7 +555,8 @@ def evaluate(
         raise ConfigError("`lora_rank` sets what the one step trains: it needs `adapt=one-step`", params=("adapt",))
     _use_threads(runtime.threads)
     model = PerformerLM.from_pretrained(source.checkpoint, device=runtime.device, **source.model_flags())
-    tokens = read_data(files.data, vocab_size=model.config.vocab_size, tokenizer=reading.tokenizer,
+    tokenizer = tokenizer_for(source.checkpoint, reading.tokenizer)
+    tokens = read_data(files.data, vocab_size=model.config.vocab_size, tokenizer=tokenizer,
                        data_dtype=reading.data_dtype)  # fmt: skip
     Strategy(Optimizer.SGD, adapters.lora_rank, adapters.base_dtype, adapters.lora_alpha, adapters.targets,
              seed).apply(model)  # fmt: skip
@@ -622,7 +623,10 @@ def _budget_words(budget: int | None, predicted: int | None, peak: int) -> str:
     params(
         DataOptions,
         "tokenizer",
-        tokenizer={"help": "The model's tokenizer.json: encodes the prompt, decodes the sample."},
+        tokenizer={
+            "help": "The model's tokenizer.json: encodes the prompt, decodes the sample (default: the one an hf "
+            "folder carries)."
+        },
     ),
     params(
         SlimStep,
@@ -650,6 +654,7 @@ def generate(
     """
     _require("generate", checkpoint=source.checkpoint)
     step.check()  # the budget read before the checkpoint is
+    from .data import tokenizer_for
     from .generation import generate as run_generate
     from .pretrained import PerformerLM
 
@@ -666,7 +671,7 @@ def generate(
         chunk_size=step.chunk_size,
         mem_budget=step.mem_budget,
         on_plan=planned.append,
-        tokenizer=reading.tokenizer,
+        tokenizer=tokenizer_for(source.checkpoint, reading.tokenizer),
     )
     if output.json:
         from .memory import peak_memory_bytes

@@ -135,6 +135,14 @@ def held_while_training(
     return held
 
 
+def tokenizer_for(checkpoint: str | os.PathLike | None, given: str | os.PathLike | None) -> Path | None:
+    """The tokenizer a command uses: the one given, else the tokenizer.json an hf checkpoint folder carries."""
+    if given is not None:
+        return Path(given)
+    beside = Path(checkpoint) / "tokenizer.json" if checkpoint is not None else None
+    return beside if beside is not None and beside.is_file() else None
+
+
 def load_tokenizer(path: str | os.PathLike, what: str = "tokenizer"):
     """A Hugging Face `tokenizer.json`, loaded with the `tokenizers` library (an optional extra)."""
     try:
