@@ -46,10 +46,12 @@ from .options import (
 from .render import (
     Reporter,
     bench_table,
+    budget_words,
     console,
     emit_json,
     env_table,
     err,
+    eval_line,
     fit_table,
     inspect_tables,
     out,
@@ -570,18 +572,7 @@ def evaluate(
             chunk_size=step.chunk_size,
             mem_budget=step.mem_budget,
         )
-        score = (
-            f"bpc {result.bpc:.4f}"
-            if tokens.are_bytes
-            else f"{result.bits_per_token:.4f} bits per token"
-            + (f" ({result.bits_per_byte:.4f} bits per byte)" if result.bits_per_byte else "")
-        )
-        unit = "bytes" if tokens.are_bytes else "tokens"
-        show.print(
-            f"{score} at seq len {result.seq_len} over {result.predicted_bytes:,} {unit}; C = "
-            f"{result.chunk_size}, {plural(result.batch_size, 'sequence')} per forward, "
-            + _budget_words(result.budget_bytes, result.predicted_peak_bytes, result.peak_memory_bytes)
-        )
+        show.print(eval_line(result, tokens.are_bytes))
     else:
         with Reporter("adapt", options.windows) as progress:
             result = adapt_one_step(
@@ -601,19 +592,10 @@ def evaluate(
             f"{options.windows} windows at seq len {seq_len}, SGD lr {lr}, C = "
             f"{result.chunk_size}: second-half bpc {result.bpc_before:.4f} -> {result.bpc_after:.4f} "
             f"({result.difference:+.4f}); "
-            + _budget_words(result.budget_bytes, result.predicted_peak_bytes, result.peak_memory_bytes)
+            + budget_words(result.budget_bytes, result.predicted_peak_bytes, result.peak_memory_bytes)
         )
     if output.json:
         emit_json(result.to_json())
-
-
-def _budget_words(budget: int | None, predicted: int | None, peak: int) -> str:
-    """What an eval or generate said about memory: the budget it planned for (none: C was given), and its peak."""
-    from .units import format_size
-
-    if budget is None:
-        return f"C given without a budget; peak {format_size(peak)}"
-    return f"budget {format_size(budget)} (predicted peak {format_size(predicted)}, measured {format_size(peak)})"
 
 
 @command(

@@ -124,6 +124,27 @@ def fit_table(result) -> Table:
     return table
 
 
+def budget_words(budget: int | None, predicted: int | None, peak: int) -> str:
+    """What an eval or generate said about memory: the budget it planned for (none: C was given), and its peak."""
+    if budget is None:
+        return f"C given without a budget; peak {format_size(peak)}"
+    return f"budget {format_size(budget)} (predicted peak {format_size(predicted)}, measured {format_size(peak)})"
+
+
+def eval_line(result, are_bytes: bool) -> str:
+    """eval's one line: bpc of bytes, or bits per token (and per byte, where the bytes are known) of tokens."""
+    if are_bytes:
+        score, unit = f"bpc {result.bpc:.4f}", "bytes"
+    else:
+        per_byte = f" ({result.bits_per_byte:.4f} bits per byte)" if result.bits_per_byte else ""
+        score, unit = f"{result.bits_per_token:.4f} bits per token{per_byte}", "tokens"
+    return (
+        f"{score} at seq len {result.seq_len} over {result.predicted_bytes:,} {unit}; C = {result.chunk_size}, "
+        f"{plural(result.batch_size, 'sequence')} per forward, "
+        + budget_words(result.budget_bytes, result.predicted_peak_bytes, result.peak_memory_bytes)
+    )
+
+
 def plan_caption(result) -> str:
     """What the plan's figures count and how far to trust them."""
     where = f" on {result.threads} CPU thread(s)" if result.heap else ""
