@@ -10,8 +10,9 @@ choose.
             weights) less the data, on CPU.
   data      computed: the token ids the process holds (the data is read whole and stays resident; the prompt); CPU
             only (on CUDA the data stays in host memory, and the windows line counts what goes to the card).
-  chunk     measured: base + per_token x B x C, extrapolated linearly in the tokens per forward (the activations,
-            the logits [B, C, V] and the cross-entropy's log-probabilities all grow with them), charged on CPU what
+  chunk     measured: base + per_token x B x C, extrapolated linearly in the tokens per forward (the activations
+            grow with them; the logits [B, C, V] and their log-probabilities too, up to a tile of positions:
+            model.loss_tile, whose fixed share the line's base then holds), charged on CPU what
             glibc holds for them under the "lean" heap policy (memory.py: blocks of 1 MB and up mmap'ed), calibrated
             (FORWARD_HEAP_OVERHEAD for the blocks below 1 MB, planner.py's MAPPED_OVERHEAD for the rest), and never
             less than at fewer tokens.

@@ -19,8 +19,9 @@ the lines add up to the total:
 - gradients   computed: one per parameter, in the parameters' dtype.
 - optimizer   measured: the optimizer's state, from one probe step with zero gradients and lr 0.
 - chunk       measured: the tensor bytes one step holds at its peak besides the gradients (activations and
-              temporaries), counted at two chunk sizes, extrapolated linearly in C, and charged what the CPU's
-              allocator holds for them, calibrated: HEAP_OVERHEAD (HEAP_OVERHEAD_ONE_PASS for full backprop) x
+              temporaries; with a large vocabulary one tile of logits, model.loss_tile, at most 256 positions so
+              that both probes run tiled), counted at two chunk sizes, extrapolated linearly in C, and charged what
+              the CPU's allocator holds for them, calibrated: HEAP_OVERHEAD (HEAP_OVERHEAD_ONE_PASS for full backprop) x
               the bytes in blocks below the heap policy's mmap threshold at that C (the probe records every
               block's size; activations scale with C, so at large C they move to mmap), MAPPED_OVERHEAD x the
               rest. The threshold is the heap policy's (memory.py): 4 MB "tight", 32 MB "fast". C is chosen under
