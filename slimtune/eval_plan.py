@@ -155,7 +155,7 @@ def window_bytes(seq_len: int, batch_size: int) -> int:
 
 def predict(
     model: PerformerLM,
-    measured: Probe,
+    measured: Probe | tuple[Probe, ...],
     runtime: int,
     work: ForwardWork,
     chunk_size: int,
@@ -170,7 +170,8 @@ def predict(
     tokens = min(chunk_size, work.seq_len) * batch_size
     # Never less than at fewer tokens: where a chunk's blocks grow past the mmap threshold they leave the heap, whose
     # overhead is the larger, and the heap model alone would predict less (planner.py's `_monotone`).
-    chunk = max(measured.chunk_bytes(t, heap) for t in chunk_sizes(tokens) + [tokens])
+    probes = measured if isinstance(measured, tuple) else (measured,)  # the forward's, and its layers' alone
+    chunk = max(p.chunk_bytes(t, heap) for p in probes for t in chunk_sizes(tokens) + [tokens])
     lines = ForwardBreakdown(
         runtime=runtime,
         data=work.data_bytes,
@@ -225,11 +226,15 @@ def plan_forward(
     *,
     chunk_size: int | None = None,
     batch_size: int | None = None,
+    layers: Forward | None = None,
 ) -> ForwardPlan:
     """Probe `forward` on the model, predict the peak of each (C, B) and pick the largest C that fits the budget (and
     at C = L the most sequences per forward, up to work.max_batch); `chunk_size` or `batch_size` given: that value,
     checked (OutOfBudgetError when it cannot fit). The data (work.data_bytes) must be resident already: the runtime
-    measured holds it. Budget None: the available memory less a margin (devices.resolve_budget), as fit."""
+    measured holds it. Budget None: the available memory less a margin (devices.resolve_budget), as fit. `layers`:
+    the forward without its output map and loss, probed apart where those run over tiles of positions after the
+    layers' transients are gone (eval): the peak is then the larger of two lines, which one line through two probes
+    at small C (where the tile dominates) would miss at large C (where the layers' transients do)."""
     device = next(model.parameters()).device
     seq_len = work.seq_len
     budget_bytes, available = resolve_budget(budget, device)
@@ -238,6 +243,8 @@ def plan_forward(
     windowed = on_cpu and new_peak_window()  # the probes' own peak, not the process's earlier ones
     with heap_policy_during(HEAP if on_cpu else None):  # as the forward will run (memory.py)
         measured = measure(model, forward, seq_len, room=lambda: usable - held_bytes(device))
+        if layers is not None:
+            measured = (measured, measure(model, layers, seq_len, room=lambda: usable - held_bytes(device)))
     reached = window_peak_rss() if windowed else 0
     runtime = held_bytes(device) - (work.data_bytes if on_cpu else 0)
     work = work if on_cpu else replace(work, data_bytes=0)  # on CUDA the data stays in host memory
@@ -283,12 +290,13 @@ def plan_forward_if_needed(
     *,
     chunk_size: int | None,
     batch_size: int | None = None,
+    layers: Forward | None = None,
 ) -> ForwardPlan | None:
     """The rule fit follows (planner.plan_if_needed): C auto (None) is planned, a given C is checked against a given
     budget, and a given C without a budget is taken as it is (None)."""
     if chunk_size is not None and budget is None:
         return None
-    return plan_forward(model, work, budget, forward, chunk_size=chunk_size, batch_size=batch_size)
+    return plan_forward(model, work, budget, forward, chunk_size=chunk_size, batch_size=batch_size, layers=layers)
 
 
 def run_heap(plan: ForwardPlan | None):

@@ -65,6 +65,15 @@ def position_nll(model: PerformerLM, windows: torch.Tensor, chunk_size: int) -> 
     return torch.cat(parts, dim=1)
 
 
+@torch.no_grad()
+def layers_only(model: PerformerLM, windows: torch.Tensor, chunk_size: int) -> None:
+    """position_nll's layers alone, chunk by chunk, without the output map and the loss: the transients the
+    eval plan probes apart (eval_plan.plan_forward's `layers`)."""
+    states = model.initial_states(windows.shape[0], dtype=torch.float64)
+    for s in range(0, windows.shape[1] - 1, chunk_size):
+        _, states = model.hidden_chunk(windows[:, s : min(s + chunk_size, windows.shape[1] - 1)], s, states)
+
+
 def fixed_features(model: PerformerLM, seed: int = 0) -> None:
     """FAVOR+ models: a seeded draw, so that scoring and sampling are repeatable (a no-op for other maps)."""
     model.redraw_features(torch.Generator().manual_seed(seed))
@@ -155,7 +164,8 @@ def evaluate(
     fixed = None if batch_size is None else cap
     work = ForwardWork(longest, cap, data.numel() * data.element_size())
     forward = partial(position_nll, model)
-    plan = plan_forward_if_needed(model, work, mem_budget, forward, chunk_size=given, batch_size=fixed)
+    layers = partial(layers_only, model)
+    plan = plan_forward_if_needed(model, work, mem_budget, forward, chunk_size=given, batch_size=fixed, layers=layers)
     chunk, batch = (plan.chunk_size, plan.batch_size) if plan else (given, cap)
     total, count = 0.0, 0
     with run_heap(plan):

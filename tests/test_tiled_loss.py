@@ -113,3 +113,26 @@ def test_a_chunk_holds_the_tile_s_logits_not_the_chunk_s(monkeypatch):
     tiled = peaks[32000, True] - peaks[256, True] - grads
     assert untiled > 2 * logits  # the chunk's logits and their gradient, whole
     assert tiled <= 1.5 * untiled * 16 / L  # one tile's of 16 positions: in proportion to its share of the chunk
+
+
+def test_eval_plans_the_larger_of_the_tile_and_the_layers_transients():
+    """Eval without gradients: a tile's logits exist after the layers' transients are gone, so the forward's peak is
+    the larger of two lines. Probed at small C the tile dominates; at large C the feed-forward's transients do, and
+    one line through the forward's probes falls short of the peak counted there (tensor bytes); the plan's second
+    probe of the layers alone covers it."""
+    from functools import partial
+
+    from slimtune.eval_plan import ForwardWork, measure, predict
+
+    model = tiny_model("sqr", True, dtype=torch.float32, vocab_size=32000, hidden_dim=32, ffn_dim=2048, n_heads=2)
+    C = 8192
+    windows = torch.randint(0, 32000, (1, C + 1), generator=torch.Generator().manual_seed(0))
+    with TensorBytes() as counted:
+        evaluation.position_nll(model, windows, C)
+    forward = partial(evaluation.position_nll, model)
+    alone = measure(model, forward, C)
+    both = (alone, measure(model, partial(evaluation.layers_only, model), C))
+    work = ForwardWork(C)
+    one_line = predict(model, alone, 0, work, C, 1, heap="fast").chunk
+    two_lines = predict(model, both, 0, work, C, 1, heap="fast").chunk
+    assert one_line < counted.peak <= two_lines
