@@ -108,7 +108,7 @@ def fit_table(result) -> Table:
         ("predicted peak", format_size(plan.predicted_peak_bytes) if plan else "-"),
         ("measured peak", f"{format_size(result.peak_memory_bytes)} ({result.memory_counts})"),
         ("steps", str(result.steps)),
-        ("loss first -> last", f"{result.loss:.4f} -> {result.final_loss:.4f} nats/byte"),
+        ("loss first -> last", f"{result.loss:.4f} -> {result.final_loss:.4f} nats/token"),
         (
             "held-out bpc",
             f"{result.metrics['bpc']:.4f} over {result.metrics['bpc_bytes']:,} bytes (seq len {result.seq_len})"
