@@ -167,23 +167,26 @@ def evaluate(
     layers = partial(layers_only, model)
     plan = plan_forward_if_needed(model, work, mem_budget, forward, chunk_size=given, batch_size=fixed, layers=layers)
     chunk, batch = (plan.chunk_size, plan.batch_size) if plan else (given, cap)
-    total, count = 0.0, 0
+    kept = None if tokens.mask is None else tokens.mask[:n]  # records: only the completions' predictions count
+    total, count, done = 0.0, 0, 0
     with run_heap(plan):
         for i in range(0, len(full), batch):
             windows = torch.stack([data[s : s + seq_len + 1] for s in full[i : i + batch]]).long().to(device)
-            total += position_nll(model, windows, chunk).sum().item()
-            count += windows.shape[0] * seq_len
+            scored, counted = _scored(position_nll(model, windows, chunk), kept, full[i : i + batch])
+            total, count, done = total + scored, count + counted, done + windows.shape[0] * seq_len
             del windows
             if on_progress:
-                on_progress(count, n - 1)
+                on_progress(done, n - 1)
         if len(full) < len(starts):  # the tail, shorter than L
             tail = data[starts[-1] : n].long()[None].to(device)
-            total += position_nll(model, tail, chunk).sum().item()
-            count += tail.shape[1] - 1
+            scored, counted = _scored(position_nll(model, tail, chunk), kept, starts[-1:])
+            total, count = total + scored, count + counted
+    if count == 0:
+        raise ConfigError("the data scored holds no completion: give more records, or a larger `max_bytes`")
     loss = total / count
     # The bytes behind the predicted tokens: each token's own for byte data; for encoded text, the text's bytes in
     # the share of its tokens that were predicted (a sequence's first token is not), where the whole text is scored.
-    n_bytes = n if data.dtype == torch.uint8 else (tokens.n_bytes if n == len(tokens) else None)
+    n_bytes = n if data.dtype == torch.uint8 else (tokens.n_bytes if n == len(tokens) and kept is None else None)
     predicted_bytes = count if data.dtype == torch.uint8 else n_bytes and n_bytes * count / n
     return EvalResult(
         bpc=loss / math.log(2),
@@ -199,6 +202,15 @@ def evaluate(
         peak_memory_bytes=peak_memory_bytes(device),
         plan=plan,
     )
+
+
+def _scored(nll: torch.Tensor, kept: torch.Tensor | None, starts: list[int]) -> tuple[float, int]:
+    """(summed nats, predictions counted) of per-position losses [B, T] of sequences at `starts`; with a mask, only
+    the predictions whose target it keeps."""
+    if kept is None:
+        return nll.sum().item(), nll.numel()
+    weights = torch.stack([kept[s + 1 : s + 1 + nll.shape[1]] for s in starts]).to(nll.device, nll.dtype)
+    return (nll * weights).sum().item(), int(weights.sum().item())
 
 
 def _tokens(data, vocab_size: int) -> Tokens:

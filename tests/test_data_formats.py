@@ -425,3 +425,23 @@ def test_pretrain_with_a_tokenizer_takes_its_vocabulary_and_fine_tunes_on_record
                              capsys)  # fmt: skip
     assert code == 0, err
     assert json.loads(stdout.strip().splitlines()[-1])["steps"] == 2
+
+
+def test_eval_of_records_scores_the_completions_only(tmp_path):
+    """The mean next-token loss over the predictions whose target is a completion token, against an ordinary
+    forward over the whole stream computed here."""
+    import torch.nn.functional as F
+    from helpers import tiny_model
+
+    from slimtune.evaluation import evaluate
+
+    records = [{"prompt": "Q: what is it? ", "completion": "an answer."}, {"prompt": "Say: ", "completion": "more"}]
+    tokens = read_data(_jsonl(tmp_path / "r.jsonl", records))
+    model = tiny_model(dtype=torch.float64, seed=2)
+    ids = tokens.ids.long()
+    with torch.no_grad():
+        nll = F.cross_entropy(model(ids[None, :-1])[0], ids[1:], reduction="none")
+    expected = nll[tokens.mask[1:]].mean().item()
+    result = evaluate(model, tmp_path / "r.jsonl", seq_len=len(ids), chunk_size=7)
+    assert abs(result.loss - expected) <= 1e-6 * expected  # eval takes the softmax in fp32
+    assert result.predicted_bytes == int(tokens.mask[1:].sum())
