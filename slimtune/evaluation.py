@@ -168,21 +168,8 @@ def evaluate(
     plan = plan_forward_if_needed(model, work, mem_budget, forward, chunk_size=given, batch_size=fixed, layers=layers)
     chunk, batch = (plan.chunk_size, plan.batch_size) if plan else (given, cap)
     kept = None if tokens.mask is None else tokens.mask[:n]  # records: only the completions' predictions count
-    total, count, done = 0.0, 0, 0
     with run_heap(plan):
-        for i in range(0, len(full), batch):
-            windows = torch.stack([data[s : s + seq_len + 1] for s in full[i : i + batch]]).long().to(device)
-            scored, counted = _scored(position_nll(model, windows, chunk), kept, full[i : i + batch])
-            total, count, done = total + scored, count + counted, done + windows.shape[0] * seq_len
-            del windows
-            if on_progress:
-                on_progress(done, n - 1)
-        if len(full) < len(starts):  # the tail, shorter than L
-            tail = data[starts[-1] : n].long()[None].to(device)
-            scored, counted = _scored(position_nll(model, tail, chunk), kept, starts[-1:])
-            total, count = total + scored, count + counted
-    if count == 0:
-        raise ConfigError("the data scored holds no completion: give more records, or a larger `max_bytes`")
+        total, count = _score_all(model, data[:n], kept, seq_len, chunk, batch, on_progress)
     loss = total / count
     # The bytes behind the predicted tokens: each token's own for byte data; for encoded text, the text's bytes in
     # the share of its tokens that were predicted (a sequence's first token is not), where the whole text is scored.
@@ -202,6 +189,29 @@ def evaluate(
         peak_memory_bytes=peak_memory_bytes(device),
         plan=plan,
     )
+
+
+def _score_all(model, data: torch.Tensor, kept, seq_len: int, chunk: int, batch: int, on_progress) -> tuple[float, int]:
+    """(summed nats, predictions counted) over consecutive sequences of `seq_len` predictions of `data`, `batch`
+    full ones per forward, then the shorter tail; ConfigError where a mask keeps none of them."""
+    device = next(model.parameters()).device
+    n = data.numel()
+    starts, full = _sequences(n, seq_len)
+    total, count, done = 0.0, 0, 0
+    for i in range(0, len(full), batch):
+        windows = torch.stack([data[s : s + seq_len + 1] for s in full[i : i + batch]]).long().to(device)
+        scored, counted = _scored(position_nll(model, windows, chunk), kept, full[i : i + batch])
+        total, count, done = total + scored, count + counted, done + windows.shape[0] * seq_len
+        del windows
+        if on_progress:
+            on_progress(done, n - 1)
+    if len(full) < len(starts):  # the tail, shorter than L
+        tail = data[starts[-1] : n].long()[None].to(device)
+        scored, counted = _scored(position_nll(model, tail, chunk), kept, starts[-1:])
+        total, count = total + scored, count + counted
+    if count == 0:
+        raise ConfigError("the data scored holds no completion: give more records, or a larger `max_bytes`")
+    return total, count
 
 
 def _scored(nll: torch.Tensor, kept: torch.Tensor | None, starts: list[int]) -> tuple[float, int]:
