@@ -17,7 +17,7 @@ LAYERS = {
         "threads", "distributed",
     },
     # the math: feature maps, causal linear attention, the network, adapters, the SLiM step, optimizers
-    "engine": {"quant", "features", "attention", "deferred", "lora", "model", "slim", "optimizers"},
+    "engine": {"features", "attention", "deferred", "lora", "model", "slim", "optimizers", "quant"},
     # files: checkpoints read and written, the export, data, recipes, the code shipped beside hf exports
     "io": {"checkpoint", "export", "pretrained", "data", "recipes", "hf_remote"},
     # measure -> predict -> choose: the planner, eval's forward plan, the strategies, a run's fixed settings
