@@ -206,7 +206,7 @@ def read_data(
     if encoder is None:
         return replace(_mapped(path, np.dtype(np.uint8), 0), n_bytes=path.stat().st_size)
     text = _text(path.read_bytes(), path, what)
-    ids = np.asarray(encoder.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    ids = np.asarray(encoder.encode(text, add_special_tokens=False).ids, dtype=np.int32)  # 4 bytes a token
     return Tokens(torch.from_numpy(ids), n_bytes=path.stat().st_size)
 
 
@@ -292,7 +292,7 @@ def _records(path: Path, encoder, what: str) -> Tokens:
                 continue
             for text, counted in _record(raw, number, path, what):
                 ids = encoder.encode(text, add_special_tokens=False).ids if encoder else list(text.encode("utf-8"))
-                pieces.append(np.asarray(ids, dtype=np.int64))
+                pieces.append(np.asarray(ids, dtype=np.int32))
                 masks.append(np.full(len(ids), counted))
                 n_bytes += len(text.encode("utf-8"))
     if not pieces:
