@@ -926,13 +926,14 @@ def fit(
     model_flags: dict | None = None,
     **overrides,
 ) -> FitResult:
-    """Fine-tune a checkpoint on bytes with SLiM and export weights the original model loads unchanged.
+    """Fine-tune a checkpoint on data with SLiM and export weights the original model loads unchanged.
 
     Args:
         checkpoint: a checkpoint path (or a loaded `Checkpoint`); `model_flags` (n_heads, feature_type,
             layernorm) fill what a checkpoint without slimtune_config lacks. A path is read once the run folder
             is held.
-        data: a text file's path, or its bytes as a uint8 tensor [N].
+        data: a data file's path in any of the contract's forms (data.read_data: .npy or .bin ids, .jsonl records,
+            text through options.tokenizer or as bytes), its Tokens, or token ids as an integer tensor [N].
         out: where to write the fine-tuned checkpoint (never an input); None: NAME-tuned.safetensors beside the
             checkpoint (-2, -3, ... when taken; with resume, the one whose run folder holds the saved run), as on
             the command line.
@@ -979,8 +980,8 @@ def pretrain(
 ) -> FitResult:
     """Train a model from random initialisation (the server side) and write a contract checkpoint. `config`: a
     PerformerConfig, or a recipe's name or .toml path (`slimtune recipes`), whose [train] settings then stand
-    under `overrides`, as `slimtune pretrain` reads a recipe's. `data`: a text file's path or its bytes (None
-    for the copy task); the rest as for `fit`."""
+    under `overrides`, as `slimtune pretrain` reads a recipe's; with options.tokenizer the model's vocabulary is the
+    tokenizer's. `data`: as for `fit` (None for the copy task); the rest as for `fit`."""
     if not isinstance(config, PerformerConfig):
         config, settings = recipes.resolve(config)
         overrides = settings | overrides
