@@ -98,3 +98,42 @@ def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor
     levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=q.data.device)
     blocks = torch.nn.functional.pad(levels[index], (0, -n % NF4_BLOCK)).view(-1, NF4_BLOCK)
     return (blocks * q.scales[:, None]).reshape(-1)[:n].view(out, inner).to(dtype)
+
+
+class _QuantizedBaseLora(torch.autograd.Function):
+    """y = x W^T + b + s (x A^T) B^T with W frozen and quantized: dequantized for the forward's product, and again in
+    backward for dx = g W, never saved, so that a step holds one map's dequantized weight at a time, not the
+    model's. dA = s (g B)^T x and dB = s g^T (x A^T) as lora.py's fused map computes them. The products run in the
+    autocast dtype where autocast is on (bf16), else in x's own."""
+
+    @staticmethod
+    def forward(ctx, x, q: Quantized, bias, lora_a, lora_b, scaling: float):
+        on = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        y = x2 @ q.dequantize(dtype).t()
+        if bias is not None:
+            y = y + bias.to(dtype)
+        a = x2 @ lora_a.to(dtype).t()
+        y = y + scaling * (a @ lora_b.to(dtype).t())
+        ctx.save_for_backward(x2, lora_a, lora_b, a)
+        ctx.q, ctx.scaling, ctx.shape, ctx.x_dtype = q, scaling, x.shape, x.dtype
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, lora_a, lora_b, a = ctx.saved_tensors
+        s, dtype = ctx.scaling, x2.dtype
+        g2 = g.reshape(-1, g.shape[-1]).to(dtype)
+        gb = g2 @ lora_b.to(dtype)  # [N, R]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (g2 @ ctx.q.dequantize(dtype) + s * (gb @ lora_a.to(dtype))).view(ctx.shape).to(ctx.x_dtype)
+        da = (s * (gb.t() @ x2)).to(lora_a.dtype) if ctx.needs_input_grad[3] else None
+        db = (s * (g2.t() @ a)).to(lora_b.dtype) if ctx.needs_input_grad[4] else None
+        return dx, None, None, da, db, None
+
+
+def quantized_lora_linear(x, q: Quantized, bias, lora_a, lora_b, scaling: float) -> torch.Tensor:
+    """A LoRA map on a frozen quantized base (_QuantizedBaseLora): W's bytes stay quantized between products."""
+    return _QuantizedBaseLora.apply(x, q, bias, lora_a, lora_b, scaling)

@@ -65,3 +65,60 @@ def test_the_bytes_each_format_stores():
 def test_an_unknown_format_is_refused():
     with pytest.raises(ValueError, match="int8, nf4"):
         quantize(_weight((2, 2)), "fp8")
+
+
+def _lora(out, inner, rank=3, dtype=torch.float64, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(rank, inner, generator=g, dtype=dtype) * 0.1).requires_grad_()
+    b = (torch.randn(out, rank, generator=g, dtype=dtype) * 0.1).requires_grad_()
+    return a, b
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_a_lora_map_on_a_quantized_base_has_the_gradients_of_its_dequantized_weight(fmt, with_bias):
+    """Output, dx, dA and dB against plain autograd through W = dequantize(q), in float64."""
+    from slimtune.quant import quantized_lora_linear
+
+    q = quantize(_weight((48, 40), seed=2), fmt)
+    bias = torch.randn(48, dtype=torch.float64) * 0.01 if with_bias else None
+    a, b = _lora(48, 40)
+    x = torch.randn(2, 7, 40, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 7, 48, dtype=torch.float64)
+    y = quantized_lora_linear(x, q, bias, a, b, 1.5)
+    y.backward(g)
+    ours = (y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
+    for t in (x, a, b):
+        t.grad = None
+    w = dequantize(q).double()
+    plain = x @ w.t() + (0 if bias is None else bias) + 1.5 * (x @ a.t()) @ b.t()
+    plain.backward(g)
+    for mine, theirs in zip(ours, (plain.detach(), x.grad, a.grad, b.grad), strict=True):
+        assert torch.allclose(mine, theirs, rtol=1e-12, atol=1e-15)
+
+
+def test_the_dequantized_weight_is_never_saved_for_backward():
+    """What autograd keeps between forward and backward: x, the adapters and x A^T, never an [out, in] weight."""
+    from slimtune.quant import quantized_lora_linear
+
+    q = quantize(_weight((512, 256)), "nf4")
+    a, b = _lora(512, 256, dtype=torch.float32)
+    x = torch.randn(4, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        quantized_lora_linear(x, q, None, a, b, 2.0).sum().backward()
+    assert saved and max(saved) < 512 * 256 // 4  # the largest saved: lora_B [512, 3] or x [4, 256]
+
+
+def test_under_bf16_autocast_the_products_run_in_bf16():
+    from slimtune.quant import quantized_lora_linear
+
+    q = quantize(_weight((64, 64)), "int8")
+    a, b = _lora(64, 64, dtype=torch.float32)
+    x = torch.randn(5, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = quantized_lora_linear(x, q, None, a, b, 1.0)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.float32 and a.grad.dtype == torch.float32
+    exact = x.detach() @ dequantize(q).t() + (x.detach() @ a.detach().t()) @ b.detach().t()
+    assert torch.allclose(y.float(), exact, rtol=0.02, atol=0.02)
