@@ -26,8 +26,13 @@ class DeferredLinear(nn.Linear):
     dL/dx = g W, and a hook on the output hands (x, g) to the batcher's slot for this map."""
 
     batcher: WeightGradBatcher | None = None
+    quantized = None  # a frozen base stored quantized (quant.Quantized; lora.quantize_base): no `weight` then
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            from .quant import quantized_lora_linear
+
+            return quantized_lora_linear(x, self.quantized, self.bias)
         if self.weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             # A frozen base kept in bf16 (slimtune/lora.py) outside autocast: computed as autocast would.
             return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
@@ -116,7 +121,7 @@ def buffer_bytes(model: nn.Module, rows: int = DEFER_ROWS) -> int:
     return sum(
         rows * (m.in_features + m.out_features) * m.weight.element_size()
         for m in model.modules()
-        if isinstance(m, DeferredLinear) and m.weight.requires_grad
+        if isinstance(m, DeferredLinear) and m.weight is not None and m.weight.requires_grad
     )
 
 

@@ -7,6 +7,7 @@ in another dtype than the file's is read again from the file (`read_tensor`), ne
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from . import lora
 from .checkpoint import LazyTensors, expected_shapes, file_sha256, read_tensor, save_checkpoint
 from .choices import ExportDtype, ExportFormat
+from .errors import CheckpointError
 from .model import Performer
 
 
@@ -65,7 +67,7 @@ def _stored_dtype(model: Performer, name: str, state: dict[str, torch.Tensor]) -
 def _export_tensor(model: Performer, name: str, state, maps: dict[str, lora.LoraLinear], out: torch.dtype):
     """One tensor of the export, on the host in `out`: the model's, or for an adapted model the input's own
     (CONTRACT.md section 4), with a target's adapter merged into it."""
-    tensor = _base_tensor(model, name, state) if maps else state[name].detach()
+    tensor = _base_tensor(model, name, state) if maps or name not in state else state[name].detach()
     if name in maps:
         tensor = lora.merged_weight(maps[name], tensor)
     return tensor.to("cpu", out).contiguous()
@@ -73,7 +75,15 @@ def _export_tensor(model: Performer, name: str, state, maps: dict[str, lora.Lora
 
 def _base_tensor(model: Performer, name: str, state: dict[str, torch.Tensor]) -> torch.Tensor:
     """A base tensor as the input checkpoint holds it: from memory where memory holds it without loss (an fp32
-    copy of fp32, bf16 or fp16), else read again from the checkpoint's file (a bf16 base of an fp32 input)."""
+    copy of fp32, bf16 or fp16), else read again from the checkpoint's file (a bf16 base of an fp32 input, or a
+    quantized one, whose weights are not in memory at all)."""
+    if name not in state:  # a quantized map (lora.quantize_base)
+        if model.source is None:
+            raise CheckpointError(
+                f"{name} is held quantized, and the model was not read from a checkpoint: a quantized base exports "
+                "from the checkpoint it was read from"
+            )
+        return read_tensor(model.source, name)
     held = state[name].detach()
     if model.source is None:
         return held
@@ -93,11 +103,10 @@ def export_bytes(model: Performer, dtype: str | None = "auto") -> int:
     if next(model.parameters()).device.type != "cpu":
         return max((state[n].numel() * 4 for n in targets), default=0)
     peak = 0
-    for n in expected_shapes(model.config):
+    for n, shape in expected_shapes(model.config).items():
         stored = _stored_dtype(model, n, state)
-        cost = _export_cost(
-            state[n].numel(), state[n].dtype, stored, cast or stored, adapted=bool(targets), target=n in targets
-        )
+        held = state[n].dtype if n in state else None  # None: held quantized, read again from the file
+        cost = _export_cost(math.prod(shape), held, stored, cast or stored, adapted=bool(targets), target=n in targets)
         peak = max(peak, cost)
     return peak
 

@@ -30,6 +30,7 @@ from .choices import LORA_ALPHA_PER_RANK, LORA_DEFAULT_TARGETS, LORA_TARGETS
 from .deferred import DeferredLinear
 from .errors import CheckpointError, ConfigError
 from .options import lora_targets
+from .quant import FORMATS, quantize, quantized_lora_linear
 
 __all__ = ["TARGETS", "DEFAULT_TARGETS", "add", "merge", "adapted", "save_adapter", "load_adapter"]
 
@@ -61,6 +62,10 @@ class LoraLinear(DeferredLinear):
         return self.alpha / self.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return quantized_lora_linear(
+                x, self.quantized, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling
+            )
         if _fused(self, x):
             return _FrozenBaseLora.apply(
                 x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling
@@ -202,6 +207,8 @@ def settings(model: nn.Module) -> dict:
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its map's weight (in fp32, cast back to the weight's dtype) and remove it, in
     place; the base's parameters stay frozen. Returns the model."""
+    if quantized(model):
+        raise ConfigError("a quantized base has no weights in memory to merge into: export it (save_pretrained)")
     for parent, attr, child in _linear_maps(model):
         if isinstance(child, LoraLinear):
             wide = torch.promote_types(torch.float32, child.weight.dtype)  # fp32, or float64's own
@@ -334,3 +341,25 @@ def freeze_base_to(model: nn.Module, dtype: torch.dtype) -> int:
             if p not in converted:
                 p.data = p.data.clone()
     return saved
+
+
+def quantize_base(model: nn.Module, fmt: str) -> int:
+    """Store the frozen weights of every layer's linear maps (q, k, v, U, V) in `fmt` ("int8" or "nf4", quant.py),
+    one map at a time, in place: each map then computes with its weight dequantized for each product (biases, the
+    embedding, the layer norms, the output map and the adapters stay as they are). Returns the bytes saved."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"quantized formats are {', '.join(FORMATS)}, got {fmt!r}", params=("base_dtype",))
+    saved = 0
+    for _, attr, child in _linear_maps(model):
+        if attr in LAYER_MAPS and child.weight is not None and not child.weight.requires_grad:
+            q = quantize(child.weight, fmt)
+            saved += child.weight.numel() * child.weight.element_size() - q.nbytes
+            child.quantized = q
+            del child._parameters["weight"]
+            child.register_parameter("weight", None)
+    return saved
+
+
+def quantized(model: nn.Module) -> bool:
+    """Whether some map of `model` holds its weight quantized (quantize_base)."""
+    return any(getattr(m, "quantized", None) is not None for m in model.modules())

@@ -114,8 +114,10 @@ class _QuantizedBaseLora(torch.autograd.Function):
         y = x2 @ q.dequantize(dtype).t()
         if bias is not None:
             y = y + bias.to(dtype)
-        a = x2 @ lora_a.to(dtype).t()
-        y = y + scaling * (a @ lora_b.to(dtype).t())
+        a = None
+        if lora_a is not None:
+            a = x2 @ lora_a.to(dtype).t()
+            y = y + scaling * (a @ lora_b.to(dtype).t())
         ctx.save_for_backward(x2, lora_a, lora_b, a)
         ctx.q, ctx.scaling, ctx.shape, ctx.x_dtype = q, scaling, x.shape, x.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -125,15 +127,19 @@ class _QuantizedBaseLora(torch.autograd.Function):
         x2, lora_a, lora_b, a = ctx.saved_tensors
         s, dtype = ctx.scaling, x2.dtype
         g2 = g.reshape(-1, g.shape[-1]).to(dtype)
-        gb = g2 @ lora_b.to(dtype)  # [N, R]
+        gb = g2 @ lora_b.to(dtype) if lora_b is not None else None  # [N, R]
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = (g2 @ ctx.q.dequantize(dtype) + s * (gb @ lora_a.to(dtype))).view(ctx.shape).to(ctx.x_dtype)
+            dx = g2 @ ctx.q.dequantize(dtype)
+            if gb is not None:
+                dx = dx + s * (gb @ lora_a.to(dtype))
+            dx = dx.view(ctx.shape).to(ctx.x_dtype)
         da = (s * (gb.t() @ x2)).to(lora_a.dtype) if ctx.needs_input_grad[3] else None
         db = (s * (g2.t() @ a)).to(lora_b.dtype) if ctx.needs_input_grad[4] else None
         return dx, None, None, da, db, None
 
 
-def quantized_lora_linear(x, q: Quantized, bias, lora_a, lora_b, scaling: float) -> torch.Tensor:
-    """A LoRA map on a frozen quantized base (_QuantizedBaseLora): W's bytes stay quantized between products."""
+def quantized_lora_linear(x, q: Quantized, bias, lora_a=None, lora_b=None, scaling: float = 0.0) -> torch.Tensor:
+    """A map on a frozen quantized base, with a LoRA adapter (lora_a, lora_b) or without (_QuantizedBaseLora): W's
+    bytes stay quantized between products."""
     return _QuantizedBaseLora.apply(x, q, bias, lora_a, lora_b, scaling)

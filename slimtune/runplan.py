@@ -61,10 +61,11 @@ class RunPlan:
 
 
 def parameter_counts(model) -> tuple[int, int]:
-    """Elements of the parameters that train, and of those that do not."""
+    """Elements of the parameters that train, and of those that do not (a quantized map's weight among them)."""
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    return trainable, sum(p.numel() for p in params) - trainable
+    quantized = [m.quantized.shape for m in model.modules() if getattr(m, "quantized", None) is not None]
+    return trainable, sum(p.numel() for p in params) - trainable + sum(o * i for o, i in quantized)
 
 
 def plan_for_chunk(

@@ -122,3 +122,126 @@ def test_under_bf16_autocast_the_products_run_in_bf16():
     assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.float32 and a.grad.dtype == torch.float32
     exact = x.detach() @ dequantize(q).t() + (x.detach() @ a.detach().t()) @ b.detach().t()
     assert torch.allclose(y.float(), exact, rtol=0.02, atol=0.02)
+
+
+# ---------------------------------------------------------------- a quantized base in the model (lora.quantize_base)
+
+L = 64
+
+
+def _adapted(targets=None, seed=0):
+    """A tiny float64 model with adapters whose lora_B is random (zeros would hide lora_A's gradient)."""
+    from helpers import tiny_model
+
+    from slimtune import lora
+
+    model = tiny_model("sqr", True, dtype=torch.float64)
+    lora.add(model, rank=3, targets=targets, seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for m in lora.adapters(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.3)
+    return model.to(torch.float64)
+
+
+def _reference(model, windows):
+    """The float64 reference's loss and gradients for the model as quantized: its state with each quantized map's
+    dequantized weight."""
+    import reference
+    from helpers import projections
+
+    state = model.state_dict() | {
+        f"{name}.weight": m.quantized.dequantize(torch.float64)
+        for name, m in model.named_modules()
+        if getattr(m, "quantized", None) is not None
+    }
+    cfg = model.config.to_dict() | {"lora_rank": 3, "lora_alpha": 6.0}
+    return reference.loss_and_grads(state, cfg, windows, None, projections(model))
+
+
+@pytest.mark.parametrize("targets", [None, "q_map,V_map"], ids=["every map", "two targets"])
+@pytest.mark.parametrize("C", [1, 7, L])
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_slim_gradients_on_a_quantized_base_are_the_references_given_its_dequantized_weights(fmt, C, targets):
+    from helpers import assert_close
+
+    from slimtune import lora
+    from slimtune.slim import slim_step
+
+    model = _adapted(targets)
+    saved = lora.quantize_base(model, fmt)
+    maps = [m for m in model.modules() if getattr(m, "quantized", None) is not None]
+    assert saved > 0 and len(maps) == 5 * model.config.n_layers  # every layer map, adapted or not
+    assert not any(name.endswith(("q_map.weight", "U_map.weight")) for name, _ in model.named_parameters())
+    windows = torch.randint(0, 256, (2, L + 1), generator=torch.Generator().manual_seed(0))
+    ref_loss, ref_grads = _reference(model, windows)
+    loss = slim_step(model, windows, C)
+    assert_close(loss, ref_loss, 1e-10, "loss")
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trained
+    for name, p in trained:
+        assert_close(p.grad, ref_grads[name], 1e-10, name)
+
+
+def test_a_quantized_base_under_bf16_trains_close_to_fp32():
+    from slimtune import lora
+    from slimtune.slim import slim_step
+
+    model = _adapted().to(torch.float32)
+    lora.quantize_base(model, "nf4")
+    windows = torch.randint(0, 256, (2, L + 1), generator=torch.Generator().manual_seed(1))
+    exact = slim_step(model, windows, 16)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    mixed = slim_step(model, windows, 16, precision="bf16")
+    assert abs(mixed - exact) <= 0.02 * exact
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert (
+                torch.isfinite(p.grad).all()
+                and torch.nn.functional.cosine_similarity(p.grad.flatten(), grads[name].flatten(), dim=0) > 0.98
+            ), name
+
+
+def test_merging_a_quantized_base_is_refused():
+    from slimtune import lora
+    from slimtune.errors import ConfigError
+
+    model = _adapted()
+    lora.quantize_base(model, "int8")
+    with pytest.raises(ConfigError, match="export it"):
+        lora.merge(model)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_the_export_of_a_quantized_base_merges_into_the_input_s_own_weights(tmp_path, fmt):
+    """CONTRACT section 4: the quantization changes what trains, never the exported base. Each target weight is the
+    input's own plus (alpha / R) B A in fp32; every other tensor is the input's, bit for bit; and the counts of
+    frozen parameters still include the quantized weights."""
+    from helpers import save_model, tiny_model
+
+    from slimtune import lora
+    from slimtune.checkpoint import load_checkpoint
+    from slimtune.pretrained import PerformerLM
+    from slimtune.runplan import parameter_counts
+
+    save_model(tmp_path / "base.safetensors", tiny_model(dtype=torch.float32, seed=3))
+    model = PerformerLM.from_pretrained(tmp_path / "base.safetensors")
+    total = sum(p.numel() for p in model.parameters())
+    lora.add(model, rank=2, targets="q_map,U_map", seed=1)
+    with torch.no_grad():
+        for m in lora.adapters(model).values():
+            m.lora_B.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    lora.quantize_base(model, fmt)
+    trainable, frozen = parameter_counts(model)
+    assert frozen == total and trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.save_pretrained(tmp_path / "tuned.safetensors")
+    base, tuned = load_checkpoint(tmp_path / "base.safetensors"), load_checkpoint(tmp_path / "tuned.safetensors")
+    adapters = {f"{name}.weight": m for name, m in lora.adapters(model).items()}
+    for name, t in base.tensors.items():
+        if name in adapters:
+            m = adapters[name]
+            expected = t.float() + 2.0 * (m.lora_B.weight.detach().float() @ m.lora_A.weight.detach().float())
+            assert torch.equal(tuned.tensors[name], expected.to(t.dtype)), name
+        else:
+            assert torch.equal(tuned.tensors[name], t), name
