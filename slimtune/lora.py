@@ -357,6 +357,9 @@ def quantize_base(model: nn.Module, fmt: str) -> int:
             child.quantized = q
             del child._parameters["weight"]
             child.register_parameter("weight", None)
+    if saved:  # as in freeze_base_to: what stays gets memory of its own, so a checkpoint's mapping can go
+        for p in model.parameters():
+            p.data = p.data.clone()
     return saved
 
 
