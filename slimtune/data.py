@@ -123,6 +123,23 @@ class Tokens:
         return Tokens(train, first, mapping=self.mapping), Tokens(held, rest, mapping=self.mapping)
 
 
+def as_tokens(
+    data: Tokens | torch.Tensor | str | os.PathLike | None,
+    *,
+    vocab_size: int = BYTE_VOCAB,
+    tokenizer: str | os.PathLike | None = None,
+    data_dtype: DataDtype | str = DataDtype.UINT16,
+    what: str = "data",
+) -> Tokens | None:
+    """`data` as Tokens: a path read by read_data, a caller's tensor of ids as it is (bytes: each its own byte),
+    Tokens (or None) unchanged. A tensor's ids are the caller's to check (check_vocabulary)."""
+    if data is None or isinstance(data, Tokens):
+        return data
+    if isinstance(data, torch.Tensor):
+        return Tokens(data, n_bytes=data.numel() if data.dtype == torch.uint8 else None)
+    return read_data(data, vocab_size=vocab_size, tokenizer=tokenizer, data_dtype=data_dtype, what=what)
+
+
 def held_while_training(
     data: Tokens | None, eval_data: Tokens | None, *, windows: int, seq_len: int, eval_tokens: int | None
 ) -> int:

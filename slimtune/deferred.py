@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant import quantized_lora_linear
+
 DEFER_ROWS = 256  # rows per batched weight-gradient product; chunks of B * C >= this are not deferred
 
 
@@ -30,8 +32,6 @@ class DeferredLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
-            from .quant import quantized_lora_linear
-
             return quantized_lora_linear(x, self.quantized, self.bias)
         if self.weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             # A frozen base kept in bf16 (slimtune/lora.py) outside autocast: computed as autocast would.

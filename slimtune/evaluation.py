@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .choices import Precision
-from .data import Tokens, check_vocabulary, copy_windows, read_data
+from .data import Tokens, as_tokens, check_vocabulary, copy_windows
 from .errors import ConfigError
 from .eval_plan import ForwardPlan, ForwardWork, plan_forward_if_needed, run_heap
 from .memory import peak_memory_bytes
@@ -69,9 +69,7 @@ def position_nll(model: PerformerLM, windows: torch.Tensor, chunk_size: int) -> 
 def layers_only(model: PerformerLM, windows: torch.Tensor, chunk_size: int) -> None:
     """position_nll's layers alone, chunk by chunk, without the output map and the loss: the transients the
     eval plan probes apart (eval_plan.plan_forward's `layers`)."""
-    states = model.initial_states(windows.shape[0], dtype=torch.float64)
-    for s in range(0, windows.shape[1] - 1, chunk_size):
-        _, states = model.hidden_chunk(windows[:, s : min(s + chunk_size, windows.shape[1] - 1)], s, states)
+    model.hidden_pass(windows[:, :-1], chunk_size)
 
 
 def fixed_features(model: PerformerLM, seed: int = 0) -> None:
@@ -140,7 +138,7 @@ def evaluate(
     Example:
         bpc = slimtune.evaluate(model, "valid.txt", mem_budget="1GB").bpc
     """
-    tokens = _tokens(data, model.config.vocab_size)
+    tokens = as_tokens(data, vocab_size=model.config.vocab_size)
     data = tokens.ids
     seq_len = DEFAULT_SEQ_LEN if seq_len is None else seq_len
     if seq_len < 1 or (isinstance(chunk_size, int) and chunk_size < 1):
@@ -221,15 +219,6 @@ def _scored(nll: torch.Tensor, kept: torch.Tensor | None, starts: list[int]) -> 
         return nll.sum().item(), nll.numel()
     weights = torch.stack([kept[s + 1 : s + 1 + nll.shape[1]] for s in starts]).to(nll.device, nll.dtype)
     return (nll * weights).sum().item(), int(weights.sum().item())
-
-
-def _tokens(data, vocab_size: int) -> Tokens:
-    """A path read as data.read_data reads it (text as bytes, or ids), a tensor of ids as they are."""
-    if isinstance(data, Tokens):
-        return data
-    if isinstance(data, torch.Tensor):
-        return Tokens(data, n_bytes=data.numel() if data.dtype == torch.uint8 else None)
-    return read_data(data, vocab_size=vocab_size)
 
 
 @torch.no_grad()

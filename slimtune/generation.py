@@ -19,9 +19,7 @@ from .pretrained import PerformerLM
 def prompt_pass(model: PerformerLM, ids: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run ids [B, T] from position 0, `chunk_size` tokens at a time. Returns (the last position's logits [B, V],
     the states after it)."""
-    states = model.initial_states(ids.shape[0], dtype=torch.float64)
-    for s in range(0, ids.shape[1], chunk_size):
-        hidden, states = model.hidden_chunk(ids[:, s : s + chunk_size], s, states)
+    hidden, states = model.hidden_pass(ids, chunk_size)
     return model.output_logit_map(hidden[:, -1]), states  # only the last position's logits [B, V] are made
 
 

@@ -151,6 +151,14 @@ class Performer(nn.Module):
             new_states.append(state)
         return x, new_states
 
+    def hidden_pass(self, ids: torch.Tensor, chunk_size: int):
+        """The layers over ids [B, T] from position 0, `chunk_size` tokens at a time, with float64 states carried:
+        (the last chunk's output [B, C, d], the states after it)."""
+        states = self.initial_states(ids.shape[0], dtype=torch.float64)
+        for s in range(0, ids.shape[1], chunk_size):
+            hidden, states = self.hidden_chunk(ids[:, s : s + chunk_size], s, states)
+        return hidden, states
+
     def loss_tile(self, batch_size: int) -> int:
         """Positions of a chunk whose logits [B, tile, V] are made at a time (slim.py, evaluation.py): all of them
         while those stay under LOGITS_TILE_BYTES (a byte-level vocabulary up to C = 16384 at batch 1), else a tile

@@ -28,6 +28,7 @@ from .checkpoint import Checkpoint, check_output_path, default_out, file_sha256,
 from .choices import Schedule, Task
 from .data import (
     Tokens,
+    as_tokens,
     check_vocabulary,
     copy_windows,
     first_offsets,
@@ -35,7 +36,6 @@ from .data import (
     load_tokenizer,
     mask_at,
     random_offsets,
-    read_data,
     windows_at,
 )
 from .devices import resolve_device
@@ -287,7 +287,7 @@ class Trainer:
         folder: RunFolder | None = None,
     ):
         self.model, self.options, self.group = model, options, group
-        self.data, self.eval_data = _tokens(data), _tokens(eval_data)
+        self.data, self.eval_data = as_tokens(data), as_tokens(eval_data)
         if run is None and chunk_size is not None:
             run = plan_for_chunk(model, options, chunk_size, world=group.world)
         self.run = run  # None only until a resumed run's plan is restored
@@ -548,11 +548,6 @@ def check_resume(saved: dict, options: FitOptions, world: int, where) -> None:
         )
 
 
-def _tokens(data: Tokens | torch.Tensor | None) -> Tokens | None:
-    """A tensor of ids (a caller's own) as Tokens: every prediction counts."""
-    return data if data is None or isinstance(data, Tokens) else Tokens(data)
-
-
 def _check_data(data: Tokens | None, options: FitOptions) -> None:
     """Fail on data too short for the windows (or a first batch with nothing to learn) before any work starts."""
     if options.task == Task.COPY:
@@ -756,12 +751,9 @@ def _result(trainer: Trainer, options: FitOptions, metrics: dict, out: Path) -> 
 def _read(data, vocab_size: int, options: FitOptions, what: str = "data") -> Tokens | None:
     """A data file in any of the contract's forms (data.read_data), or a caller's tensor of ids, checked against
     the model's vocabulary."""
-    if data is None or isinstance(data, Tokens):
-        return data
     if isinstance(data, torch.Tensor):
         check_vocabulary(data, vocab_size, what)
-        return Tokens(data)
-    return read_data(data, vocab_size=vocab_size, tokenizer=options.tokenizer, data_dtype=options.data_dtype, what=what)
+    return as_tokens(data, vocab_size=vocab_size, tokenizer=options.tokenizer, data_dtype=options.data_dtype, what=what)
 
 
 def _start(data, options: FitOptions) -> tuple[torch.device, Group]:
