@@ -27,6 +27,7 @@ from .atomic import atomic_write
 from .choices import ExportDtype, ExportFormat, LayerNorm
 from .config import PerformerConfig
 from .errors import CheckpointError, ConfigError
+from .quant import Quantized, quantize
 from .version import __version__
 
 CONTRACT_KEYS = ("vocab_size", "hidden_dim", "n_layers", "ffn_dim", "n_heads", "feature_type", "on_gptln")
@@ -61,7 +62,7 @@ class Checkpoint:
 
     path: Path
     config: PerformerConfig
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor | Quantized]  # Quantized: read as a quantized base (load_checkpoint's dtype)
     extra_config: dict = field(default_factory=dict)  # slimtune_config keys beyond the seven (seq_len, ...)
     metadata: dict[str, str] = field(default_factory=dict)  # the file's other metadata (provenance)
     stored: dict[str, torch.dtype] = field(default_factory=dict)  # the file's dtypes where `tensors` were converted
@@ -72,7 +73,7 @@ class Checkpoint:
 
     def stored_dtype(self, name: str) -> torch.dtype:
         """The tensor's dtype in the file (what an export keeps), whatever it was read into."""
-        return self.stored.get(name, self.tensors[name].dtype)
+        return self.stored[name] if name in self.stored else self.tensors[name].dtype
 
     @property
     def dtypes(self) -> list[str]:
@@ -201,13 +202,26 @@ def _stream_safetensors(path: Path, dtype_for) -> tuple[dict[str, torch.Tensor],
         tensors, stored = {}, {}
         for name, info in entries:
             tensor = _read_entry(f, path, n, name, info)
-            target = dtype_for(name) if dtype_for else None
-            if target is not None and target != tensor.dtype:
-                tensors[name], stored[name] = tensor.to(target), tensor.dtype
+            if _converts(tensor, target := dtype_for(name) if dtype_for else None):
+                tensors[name], stored[name] = _converted(tensor, target), tensor.dtype
                 del tensor
             else:
                 tensors[name] = tensor
     return tensors, metadata, stored
+
+
+def _converts(tensor: torch.Tensor, target) -> bool:
+    """Whether `target` (a torch.dtype, a quantized format, or None: kept) changes the tensor; a non-float tensor
+    is never quantized (validate_tensors refuses it as it is)."""
+    if isinstance(target, str):
+        return tensor.dtype.is_floating_point and tensor.dim() == 2
+    return target is not None and target != tensor.dtype
+
+
+def _converted(tensor: torch.Tensor, target) -> torch.Tensor | Quantized:
+    """The tensor in `target`: a torch.dtype, or a quantized format ("int8", "nf4"; quant.py) as Quantized. A
+    non-finite weight gives non-finite scales, which validate_tensors refuses."""
+    return quantize(tensor, target) if isinstance(target, str) else tensor.to(target)
 
 
 def _read_torch(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
@@ -298,16 +312,22 @@ def validate_tensors(tensors: dict[str, torch.Tensor], config: PerformerConfig, 
     ]
     if wrong:
         raise CheckpointError(f"{path} has tensors of the wrong shape ({'; '.join(wrong[:4])}): check the config")
-    odd = [f"{n} ({tensors[n].dtype})" for n in shapes if tensors[n].dtype not in FLOAT_DTYPES]
+    odd = [f"{n} ({tensors[n].dtype})" for n in shapes if _values(tensors[n]).dtype not in FLOAT_DTYPES]
     if odd:
         raise CheckpointError(
             f"{path} has non-float tensors ({', '.join(odd[:4])}): weights must be fp32, fp16 or bf16"
         )
-    bad = [n for n in shapes if not torch.isfinite(tensors[n]).all()]
+    bad = [n for n in shapes if not torch.isfinite(_values(tensors[n])).all()]
     if bad:
         raise CheckpointError(
             f"{path} has non-finite values (NaN or inf) in {', '.join(bad[:4])}: use an earlier checkpoint"
         )
+
+
+def _values(t: torch.Tensor | Quantized) -> torch.Tensor:
+    """What a tensor's dtype and finiteness are checked on: a quantized weight's scales (finite where the weight
+    read was)."""
+    return t.scales if isinstance(t, Quantized) else t
 
 
 def load_checkpoint(
@@ -320,8 +340,9 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Read and validate any accepted checkpoint. n_heads, feature_type and layernorm fill settings the file does
     not carry. `dtype`: the dtype to read the tensors into, one torch.dtype for all or a function of the tensor's
-    name (None there: as stored); without it a .safetensors file is mapped, not copied. `Checkpoint.stored` keeps
-    the file's dtypes of those converted, for export."""
+    name (None there: as stored; a quantized format, "int8" or "nf4": that weight quantized as it is read, a
+    quant.Quantized); without it a .safetensors file is mapped, not copied. `Checkpoint.stored` keeps the file's
+    dtypes of those converted, for export."""
     path = Path(path)
     _check_readable(path)
     if path.is_dir():  # a --format hf folder
@@ -334,9 +355,8 @@ def load_checkpoint(
         tensors, metadata = _read_torch(path), {}
         if dtype_for is not None:
             for name, t in list(tensors.items()):
-                target = dtype_for(name)
-                if target is not None and target != t.dtype:
-                    tensors[name], stored[name] = t.to(target), t.dtype
+                if _converts(t, target := dtype_for(name)):
+                    tensors[name], stored[name] = _converted(t, target), t.dtype
     elif dtype_for is not None:
         tensors, metadata, stored = _stream_safetensors(path, dtype_for)
     else:

@@ -71,16 +71,23 @@ class Precision(Choice):
 class BaseDtype(Choice):
     FP32 = "fp32"
     BF16 = "bf16"  # the frozen layers' weights in bf16 (2 bytes a value), computed under bf16 autocast
+    INT8 = "int8"  # the frozen layers' weights quantized (quant.py: 1 byte a value, an fp32 scale a row)
+    NF4 = "nf4"  # 4-bit NormalFloat with an fp32 scale per 64 values (0.5625 bytes a value)
 
     @property
-    def dtype(self):
-        import torch
+    def quantized(self) -> bool:
+        return self in (BaseDtype.INT8, BaseDtype.NF4)
 
-        return torch.bfloat16 if self is BaseDtype.BF16 else torch.float32
+    @property
+    def held(self):
+        """What the frozen layers' weights are held in: a torch.dtype, or a quantized format's name (quant.py)."""
+        import torch  # here, not at the top: the command line's help reads this module and must not load torch
+
+        return self.value if self.quantized else torch.bfloat16 if self is BaseDtype.BF16 else torch.float32
 
     def compute(self, asked) -> Precision:
-        """The one rule of a base's compute precision: a bf16 base computes under bf16 autocast; an fp32 base
-        in the precision asked for."""
+        """The one rule of a base's compute precision: a bf16 base computes under bf16 autocast; an fp32 or a
+        quantized base in the precision asked for (a quantized weight is dequantized into it)."""
         return Precision.BF16 if self is BaseDtype.BF16 else Precision.parse(asked, "precision")
 
 

@@ -120,9 +120,11 @@ FLAGS = {  # Python name -> how the command line shows it
     ),
     "base_dtype": Flag(
         "--base-dtype",
-        "With --lora-rank: bf16 keeps the frozen layers' weights in 2 bytes, read straight into bf16, and computes "
-        "under bf16 autocast (--precision bf16); adapters and their gradients stay fp32 (e.g. --lora-rank 8 "
-        "--base-dtype bf16).",
+        "With --lora-rank: what the frozen layers' weights are held in, each read straight into it. bf16: 2 bytes a "
+        "weight, computed under bf16 autocast. int8 (1 byte, a scale per row) and nf4 (4-bit NormalFloat, a scale "
+        "per 64: 0.56 bytes) are quantized as read and dequantized one map at a time, computed in --precision. "
+        "Adapters and their gradients stay fp32; --out merges into the input's own weights (e.g. --lora-rank 8 "
+        "--base-dtype nf4).",
     ),
     "adapter_out": Flag(
         "--adapter-out",

@@ -30,7 +30,7 @@ from .choices import LORA_ALPHA_PER_RANK, LORA_DEFAULT_TARGETS, LORA_TARGETS
 from .deferred import DeferredLinear
 from .errors import CheckpointError, ConfigError
 from .options import lora_targets
-from .quant import FORMATS, quantize, quantized_lora_linear
+from .quant import FORMATS, hold_quantized, quantize, quantized_lora_linear
 
 __all__ = ["TARGETS", "DEFAULT_TARGETS", "add", "merge", "adapted", "save_adapter", "load_adapter"]
 
@@ -46,16 +46,18 @@ class LoraLinear(DeferredLinear):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias
+        self.quantized = getattr(base, "quantized", None)  # a quantized base (quant.hold_quantized): weight None
         self.rank, self.alpha = rank, float(alpha)
+        held = base.weight if base.weight is not None else self.quantized.scales
         # fp32 (a float64 model, as in the tests, keeps float64)
-        dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+        dtype = torch.float64 if held.dtype == torch.float64 else torch.float32
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, dtype=dtype)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, dtype=dtype)
         # torch.nn.Linear's own weight initialisation (Kaiming-uniform, a = sqrt(5)), drawn from `generator`.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.lora_B.weight)
-        self.lora_A.to(base.weight.device)
-        self.lora_B.to(base.weight.device)
+        self.lora_A.to(held.device)
+        self.lora_B.to(held.device)
 
     @property
     def scaling(self) -> float:
@@ -316,10 +318,18 @@ def in_base_dtype(name: str) -> bool:
     return parts[0] == "layers" and len(parts) >= 3 and parts[-2] in LAYER_MAPS and parts[-1] in ("weight", "bias")
 
 
-def read_dtypes(dtype: torch.dtype):
-    """The dtype each checkpoint tensor is read into for a frozen base in `dtype` (load_checkpoint's `dtype`):
-    the layers' linear maps in `dtype`, the rest fp32, so that the base never sits in memory in fp32."""
-    return lambda name: dtype if in_base_dtype(name) else torch.float32
+def read_dtypes(base):
+    """What each checkpoint tensor is read into for a frozen base held in `base` (load_checkpoint's `dtype`): a
+    torch.dtype for the layers' linear maps (weights and biases), or a quantized format for their weights (biases
+    fp32, CONTRACT.md section 4); the rest fp32. The base never sits in memory in fp32."""
+    quantized = isinstance(base, str)
+
+    def dtype_for(name: str):
+        if not in_base_dtype(name):
+            return torch.float32
+        return torch.float32 if quantized and not name.endswith(".weight") else base
+
+    return dtype_for
 
 
 def freeze_base_to(model: nn.Module, dtype: torch.dtype) -> int:
@@ -346,17 +356,26 @@ def freeze_base_to(model: nn.Module, dtype: torch.dtype) -> int:
 def quantize_base(model: nn.Module, fmt: str) -> int:
     """Store the frozen weights of every layer's linear maps (q, k, v, U, V) in `fmt` ("int8" or "nf4", quant.py),
     one map at a time, in place: each map then computes with its weight dequantized for each product (biases, the
-    embedding, the layer norms, the output map and the adapters stay as they are). Returns the bytes saved."""
+    embedding, the layer norms, the output map and the adapters stay as they are). A map held in the other format
+    is quantized again from its dequantized weight (`slimtune plan` compares the two on one model). Returns the
+    bytes saved."""
     if fmt not in FORMATS:
         raise ConfigError(f"quantized formats are {', '.join(FORMATS)}, got {fmt!r}", params=("base_dtype",))
     saved = 0
     for _, attr, child in _linear_maps(model):
-        if attr in LAYER_MAPS and child.weight is not None and not child.weight.requires_grad:
-            q = quantize(child.weight, fmt)
-            saved += child.weight.numel() * child.weight.element_size() - q.nbytes
+        held = getattr(child, "quantized", None)
+        if attr not in LAYER_MAPS or (held is not None and held.format == fmt):
+            continue
+        weight = held.dequantize() if held is not None else child.weight
+        if held is None and weight.requires_grad:
+            continue
+        before = held.nbytes if held is not None else weight.numel() * weight.element_size()
+        q = quantize(weight, fmt)
+        saved += before - q.nbytes
+        if held is not None:
             child.quantized = q
-            del child._parameters["weight"]
-            child.register_parameter("weight", None)
+        else:
+            hold_quantized(child, q)
     if saved:  # as in freeze_base_to: what stays gets memory of its own, so a checkpoint's mapping can go
         for p in model.parameters():
             p.data = p.data.clone()

@@ -205,7 +205,7 @@ class Adapters(Options):
             self.targets  # noqa: B018 (checks them)
             return
         given = [name for name in ("lora_alpha", "adapter_out") if getattr(self, name) is not None]
-        given += ["base_dtype=bf16"] if self.base_dtype == BaseDtype.BF16 else []
+        given += [f"base_dtype={self.base_dtype}"] if self.base_dtype != BaseDtype.FP32 else []
         if given:
             raise ConfigError(
                 f"{', '.join(f'`{g}`' for g in given)} {'needs' if len(given) == 1 else 'need'} LoRA: give "

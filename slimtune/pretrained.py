@@ -15,6 +15,7 @@ from .config import PerformerConfig
 from .devices import resolve_device
 from .export import export_bytes, save_model
 from .model import Performer
+from .quant import Quantized, hold_quantized
 
 __all__ = ["PerformerConfig", "PerformerLM"]
 
@@ -31,8 +32,13 @@ class PerformerLM(Performer):
         shapes and dtypes afterwards (for `save_pretrained`)."""
         with torch.device("meta"):
             model = cls(checkpoint.config)
-        model.load_state_dict(checkpoint.tensors, strict=True, assign=True)
-        model = model.to(device=resolve_device(device or "cpu"))
+        quantized = {n: t for n, t in checkpoint.tensors.items() if isinstance(t, Quantized)}
+        state = {n: t for n, t in checkpoint.tensors.items() if n not in quantized}
+        model.load_state_dict(state, strict=not quantized, assign=True)  # load_checkpoint checked every name
+        device = resolve_device(device or "cpu")
+        for name, q in quantized.items():  # read quantized (lora.read_dtypes): the map computes dequantized
+            hold_quantized(model.get_submodule(name.removesuffix(".weight")), q.to(device))
+        model = model.to(device=device)
         if not checkpoint.stored:  # tensors read as stored: the weights in `dtype` (the converted ones keep theirs)
             model = model.to(dtype=dtype or torch.float32)
         checkpoint.release()

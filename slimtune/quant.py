@@ -4,18 +4,29 @@
   scales [out]. A row of zeros has scale 0 and dequantizes to zeros.
 - nf4: the weight flattened row-major into blocks of 64 consecutive values; each block one fp32 scale, its absmax,
   and each value the nearest of QLoRA's 16 NormalFloat4 levels (Dettmers et al. 2023) times it, the level's index
-  stored in 4 bits, two to a byte (the first value of a pair in the low nibble). A weight whose size is not a
-  multiple of 64 has a last, shorter block.
+  stored in 4 bits, two to a byte (the first value of a pair in the high nibble, as bitsandbytes packs them). A
+  weight whose size is not a multiple of 64 has a last, shorter block.
 
 `quantize` and `dequantize` work one tensor at a time, so that a checkpoint is quantized while it is read and never
-held whole in fp32; `Quantized` is one weight in either format, with its bytes and its dequantized fp32 form.
+held whole in fp32; `Quantized` is one weight in either format, with its bytes and its dequantized form.
+
+The products (RESULTS.md, "Quantized bases: the library question"): int8 multiplies by the int8 values themselves
+and applies the row scales to the product (no weight-sized float copy). nf4 dequantizes with bitsandbytes'
+`dequantize_4bit` where it is installed (`slimtune[quant]`; 3.5x faster than a PyTorch table lookup on this CPU,
+and bit for bit the same values: tested), else with the PyTorch lookup.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 NF4_BLOCK = 64
 # QLoRA's NormalFloat4 levels (bitsandbytes' and torchao's table): quantiles of N(0, 1) scaled to [-1, 1].
@@ -38,6 +49,10 @@ NF4_LEVELS = (
     1.0,
 )
 FORMATS = ("int8", "nf4")
+# A map's product dequantizes this much fp32 weight at a time: its transient buffers stay a few MB, not the map's
+# size (4 bytes a weight: 38 MB for a 1536 x 6144 map), so that a quantized base also fits where its largest map
+# dequantized whole would not.
+TILE_BYTES = 4 << 20
 
 
 @dataclass
@@ -53,6 +68,35 @@ class Quantized:
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def to(self, device) -> Quantized:
+        return Quantized(self.format, self.shape, self.data.to(device), self.scales.to(device))
+
+    def rows(self, start: int, stop: int) -> Quantized:
+        """Rows [start, stop) as a weight of their own (views, no copy); nf4 needs start x in on a block's edge."""
+        inner = self.shape[1]
+        if self.format == "int8":
+            return Quantized("int8", (stop - start, inner), self.data[start:stop], self.scales[start:stop])
+        first, last = start * inner, stop * inner
+        if first % NF4_BLOCK:
+            raise ValueError(f"nf4 rows start on a block of {NF4_BLOCK}: row {start} of {inner} values does not")
+        data = self.data[first // 2 : -(-last // 2)]
+        return Quantized("nf4", (stop - start, inner), data, self.scales[first // NF4_BLOCK : -(-last // NF4_BLOCK)])
+
+    def tiles(self) -> list[tuple[int, int]]:
+        """Row ranges of about TILE_BYTES of fp32 weight each (nf4's on block edges): what one product
+        dequantizes at a time."""
+        out, inner = self.shape
+        align = NF4_BLOCK // math.gcd(inner, NF4_BLOCK) if self.format == "nf4" else 1
+        step = max(align, TILE_BYTES // (4 * inner) // align * align)
+        return [(r, min(r + step, out)) for r in range(0, out, step)]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self, dtype)
@@ -76,7 +120,7 @@ def quantize(weight: torch.Tensor, fmt: str) -> Quantized:
         levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=w.device)
         index = _nearest(normed, levels)
         index = torch.nn.functional.pad(index, (0, n % 2))  # an odd count: the last byte's high nibble is 0
-        packed = (index[0::2] | (index[1::2] << 4)).to(torch.uint8)
+        packed = ((index[0::2] << 4) | index[1::2]).to(torch.uint8)
         return Quantized("nf4", tuple(w.shape), packed, scales)
     raise ValueError(f"unknown quantized format {fmt!r}: one of {', '.join(FORMATS)}")
 
@@ -89,21 +133,121 @@ def _nearest(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The weight [out, in] as the quantized model computes with it, in `dtype` (made in fp32)."""
-    out, inner = q.shape
+    """The weight [out, in] as the quantized model computes with it, in `dtype`: each value (level or integer times
+    its scale) made in fp32, then cast; for float64 made in float64, where it is exact."""
     if q.format == "int8":
-        return (q.data.to(torch.float32) * q.scales[:, None]).to(dtype)
+        made = torch.promote_types(dtype, torch.float32)
+        return (q.data.to(made) * q.scales.to(made)[:, None]).to(dtype)
+    fast = _bitsandbytes_dequantize() if dtype in LIBRARY_DTYPES and q.numel() % NF4_BLOCK == 0 else None
+    return fast(q, dtype) if fast is not None else dequantize_nf4_torch(q, dtype)
+
+
+def dequantize_nf4_torch(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """nf4 in PyTorch: each byte looks up its pair of levels in a 256-row table (one gather, not two nibble masks),
+    and each block of 64 is scaled in place."""
+    out, inner = q.shape
     n = out * inner
-    index = torch.stack([q.data & 0x0F, q.data >> 4], dim=1).reshape(-1)[:n].long()
-    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=q.data.device)
-    blocks = torch.nn.functional.pad(levels[index], (0, -n % NF4_BLOCK)).view(-1, NF4_BLOCK)
-    return (blocks * q.scales[:, None]).reshape(-1)[:n].view(out, inner).to(dtype)
+    table = _pair_table(q.data.device).to(torch.promote_types(dtype, torch.float32))
+    values = F.embedding(q.data.to(torch.int32), table).view(-1)
+    if values.numel() % NF4_BLOCK:  # a last, shorter block
+        values = F.pad(values, (0, -values.numel() % NF4_BLOCK))
+    values.view(-1, NF4_BLOCK).mul_(q.scales.to(values.dtype)[:, None])
+    return values[:n].view(out, inner).to(dtype)
+
+
+@functools.cache
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """[256, 2] fp32: byte b -> (level of its high nibble, level of its low nibble)."""
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+    return torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1).to(device)
+
+
+LIBRARY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what bitsandbytes dequantizes into
+NO_LIBRARY = "SLIMTUNE_NO_BITSANDBYTES"  # set (to anything): the PyTorch lookup even where bitsandbytes is installed
+
+
+@functools.cache
+def _bitsandbytes_dequantize():
+    """bitsandbytes' nf4 dequantization as a function (q, dtype) -> weight, or None where it is not installed (or
+    NO_LIBRARY is set). Its import warns about optional kernels for products we do not use: silenced."""
+    if os.environ.get(NO_LIBRARY):
+        return None
+    quiet = logging.getLogger("bitsandbytes")
+    level = quiet.level
+    try:
+        quiet.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import bitsandbytes.functional as bnb
+    except Exception:  # not installed, or no library for this platform: the PyTorch lookup serves
+        return None
+    finally:
+        quiet.setLevel(level)
+
+    def dequantize_4bit(q: Quantized, dtype: torch.dtype) -> torch.Tensor:
+        state = bnb.QuantState(
+            absmax=q.scales,
+            shape=torch.Size(q.shape),
+            code=_levels(q.data.device),
+            blocksize=NF4_BLOCK,
+            quant_type="nf4",
+            dtype=dtype,
+        )
+        return bnb.dequantize_4bit(q.data.view(-1, 1), state)
+
+    return dequantize_4bit
+
+
+@functools.cache
+def _levels(device: torch.device) -> torch.Tensor:
+    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+
+
+def library() -> str:
+    """What dequantizes nf4 here: "bitsandbytes" or "pytorch"."""
+    return "bitsandbytes" if _bitsandbytes_dequantize() is not None else "pytorch"
+
+
+def _factor(part: Quantized, dtype: torch.dtype) -> torch.Tensor:
+    """What a product multiplies by: int8's integers in `dtype` (its row scales apply to the product, exact: an
+    8-bit integer is exact in bf16), nf4's dequantized weight."""
+    return part.data.to(dtype) if part.format == "int8" else part.dequantize(dtype)
+
+
+def _product(x2: torch.Tensor, q: Quantized, dtype: torch.dtype) -> torch.Tensor:
+    """x2 W^T in `dtype`, one tile of W's rows (output features) at a time."""
+    tiles = q.tiles()
+    y = x2.new_empty(x2.shape[0], q.shape[0], dtype=dtype) if len(tiles) > 1 else None
+    for start, stop in tiles:
+        part = q.rows(start, stop)
+        product = x2 @ _factor(part, dtype).t()
+        if part.format == "int8":
+            product.mul_(part.scales.to(dtype))
+        if y is None:
+            return product
+        y[:, start:stop] = product
+        del product  # before the next tile's weight is made
+    return y
+
+
+def _input_product(g2: torch.Tensor, q: Quantized, dtype: torch.dtype) -> torch.Tensor:
+    """g2 W in `dtype` (the input gradient), summed over tiles of W's rows (int8: g2's columns times the scales)."""
+    dx = None
+    for start, stop in q.tiles():
+        part, g = q.rows(start, stop), g2[:, start:stop]
+        if part.format == "int8":
+            g = g * part.scales.to(dtype)
+        w = _factor(part, dtype)
+        dx = g @ w if dx is None else dx.addmm_(g, w)
+        del w, g  # before the next tile's weight is made
+    return dx
 
 
 class _QuantizedBaseLora(torch.autograd.Function):
-    """y = x W^T + b + s (x A^T) B^T with W frozen and quantized: dequantized for the forward's product, and again in
-    backward for dx = g W, never saved, so that a step holds one map's dequantized weight at a time, not the
-    model's. dA = s (g B)^T x and dB = s g^T (x A^T) as lora.py's fused map computes them. The products run in the
+    """y = x W^T + b + s (x A^T) B^T with W frozen and quantized: dequantized for the forward's product (int8: its
+    scales applied to the product), and again in backward for dx = g W, tile by tile (Quantized.tiles), never
+    saved, so that a step holds a few MB of dequantized weight at a time, not a map's, let alone the model's.
+    dA = s (g B)^T x and dB = s g^T (x A^T) as lora.py's fused map computes them. The products run in the
     autocast dtype where autocast is on (bf16), else in x's own."""
 
     @staticmethod
@@ -111,7 +255,7 @@ class _QuantizedBaseLora(torch.autograd.Function):
         on = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        y = x2 @ q.dequantize(dtype).t()
+        y = _product(x2, q, dtype)
         if bias is not None:
             y = y + bias.to(dtype)
         a = None
@@ -130,13 +274,21 @@ class _QuantizedBaseLora(torch.autograd.Function):
         gb = g2 @ lora_b.to(dtype) if lora_b is not None else None  # [N, R]
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = g2 @ ctx.q.dequantize(dtype)
+            dx = _input_product(g2, ctx.q, dtype)
             if gb is not None:
                 dx = dx + s * (gb @ lora_a.to(dtype))
             dx = dx.view(ctx.shape).to(ctx.x_dtype)
         da = (s * (gb.t() @ x2)).to(lora_a.dtype) if ctx.needs_input_grad[3] else None
         db = (s * (g2.t() @ a)).to(lora_b.dtype) if ctx.needs_input_grad[4] else None
         return dx, None, None, da, db, None
+
+
+def hold_quantized(module: torch.nn.Linear, q: Quantized) -> None:
+    """Make a linear map hold its frozen weight as `q`, in place: its `weight` parameter goes (None), and its
+    forward computes with the weight dequantized for each product (DeferredLinear, LoraLinear)."""
+    del module._parameters["weight"]
+    module.register_parameter("weight", None)
+    module.quantized = q
 
 
 def quantized_lora_linear(x, q: Quantized, bias, lora_a=None, lora_b=None, scaling: float = 0.0) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """Parameter-memory strategies, planned with C under one budget (`slimtune plan`; CONTRACT.md section 4).
 
 A strategy is what trains and in which dtype: full fine-tuning with one optimizer, or LoRA adapters on a frozen
-base in fp32 or bf16. Each has its own memory (gradients and optimizer state of what trains, the base's bytes) and
-its own C, so the planner probes each as its fit would, and `compare` puts them side by side. The model is
-converted in place, from the most memory to the least: full -> LoRA (fp32 base) -> LoRA (bf16 base), and each
-strategy's probe runs on the model as that strategy trains it. No strategy is switched on for the user: `compare` only
+base in fp32, bf16, int8 or nf4. Each has its own memory (gradients and optimizer state of what trains, the base's
+bytes, a quantized map's dequantized weight while it computes) and its own C, so the planner probes each as its fit
+would, and `compare` puts them side by side. The model is converted in place, from the most memory to the least:
+full -> LoRA (fp32 base) -> bf16 base -> int8 base -> nf4 base, and each strategy's probe runs on the model as that
+strategy trains it. No strategy is switched on for the user: `compare` only
 reports, and a run trains the strategy it was given.
 """
 
@@ -53,8 +54,9 @@ class Strategy:
 
     @property
     def stage(self) -> int:
-        """0 full, 1 LoRA on an fp32 base, 2 LoRA on a bf16 base: the order the model converts in place."""
-        return 0 if not self.lora_rank else (2 if self.base_dtype == BaseDtype.BF16 else 1)
+        """0 full, then LoRA on an fp32 (1), bf16 (2), int8 (3) or nf4 (4) base: the order the model converts in
+        place."""
+        return 0 if not self.lora_rank else 1 + list(BaseDtype).index(self.base_dtype)
 
     @property
     def name(self) -> str:
@@ -67,7 +69,7 @@ class Strategy:
         chosen = {"optimizer": str(self.optimizer)}
         if self.lora_rank:
             chosen["lora_rank"] = str(self.lora_rank)
-        if self.base_dtype == BaseDtype.BF16:
+        if self.base_dtype != BaseDtype.FP32:
             chosen["base_dtype"] = str(self.base_dtype)
         return chosen
 
@@ -77,21 +79,25 @@ class Strategy:
         return " ".join(f"`{name}={value}`" for name, value in self.selected().items())
 
     def precision(self, asked: Precision | str) -> Precision:
-        """What a step computes in under this strategy (BaseDtype.compute: a bf16 base under bf16 autocast)."""
+        """What a step computes in under this strategy (BaseDtype.compute: a bf16 base under bf16 autocast, the
+        others as asked)."""
         return (self.base_dtype if self.lora_rank else BaseDtype.FP32).compute(asked)
 
     @property
     def read_dtype(self):
-        """What load_checkpoint reads the base into for this strategy (None: as stored, mapped)."""
-        return lora.read_dtypes(self.base_dtype.dtype) if self.stage == 2 else None
+        """What load_checkpoint reads the base into for this strategy (None: as stored, mapped): a bf16 or quantized
+        base as it is read, tensor by tensor."""
+        return lora.read_dtypes(self.base_dtype.held) if self.stage >= 2 else None
 
     def apply(self, model) -> None:
         """Make `model` train this way, in place: adapters on the targets (lora_A from `seed`), the frozen layers'
-        weights in the base dtype. A model already at an earlier stage moves on; none goes back."""
+        weights in the base dtype or quantized. A model already at an earlier stage moves on; none goes back."""
         if self.lora_rank and not lora.adapted(model):
             lora.add(model, rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets, seed=self.seed)
-        if self.lora_rank:
-            lora.freeze_base_to(model, self.base_dtype.dtype)
+        if self.lora_rank and self.base_dtype.quantized:
+            lora.quantize_base(model, self.base_dtype.held)
+        elif self.lora_rank:
+            lora.freeze_base_to(model, self.base_dtype.held)
 
 
 @dataclass
@@ -121,13 +127,13 @@ class Comparison:
 
 def lineup(asked: Strategy) -> list[Strategy]:
     """The strategies compared with `asked`: full fine-tuning with adam, adafactor and sgd (and the optimizer asked
-    for, if another), then LoRA of the asked rank (DEFAULT_RANK for a full run) with an fp32 and a bf16 base, with
-    the optimizer asked for."""
+    for, if another), then LoRA of the asked rank (DEFAULT_RANK for a full run) on each base (fp32, bf16, int8,
+    nf4), with the optimizer asked for."""
     rank = asked.lora_rank or DEFAULT_RANK
     optimizers = dict.fromkeys([asked.optimizer, *FULL_OPTIMIZERS] if not asked.lora_rank else FULL_OPTIMIZERS)
     lora_ = replace(asked, lora_rank=rank)
     strategies = [replace(asked, optimizer=o, lora_rank=0, base_dtype=BaseDtype.FP32) for o in optimizers]
-    strategies += [replace(lora_, base_dtype=BaseDtype.FP32), replace(lora_, base_dtype=BaseDtype.BF16)]
+    strategies += [replace(lora_, base_dtype=base) for base in BaseDtype]
     return strategies
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from slimtune.quant import NF4_LEVELS, dequantize, quantize
+from slimtune import quant
+from slimtune.quant import NF4_LEVELS, dequantize, dequantize_nf4_torch, quantize
 
 SHAPES = [(8, 64), (5, 37), (3, 200), (1, 1)]
 
@@ -42,10 +43,28 @@ def test_nf4_is_the_nearest_level_times_the_block_absmax(shape):
         expected_index.extend(index)
         expected.extend(levels[index] * absmax)
     packed = q.data.numpy()
-    unpacked = np.stack([packed & 0x0F, packed >> 4], axis=1).reshape(-1)[: flat.size]  # low nibble first
+    unpacked = np.stack([packed >> 4, packed & 0x0F], axis=1).reshape(-1)[: flat.size]  # high nibble first
     assert np.array_equal(unpacked, expected_index)
     assert np.allclose(dequantize(q).numpy().reshape(-1), expected, rtol=1e-6, atol=0)
     assert q.scales.numel() == -(-flat.size // 64) and q.data.numel() == -(-flat.size // 2)
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (7, 192)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitsandbytes_dequantizes_nf4_to_the_same_values_as_the_pytorch_lookup(shape, dtype):
+    """Where bitsandbytes is installed, `dequantize` uses it: bit for bit the values of the PyTorch lookup, and both
+    the levels times the block absmax computed here in numpy. Skipped without bitsandbytes."""
+    pytest.importorskip("bitsandbytes")
+    if quant.library() != "bitsandbytes":
+        pytest.skip(f"{quant.NO_LIBRARY} is set")
+    q = quantize(_weight(shape, seed=3), "nf4")
+    ours, library = dequantize_nf4_torch(q, dtype), dequantize(q, dtype)
+    assert library.dtype == dtype and torch.equal(library, ours)
+    packed = q.data.numpy()
+    index = np.stack([packed >> 4, packed & 0x0F], axis=1).reshape(-1)
+    levels = np.array(NF4_LEVELS, dtype=np.float32)[index]
+    expected = (levels.reshape(-1, 64) * q.scales.numpy()[:, None]).reshape(shape)
+    assert torch.equal(ours, torch.from_numpy(expected).to(dtype))
 
 
 def test_zero_rows_and_blocks_dequantize_to_zero():
@@ -90,11 +109,51 @@ def test_a_lora_map_on_a_quantized_base_has_the_gradients_of_its_dequantized_wei
     ours = (y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
     for t in (x, a, b):
         t.grad = None
-    w = dequantize(q).double()
+    w = dequantize(q, torch.float64)  # exact: each value an 8-bit integer or a level times an fp32 scale
     plain = x @ w.t() + (0 if bias is None else bias) + 1.5 * (x @ a.t()) @ b.t()
     plain.backward(g)
     for mine, theirs in zip(ours, (plain.detach(), x.grad, a.grad, b.grad), strict=True):
         assert torch.allclose(mine, theirs, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("inner", [64, 40])
+def test_products_over_tiles_of_rows_equal_the_whole_weights(fmt, inner, monkeypatch):
+    """A map's product dequantizes its weight a few rows at a time (nf4's tiles on block edges: 8 rows of 40
+    values make 5 blocks): output, dx, dA and dB as plain autograd through the whole dequantized weight."""
+    from slimtune.quant import quantized_lora_linear
+
+    monkeypatch.setattr(quant, "TILE_BYTES", 4 * inner * 5)  # 5 rows a tile (int8), 8 (nf4, 40 values a row)
+    q = quantize(_weight((37, inner), seed=5), fmt)
+    assert len(q.tiles()) >= 4 and all(start * inner % 64 == 0 for start, _ in q.tiles()) or fmt == "int8"
+    bias = torch.randn(37, dtype=torch.float64) * 0.01
+    a, b = _lora(37, inner)
+    x = torch.randn(3, 5, inner, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 5, 37, dtype=torch.float64)
+    y = quantized_lora_linear(x, q, bias, a, b, 0.5)
+    y.backward(g)
+    ours = (y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
+    for t in (x, a, b):
+        t.grad = None
+    plain = x @ dequantize(q, torch.float64).t() + bias + 0.5 * (x @ a.t()) @ b.t()
+    plain.backward(g)
+    for mine, theirs in zip(ours, (plain.detach(), x.grad, a.grad, b.grad), strict=True):
+        assert torch.allclose(mine, theirs, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_a_product_holds_one_tile_of_dequantized_weight_not_the_map(fmt):
+    """Tensor bytes created while a 4096 x 1024 map (16 MB in fp32) computes forward and backward over 8 tokens:
+    the tile (4 MB of fp32 weight, TILE_BYTES) and its index or integer copies, never the whole map's."""
+    from slimtune.memory import TensorBytes
+    from slimtune.quant import TILE_BYTES, quantized_lora_linear
+
+    q = quantize(_weight((4096, 1024)), fmt)
+    x = torch.randn(8, 1024, requires_grad=True)
+    with TensorBytes() as counted:
+        quantized_lora_linear(x, q, None).sum().backward()
+    whole = 4096 * 1024 * 4
+    assert counted.peak < 2 * TILE_BYTES <= whole / 2, counted.peak
 
 
 def test_the_dequantized_weight_is_never_saved_for_backward():

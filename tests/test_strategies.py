@@ -34,16 +34,21 @@ def _wide(tmp_path):
     return save_model(tmp_path / "wide.safetensors", model), 4 * sum(p.numel() for p in model.parameters())
 
 
-def test_the_lineup_is_full_with_three_optimizers_then_lora_on_both_bases():
+def test_the_lineup_is_full_with_three_optimizers_then_lora_on_each_base():
     full = lineup(Strategy(Optimizer.ADAMW))
     assert [(s.optimizer, s.lora_rank, s.base_dtype) for s in full] == [
         ("adamw", 0, "fp32"), ("adam", 0, "fp32"), ("adafactor", 0, "fp32"), ("sgd", 0, "fp32"),
-        ("adamw", 8, "fp32"), ("adamw", 8, "bf16"),
+        ("adamw", 8, "fp32"), ("adamw", 8, "bf16"), ("adamw", 8, "int8"), ("adamw", 8, "nf4"),
     ]  # fmt: skip
-    asked = Strategy(Optimizer.SGD, lora_rank=4, base_dtype=BaseDtype.BF16, lora_targets=("q_map",), seed=3)
+    asked = Strategy(Optimizer.SGD, lora_rank=4, base_dtype=BaseDtype.NF4, lora_targets=("q_map",), seed=3)
     found = lineup(asked)
-    assert asked in found and len(found) == 5
-    assert [(s.optimizer, s.lora_rank) for s in found[3:]] == [("sgd", 4), ("sgd", 4)]
+    assert asked in found and len(found) == 7
+    assert [(s.optimizer, s.lora_rank, s.base_dtype) for s in found[3:]] == [
+        ("sgd", 4, "fp32"),
+        ("sgd", 4, "bf16"),
+        ("sgd", 4, "int8"),
+        ("sgd", 4, "nf4"),
+    ]
     assert all(s.lora_targets == ("q_map",) and s.seed == 3 for s in found)
 
 
@@ -63,10 +68,10 @@ def test_compare_plans_each_strategy_with_its_own_trainable_parameters_and_memor
                                                        plan.breakdown)),
         on_stage=lambda done, total, name: stages.append((done, total, name)),
     )  # fmt: skip
-    assert [d for d, _, _ in stages] == [0, 1, 2, 3, 4] and stages[-1][2] == "LoRA r2, bf16 base, adam"
+    assert [d for d, _, _ in stages] == [0, 1, 2, 3, 4, 5, 6] and stages[-1][2] == "LoRA r2, nf4 base, adam"
     assert found.error is None and found.asked is not None
     rows = {(r.strategy.optimizer, r.strategy.lora_rank, r.strategy.base_dtype): r for r in found.rows}
-    assert [r.asked for r in found.rows] == [False, False, False, True, False]
+    assert [r.asked for r in found.rows] == [False, False, False, True, False, False, False]
     assert all(r.chunk_size == 64 for r in found.rows)
     adapters = _lora_parameters(model.config, 2)
     for key, row in rows.items():
@@ -79,8 +84,14 @@ def test_compare_plans_each_strategy_with_its_own_trainable_parameters_and_memor
     # The totals differ by the moments less what the runtime line (RSS) moved between the two probes.
     assert full_adam - full_sgd >= 1.5 * weights
     assert peak[("adam", 2, "fp32")] < full_sgd - 0.8 * weights  # no weight gradients, no moments
+    # The frozen base's bytes: 2 a weight in bf16, 1 in int8, 0.5625 in nf4 (and a map's weight dequantized in
+    # fp32 while it computes: 33.6 MB for the wide map, counted by the probe).
+    wide = model.config.hidden_dim * model.config.ffn_dim  # each of U and V
+    assert peak[("adam", 2, "bf16")] < peak[("adam", 2, "fp32")] - 0.8 * 2 * wide * 2
+    assert peak[("adam", 2, "nf4")] < peak[("adam", 2, "bf16")] - 0.8 * 2 * wide * (2 - 0.5625) + 4 * wide
     assert found.asked.chunk_size == rows[("adam", 2, "fp32")].chunk_size
-    assert model.layers[0].attention.q_map.weight.dtype == torch.bfloat16  # converted in place, as documented
+    q_map = model.layers[0].attention.q_map  # converted in place, as documented: the last, nf4
+    assert q_map.weight is None and q_map.quantized.format == "nf4"
 
 
 def test_plan_exit_2_names_the_strategies_that_fit_when_the_asked_one_does_not(capsys, tmp_path):
@@ -114,8 +125,9 @@ def test_plan_json_reports_every_strategy_and_the_run_of_the_asked_one(capsys, t
     result = json.loads(out.strip().splitlines()[-1])
     names = [row["name"] for row in result["strategies"]]
     assert names == ["full fine-tuning, adam", "full fine-tuning, adafactor", "full fine-tuning, sgd",
-                     "LoRA r3, fp32 base, adam", "LoRA r3, bf16 base, adam"]  # fmt: skip
-    assert [row["asked"] for row in result["strategies"]] == [False, False, False, True, False]
+                     "LoRA r3, fp32 base, adam", "LoRA r3, bf16 base, adam", "LoRA r3, int8 base, adam",
+                     "LoRA r3, nf4 base, adam"]  # fmt: skip
+    assert [row["asked"] for row in result["strategies"]] == [False, False, False, True, False, False, False]
     assert result["run"]["trainable_parameters"] == _lora_parameters(config, 3)
     code, out, err = _cli(capsys, *args, "--no-compare")
     assert code == 0, err
@@ -128,6 +140,7 @@ def test_plan_json_reports_every_strategy_and_the_run_of_the_asked_one(capsys, t
     [
         (["--lora-alpha", 4], "--lora-alpha needs LoRA"),
         (["--base-dtype", "bf16"], "--base-dtype=bf16 needs LoRA"),
+        (["--base-dtype", "nf4"], "--base-dtype=nf4 needs LoRA"),
         (["--lora-rank", 2, "--lora-targets", "q_map,W_map"], "unknown W_map"),
     ],
 )
@@ -139,15 +152,24 @@ def test_plan_refuses_lora_flags_that_make_no_sense(capsys, tmp_path, args, mess
 
 def test_a_fit_that_fits_no_c_names_the_strategies_that_do(tmp_path, data_dir):
     """Full fine-tuning with adam needs the weights three times over (gradients, two moments) beside what the process
-    holds; a budget of that plus 1.5 weights cannot fit it at any C, but LoRA (no base gradients) fits. The refusal
-    names LoRA with its C, as `plan` would list it, and writes nothing."""
+    holds; LoRA (no base gradients) far less. A budget halfway between their predictions at C = 1, each from its own
+    plan in this process, cannot fit full fine-tuning at any C, but LoRA fits. The refusal names LoRA with its C, as
+    `plan` would list it, and writes nothing."""
     from slimtune.errors import OutOfBudgetError
-    from slimtune.planner import HEADROOM, held_bytes
+    from slimtune.strategies import plan_fit
     from slimtune.train import fit
 
     path, weights = _wide(tmp_path)
-    budget = int((held_bytes(torch.device("cpu")) + weights + 1.5 * weights) / (1 - HEADROOM))
+    data = data_dir / "ptb.test.txt"
+
+    def at_one(**lora):
+        found = plan_fit(path, seq_len=64, optimizer="adam", data=[data], compare_strategies=False, **lora)
+        return next(c for c in found.plan.candidates if c.chunk_size == 1).predicted_peak_bytes
+
+    full, adapted = at_one(), at_one(lora_rank=8)
+    assert full - adapted > 1.5 * weights
     out = tmp_path / "never.safetensors"
+    budget = int((full + adapted) / 2 / 0.95)
     with pytest.raises(OutOfBudgetError, match=r"cannot fit even C = 1.*these strategies fit: .*LoRA r8.* at C = \d+"):
-        fit(path, data_dir / "ptb.test.txt", out, seq_len=64, optimizer="adam", mem_budget=budget, run_dir=None)
+        fit(path, data, out, seq_len=64, optimizer="adam", mem_budget=budget, run_dir=None)
     assert not out.exists()
