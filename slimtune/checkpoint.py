@@ -27,6 +27,7 @@ from .atomic import atomic_write
 from .choices import ExportDtype, ExportFormat, LayerNorm
 from .config import PerformerConfig
 from .errors import CheckpointError, ConfigError
+from .memory import heap_policy_during
 from .quant import Quantized, quantize
 from .version import __version__
 
@@ -200,14 +201,24 @@ def _stream_safetensors(path: Path, dtype_for) -> tuple[dict[str, torch.Tensor],
     with open(path, "rb") as f:
         n, metadata, entries = _safetensors_header(f, path)
         tensors, stored = {}, {}
-        for name, info in entries:
-            tensor = _read_entry(f, path, n, name, info)
-            if _converts(tensor, target := dtype_for(name) if dtype_for else None):
-                tensors[name], stored[name] = _converted(tensor, target), tensor.dtype
-                del tensor
-            else:
-                tensors[name] = tensor
+        # Quantizing makes a few MB of temporaries per tile beside what stays: under glibc's dynamic threshold they
+        # fragment the heap (a 67 MB checkpoint read as nf4 peaked 23-75 MB above the start from run to run); with
+        # blocks of 1 MB and more mmap'ed (memory.py's "lean") they leave as they are freed: 23-27 MB.
+        quantizing = dtype_for is not None and any(isinstance(dtype_for(name), str) for name, _ in entries)
+        with heap_policy_during("lean" if quantizing else None):
+            _read_entries(f, path, n, entries, dtype_for, tensors, stored)
     return tensors, metadata, stored
+
+
+def _read_entries(f, path: Path, n: int, entries, dtype_for, tensors: dict, stored: dict) -> None:
+    """_stream_safetensors' loop: each entry read, then converted at once, into `tensors` (and `stored`)."""
+    for name, info in entries:
+        tensor = _read_entry(f, path, n, name, info)
+        if _converts(tensor, target := dtype_for(name) if dtype_for else None):
+            tensors[name], stored[name] = _converted(tensor, target), tensor.dtype
+            del tensor
+        else:
+            tensors[name] = tensor
 
 
 def _converts(tensor: torch.Tensor, target) -> bool:

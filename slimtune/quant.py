@@ -90,12 +90,12 @@ class Quantized:
         data = self.data[first // 2 : -(-last // 2)]
         return Quantized("nf4", (stop - start, inner), data, self.scales[first // NF4_BLOCK : -(-last // NF4_BLOCK)])
 
-    def tiles(self) -> list[tuple[int, int]]:
-        """Row ranges of about TILE_BYTES of fp32 weight each (nf4's on block edges): what one product
-        dequantizes at a time."""
+    def tiles(self, tile_bytes: int | None = None) -> list[tuple[int, int]]:
+        """Row ranges of about `tile_bytes` (TILE_BYTES) of fp32 weight each (nf4's on block edges): what one
+        product dequantizes at a time."""
         out, inner = self.shape
         align = NF4_BLOCK // math.gcd(inner, NF4_BLOCK) if self.format == "nf4" else 1
-        step = max(align, TILE_BYTES // (4 * inner) // align * align)
+        step = max(align, (tile_bytes or TILE_BYTES) // (4 * inner) // align * align)
         return [(r, min(r + step, out)) for r in range(0, out, step)]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -103,33 +103,50 @@ class Quantized:
 
 
 def quantize(weight: torch.Tensor, fmt: str) -> Quantized:
-    """`weight` [out, in] in `fmt` ("int8" or "nf4"), computed in fp32."""
-    w = weight.detach().to(torch.float32)
+    """`weight` [out, in] in `fmt` ("int8" or "nf4"), computed in fp32 a tile of rows at a time: a quarter of a
+    product's tile (1 MB of fp32 values), whose temporaries (copies, indices) come to about 8 MB, not several
+    copies of the weight (a checkpoint is quantized as it is read, beside the budget's other lines)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown quantized format {fmt!r}: one of {', '.join(FORMATS)}")
+    out, inner = weight.shape
+    n, device = out * inner, weight.device
     if fmt == "int8":
-        scales = w.abs().amax(dim=1) / 127
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-        return Quantized("int8", tuple(w.shape), q, scales)
-    if fmt == "nf4":
-        flat = w.reshape(-1)
-        n = flat.numel()
-        padded = torch.nn.functional.pad(flat, (0, -n % NF4_BLOCK)).view(-1, NF4_BLOCK)
-        scales = padded.abs().amax(dim=1)
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        normed = (padded / safe[:, None]).reshape(-1)[:n]
-        levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=w.device)
-        index = _nearest(normed, levels)
-        index = torch.nn.functional.pad(index, (0, n % 2))  # an odd count: the last byte's high nibble is 0
-        packed = ((index[0::2] << 4) | index[1::2]).to(torch.uint8)
-        return Quantized("nf4", tuple(w.shape), packed, scales)
-    raise ValueError(f"unknown quantized format {fmt!r}: one of {', '.join(FORMATS)}")
+        data, scales = torch.empty(out, inner, dtype=torch.int8, device=device), torch.empty(out, device=device)
+    else:
+        data = torch.empty(-(-n // 2), dtype=torch.uint8, device=device)
+        scales = torch.empty(-(-n // NF4_BLOCK), device=device)
+    q = Quantized(fmt, (out, inner), data, scales)
+    for start, stop in q.tiles(TILE_BYTES // 4):
+        part = q.rows(start, stop)  # views of data and scales: written in place
+        w = weight[start:stop].detach().to(torch.float32)
+        part.data.copy_(_int8(w, part.scales) if fmt == "int8" else _nf4(w.reshape(-1), part.scales))
+    return q
+
+
+def _int8(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Rows of w as int8, their scales (absmax / 127) written into `scales`."""
+    torch.div(w.abs().amax(dim=1), 127, out=scales)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    return torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+
+
+def _nf4(flat: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Values (from a block's edge) as packed nf4 bytes, each block's absmax written into `scales`."""
+    n = flat.numel()
+    padded = F.pad(flat, (0, -n % NF4_BLOCK)).view(-1, NF4_BLOCK)
+    torch.amax(padded.abs(), dim=1, out=scales)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    normed = (padded / safe[:, None]).reshape(-1)[:n]
+    index = _nearest(normed, _levels(flat.device))
+    index = F.pad(index, (0, n % 2))  # an odd count: the last byte's low nibble is 0
+    return ((index[0::2] << 4) | index[1::2]).to(torch.uint8)
 
 
 def _nearest(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """The index of the nearest level for each value (int64); a tie goes to the upper level. Midpoints between
     neighbouring levels, searched: no [n, 16] distance table."""
     midpoints = (levels[1:] + levels[:-1]) / 2
-    return torch.bucketize(values, midpoints, right=True)
+    return torch.bucketize(values, midpoints, right=True, out_int32=True)
 
 
 def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -255,13 +272,13 @@ class _QuantizedBaseLora(torch.autograd.Function):
         on = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        y = _product(x2, q, dtype)
+        y = _product(x2, q, dtype)  # a fresh tensor: the bias and the adapter are added in place (no copies of y)
         if bias is not None:
-            y = y + bias.to(dtype)
+            y.add_(bias.to(dtype))
         a = None
         if lora_a is not None:
             a = x2 @ lora_a.to(dtype).t()
-            y = y + scaling * (a @ lora_b.to(dtype).t())
+            y.addmm_(a, lora_b.to(dtype).t(), alpha=scaling)
         ctx.save_for_backward(x2, lora_a, lora_b, a)
         ctx.q, ctx.scaling, ctx.shape, ctx.x_dtype = q, scaling, x.shape, x.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -276,7 +293,7 @@ class _QuantizedBaseLora(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _input_product(g2, ctx.q, dtype)
             if gb is not None:
-                dx = dx + s * (gb @ lora_a.to(dtype))
+                dx.addmm_(gb, lora_a.to(dtype), alpha=s)  # in place: no input-sized copies
             dx = dx.view(ctx.shape).to(ctx.x_dtype)
         da = (s * (gb.t() @ x2)).to(lora_a.dtype) if ctx.needs_input_grad[3] else None
         db = (s * (g2.t() @ a)).to(lora_b.dtype) if ctx.needs_input_grad[4] else None

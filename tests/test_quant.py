@@ -9,7 +9,16 @@ import torch
 from slimtune import quant
 from slimtune.quant import NF4_LEVELS, dequantize, dequantize_nf4_torch, quantize
 
-SHAPES = [(8, 64), (5, 37), (3, 200), (1, 1)]
+SHAPES = [(8, 64), (5, 37), (3, 200), (40, 24), (1, 1)]
+
+
+@pytest.fixture(params=["whole", "row tiles"])
+def tiles(request, monkeypatch):
+    """Quantized a tile of rows at a time: the default tile (every shape here is one), or the smallest (a row, or
+    nf4's rows to a block's edge: 8 rows of 24 values are 3 blocks)."""
+    if request.param == "row tiles":
+        monkeypatch.setattr(quant, "TILE_BYTES", 1)
+    return request.param
 
 
 def _weight(shape, seed=0):
@@ -17,7 +26,7 @@ def _weight(shape, seed=0):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_int8_is_per_row_absmax_over_127_rounded(shape):
+def test_int8_is_per_row_absmax_over_127_rounded(shape, tiles):
     w = _weight(shape)
     q = quantize(w, "int8")
     ref = w.numpy().astype(np.float64)
@@ -30,7 +39,7 @@ def test_int8_is_per_row_absmax_over_127_rounded(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_nf4_is_the_nearest_level_times_the_block_absmax(shape):
+def test_nf4_is_the_nearest_level_times_the_block_absmax(shape, tiles):
     w = _weight(shape, seed=1)
     q = quantize(w, "nf4")
     flat = w.numpy().astype(np.float64).reshape(-1)
@@ -304,3 +313,48 @@ def test_the_export_of_a_quantized_base_merges_into_the_input_s_own_weights(tmp_
             assert torch.equal(tuned.tensors[name], expected.to(t.dtype)), name
         else:
             assert torch.equal(tuned.tensors[name], t), name
+
+
+LOAD = """
+import sys, torch
+from slimtune import lora
+from slimtune.checkpoint import load_checkpoint
+from slimtune.memory import peak_rss, process_rss, release_free_heap, reset_peak_rss
+from slimtune.pretrained import PerformerLM
+read = lora.read_dtypes(sys.argv[3])
+PerformerLM.from_checkpoint(load_checkpoint(sys.argv[2], dtype=read))  # the code paths' pages, once
+release_free_heap()
+before = process_rss()
+if not reset_peak_rss():
+    print("no peak counter"); sys.exit(0)
+model = PerformerLM.from_checkpoint(load_checkpoint(sys.argv[1], dtype=read))
+release_free_heap()
+print(peak_rss() - before, process_rss() - before)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_a_checkpoint_is_quantized_as_it_is_read_never_held_in_fp32(tmp_path, fmt):
+    """Reading a 67 MB fp32 checkpoint (4 layers, 17 maps of 8.4 MB) as a quantized base, in a fresh process
+    (VmHWM): the peak stays below what even a bf16 base holds (34 MB), because one fp32 tensor at a time is read and
+    quantized; what stays is the quantized weights and the fp32 rest, counted here from the shapes."""
+    import subprocess
+    import sys
+
+    from helpers import save_model, tiny_model
+
+    model = tiny_model(dtype=torch.float32, hidden_dim=64, n_layers=4, ffn_dim=32768, n_heads=2)
+    path = save_model(tmp_path / "m.safetensors", model)
+    warm = save_model(tmp_path / "warm.safetensors", tiny_model(dtype=torch.float32, hidden_dim=64, ffn_dim=128))
+    layer_maps = {n: p for n, p in model.state_dict().items() if n.startswith("layers.") and n.endswith("map.weight")}
+    per_weight = 1 if fmt == "int8" else 0.5 + 4 / 64
+    quantized = sum(p.numel() * per_weight + (p.shape[0] * 4 if fmt == "int8" else 0) for p in layer_maps.values())
+    rest = sum(p.numel() * 4 for n, p in model.state_dict().items() if n not in layer_maps)
+    bf16 = sum(p.numel() * 2 for p in layer_maps.values()) + rest
+    run = subprocess.run([sys.executable, "-c", LOAD, str(path), str(warm), fmt], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    if run.stdout.startswith("no peak counter"):
+        pytest.skip("the kernel's peak RSS counter cannot be reset here")
+    peak, held = map(int, run.stdout.split())
+    assert peak < bf16, (peak, bf16)
+    assert 0.9 * (quantized + rest) < held < 1.1 * (quantized + rest) + (2 << 20), (held, quantized + rest)

@@ -84,11 +84,6 @@ def test_compare_plans_each_strategy_with_its_own_trainable_parameters_and_memor
     # The totals differ by the moments less what the runtime line (RSS) moved between the two probes.
     assert full_adam - full_sgd >= 1.5 * weights
     assert peak[("adam", 2, "fp32")] < full_sgd - 0.8 * weights  # no weight gradients, no moments
-    # The frozen base's bytes: 2 a weight in bf16, 1 in int8, 0.5625 in nf4 (and a map's weight dequantized in
-    # fp32 while it computes: 33.6 MB for the wide map, counted by the probe).
-    wide = model.config.hidden_dim * model.config.ffn_dim  # each of U and V
-    assert peak[("adam", 2, "bf16")] < peak[("adam", 2, "fp32")] - 0.8 * 2 * wide * 2
-    assert peak[("adam", 2, "nf4")] < peak[("adam", 2, "bf16")] - 0.8 * 2 * wide * (2 - 0.5625) + 4 * wide
     assert found.asked.chunk_size == rows[("adam", 2, "fp32")].chunk_size
     q_map = model.layers[0].attention.q_map  # converted in place, as documented: the last, nf4
     assert q_map.weight is None and q_map.quantized.format == "nf4"
