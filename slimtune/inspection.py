@@ -1,5 +1,5 @@
 """What `inspect` reports of a checkpoint: the file alone (`describe`), and what fine-tuning it costs with each
-optimizer (`inspect_checkpoint`, measured as the planner measures it)."""
+optimizer and with LoRA on each base (`inspect_checkpoint`, measured as the planner measures it)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import math
 import os
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .choices import Optimizer
+from .choices import LORA_DEFAULT_TARGETS, BaseDtype, Optimizer
 from .data import BYTE_VOCAB
+from .lora import in_base_dtype
 from .planner import measure_optimizer_by_shape
+from .quant import stored_bytes
+from .strategies import DEFAULT_RANK
 
 
 def describe(checkpoint: Checkpoint) -> dict:
@@ -52,13 +55,35 @@ def _tokenizer(checkpoint: Checkpoint, provenance: dict) -> str:
 
 
 def inspect_checkpoint(path: str | os.PathLike, **model_flags) -> dict:
-    """`describe` and the fixed memory cost of fine-tuning it with each optimizer in fp32: weights, gradients
-    and the optimizer's state, measured (planner.measure_optimizer, as the planner measures it) one parameter
-    shape at a time, so that inspecting a large checkpoint holds no more than its largest tensor."""
+    """`describe` and the fixed memory cost of fine-tuning it: with each optimizer in fp32 (weights, gradients and
+    the optimizer's state), and with LoRA r8 and adam on each base (`lora_cost`). The optimizers' state is
+    measured (planner.measure_optimizer, as the planner measures it) one parameter shape at a time, so that
+    inspecting a large checkpoint holds no more than its largest tensor."""
     checkpoint = load_checkpoint(path, **model_flags)
     shapes: dict[tuple[int, ...], int] = {}
     for t in checkpoint.tensors.values():
         shapes[tuple(t.shape)] = shapes.get(tuple(t.shape), 0) + 1
     weights = sum(4 * math.prod(shape) * count for shape, count in shapes.items())  # fp32
     costs = {name.value: 2 * weights + measure_optimizer_by_shape(shapes, name) for name in Optimizer}
-    return describe(checkpoint) | {"fine_tuning_bytes": costs}
+    lora = {base.value: lora_cost(checkpoint, base) for base in BaseDtype}
+    return describe(checkpoint) | {"fine_tuning_bytes": costs, "lora_bytes": lora}
+
+
+def lora_cost(checkpoint: Checkpoint, base: BaseDtype, rank: int = DEFAULT_RANK) -> int:
+    """LoRA of `rank` on the default targets with adam, on a base held in `base`: the base's bytes (the layers'
+    linear maps in its dtype or format, their biases bf16 with a bf16 base and fp32 otherwise, the rest fp32), and
+    the adapters' fp32 weights, gradients and adam's state (measured)."""
+    held, adapters = 0, {}
+    for name, t in checkpoint.tensors.items():
+        shape = tuple(t.shape)
+        if not in_base_dtype(name):
+            held += 4 * math.prod(shape)
+        elif base.quantized and name.endswith(".weight"):
+            held += stored_bytes(shape, base.value)
+        else:
+            held += (2 if base == BaseDtype.BF16 else 4) * math.prod(shape)
+        if name.endswith(".weight") and name.split(".")[-2] in LORA_DEFAULT_TARGETS:
+            for part in ((rank, shape[1]), (shape[0], rank)):  # lora_A [R, in], lora_B [out, R]
+                adapters[part] = adapters.get(part, 0) + 1
+    trained = sum(4 * math.prod(shape) * count for shape, count in adapters.items())
+    return held + 2 * trained + measure_optimizer_by_shape(adapters, Optimizer.ADAM)

@@ -102,6 +102,13 @@ class Quantized:
         return dequantize(self, dtype)
 
 
+def stored_bytes(shape: tuple[int, int], fmt: str) -> int:
+    """What a weight of `shape` holds in `fmt`: int8 a byte a value and an fp32 scale a row; nf4 half a byte a
+    value and an fp32 scale per block of 64."""
+    n = shape[0] * shape[1]
+    return n + 4 * shape[0] if fmt == "int8" else -(-n // 2) + 4 * -(-n // NF4_BLOCK)
+
+
 def quantize(weight: torch.Tensor, fmt: str) -> Quantized:
     """`weight` [out, in] in `fmt` ("int8" or "nf4"), computed in fp32 a tile of rows at a time: a quarter of a
     product's tile (1 MB of fp32 values), whose temporaries (copies, indices) come to about 8 MB, not several

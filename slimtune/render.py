@@ -280,6 +280,8 @@ def inspect_tables(info: dict, title: str, tensors: bool) -> list[Table]:
     table.add_row("file size", format_size(info["file_bytes"]))
     for name, cost in info["fine_tuning_bytes"].items():
         table.add_row(f"fixed cost, {name}", f"{format_size(cost)} (weights + gradients + optimizer state, measured)")
+    for base, cost in info.get("lora_bytes", {}).items():
+        table.add_row(f"fixed cost, LoRA r8, {base} base", f"{format_size(cost)} (base + adapters with adam)")
     for key, value in info["provenance"].items():
         table.add_row(key, str(value))
     if not tensors:

@@ -214,12 +214,32 @@ def test_validation_failures(capsys, tmp_path, state_dict, data_dir, case):
         # a bf16 base is read by slimtune's own streaming reader, not safetensors' mapping: the same messages
         ["fit", "--checkpoint", path, "--data", data_dir / "ptb.test.txt", "--out", tmp_path / "out.safetensors",
          "--lora-rank", 2, "--base-dtype", "bf16"],
+        # quantized as it is read: the same messages (a non-finite weight shows in its scales)
+        ["fit", "--checkpoint", path, "--data", data_dir / "ptb.test.txt", "--out", tmp_path / "out.safetensors",
+         "--lora-rank", 2, "--base-dtype", "nf4"],
     ):  # fmt: skip
         code, _, err = cli(capsys, *args)
         assert code == 2, (args, err)
         assert EXPECT[case] in err, err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
         assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_weight_read_quantized_is_refused_by_name(capsys, tmp_path, state_dict, data_dir, fmt, bad):
+    """A layer map's weight with one NaN or inf, quantized as it is read: refused as the unquantized read refuses it
+    (its block's or row's scale is not finite), naming the tensor."""
+    broken = dict(state_dict)
+    broken["layers.1.U_map.weight"] = broken["layers.1.U_map.weight"].clone()
+    broken["layers.1.U_map.weight"][3, 5] = bad
+    path = tmp_path / "bad.safetensors"
+    save_checkpoint(path, broken, tiny_model().config)
+    out = tmp_path / "out.safetensors"
+    code, _, err = cli(capsys, "fit", "--checkpoint", path, "--data", data_dir / "ptb.test.txt", "--out", out,
+                       "--lora-rank", 2, "--base-dtype", fmt)  # fmt: skip
+    assert code == 2 and "non-finite values (NaN or inf) in layers.1.U_map.weight" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_hf_folder_and_dtype(capsys, tmp_path, state_dict, data_dir):
@@ -294,6 +314,21 @@ def test_inspect_reports_the_measured_cost_of_fine_tuning(capsys, tmp_path, stat
     factored = sum(4 * (t.shape[0] + t.shape[1]) if t.dim() == 2 else 4 * t.numel() for t in state_dict.values())
     assert code == 0 and info["parameters"] == n
     assert info["fine_tuning_bytes"] == {"sgd": 8 * n, "adam": 16 * n, "adamw": 16 * n, "adafactor": 8 * n + factored}
+    # LoRA r8 with adam on each base: the layers' map weights in 4, 2, 1 (and an fp32 scale a row) or 0.5 bytes
+    # (and an fp32 scale a block of 64), their biases in the base's dtype for bf16, fp32 otherwise; the adapters
+    # (r8 on q, k, v, U, V) in fp32 with a gradient and two moments: 16 bytes a value.
+    maps = {k: t for k, t in state_dict.items() if k.startswith("layers.") and k.split(".")[-2].endswith("_map")}
+    weights = {k: t for k, t in maps.items() if k.endswith(".weight")}
+    rest = 4 * sum(t.numel() for k, t in state_dict.items() if k not in maps)
+    biases = sum(t.numel() for k, t in maps.items() if k not in weights)
+    adapters = 16 * sum(8 * (t.shape[0] + t.shape[1]) for t in weights.values())
+    held = {
+        "fp32": 4 * sum(t.numel() for t in maps.values()),
+        "bf16": 2 * sum(t.numel() for t in maps.values()),
+        "int8": sum(t.numel() + 4 * t.shape[0] for t in weights.values()) + 4 * biases,
+        "nf4": sum(math.ceil(t.numel() / 2) + 4 * math.ceil(t.numel() / 64) for t in weights.values()) + 4 * biases,
+    }
+    assert info["lora_bytes"] == {base: rest + bytes_ + adapters for base, bytes_ in held.items()}
 
 
 @pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])

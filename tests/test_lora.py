@@ -286,17 +286,29 @@ def test_fit_with_lora_exports_the_merged_model_and_the_peft_adapter(capsys, tmp
     assert_close(merged(ids), adapted_model(ids), 1e-5, "merged against base + adapter")
 
 
-def test_a_bf16_base_exports_every_untouched_tensor_bit_for_bit(capsys, tmp_path, data_dir):
-    """The frozen maps lived in bf16; the export re-reads them from the fp32 input rather than widening the bf16."""
+@pytest.mark.parametrize("base_dtype, computed", [("bf16", "bfloat16"), ("int8", "float32"), ("nf4", "float32")])
+def test_a_bf16_or_quantized_base_exports_every_untouched_tensor_bit_for_bit(capsys, tmp_path, data_dir, base_dtype,
+                                                                             computed):  # fmt: skip
+    """The frozen maps lived in bf16, int8 or nf4; the export re-reads them from the fp32 input rather than widening
+    what was held. The target's merge is the input's weight plus (alpha / R) B A in fp32, B and A from the adapter
+    written beside it. A quantized base computes in the precision asked for (fp32 here); a bf16 base in bf16."""
     from slimtune.checkpoint import load_checkpoint
 
     base = _base(tmp_path)
-    result = _fit(capsys, tmp_path, base, data_dir, "--lora-rank", 4, "--lora-targets", "q_map", "--base-dtype", "bf16")
-    assert result["run"]["compute_dtype"] == "bfloat16"
+    result = _fit(capsys, tmp_path, base, data_dir, "--lora-rank", 4, "--lora-targets", "q_map", "--base-dtype",
+                  base_dtype, "--adapter-out", tmp_path / "adapter")  # fmt: skip
+    assert result["run"]["compute_dtype"] == computed
     before, after = load_checkpoint(base), load_checkpoint(tmp_path / "tuned.safetensors")
+    adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     for name, w in before.tensors.items():
+        assert after.tensors[name].dtype == torch.float32, name
         if "q_map.weight" not in name:
-            assert torch.equal(after.tensors[name], w) and after.tensors[name].dtype == torch.float32, name
+            assert torch.equal(after.tensors[name], w), name
+            continue
+        prefix = "base_model.model." + name.removesuffix(".weight")
+        a, b = adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"]
+        assert torch.equal(after.tensors[name], w + (8 / 4) * (b @ a)), name
+        assert not torch.equal(after.tensors[name], w), name  # the step moved the adapter
 
 
 def test_a_resumed_lora_run_is_bit_for_bit_the_uninterrupted_one(capsys, tmp_path, data_dir):
@@ -310,6 +322,10 @@ def test_a_resumed_lora_run_is_bit_for_bit_the_uninterrupted_one(capsys, tmp_pat
                         128, "--chunk-size", 32, "--lr", 0.01, "--steps", 5, "--lora-rank", 3, "--resume", "--out",
                         tmp_path / "twice.safetensors")  # fmt: skip
     assert code == 2 and "was started with --lora-rank 2 (now 3)" in err.strip().splitlines()[-1]
+    code, _, err = _cli(capsys, "fit", "--checkpoint", base, "--data", data_dir / "tinyshakespeare.txt", "--seq-len",
+                        128, "--chunk-size", 32, "--lr", 0.01, "--steps", 5, "--lora-rank", 2, "--base-dtype", "nf4",
+                        "--resume", "--out", tmp_path / "twice.safetensors")  # fmt: skip
+    assert code == 2 and "was started with --base-dtype 'fp32' (now 'nf4')" in err.strip().splitlines()[-1], err
 
 
 @pytest.mark.parametrize(

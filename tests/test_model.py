@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from slimtune import lora
-from slimtune.checkpoint import load_checkpoint, save_checkpoint
+from slimtune.checkpoint import expected_shapes, load_checkpoint, save_checkpoint
 from slimtune.memory import TensorBytes
 from slimtune.pretrained import PerformerLM
 
@@ -186,8 +186,20 @@ def test_an_hf_folder_loads(tmp_path):
         (torch.float32, True, None, "bf16"),  # merged, then cast
         (torch.float32, True, torch.bfloat16, "auto"),  # a bf16 base of an fp32 input: read again, then merged
         (torch.bfloat16, True, None, "auto"),  # merged from bf16 through fp32
+        (torch.float32, True, "nf4", "auto"),  # a quantized base: every layer map read again from the input
+        (torch.bfloat16, True, "int8", "fp32"),  # read again in bf16, merged, cast
     ],
-    ids=["fp32", "fp32-cast", "bf16-input", "lora", "lora-cast", "lora-bf16-base", "lora-bf16-input"],
+    ids=[
+        "fp32",
+        "fp32-cast",
+        "bf16-input",
+        "lora",
+        "lora-cast",
+        "lora-bf16-base",
+        "lora-bf16-input",
+        "lora-nf4-base",
+        "lora-int8-base-bf16-input-cast",
+    ],  # fmt: skip
 )
 def test_export_bytes_is_what_save_pretrained_allocates(tmp_path, stored, adapters, base_dtype, export):
     """The planner's export line: PerformerLM.export_bytes against the tensor bytes save_pretrained allocates at
@@ -207,22 +219,25 @@ def _exported_model(tmp_path, stored, adapters, base_dtype, **sizes):
         with torch.no_grad():
             for m in lora.adapters(model).values():
                 m.lora_B.weight.normal_()  # a non-zero delta
-        if base_dtype is not None:
+        if isinstance(base_dtype, str):
+            lora.quantize_base(model, base_dtype)
+        elif base_dtype is not None:
             lora.freeze_base_to(model, base_dtype)
     return model
 
 
 @pytest.mark.parametrize(
     "adapters, base_dtype, export",
-    [(False, None, "bf16"), (True, None, "auto"), (True, torch.bfloat16, "bf16")],
-    ids=["cast", "lora", "lora-bf16-base-cast"],
+    [(False, None, "bf16"), (True, None, "auto"), (True, torch.bfloat16, "bf16"), (True, "nf4", "auto")],
+    ids=["cast", "lora", "lora-bf16-base-cast", "lora-nf4-base"],
 )
 def test_the_export_holds_one_tensor_at_a_time_not_the_model(tmp_path, adapters, base_dtype, export):
     """Six layers of equal size: an export that made every tensor before writing (as it once did: a 46M-parameter
     model's LoRA export took 363 MB) allocates at least six layers' worth; tensor by tensor, less than two."""
     model = _exported_model(tmp_path, torch.float32, adapters, base_dtype, n_layers=6, hidden_dim=64, ffn_dim=64)
     written = torch.bfloat16 if export == "bf16" else torch.float32
-    layer = sum(t.numel() for n, t in model.state_dict().items() if n.startswith("layers.0.") and "lora" not in n)
+    shapes = expected_shapes(model.config)  # a quantized base's state_dict holds no layer map weights
+    layer = sum(math.prod(shape) for n, shape in shapes.items() if n.startswith("layers.0."))
     with TensorBytes() as allocated:
         model.save_pretrained(tmp_path / "out.safetensors", dtype=export)
     assert 0 < allocated.peak < 2 * layer * written.itemsize, (allocated.peak, layer)
