@@ -3,9 +3,10 @@ against a full one, and how much of full fine-tuning's gain LoRA recovers. Every
 process, run alone.
 
 - reach: at each budget, models of one family (d from 256 up, d / 128 layers, ffn 4d, d / 64 heads) under each
-  strategy (full fine-tuning with adam, adafactor and sgd; LoRA r8 with adam on an fp32 and on a bf16 base): one
-  `fit` step with `--mem-budget B`, d growing until fit refuses (exit 2: nothing fits) or the model takes longer
-  than --max-seconds. Each strategy starts from the largest d of the one before it (they hold less and less).
+  strategy (full fine-tuning with adam, adafactor and sgd; LoRA r8 with adam on an fp32, bf16, int8 and nf4
+  base): one `fit` step with `--mem-budget B`, d growing until fit refuses (exit 2: nothing fits) or the model
+  takes longer than --max-seconds. Each strategy starts from the largest d of the one before it (they hold less
+  and less), or from --start-d; --strategies picks some (a comma list of substrings of their names).
   Reported: the largest d that trained, its parameters, C and measured peak (VmHWM).
 - speed: one model, one C: full fine-tuning (adam, adafactor) and LoRA steps (adam; fp32 and bf16 base),
   interleaved and repeated; each `fit` reports its steps' seconds (`step_seconds`), of which the first (the
@@ -40,8 +41,10 @@ STRATEGIES = {  # name -> fit flags
     "full, sgd": ["--optimizer", "sgd"],
     "LoRA r8, fp32 base, adam": ["--optimizer", "adam", "--lora-rank", "8"],
     "LoRA r8, bf16 base, adam": ["--optimizer", "adam", "--lora-rank", "8", "--base-dtype", "bf16"],
+    "LoRA r8, int8 base, adam": ["--optimizer", "adam", "--lora-rank", "8", "--base-dtype", "int8"],
+    "LoRA r8, nf4 base, adam": ["--optimizer", "adam", "--lora-rank", "8", "--base-dtype", "nf4"],
 }
-FAMILY = (256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048)
+FAMILY = (256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2304, 2560, 2816, 3072)
 MB = 1e6
 
 
@@ -81,8 +84,10 @@ def fit(checkpoint, data, *flags, timeout=None):
 def reach(args) -> None:
     rows, records = [], []
     for budget in args.budgets.split(","):
-        start = args.family[0]
+        start = args.start_d or args.family[0]
         for name, flags in STRATEGIES.items():
+            if args.strategies and not any(part in name for part in args.strategies.split(",")):
+                continue
             best = None
             for d in (d for d in args.family if d >= start):
                 config = family(d)
@@ -111,7 +116,8 @@ def reach(args) -> None:
             rows.append([budget, name, best["d"], f"{best['parameters'] / 1e6:.1f}M", best["chunk_size"],
                          f"{best['peak_bytes'] / MB:.0f}", "yes" if within else "NO", f"next: {stopped}"])  # fmt: skip
     headers = ["budget", "strategy", "largest d", "parameters", "C", "peak MB (VmHWM)", "within", ""]
-    report(f"param_memory-reach-L{args.seq_len}" + ("-quick" if args.quick else ""), headers, rows,
+    subset = "-" + args.strategies.replace(",", "-").replace(" ", "") if args.strategies else ""
+    report(f"param_memory-reach-L{args.seq_len}{subset}" + ("-quick" if args.quick else ""), headers, rows,
            {"seq_len": args.seq_len, "records": records})  # fmt: skip
 
 
@@ -195,6 +201,8 @@ def main():
     parser.add_argument("--budgets", default="1GB,2GB")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--max-seconds", type=float, default=600, help="reach: stop a family at a cell this slow")
+    parser.add_argument("--strategies", default="", help="reach: only these (substrings of the names, comma list)")
+    parser.add_argument("--start-d", type=int, default=0, help="reach: the first d tried (default: the smallest)")
     parser.add_argument("--speed-d", type=int, default=512)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--speed-steps", type=int, default=3)

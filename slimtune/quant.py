@@ -18,6 +18,7 @@ and bit for bit the same values: tested), else with the PyTorch lookup.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import math
@@ -156,27 +157,48 @@ def _nearest(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(values, midpoints, right=True, out_int32=True)
 
 
-def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(q: Quantized, dtype: torch.dtype = torch.float32, *, scratch: bool = False) -> torch.Tensor:
     """The weight [out, in] as the quantized model computes with it, in `dtype`: each value (level or integer times
-    its scale) made in fp32, then cast; for float64 made in float64, where it is exact."""
+    its scale) made in fp32, then cast; for float64 made in float64, where it is exact. `scratch`: in buffers that
+    the next call reuses (_scratch: a product's tile, used at once)."""
     if q.format == "int8":
         made = torch.promote_types(dtype, torch.float32)
         return (q.data.to(made) * q.scales.to(made)[:, None]).to(dtype)
     fast = _bitsandbytes_dequantize() if dtype in LIBRARY_DTYPES and q.numel() % NF4_BLOCK == 0 else None
-    return fast(q, dtype) if fast is not None else dequantize_nf4_torch(q, dtype)
+    if fast is None:
+        return dequantize_nf4_torch(q, dtype, scratch=scratch)
+    return fast(q, dtype, _buffer("weight", q.numel(), dtype, q.device, True) if scratch else None)
 
 
-def dequantize_nf4_torch(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_nf4_torch(q: Quantized, dtype: torch.dtype = torch.float32, *, scratch: bool = False) -> torch.Tensor:
     """nf4 in PyTorch: each byte looks up its pair of levels in a 256-row table (one gather, not two nibble masks),
     and each block of 64 is scaled in place."""
-    out, inner = q.shape
-    n = out * inner
-    table = _pair_table(q.data.device).to(torch.promote_types(dtype, torch.float32))
-    values = F.embedding(q.data.to(torch.int32), table).view(-1)
-    if values.numel() % NF4_BLOCK:  # a last, shorter block
-        values = F.pad(values, (0, -values.numel() % NF4_BLOCK))
-    values.view(-1, NF4_BLOCK).mul_(q.scales.to(values.dtype)[:, None])
-    return values[:n].view(out, inner).to(dtype)
+    (out, inner), device = q.shape, q.device
+    n, k, made = out * inner, q.data.numel(), torch.promote_types(dtype, torch.float32)
+    index = _buffer("index", k, torch.int32, device, scratch).copy_(q.data)
+    values = _buffer("values", -(-2 * k // NF4_BLOCK) * NF4_BLOCK, made, device, scratch)
+    torch.index_select(_pair_table(device).to(made), 0, index, out=values[: 2 * k].view(k, 2))
+    values[2 * k :].zero_()  # a last, shorter block
+    values.view(-1, NF4_BLOCK).mul_(q.scales.to(made)[:, None])
+    if made == dtype:
+        return values[:n].view(out, inner)
+    return _buffer("weight", n, dtype, device, scratch).copy_(values[:n]).view(out, inner)
+
+
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device, scratch: bool) -> torch.Tensor:
+    """`numel` values of `dtype`: fresh, or with `scratch` a view of one buffer per (name, dtype, device), kept and
+    reused by every later call (at least a tile's worth: TILE_BYTES of fp32 values). A step dequantizes thousands of
+    tiles; each allocating and freeing its own few MB fragmented glibc's heap under a fixed 4 MB mmap threshold (a
+    d-1792 model's LoRA step on nf4 held 220 MB more than its tensors), where reused buffers hold under 10 MB."""
+    if not scratch:
+        return torch.empty(numel, dtype=dtype, device=device)
+    held = _SCRATCH.get((name, dtype, device))
+    if held is None or held.numel() < numel:
+        held = _SCRATCH[(name, dtype, device)] = torch.empty(max(numel, TILE_BYTES // 4), dtype=dtype, device=device)
+    return held[:numel]
 
 
 @functools.cache
@@ -192,8 +214,13 @@ NO_LIBRARY = "SLIMTUNE_NO_BITSANDBYTES"  # set (to anything): the PyTorch lookup
 
 @functools.cache
 def _bitsandbytes_dequantize():
-    """bitsandbytes' nf4 dequantization as a function (q, dtype) -> weight, or None where it is not installed (or
-    NO_LIBRARY is set). Its import warns about optional kernels for products we do not use: silenced."""
+    """bitsandbytes' nf4 dequantization as a function (q, dtype, out) -> weight, or None where it is not installed
+    (or NO_LIBRARY is set). Its import warns about optional kernels for products we do not use: silenced.
+
+    On the CPU its kernel is called with our buffer as the output: its operator makes a fresh tensor per call and
+    takes no `out` there, and a fresh tile per product is what fragmented the heap (_buffer). A bitsandbytes without
+    that kernel (another version or platform) gets the operator; on a GPU the operator serves (the caching
+    allocator reuses blocks)."""
     if os.environ.get(NO_LIBRARY):
         return None
     quiet = logging.getLogger("bitsandbytes")
@@ -203,12 +230,21 @@ def _bitsandbytes_dequantize():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import bitsandbytes.functional as bnb
+            from bitsandbytes.cextension import lib
     except Exception:  # not installed, or no library for this platform: the PyTorch lookup serves
         return None
     finally:
         quiet.setLevel(level)
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    native = {dtype: getattr(lib, f"cdequantize_blockwise_cpu_nf4_{name}", None) for dtype, name in names.items()}
 
-    def dequantize_4bit(q: Quantized, dtype: torch.dtype) -> torch.Tensor:
+    def dequantize_4bit(q: Quantized, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+        kernel = native.get(dtype) if q.device.type == "cpu" and q.shape[1] % 2 == 0 else None
+        if kernel is not None and out is not None:
+            big = ctypes.c_longlong
+            kernel(bnb.get_ptr(q.data), bnb.get_ptr(q.scales), bnb.get_ptr(out), big(NF4_BLOCK), big(q.shape[0]),
+                   big(q.shape[1]))  # fmt: skip
+            return out.view(q.shape)
         state = bnb.QuantState(
             absmax=q.scales,
             shape=torch.Size(q.shape),
@@ -235,7 +271,9 @@ def library() -> str:
 def _factor(part: Quantized, dtype: torch.dtype) -> torch.Tensor:
     """What a product multiplies by: int8's integers in `dtype` (its row scales apply to the product, exact: an
     8-bit integer is exact in bf16), nf4's dequantized weight."""
-    return part.data.to(dtype) if part.format == "int8" else part.dequantize(dtype)
+    if part.format == "int8":
+        return _buffer("weight", part.numel(), dtype, part.device, True).copy_(part.data.view(-1)).view(part.shape)
+    return dequantize(part, dtype, scratch=True)
 
 
 def _product(x2: torch.Tensor, q: Quantized, dtype: torch.dtype) -> torch.Tensor:
