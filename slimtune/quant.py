@@ -11,20 +11,21 @@
 held whole in fp32; `Quantized` is one weight in either format, with its bytes and its dequantized form.
 
 The products (RESULTS.md, "Quantized bases: the library question"): int8 multiplies by the int8 values themselves
-and applies the row scales to the product (no weight-sized float copy). nf4 dequantizes with bitsandbytes'
-`dequantize_4bit` where it is installed (`slimtune[quant]`; 3.5x faster than a PyTorch table lookup on this CPU,
-and bit for bit the same values: tested), else with the PyTorch lookup.
+and applies the row scales to the product (no weight-sized float copy). nf4 dequantizes on a CPU with bitsandbytes'
+kernel where it is installed (`slimtune[quant]`; 3-8x a PyTorch table lookup on this CPU, and bit for bit the same
+values: tested), else (and on a GPU) with the PyTorch lookup. Either way a product dequantizes one tile of rows at
+a time into buffers kept for the next (`Quantized.tiles`, `_buffer`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import logging
+import importlib.util
 import math
 import os
-import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -164,10 +165,11 @@ def dequantize(q: Quantized, dtype: torch.dtype = torch.float32, *, scratch: boo
     if q.format == "int8":
         made = torch.promote_types(dtype, torch.float32)
         return (q.data.to(made) * q.scales.to(made)[:, None]).to(dtype)
-    fast = _bitsandbytes_dequantize() if dtype in LIBRARY_DTYPES and q.numel() % NF4_BLOCK == 0 else None
+    usable = dtype in LIBRARY_DTYPES and q.device.type == "cpu" and q.shape[1] % 2 == 0
+    fast = _bitsandbytes_dequantize() if usable and q.numel() % NF4_BLOCK == 0 else None
     if fast is None:
         return dequantize_nf4_torch(q, dtype, scratch=scratch)
-    return fast(q, dtype, _buffer("weight", q.numel(), dtype, q.device, True) if scratch else None)
+    return fast(q, dtype, _buffer("weight", q.numel(), dtype, q.device, scratch))
 
 
 def dequantize_nf4_torch(q: Quantized, dtype: torch.dtype = torch.float32, *, scratch: bool = False) -> torch.Tensor:
@@ -208,52 +210,37 @@ def _pair_table(device: torch.device) -> torch.Tensor:
     return torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1).to(device)
 
 
-LIBRARY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what bitsandbytes dequantizes into
+LIBRARY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what bitsandbytes' CPU kernels dequantize into
 NO_LIBRARY = "SLIMTUNE_NO_BITSANDBYTES"  # set (to anything): the PyTorch lookup even where bitsandbytes is installed
 
 
 @functools.cache
 def _bitsandbytes_dequantize():
-    """bitsandbytes' nf4 dequantization as a function (q, dtype, out) -> weight, or None where it is not installed
-    (or NO_LIBRARY is set). Its import warns about optional kernels for products we do not use: silenced.
+    """bitsandbytes' CPU kernel for nf4 dequantization as a function (q, dtype, out) -> weight, or None where it
+    is not installed (or NO_LIBRARY is set).
 
-    On the CPU its kernel is called with our buffer as the output: its operator makes a fresh tensor per call and
-    takes no `out` there, and a fresh tile per product is what fragmented the heap (_buffer). A bitsandbytes without
-    that kernel (another version or platform) gets the operator; on a GPU the operator serves (the caching
-    allocator reuses blocks)."""
+    The kernel is loaded from bitsandbytes' own CPU library through its C interface, not by importing the Python
+    package: that import brings in torch.compile's stack (sympy, networkx), 124 MB of resident memory, on a tool whose
+    point is memory. It writes into a buffer we give (_buffer), where the package's operator makes a fresh tensor
+    per call."""
     if os.environ.get(NO_LIBRARY):
         return None
-    quiet = logging.getLogger("bitsandbytes")
-    level = quiet.level
     try:
-        quiet.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import bitsandbytes.functional as bnb
-            from bitsandbytes.cextension import lib
-    except Exception:  # not installed, or no library for this platform: the PyTorch lookup serves
-        return None
-    finally:
-        quiet.setLevel(level)
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    native = {dtype: getattr(lib, f"cdequantize_blockwise_cpu_nf4_{name}", None) for dtype, name in names.items()}
+        spec = importlib.util.find_spec("bitsandbytes")  # finds the package without running it
+        library = ctypes.CDLL(str(Path(spec.submodule_search_locations[0]) / "libbitsandbytes_cpu.so"))
+        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        kernels = {dtype: getattr(library, f"cdequantize_blockwise_cpu_nf4_{name}") for dtype, name in names.items()}
+    except (ImportError, AttributeError, OSError, TypeError, IndexError):
+        return None  # not installed, or a build without the kernels: the PyTorch lookup serves
+    for kernel in kernels.values():
+        kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_longlong] * 3
+        kernel.restype = None
 
-    def dequantize_4bit(q: Quantized, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
-        kernel = native.get(dtype) if q.device.type == "cpu" and q.shape[1] % 2 == 0 else None
-        if kernel is not None and out is not None:
-            big = ctypes.c_longlong
-            kernel(bnb.get_ptr(q.data), bnb.get_ptr(q.scales), bnb.get_ptr(out), big(NF4_BLOCK), big(q.shape[0]),
-                   big(q.shape[1]))  # fmt: skip
-            return out.view(q.shape)
-        state = bnb.QuantState(
-            absmax=q.scales,
-            shape=torch.Size(q.shape),
-            code=_levels(q.data.device),
-            blocksize=NF4_BLOCK,
-            quant_type="nf4",
-            dtype=dtype,
-        )
-        return bnb.dequantize_4bit(q.data.view(-1, 1), state)
+    def dequantize_4bit(q: Quantized, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+        """Rows of q, [m, n] with n even, blocks of 64 counted row-major: bitsandbytes' layout and ours."""
+        data, scales = q.data.contiguous(), q.scales.contiguous()
+        kernels[dtype](data.data_ptr(), scales.data_ptr(), out.data_ptr(), NF4_BLOCK, q.shape[0], q.shape[1])
+        return out.view(q.shape)
 
     return dequantize_4bit
 
