@@ -303,6 +303,23 @@ def bench_runs(quick: bool) -> list[tuple[str, list[str]]]:
         ("fp32", [*size, "--chunks", chunks, "--precision", "fp32"]),
         ("bf16", [*size, "--chunks", chunks, "--precision", "bf16"]),
         ("lora-r8", [*size, "--chunks", "64" if quick else "1024", "--lora-rank", "8", "--no-checkpointing"]),
+        # QLoRA (issue 35): the same LoRA step on a bf16 and on an nf4 base, dequantized tile by tile on the card
+        *(
+            (
+                f"lora-r8-{base}",
+                [
+                    *size,
+                    "--chunks",
+                    "64" if quick else "1024",
+                    "--lora-rank",
+                    "8",
+                    "--base-dtype",
+                    base,
+                    "--no-checkpointing",
+                ],
+            )
+            for base in ("bf16", "nf4")
+        ),
     ]
 
 
@@ -310,7 +327,7 @@ def part_bench(out: Path, args) -> None:
     plots = importlib.util.find_spec("matplotlib") is not None
     runs = []
     for name, flags in bench_runs(args.quick):
-        plot = ["--plot", str(out / f"bench-{name}.png")] if plots and name != "lora-r8" else []
+        plot = ["--plot", str(out / f"bench-{name}.png")] if plots and not name.startswith("lora") else []
         done = _slimtune("bench", *flags, "--optimizer", "adam", "--device", args.device, *plot, "--json")
         _log(f"bench {name}: exit {done.returncode}", done.stderr[-3000:])
         if done.returncode == 0:
@@ -475,7 +492,7 @@ def plot_fetched(out: Path) -> None:
     from slimtune.bench import Row, plot
 
     for run in json.loads((out / "bench.json").read_text())["runs"]:
-        if "rows" in run and run["name"] != "lora-r8":
+        if "rows" in run and not run["name"].startswith("lora"):
             fields = set(Row.__dataclass_fields__)
             rows = [Row(**{k: v for k, v in r.items() if k in fields}) for r in run["rows"]]
             path = out / f"bench-{run['name']}.png"

@@ -12,11 +12,16 @@ process, run alone.
   interleaved and repeated; each `fit` reports its steps' seconds (`step_seconds`), of which the first (the
   optimizer's state being made) is left out.
 - quality: `pretrain --recipe small` on tinyshakespeare, then the same steps of fine-tuning on wikitext2.valid
-  with full fine-tuning and with LoRA at two ranks; held-out bpc on wikitext2.test before and after.
+  with full fine-tuning, with LoRA at two ranks, and with the larger rank on a bf16, int8 and nf4 base; held-out
+  bpc on wikitext2.test before and after, of the exported `--out` (a quantized base's adapters merged into the
+  full-precision weights, as a user gets them).
+- squeeze (issue 35): a 208M-parameter checkpoint (d 1536, 8 layers, 832 MB in fp32) under --squeeze-budget
+  (800MB) with LoRA r8 on each base: which fit, at which C, with what peak.
 
     python benchmarks/param_memory.py reach [--budgets 1GB,2GB] [--seq-len 2048]
     python benchmarks/param_memory.py speed [--repeats 5]
     python benchmarks/param_memory.py quality [--steps 200]
+    python benchmarks/param_memory.py squeeze [--squeeze-budget 800MB]
     python benchmarks/param_memory.py all --quick     # every part at toy sizes (a smoke test of the script)
 """
 
@@ -131,6 +136,8 @@ def speed(args) -> None:
         "full, adafactor": ["--optimizer", "adafactor"],
         "LoRA r8, adam": ["--optimizer", "adam", "--lora-rank", 8],
         "LoRA r8, bf16 base, adam": ["--optimizer", "adam", "--lora-rank", 8, "--base-dtype", "bf16"],
+        "LoRA r8, int8 base, adam": ["--optimizer", "adam", "--lora-rank", 8, "--base-dtype", "int8"],
+        "LoRA r8, nf4 base, adam": ["--optimizer", "adam", "--lora-rank", 8, "--base-dtype", "nf4"],
     }
     seconds = {name: [] for name in variants}
     for _ in range(args.repeats):  # interleaved: each repeat runs every variant once
@@ -142,9 +149,12 @@ def speed(args) -> None:
     rows = []
     for name, values in seconds.items():
         ratios = [v / f for v, f in zip(values, seconds["full, adam"], strict=True)]  # within each round
+        bf16 = [v / b for v, b in zip(values, seconds["LoRA r8, bf16 base, adam"], strict=True)]
         rows.append([name, f"{min(values):.3f}", f"{statistics.median(values):.3f}", f"{max(values):.3f}",
-                     f"{min(ratios):.2f}x", f"{statistics.median(ratios):.2f}x", f"{max(ratios):.2f}x"])  # fmt: skip
-    headers = ["strategy", "s/step min", "median", "max", "vs full, per round: min", "median", "max"]
+                     f"{min(ratios):.2f}x", f"{statistics.median(ratios):.2f}x", f"{max(ratios):.2f}x",
+                     f"{min(bf16):.2f}x", f"{statistics.median(bf16):.2f}x", f"{max(bf16):.2f}x"])  # fmt: skip
+    headers = ["strategy", "s/step min", "median", "max", "vs full, per round: min", "median", "max",
+               "vs LoRA bf16 base: min", "median", "max"]  # fmt: skip
     report("param_memory-speed" + ("-quick" if args.quick else ""), headers, rows,
            {"d": args.speed_d, "seq_len": args.seq_len, "chunk_size": args.chunk, "seconds": seconds})  # fmt: skip
 
@@ -170,6 +180,8 @@ def quality(args) -> None:
     before = bpc(base)
     variants = {"full": ["--lr", args.lr_full], f"LoRA r{args.ranks[0]}": ["--lora-rank", args.ranks[0]],
                 f"LoRA r{args.ranks[1]}": ["--lora-rank", args.ranks[1]]}  # fmt: skip
+    for base in ("bf16", "int8", "nf4"):  # issue 35: the same LoRA on a bf16 base and on quantized ones
+        variants[f"LoRA r{args.ranks[1]}, {base} base"] = ["--lora-rank", args.ranks[1], "--base-dtype", base]
     rows, results = [], {}
     for name, flags in variants.items():
         tuned = OUT / f"quality-{name.replace(' ', '-')}.safetensors"
@@ -185,19 +197,47 @@ def quality(args) -> None:
         results[name] = {"bpc": bpc(tuned), "trainable_parameters": result["trainable_parameters"],
                          "seconds": seconds}  # fmt: skip
     gain_full = before - results["full"]["bpc"]
-    rows.append(["base (no fine-tuning)", "-", f"{before:.4f}", "-", "-"])
+    gain_bf16 = before - results[f"LoRA r{args.ranks[1]}, bf16 base"]["bpc"]
+    rows.append(["base (no fine-tuning)", "-", f"{before:.4f}", "-", "-", "-"])
     for name, r in results.items():
         gain = before - r["bpc"]
         share = f"{gain / gain_full:.0%}" if gain_full > 0 else "-"
-        rows.append([name, f"{r['trainable_parameters']:,}", f"{r['bpc']:.4f}", f"{-gain:+.4f}", share])
-    headers = ["fine-tuning", "trains", "test bpc", "vs base", "share of full's gain"]
+        of_bf16 = f"{gain / gain_bf16:.0%}" if gain_bf16 > 0 and name.endswith("base") else "-"
+        rows.append([name, f"{r['trainable_parameters']:,}", f"{r['bpc']:.4f}", f"{-gain:+.4f}", share, of_bf16])
+    headers = ["fine-tuning", "trains", "test bpc", "vs base", "share of full's gain", "of bf16 base's"]
     report("param_memory-quality" + ("-quick" if args.quick else ""), headers, rows,
            {"steps": args.steps, "before": before, "results": results})  # fmt: skip
 
 
+def squeeze(args) -> None:
+    """The 832 MB checkpoint of issue 35 under a smaller budget, LoRA r8 on each base: one step each."""
+    config = PerformerConfig(hidden_dim=1536, n_layers=8, ffn_dim=6144, n_heads=24)
+    ckpt = make_checkpoint(config, "squeeze-d1536x8")
+    rows, records = [], []
+    for base in ("fp32", "bf16", "int8", "nf4"):
+        code, result, error, seconds = fit(ckpt, DATA / "tinyshakespeare.txt", "--steps", 1, "--seq-len", args.seq_len,
+                                           "--mem-budget", args.squeeze_budget, "--optimizer", "adam", "--lora-rank",
+                                           8, "--base-dtype", base)  # fmt: skip
+        record = {"base": base, "exit_code": code, "seconds": seconds, "error": error if code else ""}
+        if result:
+            record |= {"chunk_size": result["chunk_size"], "peak_bytes": result["peak_memory_bytes"],
+                       "predicted_bytes": result["plan"]["predicted_peak_bytes"],
+                       "step_seconds": result["step_seconds"]}  # fmt: skip
+        records.append(record)
+        print(json.dumps(record), flush=True)
+        peak = f"{record['peak_bytes'] / MB:.0f}" if result else "-"
+        within = ("yes" if record["peak_bytes"] <= parse_size(args.squeeze_budget) else "NO") if result else "-"
+        rows.append([base, "trained" if code == 0 else f"exit {code}", record.get("chunk_size", "-"), peak, within,
+                     f"{seconds:.0f}", error[:70]])  # fmt: skip
+    headers = ["base", "fit", "C", "peak MB (VmHWM)", "within", "s (whole fit)", "why not"]
+    report(f"param_memory-squeeze-{args.squeeze_budget}", headers, rows,
+           {"parameters": parameters(config), "seq_len": args.seq_len, "records": records})  # fmt: skip
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["reach", "speed", "quality", "all"])
+    parser.add_argument("part", choices=["reach", "speed", "quality", "squeeze", "all"])
+    parser.add_argument("--squeeze-budget", default="800MB")
     parser.add_argument("--budgets", default="1GB,2GB")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--max-seconds", type=float, default=600, help="reach: stop a family at a cell this slow")
@@ -220,7 +260,7 @@ def main():
         args.repeats, args.speed_steps, args.steps, args.pretrain_steps, args.eval_bytes = 1, 1, 3, 3, 5000
     parts = ["reach", "speed", "quality"] if args.part == "all" else [args.part]
     for part in parts:
-        {"reach": reach, "speed": speed, "quality": quality}[part](args)
+        {"reach": reach, "speed": speed, "quality": quality, "squeeze": squeeze}[part](args)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,13 @@ class DeferredLinear(nn.Linear):
         y.register_hook(lambda g: slot.add(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])))
         return y
 
+    def _apply(self, fn, recurse=True):
+        """`model.to(device)` moves a quantized weight with the parameters; its dtype stays (the format's own)."""
+        super()._apply(fn, recurse)
+        if self.quantized is not None:
+            self.quantized = self.quantized.to(fn(torch.empty(0, device=self.quantized.device)).device)
+        return self
+
     def defers(self, x: torch.Tensor) -> bool:
         """Whether forward(x) hands its weight gradient to the batcher (through a hook on its output)."""
         return self.batcher is not None and torch.is_grad_enabled() and self.weight.requires_grad and x.requires_grad

@@ -70,7 +70,9 @@ def test_the_planner_cell_measures_the_chosen_c_and_the_next(quick_run):
 def test_bench_and_profile_hold_their_measurements(quick_run):
     out = quick_run[0]
     runs = {r["name"]: r for r in json.loads((out / "bench.json").read_text())["runs"]}
-    assert set(runs) == {"fp32", "bf16", "lora-r8"} and runs["bf16"]["precision"] == "bf16"
+    assert (
+        set(runs) == {"fp32", "bf16", "lora-r8", "lora-r8-bf16", "lora-r8-nf4"} and runs["bf16"]["precision"] == "bf16"
+    )
     for run in runs.values():
         assert run["rows"] and all(r["median_s"] and r["peak_bytes"] for r in run["rows"])
     assert runs["lora-r8"]["trainable_parameters"] < runs["fp32"]["trainable_parameters"] / 10

@@ -359,3 +359,21 @@ def test_a_checkpoint_is_quantized_as_it_is_read_never_held_in_fp32(tmp_path, fm
     peak, held = map(int, run.stdout.split())
     assert peak < bf16, (peak, bf16)
     assert 0.9 * (quantized + rest) < held < 1.1 * (quantized + rest) + (2 << 20), (held, quantized + rest)
+
+
+def test_moving_a_model_moves_its_quantized_weights_and_keeps_their_format():
+    """model.to(device) (here the meta device, where nothing is computed) moves each map's quantized data and scales
+    with the parameters; model.to(dtype) leaves them in their format (int8 or uint8 data, fp32 scales)."""
+    from helpers import tiny_model
+
+    from slimtune import lora
+
+    model = tiny_model(dtype=torch.float32, hidden_dim=32, ffn_dim=64)
+    lora.add(model, rank=2)
+    lora.quantize_base(model, "nf4")
+    model.to(torch.bfloat16)
+    q = model.layers[0].U_map.quantized
+    assert q.data.dtype == torch.uint8 and q.scales.dtype == torch.float32
+    model.to("meta")
+    assert all(m.quantized.data.device.type == "meta" == m.quantized.scales.device.type
+               for m in model.modules() if getattr(m, "quantized", None) is not None)  # fmt: skip
