@@ -180,8 +180,8 @@ def quality(args) -> None:
     before = bpc(base)
     variants = {"full": ["--lr", args.lr_full], f"LoRA r{args.ranks[0]}": ["--lora-rank", args.ranks[0]],
                 f"LoRA r{args.ranks[1]}": ["--lora-rank", args.ranks[1]]}  # fmt: skip
-    for base in ("bf16", "int8", "nf4"):  # issue 35: the same LoRA on a bf16 base and on quantized ones
-        variants[f"LoRA r{args.ranks[1]}, {base} base"] = ["--lora-rank", args.ranks[1], "--base-dtype", base]
+    for held in ("bf16", "int8", "nf4"):  # issue 35: the same LoRA on a bf16 base and on quantized ones
+        variants[f"LoRA r{args.ranks[1]}, {held} base"] = ["--lora-rank", args.ranks[1], "--base-dtype", held]
     rows, results = [], {}
     for name, flags in variants.items():
         tuned = OUT / f"quality-{name.replace(' ', '-')}.safetensors"

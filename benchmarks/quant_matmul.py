@@ -3,10 +3,12 @@ One linear map of a 208M-parameter model's shape (d 1536: [1536, 1536] and [6144
 forward (y = x W^T) and the input gradient (dx = g W) as a LoRA step needs them, each path timed interleaved with
 the others and repeated (min / median / max of the per-round ratio to the bf16 base):
 
-- bf16 base: the weight in bf16, products under bf16 autocast (what `--base-dtype bf16` runs today);
-- ours, nf4 / int8: slimtune/quant.py's formats, the weight dequantized to bf16 for the products, then dropped;
+- bf16 base: the weight in bf16, products under bf16 autocast (what `--base-dtype bf16` runs);
+- quant.py, nf4 / int8: what `--base-dtype nf4|int8` runs (tiles of rows dequantized into reused buffers; int8's
+  scales applied to the product; nf4 through bitsandbytes' CPU kernel where installed, and the same with the
+  PyTorch lookup); quant.py's definition: the whole weight dequantized, as the tests' reference does;
 - torchao nf4: `to_nf4` and `linear_nf4` (plain PyTorch inside);
-- bitsandbytes nf4: `quantize_4bit` and `matmul_4bit` (its CPU backend).
+- bitsandbytes nf4 (its package): `quantize_4bit` and `matmul_4bit` (its CPU backend).
 
 The libraries are optional here: a path whose library is missing is skipped (PYTHONPATH may point at a folder they
 were installed into with `pip install --target`). Nothing else may run meanwhile.
@@ -23,6 +25,7 @@ import time
 import torch
 from _common import report
 
+from slimtune import quant
 from slimtune.quant import dequantize, quantize
 
 
@@ -32,10 +35,20 @@ def _paths(w: torch.Tensor) -> dict:
     paths = {"bf16 base": (lambda x: x @ bf16.t(), lambda g: g @ bf16)}
     for fmt in ("nf4", "int8"):
         q = quantize(w, fmt)
-        paths[f"ours, {fmt}"] = (
-            lambda x, q=q: x @ dequantize(q, torch.bfloat16).t(),
-            lambda g, q=q: g @ dequantize(q, torch.bfloat16),
+        paths[f"quant.py, {fmt}"] = (
+            lambda x, q=q: quant._product(x, q, torch.bfloat16),
+            lambda g, q=q: quant._input_product(g, q, torch.bfloat16),
         )
+    if quant.library() == "bitsandbytes":  # the same products with the PyTorch lookup for nf4
+        q = quantize(w, "nf4")
+        paths["quant.py, nf4, PyTorch lookup"] = (
+            lambda x, q=q: _without_library(quant._product, x, q),
+            lambda g, q=q: _without_library(quant._input_product, g, q),
+        )
+    paths["quant.py's definition, nf4 (dequantize whole)"] = (
+        lambda x, q=quantize(w, "nf4"): x @ dequantize(q, torch.bfloat16).t(),
+        lambda g, q=quantize(w, "nf4"): g @ dequantize(q, torch.bfloat16),
+    )
     try:
         from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4, to_nf4
 
@@ -48,13 +61,23 @@ def _paths(w: torch.Tensor) -> dict:
         import bitsandbytes.functional as bf
 
         packed, state = bf.quantize_4bit(bf16, blocksize=64, quant_type="nf4")
-        paths["bitsandbytes nf4"] = (
+        paths["bitsandbytes nf4 (its package)"] = (
             lambda x: bnb.matmul_4bit(x, packed.t(), quant_state=state),
             lambda g: g @ bf.dequantize_4bit(packed, state),
         )
     except ImportError:
         pass
     return paths
+
+
+def _without_library(product, x, q):
+    """`product` with nf4 dequantized by the PyTorch lookup (as without slimtune[quant])."""
+    kept = quant._bitsandbytes_dequantize
+    quant._bitsandbytes_dequantize = lambda: None
+    try:
+        return product(x, q, torch.bfloat16)
+    finally:
+        quant._bitsandbytes_dequantize = kept
 
 
 def main() -> None:

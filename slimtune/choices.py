@@ -86,9 +86,10 @@ class BaseDtype(Choice):
         return self.value if self.quantized else torch.bfloat16 if self is BaseDtype.BF16 else torch.float32
 
     def compute(self, asked) -> Precision:
-        """The one rule of a base's compute precision: a bf16 base computes under bf16 autocast; an fp32 or a
-        quantized base in the precision asked for (a quantized weight is dequantized into it)."""
-        return Precision.BF16 if self is BaseDtype.BF16 else Precision.parse(asked, "precision")
+        """The one rule of a base's compute precision: a bf16 or quantized base computes under bf16 autocast (a
+        quantized weight is dequantized into bf16, QLoRA's compute dtype: in fp32 a LoRA step on nf4 took 2.5x the
+        bf16 base's, benchmarks/RESULTS.md); an fp32 base in the precision asked for."""
+        return Precision.parse(asked, "precision") if self is BaseDtype.FP32 else Precision.BF16
 
 
 # The linear maps LoRA may adapt (CONTRACT.md section 4), and the default: every layer's (all but the output map).

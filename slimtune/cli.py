@@ -415,7 +415,7 @@ def bench(
     adapters.check()
     optimizer_name = None if optimizer == BenchOptimizer.NONE else optimizer.value
     strategy = Strategy(optimizer_name or "sgd", adapters.lora_rank, adapters.base_dtype, seed=seed)
-    precision = strategy.precision(step.precision)  # a bf16 base computes under bf16 autocast, as fit does
+    precision = strategy.precision(step.precision)  # a bf16 or quantized base: bf16 autocast, as fit does
     _use_threads(runtime.threads)
     sizes = chunk_list(options.chunks)
     run = setup(
@@ -584,7 +584,7 @@ def evaluate(
                 chunk_size=step.chunk_size,
                 mem_budget=step.mem_budget,
                 seed=seed,
-                precision=adapters.base_dtype.compute("fp32"),  # a bf16 base under bf16 autocast, as in fit
+                precision=adapters.base_dtype.compute("fp32"),  # a bf16 or quantized base: bf16 autocast, as in fit
                 on_progress=lambda done, total: progress.update(done),
             )
         show.print(

@@ -121,8 +121,8 @@ FLAGS = {  # Python name -> how the command line shows it
     "base_dtype": Flag(
         "--base-dtype",
         "With --lora-rank: what the frozen layers' weights are held in, each read straight into it. bf16: 2 bytes a "
-        "weight, computed under bf16 autocast. int8 (1 byte, a scale per row) and nf4 (4-bit NormalFloat, a scale "
-        "per 64: 0.56 bytes) are quantized as read and dequantized one map at a time, computed in --precision. "
+        "weight. int8 (1 byte, a scale per row) and nf4 (4-bit NormalFloat, a scale per 64: 0.56 bytes) are "
+        "quantized as read and dequantized a few MB at a time. All three compute under bf16 autocast. "
         "Adapters and their gradients stay fp32; --out merges into the input's own weights (e.g. --lora-rank 8 "
         "--base-dtype nf4).",
     ),

@@ -30,11 +30,11 @@ LN_EPS = 1e-5
 class PerformerAttention(nn.Module):
     """Multi-head causal linear attention; no output projection (as in the reference)."""
 
-    def __init__(self, config: PerformerConfig):
+    def __init__(self, config: PerformerConfig, device=None):
         super().__init__()
         d = config.hidden_dim
         self.config = config
-        self.q_map, self.k_map, self.v_map = DeferredLinear(d, d), DeferredLinear(d, d), DeferredLinear(d, d)
+        self.q_map, self.k_map, self.v_map = (DeferredLinear(d, d, device=device) for _ in range(3))
         # FAVOR+ draw W: [M, d_h]; not part of the state_dict, so checkpoints keep the reference's names.
         self.register_buffer("projection", None, persistent=False)
 
@@ -49,15 +49,15 @@ class PerformerAttention(nn.Module):
 
 
 class PerformerLayer(nn.Module):
-    def __init__(self, config: PerformerConfig):
+    def __init__(self, config: PerformerConfig, device=None):
         super().__init__()
         d = config.hidden_dim
         self.post_norm = config.on_gptln
-        self.attention = PerformerAttention(config)
-        self.U_map = DeferredLinear(d, config.ffn_dim)
-        self.V_map = DeferredLinear(config.ffn_dim, d)
-        self.layernorm1 = nn.LayerNorm(d, eps=LN_EPS)
-        self.layernorm2 = nn.LayerNorm(d, eps=LN_EPS)
+        self.attention = PerformerAttention(config, device)
+        self.U_map = DeferredLinear(d, config.ffn_dim, device=device)
+        self.V_map = DeferredLinear(config.ffn_dim, d, device=device)
+        self.layernorm1 = nn.LayerNorm(d, eps=LN_EPS, device=device)
+        self.layernorm2 = nn.LayerNorm(d, eps=LN_EPS, device=device)
 
     def features(self, x: torch.Tensor):
         """The attention's (phi(q), phi(k), v) for this layer's input x: [B, T, d]."""
@@ -88,16 +88,25 @@ class PerformerLayer(nn.Module):
 LOGITS_TILE_BYTES = 16 * 2**20
 
 
+def _embedding(count: int, dim: int, device) -> nn.Embedding:
+    """nn.Embedding, initialised as it does, but on the meta device without its init: normal_ on meta runs PyTorch's
+    Python meta kernels, whose first use imports sympy and friends (75 MB resident on every checkpoint load)."""
+    if str(device) == "meta":
+        return nn.Embedding(count, dim, _weight=torch.empty(count, dim, device="meta"))
+    return nn.Embedding(count, dim, device=device)
+
+
 class Performer(nn.Module):
     """The network: embeddings, layers and the output map, and the chunk-level forward SLiM runs."""
 
-    def __init__(self, config: PerformerConfig):
+    def __init__(self, config: PerformerConfig, device=None):
+        """`device`: where the parameters are made ("meta": none allocated, for weights assigned afterwards)."""
         super().__init__()
         self.config = config
         d = config.hidden_dim
-        self.input_map = nn.Embedding(config.vocab_size, d // 2)
-        self.layers = nn.ModuleList(PerformerLayer(config) for _ in range(config.n_layers))
-        self.output_logit_map = DeferredLinear(d, config.vocab_size)
+        self.input_map = _embedding(config.vocab_size, d // 2, device)
+        self.layers = nn.ModuleList(PerformerLayer(config, device) for _ in range(config.n_layers))
+        self.output_logit_map = DeferredLinear(d, config.vocab_size, device=device)
         # Where the weights came from, set by whoever loaded them (pretrained.py: the checkpoint's names, dtypes and
         # config, which the export keeps); None for a new model.
         self.source = None

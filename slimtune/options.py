@@ -302,7 +302,8 @@ class FitOptions(Runtime, ExportOptions, RunFolderOptions, SlimStep, Adapters, O
 
     @property
     def compute_precision(self) -> Precision:
-        """What the steps compute in: a bf16 base under bf16 autocast, else `precision` (BaseDtype.compute)."""
+        """What the steps compute in: a bf16 or quantized base under bf16 autocast, else `precision`
+        (BaseDtype.compute)."""
         return self.base_dtype.compute(self.precision)
 
     def _effective(self) -> dict:  # what the run does, where a default or another option decides it

@@ -30,8 +30,9 @@ class PerformerLM(Performer):
         """A model holding a loaded checkpoint's weights. The model is built on the meta device and takes the
         loaded tensors themselves, so the weights are never held twice; the checkpoint keeps only their names,
         shapes and dtypes afterwards (for `save_pretrained`)."""
-        with torch.device("meta"):
-            model = cls(checkpoint.config)
+        # Made on the meta device through the modules' own `device` and without random init there (model._embedding):
+        # torch.device("meta") as a context, or normal_ on meta, imports sympy and friends, 75 MB resident.
+        model = cls(checkpoint.config, device="meta")
         quantized = {n: t for n, t in checkpoint.tensors.items() if isinstance(t, Quantized)}
         state = {n: t for n, t in checkpoint.tensors.items() if n not in quantized}
         model.load_state_dict(state, strict=not quantized, assign=True)  # load_checkpoint checked every name

@@ -79,8 +79,8 @@ class Strategy:
         return " ".join(f"`{name}={value}`" for name, value in self.selected().items())
 
     def precision(self, asked: Precision | str) -> Precision:
-        """What a step computes in under this strategy (BaseDtype.compute: a bf16 base under bf16 autocast, the
-        others as asked)."""
+        """What a step computes in under this strategy (BaseDtype.compute: a bf16 or quantized base under bf16
+        autocast, an fp32 base as asked)."""
         return (self.base_dtype if self.lora_rank else BaseDtype.FP32).compute(asked)
 
     @property
@@ -276,7 +276,8 @@ def plan_fit(
                                  resident_data=resident)  # fmt: skip
         record_run(strategy, result)
         return FitPlan(result, runs["run"])
-    # Each strategy computes in its own dtype (a bf16 base under bf16 autocast): compare starts from the asked one.
+    # Each strategy computes in its own dtype (bf16 autocast on a bf16 or quantized base): compare starts from the
+    # asked one.
     asked = replace(work, precision=options.precision)
     found = compare(model, strategy, asked, options.mem_budget, heap=options.heap, rule=rule, forced=forced,
                     resident_data=resident, on_planned=record_run, on_stage=on_stage)  # fmt: skip
