@@ -10,11 +10,11 @@
 `quantize` and `dequantize` work one tensor at a time, so that a checkpoint is quantized while it is read and never
 held whole in fp32; `Quantized` is one weight in either format, with its bytes and its dequantized form.
 
-The products (RESULTS.md, "Quantized bases: the library question"): int8 multiplies by the int8 values themselves
-and applies the row scales to the product (no weight-sized float copy). nf4 dequantizes on a CPU with bitsandbytes'
-kernel where it is installed (`slimtune[quant]`; 3-8x a PyTorch table lookup on this CPU, and bit for bit the same
-values: tested), else (and on a GPU) with the PyTorch lookup. Either way a product dequantizes one tile of rows at
-a time into buffers kept for the next (`Quantized.tiles`, `_buffer`).
+The products (benchmarks/RESULTS.md, "A quantized base: which dequantize-and-matmul path"): int8 multiplies by the
+int8 values themselves and applies the row scales to the product (no weight-sized float copy). nf4 dequantizes on a
+CPU with bitsandbytes' kernel where it is installed (`slimtune[quant]`; 2-8x as fast as a PyTorch table lookup on
+this CPU, and bit for bit the same values: tested), else (and on a GPU) with the PyTorch lookup. Either way a
+product dequantizes one tile of rows at a time into buffers kept for the next (`Quantized.tiles`, `_buffer`).
 """
 
 from __future__ import annotations

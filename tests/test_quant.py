@@ -103,52 +103,43 @@ def _lora(out, inner, rank=3, dtype=torch.float64, seed=4):
     return a, b
 
 
-@pytest.mark.parametrize("fmt", ["int8", "nf4"])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_a_lora_map_on_a_quantized_base_has_the_gradients_of_its_dequantized_weight(fmt, with_bias):
-    """Output, dx, dA and dB against plain autograd through W = dequantize(q), in float64."""
+def _against_plain_autograd(q, bias, scaling: float, batch: tuple[int, int]) -> None:
+    """quantized_lora_linear's output, dx, dA and dB against plain autograd through W = dequantize(q) in float64
+    (exact: each value an 8-bit integer or a level times an fp32 scale)."""
     from slimtune.quant import quantized_lora_linear
 
-    q = quantize(_weight((48, 40), seed=2), fmt)
-    bias = torch.randn(48, dtype=torch.float64) * 0.01 if with_bias else None
-    a, b = _lora(48, 40)
-    x = torch.randn(2, 7, 40, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(2, 7, 48, dtype=torch.float64)
-    y = quantized_lora_linear(x, q, bias, a, b, 1.5)
+    out, inner = q.shape
+    a, b = _lora(out, inner)
+    x = torch.randn(*batch, inner, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(*batch, out, dtype=torch.float64)
+    y = quantized_lora_linear(x, q, bias, a, b, scaling)
     y.backward(g)
     ours = (y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
     for t in (x, a, b):
         t.grad = None
-    w = dequantize(q, torch.float64)  # exact: each value an 8-bit integer or a level times an fp32 scale
-    plain = x @ w.t() + (0 if bias is None else bias) + 1.5 * (x @ a.t()) @ b.t()
+    plain = x @ dequantize(q, torch.float64).t() + (0 if bias is None else bias) + scaling * (x @ a.t()) @ b.t()
     plain.backward(g)
     for mine, theirs in zip(ours, (plain.detach(), x.grad, a.grad, b.grad), strict=True):
         assert torch.allclose(mine, theirs, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_a_lora_map_on_a_quantized_base_has_the_gradients_of_its_dequantized_weight(fmt, with_bias):
+    q = quantize(_weight((48, 40), seed=2), fmt)
+    _against_plain_autograd(q, torch.randn(48, dtype=torch.float64) * 0.01 if with_bias else None, 1.5, (2, 7))
 
 
 @pytest.mark.parametrize("fmt", ["int8", "nf4"])
 @pytest.mark.parametrize("inner", [64, 40])
 def test_products_over_tiles_of_rows_equal_the_whole_weights(fmt, inner, monkeypatch):
     """A map's product dequantizes its weight a few rows at a time (nf4's tiles on block edges: 8 rows of 40
-    values make 5 blocks): output, dx, dA and dB as plain autograd through the whole dequantized weight."""
-    from slimtune.quant import quantized_lora_linear
-
+    values make 5 blocks): the same as plain autograd through the whole dequantized weight."""
     monkeypatch.setattr(quant, "TILE_BYTES", 4 * inner * 5)  # 5 rows a tile (int8), 8 (nf4, 40 values a row)
     q = quantize(_weight((37, inner), seed=5), fmt)
-    assert len(q.tiles()) >= 4 and all(start * inner % 64 == 0 for start, _ in q.tiles()) or fmt == "int8"
-    bias = torch.randn(37, dtype=torch.float64) * 0.01
-    a, b = _lora(37, inner)
-    x = torch.randn(3, 5, inner, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(3, 5, 37, dtype=torch.float64)
-    y = quantized_lora_linear(x, q, bias, a, b, 0.5)
-    y.backward(g)
-    ours = (y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
-    for t in (x, a, b):
-        t.grad = None
-    plain = x @ dequantize(q, torch.float64).t() + bias + 0.5 * (x @ a.t()) @ b.t()
-    plain.backward(g)
-    for mine, theirs in zip(ours, (plain.detach(), x.grad, a.grad, b.grad), strict=True):
-        assert torch.allclose(mine, theirs, rtol=1e-12, atol=1e-15)
+    assert len(q.tiles()) >= 4
+    assert fmt == "int8" or all(start * inner % 64 == 0 for start, _ in q.tiles())
+    _against_plain_autograd(q, torch.randn(37, dtype=torch.float64) * 0.01, 0.5, (3, 5))
 
 
 @pytest.mark.parametrize("fmt", ["int8", "nf4"])
