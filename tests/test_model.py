@@ -269,3 +269,20 @@ def test_the_streamed_export_is_what_safetensors_writes_for_the_merged_model(tmp
     assert {name for name, _ in ours[1]} == set(expected)  # every tensor, under the contract's names
     written = load_file(str(path))
     assert written.keys() == expected.keys() and all(torch.equal(written[n], t) for n, t in expected.items())
+
+
+def test_loading_a_checkpoint_imports_no_sympy(tmp_path):
+    """A checkpoint's model is made on the meta device without random init there: `normal_` on meta (or
+    torch.device("meta") as a context) runs PyTorch's Python meta kernels, whose import of sympy and friends held
+    75 MB resident in every process that loaded a checkpoint. A fresh process loads one and then looks."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, tiny_model().state_dict(), tiny_model().config)
+    script = (
+        "import sys; from slimtune.pretrained import PerformerLM; "
+        f"PerformerLM.from_pretrained({str(path)!r}); print('sympy' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "False", (run.stdout, run.stderr)
