@@ -97,9 +97,9 @@ def run_demo(
     diff = _reload_difference(tuned, result.model, held_out)
     say(f"[bold]5. export[/bold]  {tuned} reloaded into a fresh full model: max |logit difference| = {diff:g}")
     say(
-        "      less memory still: LoRA adapters on a frozen base (--lora-rank 8, with --base-dtype bf16 the base in "
-        f"2 bytes a weight), adafactor or sgd; `slimtune plan --checkpoint {base} --seq-len {SEQ_LEN} "
-        f"--mem-budget {budget}` shows the C of each"
+        "      less memory still: LoRA adapters on a frozen base (--lora-rank 8; --base-dtype bf16, int8 or nf4 holds "
+        "the base in 2, 1 or 0.56 bytes a weight), adafactor or sgd; "
+        f"`slimtune plan --checkpoint {base} --seq-len {SEQ_LEN} --mem-budget {budget}` shows the C of each"
     )
     seconds = time.perf_counter() - started
     say(f"done in {seconds:.0f} s; files in {workdir.resolve()}")
