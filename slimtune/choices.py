@@ -96,6 +96,7 @@ class BaseDtype(Choice):
 LORA_TARGETS = ("q_map", "k_map", "v_map", "U_map", "V_map", "output_logit_map")
 LORA_DEFAULT_TARGETS = LORA_TARGETS[:5]
 LORA_ALPHA_PER_RANK = 2.0  # the default scale: alpha = 2 R
+LORA_COMPARED_RANK = 8  # the LoRA rank `plan` compares when the run asked for full fine-tuning, and `inspect` costs
 
 
 class Recovery(Choice):

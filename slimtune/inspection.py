@@ -8,12 +8,11 @@ import math
 import os
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .choices import LORA_DEFAULT_TARGETS, BaseDtype, Optimizer
+from .choices import LORA_COMPARED_RANK, LORA_DEFAULT_TARGETS, BaseDtype, Optimizer
 from .data import BYTE_VOCAB
-from .lora import in_base_dtype
+from .lora import read_dtypes
 from .planner import measure_optimizer_by_shape
 from .quant import stored_bytes
-from .strategies import DEFAULT_RANK
 
 
 def describe(checkpoint: Checkpoint) -> dict:
@@ -69,19 +68,15 @@ def inspect_checkpoint(path: str | os.PathLike, **model_flags) -> dict:
     return describe(checkpoint) | {"fine_tuning_bytes": costs, "lora_bytes": lora}
 
 
-def lora_cost(checkpoint: Checkpoint, base: BaseDtype, rank: int = DEFAULT_RANK) -> int:
+def lora_cost(checkpoint: Checkpoint, base: BaseDtype, rank: int = LORA_COMPARED_RANK) -> int:
     """LoRA of `rank` on the default targets with adam, on a base held in `base`: the base's bytes (the layers'
     linear maps in its dtype or format, their biases bf16 with a bf16 base and fp32 otherwise, the rest fp32), and
     the adapters' fp32 weights, gradients and adam's state (measured)."""
+    held_in = read_dtypes(base.held)  # what fit reads each tensor into for this base: a dtype or a format
     held, adapters = 0, {}
     for name, t in checkpoint.tensors.items():
-        shape = tuple(t.shape)
-        if not in_base_dtype(name):
-            held += 4 * math.prod(shape)
-        elif base.quantized and name.endswith(".weight"):
-            held += stored_bytes(shape, base.value)
-        else:
-            held += (2 if base == BaseDtype.BF16 else 4) * math.prod(shape)
+        shape, target = tuple(t.shape), held_in(name)
+        held += stored_bytes(shape, target) if isinstance(target, str) else target.itemsize * math.prod(shape)
         if name.endswith(".weight") and name.split(".")[-2] in LORA_DEFAULT_TARGETS:
             for part in ((rank, shape[1]), (shape[0], rank)):  # lora_A [R, in], lora_B [out, R]
                 adapters[part] = adapters.get(part, 0) + 1

@@ -38,8 +38,8 @@ class PerformerLM(Performer):
         model.load_state_dict(state, strict=not quantized, assign=True)  # load_checkpoint checked every name
         device = resolve_device(device or "cpu")
         for name, q in quantized.items():  # read quantized (lora.read_dtypes): the map computes dequantized
-            hold_quantized(model.get_submodule(name.removesuffix(".weight")), q.to(device))
-        model = model.to(device=device)
+            hold_quantized(model.get_submodule(name.removesuffix(".weight")), q)
+        model = model.to(device=device)  # a quantized map's weight moves with it (DeferredLinear._apply)
         if not checkpoint.stored:  # tensors read as stored: the weights in `dtype` (the converted ones keep theirs)
             model = model.to(dtype=dtype or torch.float32)
         checkpoint.release()

@@ -104,11 +104,17 @@ class Quantized:
         return dequantize(self, dtype)
 
 
-def stored_bytes(shape: tuple[int, int], fmt: str) -> int:
-    """What a weight of `shape` holds in `fmt`: int8 a byte a value and an fp32 scale a row; nf4 half a byte a
-    value and an fp32 scale per block of 64."""
+def _sizes(shape: tuple[int, int], fmt: str) -> tuple[tuple[int, ...], int]:
+    """(data's shape, scales' count) of a weight of `shape` in `fmt`: int8 a byte a value and a scale a row; nf4
+    half a byte a value and a scale per block of 64."""
     n = shape[0] * shape[1]
-    return n + 4 * shape[0] if fmt == "int8" else -(-n // 2) + 4 * -(-n // NF4_BLOCK)
+    return (tuple(shape), shape[0]) if fmt == "int8" else ((-(-n // 2),), -(-n // NF4_BLOCK))
+
+
+def stored_bytes(shape: tuple[int, int], fmt: str) -> int:
+    """What a weight of `shape` holds in `fmt` (one byte a data element, four a scale)."""
+    data, scales = _sizes(shape, fmt)
+    return math.prod(data) + 4 * scales
 
 
 def quantize(weight: torch.Tensor, fmt: str) -> Quantized:
@@ -117,14 +123,10 @@ def quantize(weight: torch.Tensor, fmt: str) -> Quantized:
     copies of the weight (a checkpoint is quantized as it is read, beside the budget's other lines)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown quantized format {fmt!r}: one of {', '.join(FORMATS)}")
-    out, inner = weight.shape
-    n, device = out * inner, weight.device
-    if fmt == "int8":
-        data, scales = torch.empty(out, inner, dtype=torch.int8, device=device), torch.empty(out, device=device)
-    else:
-        data = torch.empty(-(-n // 2), dtype=torch.uint8, device=device)
-        scales = torch.empty(-(-n // NF4_BLOCK), device=device)
-    q = Quantized(fmt, (out, inner), data, scales)
+    shape, device = tuple(weight.shape), weight.device
+    data, scales = _sizes(shape, fmt)
+    stored = torch.int8 if fmt == "int8" else torch.uint8
+    q = Quantized(fmt, shape, torch.empty(data, dtype=stored, device=device), torch.empty(scales, device=device))
     for start, stop in q.tiles(TILE_BYTES // 4):
         part = q.rows(start, stop)  # views of data and scales: written in place
         w = weight[start:stop].detach().to(torch.float32)
@@ -152,7 +154,7 @@ def _nf4(flat: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def _nearest(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """The index of the nearest level for each value (int64); a tie goes to the upper level. Midpoints between
+    """The index of the nearest level for each value (int32); a tie goes to the upper level. Midpoints between
     neighbouring levels, searched: no [n, 16] distance table."""
     midpoints = (levels[1:] + levels[:-1]) / 2
     return torch.bucketize(values, midpoints, right=True, out_int32=True)
@@ -161,11 +163,11 @@ def _nearest(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 def dequantize(q: Quantized, dtype: torch.dtype = torch.float32, *, scratch: bool = False) -> torch.Tensor:
     """The weight [out, in] as the quantized model computes with it, in `dtype`: each value (level or integer times
     its scale) made in fp32, then cast; for float64 made in float64, where it is exact. `scratch`: in buffers that
-    the next call reuses (_scratch: a product's tile, used at once)."""
+    the next call reuses (_buffer: a product's tile, used at once)."""
     if q.format == "int8":
         made = torch.promote_types(dtype, torch.float32)
         return (q.data.to(made) * q.scales.to(made)[:, None]).to(dtype)
-    usable = dtype in LIBRARY_DTYPES and q.device.type == "cpu" and q.shape[1] % 2 == 0
+    usable = dtype in LIBRARY_KERNELS and q.device.type == "cpu" and q.shape[1] % 2 == 0
     fast = _bitsandbytes_dequantize() if usable and q.numel() % NF4_BLOCK == 0 else None
     if fast is None:
         return dequantize_nf4_torch(q, dtype, scratch=scratch)
@@ -206,11 +208,12 @@ def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device, scr
 @functools.cache
 def _pair_table(device: torch.device) -> torch.Tensor:
     """[256, 2] fp32: byte b -> (level of its high nibble, level of its low nibble)."""
-    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32)
-    return torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1).to(device)
+    levels = _levels(device)
+    return torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1)
 
 
-LIBRARY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what bitsandbytes' CPU kernels dequantize into
+# What bitsandbytes' CPU kernels dequantize into, and their names' suffixes (cdequantize_blockwise_cpu_nf4_bf16).
+LIBRARY_KERNELS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 NO_LIBRARY = "SLIMTUNE_NO_BITSANDBYTES"  # set (to anything): the PyTorch lookup even where bitsandbytes is installed
 
 
@@ -228,8 +231,8 @@ def _bitsandbytes_dequantize():
     try:
         spec = importlib.util.find_spec("bitsandbytes")  # finds the package without running it
         library = ctypes.CDLL(str(Path(spec.submodule_search_locations[0]) / "libbitsandbytes_cpu.so"))
-        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-        kernels = {dtype: getattr(library, f"cdequantize_blockwise_cpu_nf4_{name}") for dtype, name in names.items()}
+        kernels = {dtype: getattr(library, f"cdequantize_blockwise_cpu_nf4_{name}")
+                   for dtype, name in LIBRARY_KERNELS.items()}  # fmt: skip
     except (ImportError, AttributeError, OSError, TypeError, IndexError):
         return None  # not installed, or a build without the kernels: the PyTorch lookup serves
     for kernel in kernels.values():

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .choices import LORA_COMPARED_RANK
 from .cli_options import cli_message, flag_for
 from .units import format_size
 
@@ -280,8 +281,10 @@ def inspect_tables(info: dict, title: str, tensors: bool) -> list[Table]:
     table.add_row("file size", format_size(info["file_bytes"]))
     for name, cost in info["fine_tuning_bytes"].items():
         table.add_row(f"fixed cost, {name}", f"{format_size(cost)} (weights + gradients + optimizer state, measured)")
-    for base, cost in info.get("lora_bytes", {}).items():
-        table.add_row(f"fixed cost, LoRA r8, {base} base", f"{format_size(cost)} (base + adapters with adam)")
+    for base, cost in info["lora_bytes"].items():
+        table.add_row(
+            f"fixed cost, LoRA r{LORA_COMPARED_RANK}, {base} base", f"{format_size(cost)} (base + adapters with adam)"
+        )
     for key, value in info["provenance"].items():
         table.add_row(key, str(value))
     if not tensors:

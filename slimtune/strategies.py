@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 from . import lora
-from .choices import LORA_DEFAULT_TARGETS, BaseDtype, ChunkRule, Optimizer, Precision
+from .choices import LORA_COMPARED_RANK, LORA_DEFAULT_TARGETS, BaseDtype, ChunkRule, Optimizer, Precision
 from .data import held_while_training, read_data
 from .devices import resolve_budget
 from .errors import OutOfBudgetError
@@ -26,7 +26,6 @@ from .planner import HEADROOM, Plan, Workload, budget_holding, gradient_bytes, h
 from .runplan import RunPlan, parameter_counts
 from .units import format_size
 
-DEFAULT_RANK = 8  # the LoRA rank compared when the run asked for full fine-tuning
 FULL_OPTIMIZERS = (Optimizer.ADAM, Optimizer.ADAFACTOR, Optimizer.SGD)
 
 
@@ -127,9 +126,9 @@ class Comparison:
 
 def lineup(asked: Strategy) -> list[Strategy]:
     """The strategies compared with `asked`: full fine-tuning with adam, adafactor and sgd (and the optimizer asked
-    for, if another), then LoRA of the asked rank (DEFAULT_RANK for a full run) on each base (fp32, bf16, int8,
+    for, if another), then LoRA of the asked rank (LORA_COMPARED_RANK for a full run) on each base (fp32, bf16, int8,
     nf4), with the optimizer asked for."""
-    rank = asked.lora_rank or DEFAULT_RANK
+    rank = asked.lora_rank or LORA_COMPARED_RANK
     optimizers = dict.fromkeys([asked.optimizer, *FULL_OPTIMIZERS] if not asked.lora_rank else FULL_OPTIMIZERS)
     lora_ = replace(asked, lora_rank=rank)
     strategies = [replace(asked, optimizer=o, lora_rank=0, base_dtype=BaseDtype.FP32) for o in optimizers]
